@@ -1,0 +1,125 @@
+//! How a store behaves: replay window, bounded wait for in-flight duplicates, which
+//! responses are kept, which keys are accepted.
+
+use std::time::Duration;
+
+use crate::key::KeyPolicy;
+use crate::response::StorePolicy;
+
+/// Settings of an [`IdempotencyStore`](crate::IdempotencyStore).
+///
+/// Start from [`Config::default`] and change what you need:
+///
+/// ```
+/// use std::time::Duration;
+/// use pg_idempotency::Config;
+///
+/// let config = Config::default()
+///     .with_ttl(Duration::from_secs(48 * 3600))
+///     .with_in_flight_wait(Duration::from_millis(500));
+/// assert_eq!(config.ttl(), Duration::from_secs(172_800));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Config {
+    ttl: Duration,
+    in_flight_wait: Duration,
+    retry_after: Duration,
+    store_policy: StorePolicy,
+    key_policy: KeyPolicy,
+    problem_type_base: String,
+}
+
+impl Default for Config {
+    /// 24-hour replay window, 2 s wait for an in-flight duplicate, a 1 s retry hint,
+    /// the default [`StorePolicy`], UUID v4 keys, problem types under `/problems/`.
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(24 * 60 * 60),
+            in_flight_wait: Duration::from_secs(2),
+            retry_after: Duration::from_secs(1),
+            store_policy: StorePolicy::default(),
+            key_policy: KeyPolicy::default(),
+            problem_type_base: "/problems/".to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// How long a stored response is replayed (default 24 hours). After that the key
+    /// counts as unused: a new request with it runs fresh and replaces the old row.
+    /// Values below one millisecond are raised to one millisecond.
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a duplicate waits for the request holding its key to finish before it
+    /// gets [`Error::InFlight`](crate::Error::InFlight) (default 2 s; zero answers at
+    /// once). Each waiter holds a pooled connection while it waits.
+    #[must_use]
+    pub fn with_in_flight_wait(mut self, wait: Duration) -> Self {
+        self.in_flight_wait = wait;
+        self
+    }
+
+    /// The retry hint given with an in-flight answer (default 1 s; HTTP `Retry-After`).
+    #[must_use]
+    pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
+        self.retry_after = retry_after;
+        self
+    }
+
+    /// Which response statuses are stored (default: all but 5xx, 408 and 429).
+    #[must_use]
+    pub fn with_store_policy(mut self, policy: StorePolicy) -> Self {
+        self.store_policy = policy;
+        self
+    }
+
+    /// Which `Idempotency-Key` values are accepted (default: UUID v4 only).
+    #[must_use]
+    pub fn with_key_policy(mut self, policy: KeyPolicy) -> Self {
+        self.key_policy = policy;
+        self
+    }
+
+    /// The base that [`Problem`](crate::Problem) `type` URIs are built on, e.g.
+    /// `https://api.example.com/errors/` gives
+    /// `https://api.example.com/errors/idempotency-conflict` (default `/problems/`).
+    #[must_use]
+    pub fn with_problem_type_base(mut self, base: impl Into<String>) -> Self {
+        self.problem_type_base = base.into();
+        self
+    }
+
+    /// The replay window.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The bounded wait for an in-flight duplicate.
+    pub fn in_flight_wait(&self) -> Duration {
+        self.in_flight_wait
+    }
+
+    /// The retry hint given with an in-flight answer.
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+
+    /// The store policy.
+    pub fn store_policy(&self) -> &StorePolicy {
+        &self.store_policy
+    }
+
+    /// The key policy.
+    pub fn key_policy(&self) -> KeyPolicy {
+        self.key_policy
+    }
+
+    /// The problem type base.
+    pub fn problem_type_base(&self) -> &str {
+        &self.problem_type_base
+    }
+}

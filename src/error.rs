@@ -1,0 +1,93 @@
+//! The library's error type.
+
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use crate::key::{IdempotencyKey, KeyError};
+use crate::scope::{Scope, ScopeError};
+
+/// Everything that can go wrong in this crate.
+///
+/// The first variants are client errors: [`Error::problem`] turns them into the
+/// `application/problem+json` body a client should get. The rest are server-side.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The key was used within the replay window with a different request.
+    #[error(
+        "Idempotency-Key '{key}' was used at {} with a different request body; \
+         mint a new UUID v4 for a new operation, or resend the original body to get its response",
+        .first_used_at.to_rfc3339_opts(SecondsFormat::Secs, true)
+    )]
+    Conflict {
+        /// The scope the key lives in.
+        scope: Scope,
+        /// The key.
+        key: IdempotencyKey,
+        /// When the key was first used (database clock).
+        first_used_at: DateTime<Utc>,
+    },
+
+    /// Another request holding the key did not finish within the configured wait.
+    #[error(
+        "a request with Idempotency-Key '{key}' is still in flight; retry after {} s",
+        .retry_after.as_secs().max(1)
+    )]
+    InFlight {
+        /// The scope the key lives in.
+        scope: Scope,
+        /// The key.
+        key: IdempotencyKey,
+        /// How long the client should wait before retrying.
+        retry_after: Duration,
+    },
+
+    /// The `Idempotency-Key` value is not acceptable under the key policy.
+    #[error(transparent)]
+    InvalidKey(#[from] KeyError),
+
+    /// The scope is not acceptable.
+    #[error(transparent)]
+    InvalidScope(#[from] ScopeError),
+
+    /// The application tried to store a response whose status is not `100..=599`.
+    #[error("response status {0} is not a valid HTTP status (100..=599); fix the handler")]
+    InvalidStatus(u16),
+
+    /// The stored row was fingerprinted by an algorithm this build does not know (a newer
+    /// release wrote it). Upgrade every node to the same release.
+    #[error(
+        "the stored fingerprint uses version {version}, which this build of pg-idempotency \
+         does not know; upgrade every node to the same release"
+    )]
+    UnknownFingerprintVersion {
+        /// The stored version.
+        version: i16,
+    },
+
+    /// A stored row could not be read back (it was not written by this crate).
+    #[error("the stored row for an idempotency key is malformed: {0}")]
+    MalformedRow(String),
+
+    /// The database failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+
+    /// Applying this crate's migrations failed.
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl Error {
+    /// Whether the client caused this error (it gets a 4xx answer and changed nothing).
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            Self::Conflict { .. }
+                | Self::InFlight { .. }
+                | Self::InvalidKey(_)
+                | Self::InvalidScope(_)
+        )
+    }
+}

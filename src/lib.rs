@@ -1,0 +1,117 @@
+//! # pg-idempotency
+//!
+//! Exactly-once writes over PostgreSQL with sqlx. Clients retry, replies get lost after a
+//! commit, and two copies of one request arrive at once; a service that charges a card
+//! must do it once, answer every retry with the same response, and refuse a retry whose
+//! body changed.
+//!
+//! An `idempotency_keys` row — the dedupe key `(scope, key)`, the request's SHA-256
+//! fingerprint and the response (status, headers, body) — is written **in the same
+//! transaction as the business write**: both commit or neither does.
+//!
+//! - [`IdempotencyStore::begin`] opens the transaction and claims the key in one round
+//!   trip, and yields a [`Claim`] (run the business logic through it) or a [`Replay`] of
+//!   the stored response; a request with another body gets [`Error::Conflict`], a
+//!   duplicate that arrives while the first is still running waits a bounded time and
+//!   then replays or gets [`Error::InFlight`].
+//! - [`Claim::complete`] stores the response and commits, in one round trip. Dropping or
+//!   aborting the claim rolls back and frees the key; so does a response the
+//!   [`StorePolicy`] does not keep (5xx, 408, 429 by default).
+//! - Keys expire after 24 hours ([`Config::with_ttl`]); an expired key counts as unused.
+//!   [`Sweeper`] deletes expired rows in the background.
+//! - Every client-facing error has an RFC 9457 [`Problem`] body ([`Error::problem`]).
+//!
+//! ## Quick start
+//!
+//! ```no_run
+//! use pg_idempotency::{Begin, IdempotencyStore, Request, Scope, StoredResponse};
+//!
+//! # async fn demo() -> anyhow::Result<()> {
+//! let pool = sqlx::PgPool::connect(&std::env::var("DATABASE_URL")?).await?;
+//! pg_idempotency::migrate(&pool).await?;
+//! let store = IdempotencyStore::new(pool);
+//!
+//! // From the HTTP request: who is asking, their Idempotency-Key, and what they sent.
+//! let scope = Scope::new("acct_42")?;
+//! let key = store.parse_key("6f1c1f0e-8d2a-4f55-9a3e-1b2c3d4e5f60")?;
+//! let body = br#"{"amount":1000,"currency":"EUR"}"#;
+//! let request = Request::new("POST", "/v1/payments", body);
+//!
+//! let response = match store.begin(&scope, &key, &request).await? {
+//!     Begin::Replay(replay) => replay.response, // same request seen before: same answer
+//!     Begin::Claimed(mut claim) => {
+//!         sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
+//!             .bind(scope.as_str())
+//!             .bind(1000_i64)
+//!             .execute(&mut claim) // the business write, inside the claim's transaction
+//!             .await?;
+//!         let response = StoredResponse::new(201, r#"{"status":"paid"}"#)
+//!             .with_header("content-type", "application/json");
+//!         claim.complete(&response).await?; // store the response + COMMIT, together
+//!         response
+//!     }
+//! };
+//! # let _ = response;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A different body with the same key fails with [`Error::Conflict`], whose
+//! [`problem`](Error::problem) is the 409 `idempotency_conflict` answer.
+//!
+//! ## Migrations
+//!
+//! The schema lives in this crate's `migrations/`. Apply it with [`migrate`] (or
+//! [`MIGRATOR`]), which records its history in its own table,
+//! `_pg_idempotency_migrations`, so it never mixes with the application's
+//! `_sqlx_migrations`; or copy the files into the application's own `migrations/` and let
+//! `sqlx migrate run` apply them.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod claim;
+mod config;
+mod error;
+mod fingerprint;
+mod key;
+mod problem;
+mod response;
+mod scope;
+mod sql;
+mod store;
+mod sweeper;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use claim::{Claim, Completion};
+pub use config::Config;
+pub use error::Error;
+pub use fingerprint::{Fingerprint, Request};
+pub use key::{IdempotencyKey, KeyError, KeyPolicy};
+pub use problem::{IDEMPOTENCY_KEY_HEADER, Problem};
+pub use response::{StorePolicy, StoredResponse};
+pub use scope::{Scope, ScopeError};
+pub use store::{Begin, IdempotencyStore, Outcome, Replay};
+pub use sweeper::{SweepOptions, Sweeper, delete_expired, sweep};
+
+/// This crate's migrations, recorded in their own history table
+/// (`_pg_idempotency_migrations`).
+///
+/// Usable with `#[sqlx::test(migrator = "pg_idempotency::MIGRATOR")]`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Applies this crate's migrations (idempotent; safe to call at every start-up, also
+/// from several nodes at once: sqlx serialises them with an advisory lock).
+///
+/// # Errors
+///
+/// [`Error::Migrate`].
+pub async fn migrate<'a, A>(conn: A) -> Result<(), Error>
+where
+    A: sqlx::Acquire<'a, Database = sqlx::Postgres>,
+    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
+{
+    MIGRATOR.run(conn).await?;
+    Ok(())
+}

@@ -1,0 +1,352 @@
+//! The store: claim a key, replay its response, or refuse a conflicting request.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{PgPool, Row};
+use tracing::Instrument;
+
+use crate::claim::{Claim, Completion, TxConn};
+use crate::config::Config;
+use crate::error::Error;
+use crate::fingerprint::{Fingerprint, Request};
+use crate::key::{IdempotencyKey, KeyError};
+use crate::response::StoredResponse;
+use crate::scope::Scope;
+use crate::sql;
+
+/// The idempotency store: a [`PgPool`] plus [`Config`]. Cheap to clone.
+///
+/// See the [crate documentation](crate) for the flow.
+#[derive(Debug, Clone)]
+pub struct IdempotencyStore {
+    pool: PgPool,
+    config: Arc<Config>,
+}
+
+/// What [`IdempotencyStore::begin`] found.
+#[derive(Debug)]
+#[must_use = "a claim must be completed, and a replay answered"]
+pub enum Begin {
+    /// The key is yours: do the business writes through the claim, then complete it.
+    Claimed(Claim),
+    /// The key already has a response for this same request: answer with it, and do not
+    /// run the business logic again.
+    Replay(Replay),
+}
+
+/// A stored response, replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    /// The response, exactly as stored.
+    pub response: StoredResponse,
+    /// When the key was first used (database clock).
+    pub first_used_at: DateTime<Utc>,
+}
+
+/// What [`IdempotencyStore::run`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The business logic ran; `stored` says whether its response was kept (otherwise
+    /// it was rolled back and the key freed, see [`Completion::RolledBack`]).
+    Executed {
+        /// The response the business logic produced.
+        response: StoredResponse,
+        /// Whether the response was stored and the business write committed.
+        stored: bool,
+    },
+    /// The response of an earlier run of the same request.
+    Replayed(Replay),
+}
+
+impl Outcome {
+    /// The response to send.
+    pub fn response(&self) -> &StoredResponse {
+        match self {
+            Outcome::Executed { response, .. } => response,
+            Outcome::Replayed(replay) => &replay.response,
+        }
+    }
+
+    /// The response to send, by value.
+    pub fn into_response(self) -> StoredResponse {
+        match self {
+            Outcome::Executed { response, .. } => response,
+            Outcome::Replayed(replay) => replay.response,
+        }
+    }
+
+    /// Whether this is a replay.
+    pub fn is_replay(&self) -> bool {
+        matches!(self, Outcome::Replayed(_))
+    }
+}
+
+impl IdempotencyStore {
+    /// A store with the default [`Config`] (24-hour replay window, UUID v4 keys).
+    pub fn new(pool: PgPool) -> Self {
+        Self::with_config(pool, Config::default())
+    }
+
+    /// A store with the given configuration.
+    pub fn with_config(pool: PgPool, config: Config) -> Self {
+        Self {
+            pool,
+            config: Arc::new(config),
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Parses an `Idempotency-Key` value under the configured key policy.
+    ///
+    /// # Errors
+    ///
+    /// [`KeyError`] saying why the value is not acceptable.
+    pub fn parse_key(&self, raw: &str) -> Result<IdempotencyKey, KeyError> {
+        IdempotencyKey::parse(raw, self.config.key_policy())
+    }
+
+    /// Begins a request: claims `(scope, key)` for it, or finds the response of an
+    /// earlier run of the same request.
+    ///
+    /// One round trip opens the transaction and takes the key. If another request holds
+    /// the key, this waits up to [`Config::in_flight_wait`] for it to finish.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Conflict`]: the key was used within the replay window with a different
+    ///   request (method, route or body).
+    /// - [`Error::InFlight`]: another request still holds the key after the wait.
+    /// - [`Error::UnknownFingerprintVersion`], [`Error::MalformedRow`],
+    ///   [`Error::Database`]: server-side failures; nothing was written.
+    pub async fn begin(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        request: &Request<'_>,
+    ) -> Result<Begin, Error> {
+        let span = tracing::info_span!(
+            "idempotency.begin",
+            scope = %scope,
+            key = %key,
+            outcome = tracing::field::Empty,
+        );
+        async move {
+            let begun = self.claim(scope, key, request).await;
+            let outcome = match &begun {
+                Ok(Begin::Claimed(_)) => "claimed",
+                Ok(Begin::Replay(_)) => "replayed",
+                Err(Error::Conflict { .. }) => "conflict",
+                Err(Error::InFlight { .. }) => "in_flight",
+                Err(_) => "error",
+            };
+            tracing::Span::current().record("outcome", outcome);
+            begun
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn claim(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        request: &Request<'_>,
+    ) -> Result<Begin, Error> {
+        let fingerprint = request.fingerprint();
+        let wait_ms = i32::try_from(self.config.in_flight_wait().as_millis()).unwrap_or(i32::MAX);
+        let statement =
+            sql::begin_and_claim(lock_id(scope, key), wait_ms, scope.as_str(), key.as_str());
+
+        let mut tx = TxConn::new(self.pool.acquire().await?);
+        let rows = tx.run(statement).await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| Error::MalformedRow("idempotency_claim returned no row".to_owned()))?;
+        let state: String = row.try_get(0)?;
+        match state.as_str() {
+            "claimed" => Ok(Begin::Claimed(Claim::new(
+                tx,
+                scope.clone(),
+                key.clone(),
+                fingerprint,
+                Arc::clone(&self.config),
+            ))),
+            "busy" => {
+                tx.rollback().await?;
+                Err(Error::InFlight {
+                    scope: scope.clone(),
+                    key: key.clone(),
+                    retry_after: self.config.retry_after(),
+                })
+            }
+            "done" => {
+                let stored = StoredRow::decode(row)?;
+                tx.rollback().await?;
+                let same_request = match request.fingerprint_at(stored.fingerprint.version()) {
+                    Some(ours) => ours == stored.fingerprint,
+                    None => {
+                        return Err(Error::UnknownFingerprintVersion {
+                            version: stored.fingerprint.version(),
+                        });
+                    }
+                };
+                if same_request {
+                    Ok(Begin::Replay(Replay {
+                        response: stored.response,
+                        first_used_at: stored.created_at,
+                    }))
+                } else {
+                    Err(Error::Conflict {
+                        scope: scope.clone(),
+                        key: key.clone(),
+                        first_used_at: stored.created_at,
+                    })
+                }
+            }
+            other => Err(Error::MalformedRow(format!(
+                "idempotency_claim returned unknown state {other:?}"
+            ))),
+        }
+    }
+
+    /// The closure form: begins the request, and on a claim runs `business` in the
+    /// claim's transaction and completes it with the returned response.
+    ///
+    /// If `business` returns an error, the transaction is rolled back, the key is freed
+    /// and the error is returned.
+    ///
+    /// ```no_run
+    /// # async fn demo(store: pg_idempotency::IdempotencyStore) -> anyhow::Result<()> {
+    /// use pg_idempotency::{Request, Scope, StoredResponse};
+    ///
+    /// let scope = Scope::new("acct_42")?;
+    /// let key = store.parse_key("6f1c1f0e-8d2a-4f55-9a3e-1b2c3d4e5f60")?;
+    /// let body = br#"{"amount":1000,"currency":"EUR"}"#;
+    /// let request = Request::new("POST", "/v1/payments", body);
+    ///
+    /// let outcome = store
+    ///     .run(&scope, &key, &request, async |claim| {
+    ///         sqlx::query("INSERT INTO payments (amount) VALUES (1000)")
+    ///             .execute(&mut *claim)
+    ///             .await?;
+    ///         Ok::<_, anyhow::Error>(StoredResponse::new(201, r#"{"status":"paid"}"#))
+    ///     })
+    ///     .await?;
+    /// println!("{} (replayed: {})", outcome.response().status, outcome.is_replay());
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Everything [`begin`](Self::begin) and [`Claim::complete`] return, converted into
+    /// `E`, and the errors of `business`.
+    pub async fn run<F, E>(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        request: &Request<'_>,
+        business: F,
+    ) -> Result<Outcome, E>
+    where
+        F: AsyncFnOnce(&mut Claim) -> Result<StoredResponse, E>,
+        E: From<Error>,
+    {
+        let mut claim = match self.begin(scope, key, request).await? {
+            Begin::Replay(replay) => return Ok(Outcome::Replayed(replay)),
+            Begin::Claimed(claim) => claim,
+        };
+        let response = match business(&mut claim).await {
+            Ok(response) => response,
+            Err(error) => {
+                if let Err(rollback) = claim.abort().await {
+                    tracing::warn!(error = %rollback, "rollback after a failed business step failed; the connection was closed");
+                }
+                return Err(error);
+            }
+        };
+        let stored = claim.complete(&response).await? == Completion::Stored;
+        Ok(Outcome::Executed { response, stored })
+    }
+}
+
+/// The transaction-scoped advisory lock that serialises requests with one key.
+///
+/// 64 bits of SHA-256 over the scope and the key: a collision only makes two unrelated
+/// keys wait for each other, never share a response (that is decided by the unique
+/// `(scope, key)` row).
+fn lock_id(scope: &Scope, key: &IdempotencyKey) -> i64 {
+    let mut hasher = Sha256::new();
+    hasher.update(b"pg-idempotency/lock\0");
+    hasher.update((scope.as_str().len() as u64).to_be_bytes());
+    hasher.update(scope.as_str().as_bytes());
+    hasher.update(key.as_str().as_bytes());
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
+/// A live row as `idempotency_claim` returns it (see [`sql::begin_and_claim`]).
+struct StoredRow {
+    fingerprint: Fingerprint,
+    response: StoredResponse,
+    created_at: DateTime<Utc>,
+}
+
+impl StoredRow {
+    fn decode(row: &PgRow) -> Result<Self, Error> {
+        let malformed = |what: &str| Error::MalformedRow(what.to_owned());
+        let version: i16 = row.try_get(1)?;
+        let hash = sql::decode_hex(&row.try_get::<String, _>(2)?)
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .ok_or_else(|| malformed("fingerprint is not 32 bytes"))?;
+        let status: i16 = row.try_get(3)?;
+        let Json(headers): Json<Vec<(String, String)>> = row.try_get(4)?;
+        let body = sql::decode_hex(&row.try_get::<String, _>(5)?)
+            .ok_or_else(|| malformed("body is not hex"))?;
+        let created_at = DateTime::from_timestamp_micros(row.try_get(6)?)
+            .ok_or_else(|| malformed("created_at is out of range"))?;
+        Ok(Self {
+            fingerprint: Fingerprint::from_parts(version, hash),
+            response: StoredResponse {
+                status: u16::try_from(status).map_err(|_| malformed("status is negative"))?,
+                headers,
+                body,
+            },
+            created_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_ids_separate_scope_from_key() {
+        let a = lock_id(
+            &Scope::new("ab").unwrap(),
+            &IdempotencyKey::parse("c", crate::KeyPolicy::Opaque).unwrap(),
+        );
+        let b = lock_id(
+            &Scope::new("a").unwrap(),
+            &IdempotencyKey::parse("bc", crate::KeyPolicy::Opaque).unwrap(),
+        );
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,683 @@
+//! The transactional store against a real PostgreSQL (see `pg_idempotency::testing`).
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use pg_idempotency::{
+    Begin, Completion, Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Request, Scope,
+    StorePolicy, StoredResponse, SweepOptions, Sweeper,
+};
+use sqlx::PgPool;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+async fn setup() -> Result<PgPool> {
+    let pool = pg_idempotency::testing::fresh_pool().await?;
+    sqlx::raw_sql(
+        "CREATE TABLE payments (
+            id bigserial PRIMARY KEY,
+            account text NOT NULL,
+            amount bigint NOT NULL
+        )",
+    )
+    .execute(&pool)
+    .await?;
+    Ok(pool)
+}
+
+fn new_key() -> IdempotencyKey {
+    IdempotencyKey::from_uuid(uuid::Uuid::new_v4()).expect("v4")
+}
+
+fn scope(name: &str) -> Scope {
+    Scope::new(name).expect("valid scope")
+}
+
+async fn payments(pool: &PgPool) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM payments")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// A response with every byte value and repeated headers, to prove replays are exact.
+fn rich_response(n: i64) -> StoredResponse {
+    let mut body = format!(r#"{{"payment":{n}}}"#).into_bytes();
+    body.extend(0..=255u8);
+    StoredResponse::new(201, body)
+        .with_header("Content-Type", "application/json")
+        .with_header("Set-Cookie", "a=1")
+        .with_header("Set-Cookie", "b=2; Path=/")
+        .with_header("X-Quote", "it's \"quoted\" \\ é")
+}
+
+/// One payment, done through the store: what a handler does.
+async fn pay(
+    store: &IdempotencyStore,
+    scope: &Scope,
+    key: &IdempotencyKey,
+    body: &[u8],
+) -> Result<Outcome, Error> {
+    let request = Request::new("POST", "/v1/payments", body);
+    store
+        .run(scope, key, &request, async |claim| {
+            let account = claim.scope().to_string();
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO payments (account, amount) VALUES ($1, 100) RETURNING id",
+            )
+            .bind(account)
+            .fetch_one(&mut *claim)
+            .await?;
+            Ok::<_, Error>(rich_response(id))
+        })
+        .await
+}
+
+#[tokio::test]
+async fn replay_returns_identical_bytes_without_running_again() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let (scope, key) = (scope("acct_1"), new_key());
+
+    let first = pay(&store, &scope, &key, br#"{"amount":100}"#).await?;
+    let Outcome::Executed {
+        response,
+        stored: true,
+    } = &first
+    else {
+        bail!("first request should execute and be stored: {first:?}");
+    };
+    for _ in 0..3 {
+        let again = pay(&store, &scope, &key, br#"{"amount":100}"#).await?;
+        let Outcome::Replayed(replay) = again else {
+            bail!("retry should replay")
+        };
+        assert_eq!(&replay.response, response);
+        assert_eq!(replay.response.body, response.body);
+        assert_eq!(replay.response.headers, response.headers);
+    }
+    // Equal JSON with other whitespace and key order is the same request.
+    let Outcome::Replayed(_) = pay(&store, &scope, &key, b"{ \"amount\" : 100 }").await? else {
+        bail!("equal JSON should replay")
+    };
+    assert_eq!(payments(&pool).await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn different_body_is_a_conflict_that_names_key_and_first_use() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let (scope, key) = (scope("acct_1"), new_key());
+    pay(&store, &scope, &key, br#"{"amount":100}"#).await?;
+    let created_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT created_at FROM idempotency_keys")
+            .fetch_one(&pool)
+            .await?;
+
+    let err = pay(&store, &scope, &key, br#"{"amount":101}"#)
+        .await
+        .unwrap_err();
+    let Error::Conflict {
+        key: got,
+        first_used_at,
+        ..
+    } = &err
+    else {
+        bail!("expected conflict, got {err:?}")
+    };
+    assert_eq!(got, &key);
+    assert_eq!(*first_used_at, created_at);
+    let problem = err
+        .problem("https://api.example.com/errors/")
+        .context("client error")?;
+    assert_eq!(problem.status, 409);
+    assert_eq!(problem.code, "idempotency_conflict");
+    assert_eq!(problem.advice_code, "use_new_idempotency_key");
+    assert_eq!(
+        problem.type_uri,
+        "https://api.example.com/errors/idempotency-conflict"
+    );
+    assert!(problem.detail.contains(key.as_str()), "{}", problem.detail);
+
+    // Another method or route with the same body is another request too.
+    let request = Request::new("PUT", "/v1/payments", br#"{"amount":100}"#);
+    assert!(matches!(
+        store.begin(&scope, &key, &request).await,
+        Err(Error::Conflict { .. })
+    ));
+    assert_eq!(payments(&pool).await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn scopes_are_independent() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let key = new_key();
+    // Scopes that differ only in bytes a hand-built statement could trip over.
+    let scopes = ["acct_1", "acct_2", "o'brien \\ $$ é 💳", "acct_1 "];
+    let mut responses = Vec::new();
+    for name in scopes
+        .iter()
+        .map(|s| s.trim_end())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let outcome = pay(&store, &scope(name), &key, br#"{"amount":100}"#).await?;
+        assert!(
+            !outcome.is_replay(),
+            "scope {name:?} must not see another scope's key"
+        );
+        responses.push((name, outcome.into_response()));
+    }
+    for (name, response) in &responses {
+        let Outcome::Replayed(replay) =
+            pay(&store, &scope(name), &key, br#"{"amount":100}"#).await?
+        else {
+            bail!("scope {name:?} should replay its own response")
+        };
+        assert_eq!(
+            &replay.response, response,
+            "scope {name:?} got another scope's response"
+        );
+    }
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT scope FROM idempotency_keys ORDER BY scope")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(stored, vec!["acct_1", "acct_2", "o'brien \\ $$ é 💳"]);
+    assert_eq!(payments(&pool).await?, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_expired_key_runs_fresh_and_replaces_the_row() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::with_config(
+        pool.clone(),
+        Config::default().with_ttl(Duration::from_millis(300)),
+    );
+    let (scope, key) = (scope("acct_1"), new_key());
+    let first = pay(&store, &scope, &key, br#"{"amount":100}"#)
+        .await?
+        .into_response();
+    assert!(
+        pay(&store, &scope, &key, br#"{"amount":100}"#)
+            .await?
+            .is_replay()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    // Expired: even a different body runs fresh, and replaces the old row atomically.
+    let second = pay(&store, &scope, &key, br#"{"amount":999}"#).await?;
+    assert!(!second.is_replay());
+    assert_ne!(second.response(), &first);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(rows, 1);
+    let Outcome::Replayed(replay) = pay(&store, &scope, &key, br#"{"amount":999}"#).await? else {
+        bail!("the new row should replay")
+    };
+    assert_eq!(&replay.response, second.response());
+    assert_eq!(payments(&pool).await?, 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_concurrent_requests_on_one_key_write_once() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::with_config(
+        pool.clone(),
+        Config::default().with_in_flight_wait(Duration::from_secs(20)),
+    );
+    let short_wait = IdempotencyStore::with_config(
+        pool.clone(),
+        Config::default().with_in_flight_wait(Duration::from_millis(10)),
+    );
+    let (scope, key) = (scope("acct_1"), new_key());
+    let start = Arc::new(tokio::sync::Barrier::new(64));
+
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        // Half wait long enough to replay, half give up quickly with "in flight".
+        let store = if i % 2 == 0 {
+            store.clone()
+        } else {
+            short_wait.clone()
+        };
+        let (scope, key, start) = (scope.clone(), key.clone(), Arc::clone(&start));
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let request = Request::new("POST", "/v1/payments", br#"{"amount":100}"#);
+            store
+                .run(&scope, &key, &request, async |claim| {
+                    sqlx::query("INSERT INTO payments (account, amount) VALUES ('acct_1', 100)")
+                        .execute(&mut *claim)
+                        .await?;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, Error>(rich_response(1))
+                })
+                .await
+        }));
+    }
+    let (mut executed, mut replayed, mut in_flight) = (0, 0, 0);
+    for task in tasks {
+        match task.await? {
+            Ok(Outcome::Executed {
+                response,
+                stored: true,
+            }) => {
+                executed += 1;
+                assert_eq!(response, rich_response(1));
+            }
+            Ok(Outcome::Replayed(replay)) => {
+                replayed += 1;
+                assert_eq!(replay.response, rich_response(1));
+            }
+            Err(Error::InFlight { .. }) => in_flight += 1,
+            other => bail!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(executed, 1, "exactly one request runs the business logic");
+    assert_eq!(executed + replayed + in_flight, 64);
+    assert!(
+        replayed >= 31,
+        "every patient duplicate replays: {replayed}"
+    );
+    assert_eq!(payments(&pool).await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn in_flight_answer_comes_after_the_configured_wait() -> Result<()> {
+    let pool = setup().await?;
+    let wait = Duration::from_millis(200);
+    let store =
+        IdempotencyStore::with_config(pool.clone(), Config::default().with_in_flight_wait(wait));
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    let Begin::Claimed(holder) = store.begin(&scope, &key, &request).await? else {
+        bail!("claim")
+    };
+
+    let started = std::time::Instant::now();
+    let err = store.begin(&scope, &key, &request).await.unwrap_err();
+    let waited = started.elapsed();
+    let Error::InFlight { retry_after, .. } = &err else {
+        bail!("expected in flight, got {err:?}")
+    };
+    assert!(waited >= wait, "answered before the wait: {waited:?}");
+    assert_eq!(*retry_after, Config::default().retry_after());
+    let problem = err.problem("/p/").context("client error")?;
+    assert_eq!(
+        (problem.status, problem.code.as_str()),
+        (409, "idempotency_key_in_use")
+    );
+    assert!(problem.retry_after.is_some());
+    holder.abort().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn drop_and_abort_roll_back_and_free_the_key() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    let insert = "INSERT INTO payments (account, amount) VALUES ('acct_1', 1)";
+
+    let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
+        bail!("claim")
+    };
+    sqlx::query(insert).execute(&mut claim).await?;
+    claim.abort().await?;
+    assert_eq!(payments(&pool).await?, 0);
+
+    let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
+        bail!("claim after abort")
+    };
+    sqlx::query(insert).execute(&mut claim).await?;
+    drop(claim);
+
+    // The rollback of a dropped claim runs in the background; the next begin waits for it.
+    let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
+        bail!("claim after drop")
+    };
+    assert_eq!(payments(&pool).await?, 0);
+    sqlx::query(insert).execute(&mut claim).await?;
+    assert_eq!(
+        claim.complete(&StoredResponse::new(201, "ok")).await?,
+        Completion::Stored
+    );
+    assert_eq!(payments(&pool).await?, 1);
+    assert_no_idle_transactions(&pool).await
+}
+
+#[tokio::test]
+async fn a_response_the_policy_does_not_keep_rolls_back_and_frees_the_key() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::with_config(
+        pool.clone(),
+        Config::default().with_store_policy(StorePolicy::default().excluding(409)),
+    );
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    for status in [500, 503, 408, 429, 409] {
+        let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
+            bail!("claim")
+        };
+        sqlx::query("INSERT INTO payments (account, amount) VALUES ('acct_1', 1)")
+            .execute(&mut claim)
+            .await?;
+        assert_eq!(
+            claim
+                .complete(&StoredResponse::new(status, "retry me"))
+                .await?,
+            Completion::RolledBack
+        );
+        assert_eq!(
+            payments(&pool).await?,
+            0,
+            "status {status} must roll back the business write"
+        );
+    }
+    let Begin::Claimed(claim) = store.begin(&scope, &key, &request).await? else {
+        bail!("key should be free")
+    };
+    let Err(Error::InvalidStatus(600)) = claim.complete(&StoredResponse::new(600, "")).await else {
+        bail!("600 is not a status")
+    };
+    let Begin::Claimed(claim) = store.begin(&scope, &key, &request).await? else {
+        bail!("key should be free")
+    };
+    assert_eq!(
+        claim.complete(&StoredResponse::new(404, "stored")).await?,
+        Completion::Stored
+    );
+    assert!(matches!(
+        store.begin(&scope, &key, &request).await?,
+        Begin::Replay(_)
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_failing_business_step_rolls_back_and_frees_the_key() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    let result = store
+        .run(&scope, &key, &request, async |claim| {
+            sqlx::query("INSERT INTO payments (account, amount) VALUES ('acct_1', 1)")
+                .execute(&mut *claim)
+                .await?;
+            // A statement error aborts the transaction; the closure returns it.
+            sqlx::query("SELECT 1/0").execute(&mut *claim).await?;
+            Ok::<_, anyhow::Error>(StoredResponse::new(201, ""))
+        })
+        .await;
+    assert!(result.is_err());
+    assert_eq!(payments(&pool).await?, 0);
+    assert!(!pay(&store, &scope, &key, b"{}").await?.is_replay());
+    assert_eq!(payments(&pool).await?, 1);
+    assert_no_idle_transactions(&pool).await
+}
+
+/// Polls `future` at most `polls` times, then drops it: a cancellation at the
+/// `polls`-th await point. `Some` if it finished first.
+async fn cancel_after<F: Future>(future: F, polls: usize) -> Option<F::Output> {
+    let mut future = pin!(future);
+    let mut seen = 0;
+    std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
+        Poll::Ready(output) => Poll::Ready(Some(output)),
+        Poll::Pending => {
+            seen += 1;
+            if seen >= polls {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
+/// No connection of this database sits idle inside a transaction (waiting a little for
+/// background rollbacks of dropped claims).
+async fn assert_no_idle_transactions(pool: &PgPool) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stuck: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_one(pool)
+        .await?;
+        if stuck == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{stuck} connection(s) left idle in a transaction");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn cancelling_at_every_await_point_leaves_nothing_behind() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::with_config(
+        pool.clone(),
+        Config::default().with_in_flight_wait(Duration::from_secs(10)),
+    );
+    let scope = scope("acct_1");
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    let insert = "INSERT INTO payments (account, amount) VALUES ('acct_1', 1)";
+    let mut cancelled = 0;
+
+    // Cancel begin at its 1st, 2nd, ... await point until it completes on its own.
+    for polls in 1.. {
+        let key = new_key();
+        match cancel_after(store.begin(&scope, &key, &request), polls).await {
+            None => cancelled += 1,
+            Some(begun) => {
+                let Begin::Claimed(claim) = begun? else {
+                    bail!("fresh key")
+                };
+                claim.abort().await?;
+                break;
+            }
+        }
+        assert_no_idle_transactions(&pool).await?;
+        let Begin::Claimed(claim) = store.begin(&scope, &key, &request).await? else {
+            bail!("key stuck after cancelled begin")
+        };
+        claim
+            .complete(&StoredResponse::new(201, "after cancel"))
+            .await?;
+    }
+
+    // Cancel complete at every await point: the write either committed with its key or not at all.
+    for polls in 1.. {
+        let key = new_key();
+        let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
+            bail!("claim")
+        };
+        sqlx::query(insert).execute(&mut claim).await?;
+        let before = payments(&pool).await?;
+        let response = StoredResponse::new(201, "done");
+        let finished = cancel_after(claim.complete(&response), polls)
+            .await
+            .is_some();
+        assert_no_idle_transactions(&pool).await?;
+        let rows_now = payments(&pool).await?;
+        match store.begin(&scope, &key, &request).await? {
+            Begin::Replay(replay) => {
+                assert_eq!(replay.response, response);
+                assert_eq!(rows_now, before + 1, "a stored key has its write");
+            }
+            Begin::Claimed(claim) => {
+                assert!(!finished, "a completed claim must replay");
+                assert_eq!(rows_now, before, "no key, no write");
+                claim.abort().await?;
+            }
+        }
+        if finished {
+            break;
+        }
+        cancelled += 1;
+    }
+
+    // Cancel the sweeper's one-shot sweep at every await point.
+    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day'")
+        .execute(&pool)
+        .await?;
+    for polls in 1.. {
+        let options = SweepOptions::default()
+            .with_batch_size(2)
+            .with_pause(Duration::ZERO);
+        if cancel_after(pg_idempotency::sweep(&pool, &options), polls)
+            .await
+            .is_some()
+        {
+            break;
+        }
+        cancelled += 1;
+        assert_no_idle_transactions(&pool).await?;
+    }
+    assert!(
+        cancelled >= 3,
+        "some await points were exercised: {cancelled}"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(rows, 0);
+    // The pool still serves requests.
+    assert!(!pay(&store, &scope, &new_key(), b"{}").await?.is_replay());
+    assert_no_idle_transactions(&pool).await
+}
+
+#[tokio::test]
+async fn the_sweeper_deletes_only_expired_rows_in_batches_and_stops() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    for _ in 0..25 {
+        pay(&store, &scope("acct_1"), &new_key(), b"{}").await?;
+    }
+    // Age 20 of the 25 rows past their expiry (database clock).
+    sqlx::query(
+        "UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day'
+         WHERE key IN (SELECT key FROM idempotency_keys ORDER BY key LIMIT 20)",
+    )
+    .execute(&pool)
+    .await?;
+
+    assert_eq!(
+        pg_idempotency::delete_expired(&pool, 7).await?,
+        7,
+        "one batch is bounded"
+    );
+    let deleted = pg_idempotency::sweep(&pool, &SweepOptions::default().with_batch_size(4)).await?;
+    assert_eq!(deleted, 13);
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE expires_at > now()")
+            .fetch_one(&pool)
+            .await?;
+    let all: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!((left, all), (5, 5));
+
+    // The background sweeper picks up new expired rows, and stops when asked.
+    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day' WHERE key IN (SELECT key FROM idempotency_keys LIMIT 2)")
+        .execute(&pool)
+        .await?;
+    let sweeper = Sweeper::spawn(
+        pool.clone(),
+        SweepOptions::default().with_interval(Duration::from_millis(50)),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(&pool)
+        .await?
+        != 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweeper did not sweep"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped = tokio::time::timeout(Duration::from_secs(5), sweeper.stop())
+        .await
+        .context("sweeper did not stop")?;
+    assert_eq!(stopped, 2);
+    Ok(())
+}
+
+fn app_migrator() -> Migrator {
+    let mut migrator = Migrator::with_migrations(vec![Migration::new(
+        20_240_101_000_000,
+        "app orders".into(),
+        MigrationType::Simple,
+        sqlx::SqlSafeStr::into_sql_str("CREATE TABLE orders (id bigserial PRIMARY KEY)"),
+        false,
+    )]);
+    migrator.set_locking(true);
+    migrator
+}
+
+#[tokio::test]
+async fn our_migrations_and_the_applications_coexist_in_either_order() -> Result<()> {
+    let pool = setup().await?;
+    // Ours first (fresh_pool applied them), then the application's, then both again.
+    app_migrator().run(&pool).await?;
+    pg_idempotency::migrate(&pool).await?;
+    app_migrator().run(&pool).await?;
+
+    // The application's first, in a schema of its own, then ours, then both again.
+    sqlx::raw_sql("CREATE SCHEMA app_first")
+        .execute(&pool)
+        .await?;
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("search_path", "app_first")]);
+    let other = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await?;
+    app_migrator().run(&other).await?;
+    pg_idempotency::migrate(&other).await?;
+    app_migrator().run(&other).await?;
+    pg_idempotency::migrate(&other).await?;
+
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'app_first' ORDER BY 1",
+    )
+    .fetch_all(&other)
+    .await?;
+    assert_eq!(
+        tables,
+        [
+            "_pg_idempotency_migrations",
+            "_sqlx_migrations",
+            "idempotency_keys",
+            "orders"
+        ]
+    );
+    let store = IdempotencyStore::new(other.clone());
+    let request = Request::new("POST", "/x", b"");
+    let Begin::Claimed(claim) = store.begin(&scope("s"), &new_key(), &request).await? else {
+        bail!("claim")
+    };
+    claim.complete(&StoredResponse::new(200, "")).await?;
+    Ok(())
+}
