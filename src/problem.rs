@@ -163,6 +163,74 @@ impl Problem {
         )
     }
 
+    /// 400 `invalid_request`: the request breaks the endpoint's rules; `param` names the
+    /// field or header at fault, when there is one.
+    pub fn invalid_request(
+        type_base: &str,
+        param: Option<&str>,
+        detail: impl Into<String>,
+    ) -> Self {
+        let problem = Self::new(
+            type_base,
+            "invalid-request",
+            400,
+            "Invalid request",
+            detail,
+            "invalid_request",
+            "fix_request",
+        );
+        match param {
+            Some(param) => problem.with_param(param),
+            None => problem,
+        }
+    }
+
+    /// 413 `payload_too_large`: the request body is longer than `limit` bytes.
+    pub fn payload_too_large(type_base: &str, limit: usize) -> Self {
+        Self::new(
+            type_base,
+            "payload-too-large",
+            413,
+            "Request body too large",
+            format!("The request body is larger than the limit of {limit} bytes."),
+            "payload_too_large",
+            "reduce_request_size",
+        )
+    }
+
+    /// 500 `internal_error`: the server failed; nothing was stored, and a retry with the
+    /// same key is safe.
+    pub fn internal_error(type_base: &str) -> Self {
+        Self::new(
+            type_base,
+            "internal-error",
+            500,
+            "Internal server error",
+            "The server failed to process the request and stored nothing for it. \
+             Retrying with the same idempotency key is safe.",
+            "internal_error",
+            "retry_later",
+        )
+    }
+
+    /// 503 `service_unavailable`: the store (the database) cannot be reached or failed;
+    /// the client should retry with the same key after `retry_after`.
+    pub fn service_unavailable(type_base: &str, retry_after: Duration) -> Self {
+        let mut problem = Self::new(
+            type_base,
+            "service-unavailable",
+            503,
+            "Service unavailable",
+            "The server could not reach its database. Retry with the same \
+             idempotency key: it answers with the stored response if the request \
+             completed, and runs it otherwise.",
+            "service_unavailable",
+            "retry_later",
+        );
+        problem.retry_after = Some(Duration::from_secs(retry_after_seconds(retry_after)));
+        problem
+    }
+
     /// Sets `param` (builder style).
     #[must_use]
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
@@ -274,6 +342,33 @@ mod tests {
         );
         assert_eq!(invalid.param.as_deref(), Some("Idempotency-Key"));
         assert_eq!(invalid.type_uri, "/p/idempotency-key-invalid");
+    }
+
+    #[test]
+    fn request_and_server_problems() {
+        let invalid = Problem::invalid_request("/p/", Some("amount"), "too small");
+        assert_eq!(
+            (
+                invalid.status,
+                invalid.code.as_str(),
+                invalid.param.as_deref()
+            ),
+            (400, "invalid_request", Some("amount"))
+        );
+        assert_eq!(invalid.type_uri, "/p/invalid-request");
+        assert_eq!(Problem::invalid_request("/p/", None, "x").param, None);
+        let large = Problem::payload_too_large("/p/", 1024);
+        assert_eq!(
+            (large.status, large.code.as_str()),
+            (413, "payload_too_large")
+        );
+        assert!(large.detail.contains("1024 bytes"), "{}", large.detail);
+        assert_eq!(Problem::internal_error("/p/").status, 500);
+        let unavailable = Problem::service_unavailable("/p/", Duration::from_millis(10));
+        assert_eq!(unavailable.status, 503);
+        assert_eq!(unavailable.retry_after, Some(Duration::from_secs(1)));
+        let json: serde_json::Value = serde_json::from_slice(&unavailable.to_json()).unwrap();
+        assert_eq!(json.as_object().unwrap().len(), 8);
     }
 
     #[test]
