@@ -70,6 +70,11 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+/// The README's code blocks, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 mod claim;
 mod config;
 mod error;
