@@ -75,11 +75,13 @@
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+pub mod admin;
 mod claim;
 mod config;
 mod error;
 mod fingerprint;
 mod key;
+pub mod metrics;
 mod problem;
 mod response;
 mod scope;
