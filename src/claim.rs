@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_core::future::BoxFuture;
 use futures_core::stream::BoxStream;
@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
+use crate::metrics;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 use crate::sql;
@@ -111,6 +112,7 @@ impl Claim {
             body_bytes = response.body.len(),
             stored = tracing::field::Empty,
         );
+        let started = Instant::now();
         async move {
             if !(100..=599).contains(&response.status) {
                 self.tx.rollback().await?;
@@ -119,6 +121,8 @@ impl Claim {
             if !self.config.store_policy().stores(response.status) {
                 self.tx.rollback().await?;
                 tracing::Span::current().record("stored", false);
+                metrics::count(metrics::POLICY_ROLLBACKS, 1);
+                metrics::time(metrics::COMPLETE_SECONDS, started.elapsed());
                 return Ok(Completion::RolledBack);
             }
             let headers_json = serde_json::to_string(&response.headers)
@@ -135,6 +139,8 @@ impl Claim {
             });
             self.tx.finish(statement).await?;
             tracing::Span::current().record("stored", true);
+            metrics::time(metrics::COMPLETE_SECONDS, started.elapsed());
+            metrics::size(metrics::RESPONSE_BYTES, response.body.len());
             Ok(Completion::Stored)
         }
         .instrument(span)
