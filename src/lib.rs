@@ -76,6 +76,8 @@
 pub struct ReadmeDoctests;
 
 pub mod admin;
+#[cfg(feature = "axum")]
+pub mod axum;
 mod claim;
 mod config;
 mod error;

@@ -1,0 +1,147 @@
+//! HTTP integration for [axum] 0.8 (cargo feature `axum`): exactly-once handlers in a few
+//! lines.
+//!
+//! Put an [`IdempotencyLayer`] on the routes that need it, and take an [`IdempotentTx`]
+//! in their handlers: it is the claimed key's open transaction, and the business writes
+//! go through it with plain sqlx. The layer does the rest: it checks the
+//! `Idempotency-Key`, buffers and fingerprints the request, answers replays, conflicts
+//! and in-flight duplicates itself, and after the handler returned stores the handler's
+//! response **and commits it together with the handler's writes**.
+//!
+//! ```no_run
+//! use axum::body::Bytes;
+//! use axum::http::{HeaderName, StatusCode};
+//! use axum::response::{IntoResponse, Response};
+//! use axum::routing::post;
+//! use axum::Router;
+//! use pg_idempotency::axum::{IdempotencyLayer, IdempotentTx, RequestId, Rollback, scope_from_header};
+//! use pg_idempotency::{IdempotencyStore, Problem};
+//!
+//! async fn create_order(request_id: RequestId, mut tx: IdempotentTx, body: Bytes) -> Response {
+//!     // Validate before writing. `Rollback`: do not store this answer, keep the key free.
+//!     let Some(quantity) = std::str::from_utf8(&body).ok().and_then(|s| s.parse::<i32>().ok())
+//!     else {
+//!         let problem = Problem::invalid_request("/problems/", Some("quantity"), "Send a whole number.")
+//!             .with_request_id(request_id.as_str());
+//!         return (Rollback, problem).into_response();
+//!     };
+//!     let account = tx.scope().to_string();
+//!     let inserted = sqlx::query("INSERT INTO orders (account, quantity) VALUES ($1, $2)")
+//!         .bind(account)
+//!         .bind(quantity)
+//!         .execute(&mut *tx) // in the claim's transaction
+//!         .await;
+//!     match inserted {
+//!         // Stored with the key and committed with the row, then replayed to retries.
+//!         Ok(_) => (StatusCode::CREATED, "created").into_response(),
+//!         // 5xx is not stored: the layer rolls back and the client may retry the key.
+//!         Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+//!     }
+//! }
+//!
+//! # async fn demo() -> anyhow::Result<()> {
+//! let pool = sqlx::PgPool::connect(&std::env::var("DATABASE_URL")?).await?;
+//! pg_idempotency::migrate(&pool).await?;
+//! let store = IdempotencyStore::new(pool);
+//!
+//! // Keys are unique per scope: usually the authenticated account (here a header that a
+//! // trusted proxy sets).
+//! let scope = scope_from_header(HeaderName::from_static("x-account-id"), None);
+//! let idempotency = IdempotencyLayer::new(store, scope);
+//!
+//! let app = Router::new()
+//!     .route("/v1/orders", post(create_order).route_layer(idempotency));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## How the claim gets to the handler and back
+//!
+//! The layer claims the key ([`IdempotencyStore::begin`](crate::IdempotencyStore::begin))
+//! before the handler runs and puts the [`Claim`](crate::Claim) into the request's
+//! extensions behind a shared handle. The [`IdempotentTx`] extractor borrows it for the
+//! handler's lifetime (it dereferences to the claim; `&mut *tx` is an sqlx executor) and
+//! gives it back when the handler returns. The layer then buffers the response, and
+//! [completes](crate::Claim::complete) the claim with it: response and business rows are
+//! committed in one round trip, or both are rolled back. A handler therefore never
+//! commits, and cannot forget to.
+//!
+//! ## Which responses are stored
+//!
+//! Every response the [`StorePolicy`](crate::StorePolicy) keeps (by default all but
+//! 5xx, 408 and 429), 4xx included: a retry gets the same answer. Not stored, so the
+//! handler's writes are rolled back and the key stays free for a retry:
+//!
+//! - a response the policy does not keep;
+//! - a response that carries the [`Rollback`] marker: **this is how a handler says "the
+//!   request was invalid, I wrote nothing, do not consume the key"** (return
+//!   `(Rollback, problem)`). axum's own extractors reject bad input with a 4xx that does
+//!   not carry the marker and would be stored; wrap them in [`RollbackOnReject`], or
+//!   parse in the handler as above;
+//! - a handler that panics: the layer answers a 500 problem and rolls back;
+//! - a response that cannot be stored (a header value that is not UTF-8, a body stream
+//!   that fails): 500 problem, rolled back.
+//!
+//! Requests that fail before the handler runs never consume the key either.
+//!
+//! ## What the layer answers itself
+//!
+//! | situation | status | `code` |
+//! |---|---|---|
+//! | no key on a route that requires one | 400 | `idempotency_key_missing` |
+//! | key malformed (key policy), or sent twice | 400 | `idempotency_key_invalid` |
+//! | scope function refused the request | 400 | `idempotency_scope_invalid` (or the application's problem) |
+//! | body over the limit (default 1 MiB) | 413 | `payload_too_large` |
+//! | body unreadable (client broke off) | 400 | `invalid_request` |
+//! | same key, another method, route or body | 409 | `idempotency_conflict` |
+//! | same key still being processed | 409 + `Retry-After` | `idempotency_key_in_use` |
+//! | database unreachable or failing | 503 + `Retry-After` | `service_unavailable` |
+//! | handler panicked, other server failures | 500 | `internal_error` |
+//!
+//! Problems are `application/problem+json` ([`Problem`](crate::Problem)) with exactly
+//! the fields `type`, `title`, `status`, `detail`, `code`, `advice_code`, `param` and
+//! `request_id`. Every response that passes the layer carries the request id in a header
+//! (default `X-Request-Id`; see [`RequestId`]); add [`RequestIdLayer`] around the whole
+//! router to give the other routes one as well.
+//!
+//! ## Replays
+//!
+//! A replay has the stored status, headers (in order, duplicates kept) and body bytes,
+//! plus `Idempotent-Replayed: true` and the current request's id header. The first
+//! answer is sent from the stored form too, so the two are byte for byte the same apart
+//! from those two headers. Hop-by-hop headers are not stored; a `Date` is added when the
+//! handler set none, so a replay carries the date of the original, as an HTTP cache
+//! would.
+//!
+//! ## Routing
+//!
+//! Apply the layer with `MethodRouter::route_layer` (or `Router::route_layer`): it then
+//! runs after routing, so the fingerprint uses the route template from [`MatchedPath`]
+//! (`/v1/orders/{id}`), and 404 and 405 answers pass untouched. Outside routing it
+//! falls back to the URI path. Note that the template does not include the path
+//! parameters' values: reusing a key on `/v1/orders/1` and `/v1/orders/2` with the same
+//! body replays the first answer. Keys are per operation, so clients should never do
+//! that; if your paths carry the target of the write, scope keys by it too.
+//!
+//! A route may make the key [optional](IdempotencyLayer::optional): without one, the
+//! request passes through untouched and the handler takes `Option<IdempotentTx>`.
+//!
+//! Both the request body (up to the limit) and the handler's response are held in
+//! memory, and the response is stored in the database: keep idempotent responses small.
+//!
+//! [axum]: https://docs.rs/axum/0.8
+//! [`MatchedPath`]: ::axum::extract::MatchedPath
+
+mod extract;
+mod layer;
+mod request_id;
+mod response;
+mod scope;
+
+pub use extract::{IdempotentTx, Rollback, RollbackOnReject};
+pub use layer::{Idempotency, IdempotencyLayer};
+pub use request_id::{REQUEST_ID_HEADER, RequestId, RequestIdLayer, RequestIdService};
+pub use response::IDEMPOTENT_REPLAYED_HEADER;
+pub use scope::{ScopeRejection, scope_from_header};

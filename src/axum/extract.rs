@@ -1,0 +1,239 @@
+//! What handlers use: the claim's transaction, and the "do not store" marker.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, OptionalFromRequestParts, Request};
+use axum::response::{IntoResponse, IntoResponseParts, Response, ResponseParts};
+use http::request::Parts;
+use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
+
+use crate::claim::Claim;
+use crate::problem::Problem;
+
+/// The hand-off between the layer and the handler: the layer puts the claim in, the
+/// handler borrows it through [`IdempotentTx`], the layer takes it back to complete it.
+#[derive(Clone)]
+pub(crate) struct ClaimHandle {
+    claim: Arc<Mutex<Option<Claim>>>,
+    type_base: Arc<str>,
+}
+
+impl ClaimHandle {
+    pub(crate) fn new(claim: Claim, type_base: &str) -> Self {
+        Self {
+            claim: Arc::new(Mutex::new(Some(claim))),
+            type_base: type_base.into(),
+        }
+    }
+
+    /// Takes the claim back after the handler returned; `None` if the handler still
+    /// holds an [`IdempotentTx`] (it moved it into a task that is still running).
+    pub(crate) fn take(&self) -> Option<Claim> {
+        self.claim
+            .try_lock()
+            .ok()
+            .and_then(|mut claim| claim.take())
+    }
+}
+
+/// The claimed key's open transaction, for a handler behind an
+/// [`IdempotencyLayer`](super::IdempotencyLayer): run the business writes through it.
+///
+/// It dereferences to the [`Claim`], and `&mut *tx` is an sqlx executor:
+///
+/// ```no_run
+/// use axum::http::StatusCode;
+/// use pg_idempotency::axum::IdempotentTx;
+///
+/// async fn create(mut tx: IdempotentTx) -> StatusCode {
+///     let account = tx.scope().to_string();
+///     match sqlx::query("INSERT INTO orders (account) VALUES ($1)")
+///         .bind(account)
+///         .execute(&mut *tx)
+///         .await
+///     {
+///         Ok(_) => StatusCode::CREATED,
+///         // A 5xx is not stored: the layer rolls back and the key stays free.
+///         Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+///     }
+/// }
+/// ```
+///
+/// The layer commits the transaction together with the handler's response once the
+/// handler has returned, so neither commit nor roll back here (the type does not let
+/// you). Use it within the handler: the layer cannot take the claim back while an
+/// `IdempotentTx` is still alive elsewhere (moved into a spawned task), and then answers
+/// 500 and rolls back when that task drops it.
+///
+/// On a route whose key is optional, take `Option<IdempotentTx>`: `None` when the
+/// request carried no key. Taking `IdempotentTx` where there is no claim (no layer, or
+/// an optional key that was not sent), or twice in one handler, is a bug in the
+/// application and is answered with a 500 problem.
+pub struct IdempotentTx {
+    guard: OwnedMappedMutexGuard<Option<Claim>, Claim>,
+}
+
+impl IdempotentTx {
+    /// `Ok(None)`: no claim on this request; `Err`: the claim is in use (a bug in the
+    /// application), answered with a 500 problem under the given type base.
+    fn extract(parts: &Parts) -> Result<Option<Self>, Arc<str>> {
+        let Some(handle) = parts.extensions.get::<ClaimHandle>() else {
+            return Ok(None);
+        };
+        let misuse = |what: &str| {
+            tracing::error!(
+                "{what}: take IdempotentTx once per handler and keep it within the handler"
+            );
+            Arc::clone(&handle.type_base)
+        };
+        let guard: OwnedMutexGuard<Option<Claim>> = Arc::clone(&handle.claim)
+            .try_lock_owned()
+            .map_err(|_| misuse("the claim of this request is already in use"))?;
+        let guard = OwnedMutexGuard::try_map(guard, Option::as_mut)
+            .map_err(|_| misuse("the claim of this request was already completed"))?;
+        Ok(Some(Self { guard }))
+    }
+}
+
+fn misuse_response(type_base: &str) -> Response {
+    Problem::internal_error(type_base).into_response()
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotentTx {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        match Self::extract(parts) {
+            Ok(Some(tx)) => Ok(tx),
+            Ok(None) => {
+                tracing::error!(
+                    "IdempotentTx taken on a request without a claim: put the route behind \
+                     IdempotencyLayer, and take Option<IdempotentTx> where the key is optional"
+                );
+                Err(misuse_response(
+                    crate::Config::default().problem_type_base(),
+                ))
+            }
+            Err(type_base) => Err(misuse_response(&type_base)),
+        }
+    }
+}
+
+impl<S: Send + Sync> OptionalFromRequestParts<S> for IdempotentTx {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Self::extract(parts).map_err(|type_base| misuse_response(&type_base))
+    }
+}
+
+impl Deref for IdempotentTx {
+    type Target = Claim;
+
+    fn deref(&self) -> &Claim {
+        &self.guard
+    }
+}
+
+impl DerefMut for IdempotentTx {
+    fn deref_mut(&mut self) -> &mut Claim {
+        &mut self.guard
+    }
+}
+
+impl fmt::Debug for IdempotentTx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("IdempotentTx").field(&*self.guard).finish()
+    }
+}
+
+/// "Do not store this response": the layer rolls back the handler's writes, frees the
+/// key and sends the response as it is.
+///
+/// Return it with any response whose request should not consume the key, typically a
+/// validation error found before writing anything, so that the client can fix the body
+/// and retry with the same key:
+///
+/// ```no_run
+/// use axum::http::StatusCode;
+/// use axum::response::{IntoResponse, Response};
+/// use pg_idempotency::axum::Rollback;
+///
+/// async fn create(body: axum::body::Bytes) -> Response {
+///     if body.is_empty() {
+///         return (StatusCode::BAD_REQUEST, Rollback, "empty body").into_response();
+///     }
+///     StatusCode::CREATED.into_response()
+/// }
+/// ```
+///
+/// Without the marker every response the [`StorePolicy`](crate::StorePolicy) keeps is
+/// stored, 4xx included, and replayed to retries. It is a response extension, so a
+/// middleware can also set it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rollback;
+
+impl IntoResponseParts for Rollback {
+    type Error = Infallible;
+
+    fn into_response_parts(self, mut res: ResponseParts) -> Result<ResponseParts, Self::Error> {
+        res.extensions_mut().insert(self);
+        Ok(res)
+    }
+}
+
+/// An extractor wrapper that marks the extractor's rejection with [`Rollback`].
+///
+/// axum's own extractors answer bad input with a 4xx (`Json` with 400, 415 or 422, for
+/// instance); behind the layer such an answer would be stored and would consume the key.
+/// Wrapped, the rejection is sent as it is and the key stays free:
+///
+/// ```no_run
+/// use pg_idempotency::axum::RollbackOnReject;
+///
+/// async fn create(
+///     RollbackOnReject(axum::extract::Query(params)): RollbackOnReject<
+///         axum::extract::Query<std::collections::HashMap<String, String>>,
+///     >,
+/// ) -> String {
+///     format!("{} parameters", params.len())
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RollbackOnReject<E>(pub E);
+
+impl<S, E> FromRequestParts<S> for RollbackOnReject<E>
+where
+    E: FromRequestParts<S>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        E::from_request_parts(parts, state)
+            .await
+            .map(Self)
+            .map_err(|rejection| (Rollback, rejection).into_response())
+    }
+}
+
+impl<S, E> FromRequest<S> for RollbackOnReject<E>
+where
+    E: FromRequest<S>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        E::from_request(request, state)
+            .await
+            .map(Self)
+            .map_err(|rejection| (Rollback, rejection).into_response())
+    }
+}

@@ -1,0 +1,486 @@
+//! The layer: pre-checks, claim, run the handler, store its response and commit.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_core::future::BoxFuture;
+use futures_util::FutureExt;
+use http::HeaderName;
+use http::request::Parts;
+use http_body::Body as _;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::Instrument;
+
+use super::extract::{ClaimHandle, Rollback};
+use super::request_id::{REQUEST_ID_HEADER, RequestId};
+use super::response::{from_stored, to_stored};
+use super::scope::{ScopeRejection, title_case};
+use crate::claim::{Claim, Completion};
+use crate::error::Error;
+use crate::fingerprint::Request as Fingerprinted;
+use crate::key::IdempotencyKey;
+use crate::problem::{IDEMPOTENCY_KEY_HEADER, Problem};
+use crate::scope::Scope;
+use crate::store::{Begin, IdempotencyStore};
+
+type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
+
+/// Exactly-once handling for the routes it wraps: a [tower layer](tower_layer::Layer)
+/// over an [`IdempotencyStore`].
+///
+/// For each request it
+/// 1. assigns a [`RequestId`](super::RequestId) (kept if an outer layer already did);
+/// 2. answers 413 `payload_too_large` if the body declares more than the
+///    [body limit](Self::with_body_limit);
+/// 3. reads the key header (default `Idempotency-Key`): absent → 400
+///    `idempotency_key_missing`, or, on a route where the key is
+///    [optional](Self::optional), a plain pass-through to the handler with no claim;
+///    sent twice or not valid under the store's [`KeyPolicy`](crate::KeyPolicy) → 400
+///    `idempotency_key_invalid`;
+/// 4. asks the application's scope function for the [`Scope`] (its rejection → 400
+///    `idempotency_scope_invalid` or the application's own problem);
+/// 5. buffers the body up to the limit (over it → 413, unreadable → 400
+///    `invalid_request`);
+/// 6. fingerprints method + matched route ([`MatchedPath`], else the URI path) + body and
+///    calls [`IdempotencyStore::begin`]: a replay is answered with the stored status,
+///    headers and body plus `Idempotent-Replayed: true`; a conflict or a key still in
+///    flight with a 409 problem (the latter with `Retry-After`);
+/// 7. on a claim, runs the handler with the claim in reach of the
+///    [`IdempotentTx`](super::IdempotentTx) extractor, buffers its response, and stores
+///    it and commits in one round trip ([`Claim::complete`]). A response the
+///    [`StorePolicy`](crate::StorePolicy) does not keep (5xx, 408, 429 by default) or one
+///    marked [`Rollback`] rolls the handler's writes back and frees the key, and goes out
+///    as it is. A handler that panics is answered with a 500 problem, and its writes are
+///    rolled back.
+///
+/// Steps 2 to 6 never run the handler and never consume the key. Every response carries
+/// the request id header (default `X-Request-Id`), and every problem the layer writes
+/// has the same id in `request_id`. Database failures are answered with a 503 problem
+/// (`Retry-After` included); other server-side failures with a 500 problem.
+///
+/// Apply it per route with `route_layer`, which runs after routing (so the fingerprint
+/// uses the route template) and leaves 404 and 405 answers alone:
+/// `.route("/v1/payments", post(create).route_layer(layer))`.
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    settings: Arc<Settings>,
+}
+
+#[derive(Clone)]
+struct Settings {
+    store: IdempotencyStore,
+    scope: Arc<ScopeFn>,
+    key_header: HeaderName,
+    /// The key header as named in problems, e.g. `Idempotency-Key`.
+    key_header_display: String,
+    key_required: bool,
+    body_limit: usize,
+    request_id_header: HeaderName,
+}
+
+impl IdempotencyLayer {
+    /// The default request body limit: 1 MiB.
+    pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+
+    /// A layer over `store` that takes each request's scope from `scope` (see
+    /// [`scope_from_header`](super::scope_from_header) for a ready-made one). The key is
+    /// required, read from `Idempotency-Key`; bodies are limited to 1 MiB; request ids
+    /// go in `X-Request-Id`.
+    ///
+    /// `scope` returns the tenant, account or principal that keys are unique within,
+    /// usually from what an authentication layer put into the request's extensions; its
+    /// error is anything that converts into [`ScopeRejection`]: a
+    /// [`ScopeError`](crate::ScopeError) or a [`Problem`].
+    pub fn new<F, E>(store: IdempotencyStore, scope: F) -> Self
+    where
+        F: Fn(&Parts) -> Result<Scope, E> + Send + Sync + 'static,
+        E: Into<ScopeRejection>,
+    {
+        let key_header = HeaderName::from_static("idempotency-key");
+        Self {
+            settings: Arc::new(Settings {
+                store,
+                scope: Arc::new(move |parts: &Parts| scope(parts).map_err(Into::into)),
+                key_header_display: IDEMPOTENCY_KEY_HEADER.to_owned(),
+                key_header,
+                key_required: true,
+                body_limit: Self::DEFAULT_BODY_LIMIT,
+                request_id_header: REQUEST_ID_HEADER,
+            }),
+        }
+    }
+
+    fn with(mut self, change: impl FnOnce(&mut Settings)) -> Self {
+        change(Arc::make_mut(&mut self.settings));
+        self
+    }
+
+    /// Makes the key optional: a request without it goes to the handler as it is, with
+    /// no claim, no body buffering and no limit (take `Option<IdempotentTx>` there).
+    #[must_use]
+    pub fn optional(self) -> Self {
+        self.with(|s| s.key_required = false)
+    }
+
+    /// Makes the key required (the default): a request without it gets a 400
+    /// `idempotency_key_missing` problem.
+    #[must_use]
+    pub fn required(self) -> Self {
+        self.with(|s| s.key_required = true)
+    }
+
+    /// Reads the key from `header` instead of `Idempotency-Key`; problems name it in
+    /// title case (`x-idempotency-key` → `X-Idempotency-Key`).
+    #[must_use]
+    pub fn with_key_header(self, header: HeaderName) -> Self {
+        self.with(|s| {
+            s.key_header_display = title_case(&header);
+            s.key_header = header;
+        })
+    }
+
+    /// Buffers request bodies up to `bytes` (default 1 MiB); a longer one gets a 413
+    /// `payload_too_large` problem.
+    #[must_use]
+    pub fn with_body_limit(self, bytes: usize) -> Self {
+        self.with(|s| s.body_limit = bytes)
+    }
+
+    /// Reads a client's request id from, and writes it to, `header` instead of
+    /// `X-Request-Id`.
+    #[must_use]
+    pub fn with_request_id_header(self, header: HeaderName) -> Self {
+        self.with(|s| s.request_id_header = header)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &IdempotencyStore {
+        &self.settings.store
+    }
+}
+
+impl fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.settings;
+        f.debug_struct("IdempotencyLayer")
+            .field("key_header", &s.key_header)
+            .field("key_required", &s.key_required)
+            .field("body_limit", &s.body_limit)
+            .field("request_id_header", &s.request_id_header)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency {
+            inner,
+            settings: Arc::clone(&self.settings),
+        }
+    }
+}
+
+/// The service of [`IdempotencyLayer`], around the route's handler `S`.
+#[derive(Clone)]
+pub struct Idempotency<S> {
+    inner: S,
+    settings: Arc<Settings>,
+}
+
+impl<S> fmt::Debug for Idempotency<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency").finish_non_exhaustive()
+    }
+}
+
+impl<S> Service<Request> for Idempotency<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        // The clone takes the place of the service that was polled ready.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let settings = Arc::clone(&self.settings);
+        Box::pin(async move { Ok(handle(&settings, inner, request).await) })
+    }
+}
+
+async fn handle<S>(settings: &Settings, inner: S, mut request: Request) -> Response
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let request_id = RequestId::of_request(&mut request, &settings.request_id_header);
+    let route = match request.extensions().get::<MatchedPath>() {
+        Some(matched) => matched.as_str().to_owned(),
+        None => request.uri().path().to_owned(),
+    };
+    let span = tracing::info_span!(
+        "idempotency.http",
+        request_id = %request_id,
+        method = %request.method(),
+        route = %route,
+        key = tracing::field::Empty,
+        scope = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    let flow = Flow {
+        settings,
+        request_id: &request_id,
+        route: &route,
+    };
+    let mut response = flow.run(inner, request).instrument(span.clone()).await;
+    span.record("status", response.status().as_u16());
+    response.headers_mut().insert(
+        settings.request_id_header.clone(),
+        request_id.header_value(),
+    );
+    response
+}
+
+struct Flow<'a> {
+    settings: &'a Settings,
+    request_id: &'a RequestId,
+    route: &'a str,
+}
+
+fn record(field: &str, value: &str) {
+    tracing::Span::current().record(field, value);
+}
+
+impl Flow<'_> {
+    fn type_base(&self) -> &str {
+        self.settings.store.config().problem_type_base()
+    }
+
+    fn problem(&self, problem: Problem) -> Response {
+        problem
+            .with_request_id(self.request_id.as_str())
+            .into_response()
+    }
+
+    fn internal_error(&self) -> Response {
+        self.problem(Problem::internal_error(self.type_base()))
+    }
+
+    /// The answer to a failure of the store: 503 for the database, 500 otherwise.
+    fn server_error(&self, error: &Error) -> Response {
+        tracing::error!(%error, "idempotency store failed");
+        match error {
+            Error::Database(_) => self.problem(Problem::service_unavailable(
+                self.type_base(),
+                self.settings.store.config().retry_after(),
+            )),
+            _ => self.internal_error(),
+        }
+    }
+
+    async fn run<S>(&self, inner: S, request: Request) -> Response
+    where
+        S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let settings = self.settings;
+        let type_base = self.type_base();
+        let mut keys = request.headers().get_all(&settings.key_header).iter();
+        let raw_key = match (keys.next(), keys.next()) {
+            (None, _) if !settings.key_required => {
+                record("outcome", "pass_through");
+                return call(inner, request).await;
+            }
+            (None, _) => None,
+            (Some(_), Some(_)) => {
+                return self.problem(Problem::key_invalid(
+                    type_base,
+                    &settings.key_header_display,
+                    &"the header appears more than once; send exactly one key",
+                ));
+            }
+            (Some(value), None) => Some(value.as_bytes()),
+        };
+        if request.body().size_hint().lower() > settings.body_limit as u64 {
+            record("outcome", "too_large");
+            return self.problem(Problem::payload_too_large(type_base, settings.body_limit));
+        }
+        let Some(raw_key) = raw_key else {
+            record("outcome", "key_missing");
+            return self.problem(Problem::key_missing(
+                type_base,
+                &settings.key_header_display,
+            ));
+        };
+        let key = match IdempotencyKey::parse_bytes(raw_key, settings.store.config().key_policy()) {
+            Ok(key) => key,
+            Err(reason) => {
+                record("outcome", "key_invalid");
+                return self.problem(Problem::key_invalid(
+                    type_base,
+                    &settings.key_header_display,
+                    &reason,
+                ));
+            }
+        };
+        record("key", key.as_str());
+
+        let (mut parts, body) = request.into_parts();
+        let scope = match (settings.scope)(&parts) {
+            Ok(scope) => scope,
+            Err(rejection) => {
+                record("outcome", "scope_rejected");
+                return self.problem(rejection.into_problem(type_base));
+            }
+        };
+        record("scope", scope.as_str());
+
+        let body = match Limited::new(body, settings.body_limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) if error.is::<LengthLimitError>() => {
+                record("outcome", "too_large");
+                return self.problem(Problem::payload_too_large(type_base, settings.body_limit));
+            }
+            Err(error) => {
+                record("outcome", "body_unreadable");
+                tracing::debug!(%error, "the request body could not be read");
+                return self.problem(Problem::invalid_request(
+                    type_base,
+                    None,
+                    "The request body could not be read completely.",
+                ));
+            }
+        };
+
+        let fingerprinted = Fingerprinted::new(parts.method.as_str(), self.route, &body);
+        let claim = match settings.store.begin(&scope, &key, &fingerprinted).await {
+            Ok(Begin::Claimed(claim)) => claim,
+            Ok(Begin::Replay(replay)) => {
+                record("outcome", "replayed");
+                return from_stored(&replay.response, true).unwrap_or_else(|reason| {
+                    tracing::error!(%reason, "a stored response cannot be replayed");
+                    self.internal_error()
+                });
+            }
+            Err(error) => {
+                return match error.problem(type_base) {
+                    Some(problem) => {
+                        record(
+                            "outcome",
+                            if matches!(error, Error::Conflict { .. }) {
+                                "conflict"
+                            } else {
+                                "in_flight"
+                            },
+                        );
+                        self.problem(problem)
+                    }
+                    None => self.server_error(&error),
+                };
+            }
+        };
+
+        let handle = ClaimHandle::new(claim, type_base);
+        parts.extensions.insert(handle.clone());
+        let request = Request::from_parts(parts, Body::from(body));
+        let answered = AssertUnwindSafe(call(inner, request)).catch_unwind().await;
+        let Some(claim) = handle.take() else {
+            record("outcome", "claim_still_held");
+            tracing::error!(
+                "the handler returned while an IdempotentTx was still alive (moved into a \
+                 task?); its writes roll back when it is dropped"
+            );
+            return self.internal_error();
+        };
+        match answered {
+            Ok(response) => self.complete(claim, response).await,
+            Err(_panic) => {
+                record("outcome", "panicked");
+                tracing::error!("the handler panicked; its writes are rolled back");
+                abort(claim).await;
+                self.internal_error()
+            }
+        }
+    }
+
+    /// Stores the handler's response and commits, or rolls back.
+    async fn complete(&self, claim: Claim, response: Response) -> Response {
+        let (parts, body) = response.into_parts();
+        if parts.extensions.get::<Rollback>().is_some() {
+            record("outcome", "rolled_back");
+            abort(claim).await;
+            return Response::from_parts(parts, body);
+        }
+        let body: Bytes = match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) => {
+                record("outcome", "response_body_failed");
+                tracing::error!(%error, "the handler's response body failed; rolled back");
+                abort(claim).await;
+                return self.internal_error();
+            }
+        };
+        let stored = match to_stored(&parts, &body, &self.settings.request_id_header) {
+            Ok(stored) => stored,
+            Err(reason) => {
+                record("outcome", "unstorable");
+                tracing::error!(%reason, "the handler's response cannot be stored; rolled back");
+                abort(claim).await;
+                return self.internal_error();
+            }
+        };
+        match claim.complete(&stored).await {
+            // Sent exactly as it will be replayed.
+            Ok(Completion::Stored) => {
+                record("outcome", "stored");
+                from_stored(&stored, false).unwrap_or_else(|reason| {
+                    tracing::error!(%reason, "a stored response cannot be sent");
+                    self.internal_error()
+                })
+            }
+            Ok(_) => {
+                record("outcome", "not_kept");
+                Response::from_parts(parts, Body::from(body))
+            }
+            Err(error) => {
+                record("outcome", "complete_failed");
+                self.server_error(&error)
+            }
+        }
+    }
+}
+
+async fn call<S>(mut inner: S, request: Request) -> Response
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    match inner.call(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
+}
+
+async fn abort(claim: Claim) {
+    if let Err(error) = claim.abort().await {
+        tracing::warn!(%error, "rollback failed; the connection was closed, which rolls back");
+    }
+}

@@ -1,0 +1,191 @@
+//! Responses: problems as `application/problem+json`, and handler responses to and from
+//! their stored form.
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use http::header::{CONTENT_TYPE, DATE, RETRY_AFTER};
+use http::response::Parts;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use crate::problem::Problem;
+use crate::response::StoredResponse;
+
+/// `Idempotent-Replayed: true` marks a replayed response.
+pub const IDEMPOTENT_REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Headers that describe one connection, never stored with a response.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    http::header::CONNECTION,
+    http::header::TRANSFER_ENCODING,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+];
+
+impl IntoResponse for Problem {
+    /// The problem as `application/problem+json` with its status, plus `Retry-After`
+    /// when it has a retry hint. A status outside `100..=999` becomes 500.
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = Response::new(Body::from(self.to_json()));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(Problem::CONTENT_TYPE),
+        );
+        if let Some(retry_after) = self.retry_after {
+            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
+        }
+        response
+    }
+}
+
+/// The stored form of a handler's response, or why it cannot be stored.
+///
+/// Keeps every header in order except the hop-by-hop ones, `skip` (the request id
+/// header) and `Idempotent-Replayed`, and adds a `Date` (now) when there is none, so
+/// that replays carry the date of the original, as an HTTP cache would.
+pub(crate) fn to_stored(
+    parts: &Parts,
+    body: &[u8],
+    skip: &HeaderName,
+) -> Result<StoredResponse, String> {
+    let mut headers = Vec::with_capacity(parts.headers.len() + 1);
+    for (name, value) in &parts.headers {
+        if name == skip || *name == IDEMPOTENT_REPLAYED_HEADER || HOP_BY_HOP.contains(name) {
+            continue;
+        }
+        let value = std::str::from_utf8(value.as_bytes())
+            .map_err(|_| format!("the value of response header {name} is not UTF-8"))?;
+        headers.push((name.as_str().to_owned(), value.to_owned()));
+    }
+    if !parts.headers.contains_key(DATE) {
+        headers.push((DATE.as_str().to_owned(), http_date(chrono::Utc::now())));
+    }
+    Ok(StoredResponse {
+        status: parts.status.as_u16(),
+        headers,
+        body: body.to_vec(),
+    })
+}
+
+/// The HTTP response for a stored one: the same status, headers (in order) and body,
+/// plus `Idempotent-Replayed: true` when `replayed`.
+///
+/// # Errors
+///
+/// The status is not a valid HTTP status (the row was not written by this layer).
+/// Headers that are not valid HTTP are left out with a warning.
+pub(crate) fn from_stored(stored: &StoredResponse, replayed: bool) -> Result<Response, String> {
+    let status = StatusCode::from_u16(stored.status)
+        .map_err(|_| format!("stored status {} is not an HTTP status", stored.status))?;
+    let mut headers = HeaderMap::with_capacity(stored.headers.len() + 2);
+    for (name, value) in &stored.headers {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            _ => tracing::warn!(
+                header = %name.escape_debug(),
+                "a stored response header is not valid HTTP; it is left out"
+            ),
+        }
+    }
+    if replayed {
+        headers.insert(IDEMPOTENT_REPLAYED_HEADER, HeaderValue::from_static("true"));
+    }
+    let mut response = Response::new(Body::from(stored.body.clone()));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+/// An IMF-fixdate (RFC 9110 §5.6.7), e.g. `Sun, 06 Nov 1994 08:49:37 GMT`.
+fn http_date(at: chrono::DateTime<chrono::Utc>) -> String {
+    at.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::axum::request_id::REQUEST_ID_HEADER;
+
+    fn parts(build: impl FnOnce(&mut HeaderMap)) -> Parts {
+        let mut response = Response::new(());
+        *response.status_mut() = StatusCode::CREATED;
+        build(response.headers_mut());
+        response.into_parts().0
+    }
+
+    #[test]
+    fn problem_response_has_type_and_retry_after() {
+        let problem = Problem::service_unavailable("/p/", std::time::Duration::from_millis(1500));
+        let response = problem.clone().into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/problem+json");
+        assert_eq!(response.headers()[RETRY_AFTER], "2");
+        let odd = Problem::new("/p/", "x", 1000, "t", "d", "c", "a").into_response();
+        assert_eq!(odd.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn stored_round_trip_keeps_order_and_duplicates() {
+        let parts = parts(|h| {
+            h.append("content-type", HeaderValue::from_static("application/json"));
+            h.append("set-cookie", HeaderValue::from_static("a=1"));
+            h.append("set-cookie", HeaderValue::from_static("b=2"));
+            h.append("x-utf8", HeaderValue::from_bytes("é".as_bytes()).unwrap());
+            h.append(REQUEST_ID_HEADER, HeaderValue::from_static("req_1"));
+            h.append("connection", HeaderValue::from_static("close"));
+            h.append(IDEMPOTENT_REPLAYED_HEADER, HeaderValue::from_static("true"));
+        });
+        let stored = to_stored(&parts, b"\x00\xff", &REQUEST_ID_HEADER).unwrap();
+        let names: Vec<_> = stored.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["content-type", "set-cookie", "set-cookie", "x-utf8", "date"]
+        );
+        assert_eq!(stored.status, 201);
+        let response = from_stored(&stored, true).unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let cookies: Vec<_> = response.headers().get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(response.headers()["x-utf8"].as_bytes(), "é".as_bytes());
+        assert_eq!(response.headers()[IDEMPOTENT_REPLAYED_HEADER], "true");
+        // Replaying the replay's stored form gives the same headers.
+        let again = from_stored(&stored, false).unwrap();
+        assert!(again.headers().get(IDEMPOTENT_REPLAYED_HEADER).is_none());
+    }
+
+    #[test]
+    fn non_utf8_header_values_cannot_be_stored() {
+        let parts = parts(|h| {
+            h.append("x-bin", HeaderValue::from_bytes(b"\xff").unwrap());
+        });
+        let err = to_stored(&parts, b"", &REQUEST_ID_HEADER).unwrap_err();
+        assert!(err.contains("x-bin"), "{err}");
+    }
+
+    #[test]
+    fn bad_stored_rows_never_panic() {
+        let stored = StoredResponse::new(42, "x");
+        assert!(from_stored(&stored, true).is_err());
+        let stored = StoredResponse::new(200, "x")
+            .with_header("bad name", "v")
+            .with_header("x-ok", "line\nbreak")
+            .with_header("x-fine", "v");
+        let response = from_stored(&stored, false).unwrap();
+        assert_eq!(response.headers().len(), 1);
+    }
+
+    #[test]
+    fn dates_are_imf_fixdate() {
+        let at = chrono::DateTime::parse_from_rfc3339("1994-11-06T08:49:37Z").unwrap();
+        assert_eq!(http_date(at.into()), "Sun, 06 Nov 1994 08:49:37 GMT");
+    }
+}
