@@ -28,6 +28,19 @@ pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
 /// The largest accepted `delay_ms`.
 pub const MAX_DELAY_MS: u64 = 10_000;
 
+/// Connections for requests: in-flight duplicates hold one each while they wait.
+pub const POOL_SIZE: u32 = 32;
+
+/// The service's pool.
+pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(POOL_SIZE)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await;
+    anyhow::Context::context(pool, "connecting to PostgreSQL")
+}
+
 /// Applies the idempotency migrations and creates the `payments` table.
 pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
     pg_idempotency::migrate(pool).await?;

@@ -28,8 +28,6 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use pg_idempotency::testing::TestDatabase;
 use pg_idempotency::{Config, IdempotencyStore, SweepOptions, Sweeper};
-use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tracing_subscriber::EnvFilter;
 
 /// An exactly-once payments API over PostgreSQL (pg-idempotency + axum).
@@ -47,18 +45,6 @@ struct Args {
     ttl_secs: u64,
 }
 
-/// Connections for requests: in-flight duplicates hold one each while they wait.
-const POOL_SIZE: u32 = 32;
-
-async fn connect(url: &str) -> Result<PgPool> {
-    PgPoolOptions::new()
-        .max_connections(POOL_SIZE)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
-        .await
-        .context("connecting to PostgreSQL")
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -70,13 +56,13 @@ async fn main() -> Result<()> {
     let args = Args::parse();
 
     let (pool, throwaway) = match args.database_url.as_deref().filter(|url| !url.is_empty()) {
-        Some(url) => (connect(url).await?, None),
+        Some(url) => (app::connect(url).await?, None),
         None => {
             let database = TestDatabase::create()
                 .await
                 .context("starting a throwaway PostgreSQL (or set DATABASE_URL)")?;
             tracing::info!(database = database.name(), "using a throwaway database");
-            (connect(database.url()).await?, Some(database))
+            (app::connect(database.url()).await?, Some(database))
         }
     };
     app::prepare(&pool).await?;
