@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, IntoResponseParts, Response, ResponseParts};
 use http::request::Parts;
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
+use super::request_id::RequestId;
 use crate::claim::Claim;
 use crate::problem::Problem;
 
@@ -98,8 +99,14 @@ impl IdempotentTx {
     }
 }
 
-fn misuse_response(type_base: &str) -> Response {
-    Problem::internal_error(type_base).into_response()
+/// The 500 problem for a misused extractor, with the request id when a layer set one.
+fn misuse_response(parts: &Parts, type_base: &str) -> Response {
+    let problem = Problem::internal_error(type_base);
+    match parts.extensions.get::<RequestId>() {
+        Some(id) => problem.with_request_id(id.as_str()),
+        None => problem,
+    }
+    .into_response()
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for IdempotentTx {
@@ -114,10 +121,11 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotentTx {
                      IdempotencyLayer, and take Option<IdempotentTx> where the key is optional"
                 );
                 Err(misuse_response(
+                    parts,
                     crate::Config::default().problem_type_base(),
                 ))
             }
-            Err(type_base) => Err(misuse_response(&type_base)),
+            Err(type_base) => Err(misuse_response(parts, &type_base)),
         }
     }
 }
@@ -129,7 +137,7 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for IdempotentTx {
         parts: &mut Parts,
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
-        Self::extract(parts).map_err(|type_base| misuse_response(&type_base))
+        Self::extract(parts).map_err(|type_base| misuse_response(parts, &type_base))
     }
 }
 
