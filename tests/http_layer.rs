@@ -1,0 +1,541 @@
+//! The axum integration's behaviours that the payments demo does not show, on a router
+//! built for them: statuses that are not stored, the `Rollback` marker, panics, optional
+//! keys, custom settings, the matched route in the fingerprint, database failures.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Result, ensure};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Json, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use pg_idempotency::axum::{
+    IdempotencyLayer, IdempotentTx, RequestIdLayer, Rollback, RollbackOnReject, ScopeRejection,
+    scope_from_header,
+};
+use pg_idempotency::testing::TestDatabase;
+use pg_idempotency::{IdempotencyStore, Problem, Scope};
+use sqlx::PgPool;
+use support::{Answer, Server, client, is_generated_request_id, new_key};
+
+#[derive(Clone)]
+struct AppState {
+    runs: Arc<AtomicUsize>,
+    pool: PgPool,
+}
+
+/// Writes a row in the claim's transaction, then answers as the request's headers say:
+/// `x-status`, `x-rollback`, `x-panic`, `x-binary-header`, `x-rich`.
+async fn widget(
+    State(state): State<AppState>,
+    mut tx: IdempotentTx,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let run = state.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    sqlx::query("INSERT INTO widgets (note) VALUES ($1)")
+        .bind(String::from_utf8_lossy(&body).into_owned())
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+    if headers.contains_key("x-panic") {
+        panic!("the handler panics after writing");
+    }
+    let status = headers
+        .get("x-status")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::CREATED);
+    let mut response = (status, format!("run {run}")).into_response();
+    if headers.contains_key("x-rollback") {
+        response.extensions_mut().insert(Rollback);
+    }
+    if headers.contains_key("x-binary-header") {
+        response
+            .headers_mut()
+            .insert("x-bin", HeaderValue::from_bytes(b"\xff\xfe").unwrap());
+    }
+    if headers.contains_key("x-rich") {
+        let h = response.headers_mut();
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        h.append("set-cookie", HeaderValue::from_static("a=1"));
+        h.append("x-multi", HeaderValue::from_static("one"));
+        h.append("set-cookie", HeaderValue::from_static("b=2; Path=/"));
+        h.append("x-multi", HeaderValue::from_static("two"));
+        h.insert(
+            "x-utf8",
+            HeaderValue::from_bytes("naïve ✓".as_bytes()).unwrap(),
+        );
+        let mut bytes: Vec<u8> = (0..=255u8).collect();
+        bytes.extend_from_slice(format!("run {run}").as_bytes());
+        *response.body_mut() = bytes.into();
+    }
+    response
+}
+
+/// On an optional-key route: in the claim when there is a key, else straight to the pool.
+async fn optional(State(state): State<AppState>, tx: Option<IdempotentTx>) -> Response {
+    let run = state.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    let insert = sqlx::query("INSERT INTO widgets (note) VALUES ('optional')");
+    let how = match tx {
+        Some(mut tx) => {
+            insert.execute(&mut *tx).await.expect("insert");
+            "claimed"
+        }
+        None => {
+            insert.execute(&state.pool).await.expect("insert");
+            "plain"
+        }
+    };
+    (StatusCode::CREATED, format!("{how} run {run}")).into_response()
+}
+
+async fn json(
+    State(state): State<AppState>,
+    mut tx: IdempotentTx,
+    RollbackOnReject(Json(value)): RollbackOnReject<Json<serde_json::Value>>,
+) -> Response {
+    state.runs.fetch_add(1, Ordering::SeqCst);
+    sqlx::query("INSERT INTO widgets (note) VALUES ($1)")
+        .bind(value.to_string())
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+    StatusCode::CREATED.into_response()
+}
+
+async fn misused(_tx: IdempotentTx) -> StatusCode {
+    StatusCode::CREATED
+}
+
+struct App {
+    db: TestDatabase,
+    runs: Arc<AtomicUsize>,
+    server: Server,
+}
+
+fn router(store: IdempotencyStore, runs: Arc<AtomicUsize>) -> Router {
+    let scope = scope_from_header(
+        HeaderName::from_static("x-account-id"),
+        Some(Scope::new("default").unwrap()),
+    );
+    let layer = IdempotencyLayer::new(store.clone(), scope.clone());
+    let custom =
+        IdempotencyLayer::new(
+            store.clone(),
+            |parts: &axum::http::request::Parts| match parts.headers.get("authorization") {
+                Some(value) => Ok(Scope::from_bytes(value.as_bytes())?),
+                None => Err(ScopeRejection::from(Problem::new(
+                    "/errors/",
+                    "unauthorized",
+                    401,
+                    "Unauthorized",
+                    "Log in first.",
+                    "unauthorized",
+                    "log_in",
+                ))),
+            },
+        )
+        .with_key_header(HeaderName::from_static("x-idem-key"))
+        .with_body_limit(16);
+    Router::new()
+        .route(
+            "/widgets/{id}",
+            post(widget).put(widget).route_layer(layer.clone()),
+        )
+        .route(
+            "/optional",
+            post(optional).route_layer(layer.clone().optional()),
+        )
+        .route("/custom", post(widget).route_layer(custom))
+        .route("/json", post(json).route_layer(layer.clone()))
+        .route("/misused", post(misused))
+        .with_state(AppState {
+            runs,
+            pool: store.pool().clone(),
+        })
+        .layer(RequestIdLayer::new())
+}
+
+impl App {
+    async fn start() -> Result<Self> {
+        let db = TestDatabase::create().await?;
+        sqlx::raw_sql("CREATE TABLE widgets (id bigserial PRIMARY KEY, note text NOT NULL)")
+            .execute(db.pool())
+            .await?;
+        let runs = Arc::new(AtomicUsize::new(0));
+        let store = IdempotencyStore::new(db.pool().clone());
+        let server = Server::start(router(store, Arc::clone(&runs))).await?;
+        Ok(Self { db, runs, server })
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Answer> {
+        let mut request = client()
+            .request(method, self.server.url(path))
+            .body(body.to_owned());
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Answer::of(request.send().await?).await
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Answer> {
+        self.send(reqwest::Method::POST, path, key, headers, body)
+            .await
+    }
+
+    async fn rows(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM widgets")
+            .fetch_one(self.db.pool())
+            .await?)
+    }
+
+    fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.server.stop().await?;
+        self.db.close().await?;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn retryable_statuses_roll_back_and_free_the_key() -> Result<()> {
+    let app = App::start().await?;
+    for status in ["500", "503", "408", "429"] {
+        let key = new_key();
+        let answer = app
+            .post("/widgets/1", Some(&key), &[("x-status", status)], "w")
+            .await?;
+        ensure!(answer.status.to_string() == status, "{answer:?}");
+        ensure!(answer.header("idempotent-replayed").is_none());
+        ensure!(is_generated_request_id(answer.request_id()?));
+        ensure!(
+            app.rows().await? == 0,
+            "{status}: the write was rolled back"
+        );
+        // The key is free: the retry runs the handler again, and this time it is kept.
+        let runs = app.runs();
+        let retry = app.post("/widgets/1", Some(&key), &[], "w").await?;
+        ensure!(retry.status == 201 && app.runs() == runs + 1, "{retry:?}");
+        ensure!(app.rows().await? == 1);
+        sqlx::query("DELETE FROM widgets")
+            .execute(app.db.pool())
+            .await?;
+    }
+    app.stop().await
+}
+
+#[tokio::test]
+async fn client_error_answers_are_stored_and_replayed() -> Result<()> {
+    let app = App::start().await?;
+    for status in [404u16, 422, 402] {
+        let key = new_key();
+        let status_text = status.to_string();
+        let first = app
+            .post("/widgets/1", Some(&key), &[("x-status", &status_text)], "w")
+            .await?;
+        ensure!(first.status == status);
+        let runs = app.runs();
+        let replay = app.post("/widgets/1", Some(&key), &[], "w").await?;
+        ensure!(
+            replay.status == status && replay.body == first.body,
+            "{replay:?}"
+        );
+        ensure!(replay.header("idempotent-replayed") == Some("true"));
+        ensure!(app.runs() == runs, "a replay does not run the handler");
+    }
+    ensure!(
+        app.rows().await? == 3,
+        "the writes were committed with their answers"
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn the_rollback_marker_frees_the_key() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let answer = app
+        .post(
+            "/widgets/1",
+            Some(&key),
+            &[("x-rollback", "1"), ("x-status", "422")],
+            "w",
+        )
+        .await?;
+    ensure!(
+        answer.status == 422 && answer.body == b"run 1",
+        "{answer:?}"
+    );
+    ensure!(answer.header("idempotent-replayed").is_none());
+    ensure!(is_generated_request_id(answer.request_id()?));
+    ensure!(app.rows().await? == 0);
+    let retry = app.post("/widgets/1", Some(&key), &[], "w").await?;
+    ensure!(retry.status == 201 && retry.body == b"run 2", "{retry:?}");
+    ensure!(app.rows().await? == 1);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn rollback_on_reject_keeps_the_key_free() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let json = [("content-type", "application/json")];
+    let rejected = app.post("/json", Some(&key), &json, "{not json").await?;
+    ensure!(rejected.status == 400, "{rejected:?}");
+    let missing_type = app.post("/json", Some(&key), &[], "{}").await?;
+    ensure!(missing_type.status == 415, "{missing_type:?}");
+    ensure!(app.rows().await? == 0 && app.runs() == 0);
+    // Another body with the same key is no conflict: nothing was stored.
+    let ok = app.post("/json", Some(&key), &json, r#"{"a":1}"#).await?;
+    ensure!(ok.status == 201, "{ok:?}");
+    let replay = app
+        .post("/json", Some(&key), &json, r#"{ "a" : 1 }"#)
+        .await?;
+    ensure!(replay.status == 201 && replay.header("idempotent-replayed") == Some("true"));
+    ensure!(app.rows().await? == 1);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_a_500_problem_and_rolls_back() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let answer = app
+        .post("/widgets/1", Some(&key), &[("x-panic", "1")], "w")
+        .await?;
+    let problem = answer.problem(500, "internal_error")?;
+    ensure!(is_generated_request_id(
+        problem["request_id"].as_str().unwrap()
+    ));
+    ensure!(app.rows().await? == 0);
+    let retry = app.post("/widgets/1", Some(&key), &[], "w").await?;
+    ensure!(retry.status == 201, "the key is not stuck: {retry:?}");
+    ensure!(app.rows().await? == 1);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn an_unstorable_response_is_a_500_problem_and_rolls_back() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let answer = app
+        .post("/widgets/1", Some(&key), &[("x-binary-header", "1")], "w")
+        .await?;
+    answer.problem(500, "internal_error")?;
+    ensure!(app.rows().await? == 0);
+    ensure!(app.post("/widgets/1", Some(&key), &[], "w").await?.status == 201);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn replays_keep_header_order_duplicates_and_bytes() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let first = app
+        .post("/widgets/1", Some(&key), &[("x-rich", "1")], "w")
+        .await?;
+    let replay = app
+        .post("/widgets/1", Some(&key), &[("x-rich", "1")], "w")
+        .await?;
+    ensure!(first.status == 201 && replay.status == 201);
+    ensure!(first.body == replay.body && first.body.len() == 256 + 5);
+    let listing = |answer: &Answer| -> Vec<(String, Vec<u8>)> {
+        answer
+            .headers
+            .iter()
+            .filter(|(n, _)| *n != "x-request-id" && *n != "idempotent-replayed")
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    };
+    ensure!(
+        listing(&first) == listing(&replay),
+        "{:?}\n{:?}",
+        listing(&first),
+        listing(&replay)
+    );
+    let cookies: Vec<_> = replay.headers.get_all("set-cookie").iter().collect();
+    ensure!(cookies == ["a=1", "b=2; Path=/"]);
+    let multi: Vec<_> = replay.headers.get_all("x-multi").iter().collect();
+    ensure!(multi == ["one", "two"]);
+    ensure!(replay.headers["x-utf8"].as_bytes() == "naïve ✓".as_bytes());
+    app.stop().await
+}
+
+#[tokio::test]
+async fn optional_keys_pass_through_without_one() -> Result<()> {
+    let app = App::start().await?;
+    let a = app.post("/optional", None, &[], "").await?;
+    let b = app.post("/optional", None, &[], "").await?;
+    ensure!(
+        a.body == b"plain run 1" && b.body == b"plain run 2",
+        "{a:?} {b:?}"
+    );
+    ensure!(is_generated_request_id(a.request_id()?));
+    ensure!(app.rows().await? == 2);
+    let key = new_key();
+    let c = app.post("/optional", Some(&key), &[], "").await?;
+    let d = app.post("/optional", Some(&key), &[], "").await?;
+    ensure!(
+        c.body == b"claimed run 3" && d.body == c.body,
+        "{c:?} {d:?}"
+    );
+    ensure!(d.header("idempotent-replayed") == Some("true"));
+    // A malformed key is still refused on an optional route.
+    app.post("/optional", Some("nope"), &[], "")
+        .await?
+        .problem(400, "idempotency_key_invalid")?;
+    ensure!(app.rows().await? == 3);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn custom_key_header_body_limit_and_scope_problem() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let auth = ("authorization", "acct_9");
+    // The key is read from X-Idem-Key only.
+    let missing = app.post("/custom", Some(&key), &[auth], "small").await?;
+    let problem = missing.problem(400, "idempotency_key_missing")?;
+    ensure!(problem["param"] == "X-Idem-Key", "{problem}");
+    ensure!(problem["detail"].as_str().unwrap().contains("X-Idem-Key"));
+    let invalid = app
+        .post("/custom", None, &[("x-idem-key", "bad"), auth], "small")
+        .await?;
+    ensure!(invalid.problem(400, "idempotency_key_invalid")?["param"] == "X-Idem-Key");
+    // The application's own problem from the scope function, with our request id.
+    let unauthorized = app
+        .post("/custom", None, &[("x-idem-key", &key)], "small")
+        .await?;
+    let problem = unauthorized.problem(401, "unauthorized")?;
+    ensure!(problem["type"] == "/errors/unauthorized");
+    let too_large = app
+        .post(
+            "/custom",
+            None,
+            &[("x-idem-key", &key), auth],
+            "seventeen bytes!!",
+        )
+        .await?;
+    let problem = too_large.problem(413, "payload_too_large")?;
+    ensure!(
+        problem["detail"].as_str().unwrap().contains("16 bytes"),
+        "{problem}"
+    );
+    ensure!(app.runs() == 0 && app.rows().await? == 0);
+    let ok = app
+        .post(
+            "/custom",
+            None,
+            &[("x-idem-key", &key), auth],
+            "sixteen bytes!!!",
+        )
+        .await?;
+    ensure!(ok.status == 201, "{ok:?}");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn the_matched_route_and_method_are_fingerprinted() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let first = app.post("/widgets/1", Some(&key), &[], "same").await?;
+    ensure!(first.status == 201);
+    // The route template /widgets/{id} is fingerprinted, not the concrete path.
+    let other_path = app.post("/widgets/2", Some(&key), &[], "same").await?;
+    ensure!(
+        other_path.body == first.body && other_path.header("idempotent-replayed") == Some("true")
+    );
+    let other_method = app
+        .send(reqwest::Method::PUT, "/widgets/1", Some(&key), &[], "same")
+        .await?;
+    other_method.problem(409, "idempotency_conflict")?;
+    let other_body = app.post("/widgets/1", Some(&key), &[], "different").await?;
+    other_body.problem(409, "idempotency_conflict")?;
+    ensure!(app.rows().await? == 1);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn request_ids_are_taken_from_sane_clients() -> Result<()> {
+    let app = App::start().await?;
+    let answer = app
+        .post("/widgets/1", None, &[("x-request-id", "trace-42")], "w")
+        .await?;
+    let problem = answer.problem(400, "idempotency_key_missing")?;
+    ensure!(problem["request_id"] == "trace-42");
+    let answer = app
+        .post("/widgets/1", None, &[("x-request-id", "<bad id>")], "w")
+        .await?;
+    let problem = answer.problem(400, "idempotency_key_missing")?;
+    ensure!(is_generated_request_id(
+        problem["request_id"].as_str().unwrap()
+    ));
+    app.stop().await
+}
+
+#[tokio::test]
+async fn the_extractor_without_a_claim_is_a_500_problem() -> Result<()> {
+    let app = App::start().await?;
+    app.post("/misused", None, &[], "")
+        .await?
+        .problem(500, "internal_error")?;
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_database_outage_is_a_503_problem() -> Result<()> {
+    let db = TestDatabase::create().await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect(db.url())
+        .await?;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let server = Server::start(router(
+        IdempotencyStore::new(pool.clone()),
+        Arc::clone(&runs),
+    ))
+    .await?;
+    pool.close().await;
+    let answer = Answer::of(
+        client()
+            .post(server.url("/widgets/1"))
+            .header("Idempotency-Key", new_key())
+            .body("w")
+            .send()
+            .await?,
+    )
+    .await?;
+    answer.problem(503, "service_unavailable")?;
+    ensure!(answer.header("retry-after") == Some("1"));
+    ensure!(runs.load(Ordering::SeqCst) == 0);
+    server.stop().await?;
+    db.close().await?;
+    Ok(())
+}
