@@ -681,3 +681,42 @@ async fn our_migrations_and_the_applications_coexist_in_either_order() -> Result
     claim.complete(&StoredResponse::new(200, "")).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_key_stored_behind_the_claims_back_rolls_the_claim_back() -> Result<()> {
+    // Two requests that did not share the advisory lock (e.g. on Citus with locks on
+    // different nodes): the unique row still lets only one of them commit.
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
+        bail!("claim")
+    };
+    sqlx::query("INSERT INTO payments (account, amount) VALUES ('acct_1', 1)")
+        .execute(&mut claim)
+        .await?;
+    sqlx::query(
+        "INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, headers, body, expires_at)
+         VALUES ($1, $2, 1, decode(repeat('00', 32), 'hex'), 201, '[]', 'winner', now() + interval '1 hour')",
+    )
+    .bind(scope.as_str())
+    .bind(key.as_str())
+    .execute(&pool)
+    .await?;
+    let err = claim
+        .complete(&StoredResponse::new(201, "loser"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InFlight { .. }), "{err:?}");
+    assert_eq!(
+        payments(&pool).await?,
+        0,
+        "the loser's business write is rolled back"
+    );
+    let body: Vec<u8> = sqlx::query_scalar("SELECT body FROM idempotency_keys")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(body, b"winner");
+    assert_no_idle_transactions(&pool).await
+}
