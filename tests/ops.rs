@@ -7,7 +7,9 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use pg_idempotency::{
     Begin, Error, IdempotencyKey, IdempotencyStore, Request, Scope, StoredResponse,
 };
-use sqlx::PgPool;
+
+mod common;
+use common::{expire, expire_all};
 
 async fn store_one(
     store: &IdempotencyStore,
@@ -37,13 +39,6 @@ async fn store_many(store: &IdempotencyStore, scope: &Scope, n: usize) -> Result
 
 fn new_key() -> IdempotencyKey {
     IdempotencyKey::from_uuid(uuid::Uuid::new_v4()).expect("v4")
-}
-
-async fn expire_all(pool: &PgPool) -> Result<()> {
-    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day'")
-        .execute(pool)
-        .await?;
-    Ok(())
 }
 
 async fn cli(database: &pg_idempotency::testing::TestDatabase, args: &[&str]) -> Result<Output> {
@@ -171,9 +166,7 @@ async fn the_sql_sweep_function_deletes_one_bounded_batch() -> Result<()> {
     let store = IdempotencyStore::new(pool.clone());
     let scope = Scope::new("s")?;
     store_many(&store, &scope, 6).await?;
-    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day' WHERE key IN (SELECT key FROM idempotency_keys LIMIT 5)")
-        .execute(&pool)
-        .await?;
+    expire(&pool, 5).await?;
     // What pg_cron would run: SELECT cron.schedule('* * * * *', 'SELECT idempotency_sweep(1000)')
     let first: i64 = sqlx::query_scalar("SELECT idempotency_sweep(3)")
         .fetch_one(&pool)
