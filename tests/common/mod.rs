@@ -86,6 +86,11 @@ impl Rng {
                     .unwrap_or(1)
             });
         eprintln!("{name}: TEST_SEED={seed}");
+        Self::seeded(seed)
+    }
+
+    /// From a given seed.
+    pub fn seeded(seed: u64) -> Self {
         Self(seed.max(1))
     }
 
