@@ -20,6 +20,9 @@ use crate::response::StoredResponse;
 use crate::scope::Scope;
 use crate::sql;
 
+/// SQLSTATE raised by `idempotency_store` when a live row already holds the key.
+const KEY_TAKEN: &str = "PI001";
+
 /// How long a rollback started from `Drop` may take before the connection is closed.
 const DROP_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -99,7 +102,10 @@ impl Claim {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidStatus`] (the transaction is rolled back) or [`Error::Database`].
+    /// [`Error::InvalidStatus`] (the transaction is rolled back); [`Error::InFlight`] if
+    /// another request stored a response for this key first without waiting for this
+    /// claim (possible only when the advisory lock is not shared, see
+    /// `docs/OPERATIONS.md`; rolled back, a retry replays); or [`Error::Database`].
     /// After a database error the outcome may be unknown (the connection broke around
     /// `COMMIT`): retrying the request with the same key is always safe and answers with
     /// either the stored response or a fresh run.
@@ -137,7 +143,20 @@ impl Claim {
                 body: &response.body,
                 ttl_ms,
             });
-            self.tx.finish(statement).await?;
+            match self.tx.finish(statement).await {
+                Ok(()) => {}
+                // `idempotency_store` met a live row: another request with this key
+                // committed first without sharing our lock (see docs/OPERATIONS.md).
+                // Our transaction is rolled back; a retry replays the winner's response.
+                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(KEY_TAKEN) => {
+                    return Err(Error::InFlight {
+                        scope: self.scope.clone(),
+                        key: self.key.clone(),
+                        retry_after: self.config.retry_after(),
+                    });
+                }
+                Err(error) => return Err(error.into()),
+            }
             tracing::Span::current().record("stored", true);
             metrics::time(metrics::COMPLETE_SECONDS, started.elapsed());
             metrics::size(metrics::RESPONSE_BYTES, response.body.len());

@@ -7,7 +7,9 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use pg_idempotency::{
     Begin, Error, IdempotencyKey, IdempotencyStore, Request, Scope, StoredResponse,
 };
-use sqlx::PgPool;
+
+mod common;
+use common::{expire, expire_all};
 
 async fn store_one(
     store: &IdempotencyStore,
@@ -27,11 +29,16 @@ async fn store_one(
     Ok(())
 }
 
-async fn expire_all(pool: &PgPool) -> Result<()> {
-    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day'")
-        .execute(pool)
-        .await?;
+/// Stores `n` responses under fresh keys.
+async fn store_many(store: &IdempotencyStore, scope: &Scope, n: usize) -> Result<()> {
+    for _ in 0..n {
+        store_one(store, scope, &new_key(), b"{}").await?;
+    }
     Ok(())
+}
+
+fn new_key() -> IdempotencyKey {
+    IdempotencyKey::from_uuid(uuid::Uuid::new_v4()).expect("v4")
 }
 
 async fn cli(database: &pg_idempotency::testing::TestDatabase, args: &[&str]) -> Result<Output> {
@@ -53,7 +60,7 @@ async fn the_command_line_tool_migrates_inspects_forgets_and_sweeps() -> Result<
     let database = pg_idempotency::testing::TestDatabase::create().await?;
     let store = IdempotencyStore::new(database.pool().clone());
     let scope = Scope::new("acct 7")?;
-    let key = IdempotencyKey::from_uuid(uuid::Uuid::new_v4())?;
+    let key = new_key();
     let (scope_arg, key_arg) = (scope.as_str(), key.as_str());
 
     assert_eq!(cli(&database, &["migrate"]).await?.status.code(), Some(0));
@@ -133,15 +140,7 @@ async fn the_command_line_tool_migrates_inspects_forgets_and_sweeps() -> Result<
         "a scope with control characters is a usage error"
     );
 
-    for _ in 0..5 {
-        store_one(
-            &store,
-            &scope,
-            &IdempotencyKey::from_uuid(uuid::Uuid::new_v4())?,
-            b"{}",
-        )
-        .await?;
-    }
+    store_many(&store, &scope, 5).await?;
     expire_all(database.pool()).await?;
     let swept = cli(&database, &["sweep", "--batch", "2", "--pause", "1ms"]).await?;
     assert_eq!(swept.status.code(), Some(0));
@@ -166,25 +165,8 @@ async fn the_sql_sweep_function_deletes_one_bounded_batch() -> Result<()> {
     let pool = pg_idempotency::testing::fresh_pool().await?;
     let store = IdempotencyStore::new(pool.clone());
     let scope = Scope::new("s")?;
-    for _ in 0..5 {
-        store_one(
-            &store,
-            &scope,
-            &IdempotencyKey::from_uuid(uuid::Uuid::new_v4())?,
-            b"{}",
-        )
-        .await?;
-    }
-    store_one(
-        &store,
-        &scope,
-        &IdempotencyKey::from_uuid(uuid::Uuid::new_v4())?,
-        b"{}",
-    )
-    .await?;
-    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day' WHERE key IN (SELECT key FROM idempotency_keys LIMIT 5)")
-        .execute(&pool)
-        .await?;
+    store_many(&store, &scope, 6).await?;
+    expire(&pool, 5).await?;
     // What pg_cron would run: SELECT cron.schedule('* * * * *', 'SELECT idempotency_sweep(1000)')
     let first: i64 = sqlx::query_scalar("SELECT idempotency_sweep(3)")
         .fetch_one(&pool)
@@ -221,10 +203,7 @@ fn counters_and_histograms_move() -> Result<()> {
     with_recorder(&recorder, async {
         let pool = pg_idempotency::testing::fresh_pool().await?;
         let store = IdempotencyStore::new(pool.clone());
-        let (scope, key) = (
-            Scope::new("m")?,
-            IdempotencyKey::from_uuid(uuid::Uuid::new_v4())?,
-        );
+        let (scope, key) = (Scope::new("m")?, new_key());
         store_one(&store, &scope, &key, b"{}").await?; // claim
         let Begin::Replay(_) = store
             .begin(&scope, &key, &Request::new("POST", "/x", b"{}"))
@@ -238,7 +217,7 @@ fn counters_and_histograms_move() -> Result<()> {
         else {
             bail!("conflict")
         };
-        let other = IdempotencyKey::from_uuid(uuid::Uuid::new_v4())?;
+        let other = new_key();
         let Begin::Claimed(claim) = store
             .begin(&scope, &other, &Request::new("POST", "/x", b""))
             .await?
