@@ -459,6 +459,20 @@ async fn custom_key_header_body_limit_and_scope_problem() -> Result<()> {
         )
         .await?;
     ensure!(ok.status == 201, "{ok:?}");
+    let conflict = app
+        .post(
+            "/custom",
+            None,
+            &[("x-idem-key", &key), auth],
+            "another body",
+        )
+        .await?;
+    let problem = conflict.problem(409, "idempotency_conflict")?;
+    let detail = problem["detail"].as_str().unwrap();
+    ensure!(
+        detail.starts_with(&format!("X-Idem-Key '{key}'")),
+        "{detail}"
+    );
     app.stop().await
 }
 

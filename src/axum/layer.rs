@@ -383,7 +383,7 @@ impl Flow<'_> {
             }
             Err(error) => {
                 return match error.problem(type_base) {
-                    Some(problem) => {
+                    Some(mut problem) => {
                         record(
                             "outcome",
                             if matches!(error, Error::Conflict { .. }) {
@@ -392,6 +392,12 @@ impl Flow<'_> {
                                 "in_flight"
                             },
                         );
+                        // The store's messages name the default header.
+                        if settings.key_header_display != IDEMPOTENCY_KEY_HEADER {
+                            problem.detail = problem
+                                .detail
+                                .replace(IDEMPOTENCY_KEY_HEADER, &settings.key_header_display);
+                        }
                         self.problem(problem)
                     }
                     None => self.server_error(&error),
