@@ -281,4 +281,15 @@ mod tests {
         let id = RequestId::of_request(&mut request, &REQUEST_ID_HEADER);
         assert!(id.as_str().starts_with("req_"));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics_and_accepts_only_sane_ids(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            if let Some(id) = RequestId::parse(&raw) {
+                proptest::prop_assert_eq!(id.as_str().as_bytes(), &raw[..]);
+                proptest::prop_assert!(raw.len() <= RequestId::MAX_LEN);
+                proptest::prop_assert!(HeaderValue::from_str(id.as_str()).is_ok());
+            }
+        }
+    }
 }

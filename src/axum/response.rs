@@ -188,4 +188,22 @@ mod tests {
         let at = chrono::DateTime::parse_from_rfc3339("1994-11-06T08:49:37Z").unwrap();
         assert_eq!(http_date(at.into()), "Sun, 06 Nov 1994 08:49:37 GMT");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_stored_rows_never_panic(
+            status in proptest::prelude::any::<u16>(),
+            headers in proptest::collection::vec((".{0,20}", ".{0,40}"), 0..8),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let stored = StoredResponse { status, headers, body };
+            if let Ok(response) = from_stored(&stored, true) {
+                proptest::prop_assert_eq!(response.status().as_u16(), status);
+                let parts = response.into_parts().0;
+                // What was sent can be stored again.
+                let again = to_stored(&parts, &stored.body, &crate::axum::request_id::REQUEST_ID_HEADER);
+                proptest::prop_assert!(again.is_ok());
+            }
+        }
+    }
 }
