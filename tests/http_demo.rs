@@ -703,6 +703,15 @@ async fn hostile_requests_never_break_the_server() -> Result<()> {
             ensure!(answer.status < 500, "{answer:?}");
         }
     }
+    // Deeply nested JSON, up to the limit: parsed and fingerprinted without recursion
+    // trouble, and refused as an invalid payment.
+    for body in [
+        "[".repeat(app::BODY_LIMIT),
+        "{\"a\":".repeat(app::BODY_LIMIT / 5),
+    ] {
+        let answer = demo.post(Some(&new_key()), None, &body).await?;
+        answer.problem(400, "invalid_request")?;
+    }
     // A client that sends half a body and goes away.
     {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
