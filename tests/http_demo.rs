@@ -946,3 +946,309 @@ async fn binary_refuses_bad_flags() -> Result<()> {
     }
     Ok(())
 }
+
+// ---- hostile input, as a table -------------------------------------------------------
+
+/// One hostile request: which header or body is off, and the answer it must get.
+struct Hostile {
+    case: &'static str,
+    /// `None`: a fresh valid key.
+    key: Option<Vec<u8>>,
+    account: Option<Vec<u8>>,
+    body: Vec<u8>,
+    status: u16,
+    /// The problem `code`; `None` where the HTTP parser itself refuses the request
+    /// (a plain 400 before any application code runs).
+    code: Option<&'static str>,
+}
+
+fn hostile_cases() -> Vec<Hostile> {
+    let ok = EUR_1000.as_bytes().to_vec();
+    let key = |case, key: &[u8], status, code| Hostile {
+        case,
+        key: Some(key.to_vec()),
+        account: None,
+        body: ok.clone(),
+        status,
+        code,
+    };
+    let account = |case, account: Vec<u8>, status, code| Hostile {
+        case,
+        key: None,
+        account: Some(account),
+        body: ok.clone(),
+        status,
+        code,
+    };
+    let body = |case, body: Vec<u8>, status, code| Hostile {
+        case,
+        key: None,
+        account: None,
+        body,
+        status,
+        code,
+    };
+    let invalid_key = Some("idempotency_key_invalid");
+    let invalid = Some("invalid_request");
+    vec![
+        key("key empty", b"", 400, invalid_key),
+        key("key blank", b"   ", 400, invalid_key),
+        key("key 10 KB", &[b'a'; 10_240], 400, invalid_key),
+        key(
+            "key non-ASCII",
+            "ключ-9f1c1f0e-8d2a-4f55".as_bytes(),
+            400,
+            invalid_key,
+        ),
+        key(
+            "key with NUL",
+            b"6f1c1f0e-8d2a-4f55-9a3e-1b2c3d4e5f6\0",
+            400,
+            None,
+        ),
+        key(
+            "key with a control byte",
+            b"6f1c1f0e-8d2a-4f55-9a3e-\x01b2c3d4e5f6",
+            400,
+            None,
+        ),
+        key(
+            "key UUID v1",
+            b"c232ab00-9414-11ec-b3c8-9f6bdeced846",
+            400,
+            invalid_key,
+        ),
+        key(
+            "key UUID v3",
+            b"5df41881-3aed-3515-88a7-2f4a814cf09e",
+            400,
+            invalid_key,
+        ),
+        key(
+            "key UUID v5",
+            b"2ed6657d-e927-568b-95e1-2665a8aea6a2",
+            400,
+            invalid_key,
+        ),
+        key(
+            "key UUID v7",
+            b"017f22e2-79b0-7cc3-98c4-dc0c0c07398f",
+            400,
+            invalid_key,
+        ),
+        key(
+            "key nil UUID",
+            b"00000000-0000-0000-0000-000000000000",
+            400,
+            invalid_key,
+        ),
+        key(
+            "key braced",
+            b"{6f1c1f0e-8d2a-4f55-9a3e-1b2c3d4e5f60}",
+            400,
+            invalid_key,
+        ),
+        key(
+            "key URN",
+            b"urn:uuid:6f1c1f0e-8d2a-4f55-9a3e-1b2c3d4e5f60",
+            400,
+            invalid_key,
+        ),
+        account("account with NUL", b"acct\0x".to_vec(), 400, None),
+        account(
+            "account 10 KB",
+            vec![b'a'; 10_240],
+            400,
+            Some("idempotency_scope_invalid"),
+        ),
+        body("body empty", Vec::new(), 400, invalid),
+        body(
+            "body 1 MiB + 1",
+            vec![b' '; 1024 * 1024 + 1],
+            413,
+            Some("payload_too_large"),
+        ),
+        body(
+            "body invalid UTF-8",
+            b"{\"amount\":1000,\"currency\":\"\xff\xfe\"}".to_vec(),
+            400,
+            invalid,
+        ),
+        body(
+            "body nested 100,000 deep",
+            [&b"["[..]; 100_000].concat(),
+            400,
+            invalid,
+        ),
+        body(
+            "amount beyond i64",
+            br#"{"amount":99999999999999999999,"currency":"EUR"}"#.to_vec(),
+            400,
+            invalid,
+        ),
+        body(
+            "amount beyond f64",
+            br#"{"amount":1e400,"currency":"EUR"}"#.to_vec(),
+            400,
+            invalid,
+        ),
+        body(
+            "duplicate keys",
+            br#"{"amount":1000,"amount":2000,"currency":"EUR"}"#.to_vec(),
+            400,
+            invalid,
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn hostile_inputs_get_their_status_and_change_nothing() -> Result<()> {
+    let demo = Demo::start().await?;
+    let mut failures = Vec::new();
+    for case in hostile_cases() {
+        let fresh = new_key();
+        let key = case
+            .key
+            .clone()
+            .unwrap_or_else(|| fresh.clone().into_bytes());
+        let mut headers: Vec<Vec<u8>> = vec![[&b"Idempotency-Key: "[..], &key].concat()];
+        headers.push(b"Content-Type: application/json".to_vec());
+        if let Some(account) = &case.account {
+            headers.push([&b"X-Account-Id: "[..], account].concat());
+        }
+        let headers: Vec<&[u8]> = headers.iter().map(Vec::as_slice).collect();
+        let answer =
+            parse_raw(&raw(demo.server.addr, &raw_post(PAY, &headers, &case.body)).await?)?;
+        let code = serde_json::from_slice::<Value>(&answer.body)
+            .ok()
+            .and_then(|json| json["code"].as_str().map(str::to_owned));
+        if answer.status != case.status || code.as_deref() != case.code {
+            failures.push(format!(
+                "{}: expected {} {:?}, got {} {:?}",
+                case.case, case.status, case.code, answer.status, code
+            ));
+        }
+        ensure!(
+            demo.rows().await? == 0,
+            "{}: a business row was created",
+            case.case
+        );
+        if case.key.is_none() {
+            // The key was valid: it must still be free for a valid request.
+            let retry = demo.post(Some(&fresh), None, EUR_1000).await?;
+            ensure!(
+                retry.status == 201,
+                "{}: the key was consumed: {retry:?}",
+                case.case
+            );
+            sqlx::query("DELETE FROM payments")
+                .execute(&demo.pool)
+                .await?;
+        }
+    }
+    ensure!(failures.is_empty(), "{}", failures.join("\n"));
+    // Upper case is the same UUID v4, accepted and normalised.
+    let key = new_key();
+    ensure!(
+        demo.post(Some(&key.to_uppercase()), None, EUR_1000)
+            .await?
+            .status
+            == 201
+    );
+    let replay = demo.post(Some(&key), None, EUR_1000).await?;
+    ensure!(
+        replay.header("idempotent-replayed") == Some("true"),
+        "{replay:?}"
+    );
+    ensure!(demo.rows().await? == 1);
+    demo.stop().await
+}
+
+#[tokio::test]
+async fn binary_killed_mid_request_then_restarted_makes_one_payment() -> Result<()> {
+    let db = TestDatabase::create().await?;
+    let (mut child, port, _stdout) =
+        spawn_payments(&["--port", "0", "--database-url", db.url()]).await?;
+    let key = new_key();
+    let slow = r#"{"amount":1000,"currency":"EUR","delay_ms":3000}"#;
+    let url = format!("http://127.0.0.1:{port}{PAY}");
+    let in_flight = tokio::spawn({
+        let (url, key) = (url.clone(), key.clone());
+        async move {
+            client()
+                .post(url)
+                .header("Idempotency-Key", key)
+                .body(slow)
+                .send()
+                .await
+        }
+    });
+    // Wait until the payment is inside its transaction, then SIGKILL the service.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_one(db.pool())
+        .await?;
+        if busy > 0 {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the slow payment never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = stop_with(&mut child, "-KILL").await?;
+    ensure!(!status.success());
+    ensure!(
+        in_flight.await?.is_err(),
+        "the killed request got an answer"
+    );
+
+    // Started again on the same database, the retry runs fresh (the killed transaction
+    // rolled back with its connection) and pays exactly once; the next retry replays.
+    let (mut child, port, _stdout) =
+        spawn_payments(&["--port", "0", "--database-url", db.url()]).await?;
+    let url = format!("http://127.0.0.1:{port}{PAY}");
+    let mut first = None;
+    for _ in 0..100 {
+        let answer = Answer::of(
+            client()
+                .post(&url)
+                .header("Idempotency-Key", &key)
+                .body(slow)
+                .send()
+                .await?,
+        )
+        .await?;
+        match answer.status {
+            201 => {
+                first = Some(answer);
+                break;
+            }
+            // The dead connection's transaction may still hold the key for a moment.
+            409 => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => anyhow::bail!("unexpected {other}: {answer:?}"),
+        }
+    }
+    let first = first.context("the retry never succeeded")?;
+    let again = Answer::of(
+        client()
+            .post(&url)
+            .header("Idempotency-Key", &key)
+            .body(slow)
+            .send()
+            .await?,
+    )
+    .await?;
+    ensure!(again.header("idempotent-replayed") == Some("true") && again.body == first.body);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+        .fetch_one(db.pool())
+        .await?;
+    ensure!(rows == 1, "{rows} payments");
+    stop_with(&mut child, "-TERM").await?;
+    db.close().await?;
+    Ok(())
+}

@@ -15,6 +15,7 @@ use pg_idempotency::axum::{
     IdempotencyLayer, IdempotentTx, RequestId, RequestIdLayer, Rollback, scope_from_header,
 };
 use pg_idempotency::{IdempotencyStore, Problem, Scope};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sqlx::PgPool;
@@ -114,6 +115,12 @@ fn parse_payment(body: &[u8]) -> Result<NewPayment, Invalid> {
     let Value::Object(fields) = value else {
         return Err((None, "The body must be a JSON object.".to_owned()));
     };
+    if let Some(twice) = duplicate_field(body) {
+        return Err((
+            Some(twice),
+            "This field appears more than once: send each field once.".to_owned(),
+        ));
+    }
     let amount = match fields.get("amount") {
         None => return Err((Some("amount".to_owned()), "amount is required.".to_owned())),
         Some(v) => v
@@ -163,6 +170,38 @@ fn parse_payment(body: &[u8]) -> Result<NewPayment, Invalid> {
         currency,
         delay: Duration::from_millis(delay_ms),
     })
+}
+
+/// The first top-level field that appears twice. `serde_json::Value` keeps only the last
+/// one, and another parser might keep the first: a payment must not be ambiguous.
+fn duplicate_field(body: &[u8]) -> Option<String> {
+    /// The object's members in order, duplicates included.
+    struct Members(Vec<String>);
+    impl<'de> Deserialize<'de> for Members {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Names;
+            impl<'de> Visitor<'de> for Names {
+                type Value = Members;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                    let mut names = Vec::new();
+                    while let Some((name, IgnoredAny)) = map.next_entry::<String, IgnoredAny>()? {
+                        names.push(name);
+                    }
+                    Ok(Members(names))
+                }
+            }
+            deserializer.deserialize_map(Names)
+        }
+    }
+    let Members(names) = serde_json::from_slice(body).ok()?;
+    let mut seen = std::collections::HashSet::new();
+    names
+        .into_iter()
+        .find(|name| !seen.insert(name.clone()))
+        .map(|name| name.chars().take(64).collect())
 }
 
 /// The first field that is not one of ours (its name cut to 64 characters).
