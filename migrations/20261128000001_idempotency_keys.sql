@@ -67,11 +67,17 @@ BEGIN
         END;
     END IF;
     -- A fresh snapshot (VOLATILE): sees the row of a holder that committed while we waited.
+    -- COLLATE "default": a parameter takes the collation of its argument, and an
+    -- argument built with convert_from() (as the Rust client sends it) is COLLATE "C";
+    -- compared under "C", the primary key (default collation) cannot be used and the
+    -- lookup scans every unexpired row.
     RETURN QUERY
         SELECT 'done', k.fingerprint_version, k.fingerprint, k.status, k.headers, k.body,
                k.created_at
         FROM idempotency_keys AS k
-        WHERE k.scope = p_scope AND k.key = p_key AND k.expires_at > now();
+        WHERE k.scope = p_scope COLLATE "default"
+          AND k.key = p_key COLLATE "default"
+          AND k.expires_at > now();
     IF NOT FOUND THEN
         RETURN QUERY SELECT 'claimed', NULL::smallint, NULL::bytea, NULL::smallint,
                             NULL::jsonb, NULL::bytea, NULL::timestamptz;
