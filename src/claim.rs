@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_core::future::BoxFuture;
 use futures_core::stream::BoxStream;
@@ -15,9 +15,13 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
+use crate::metrics;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 use crate::sql;
+
+/// SQLSTATE raised by `idempotency_store` when a live row already holds the key.
+const KEY_TAKEN: &str = "PI001";
 
 /// How long a rollback started from `Drop` may take before the connection is closed.
 const DROP_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -98,7 +102,10 @@ impl Claim {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidStatus`] (the transaction is rolled back) or [`Error::Database`].
+    /// [`Error::InvalidStatus`] (the transaction is rolled back); [`Error::InFlight`] if
+    /// another request stored a response for this key first without waiting for this
+    /// claim (possible only when the advisory lock is not shared, see
+    /// `docs/OPERATIONS.md`; rolled back, a retry replays); or [`Error::Database`].
     /// After a database error the outcome may be unknown (the connection broke around
     /// `COMMIT`): retrying the request with the same key is always safe and answers with
     /// either the stored response or a fresh run.
@@ -111,6 +118,7 @@ impl Claim {
             body_bytes = response.body.len(),
             stored = tracing::field::Empty,
         );
+        let started = Instant::now();
         async move {
             if !(100..=599).contains(&response.status) {
                 self.tx.rollback().await?;
@@ -119,6 +127,8 @@ impl Claim {
             if !self.config.store_policy().stores(response.status) {
                 self.tx.rollback().await?;
                 tracing::Span::current().record("stored", false);
+                metrics::count(metrics::POLICY_ROLLBACKS, 1);
+                metrics::time(metrics::COMPLETE_SECONDS, started.elapsed());
                 return Ok(Completion::RolledBack);
             }
             let headers_json = serde_json::to_string(&response.headers)
@@ -133,8 +143,23 @@ impl Claim {
                 body: &response.body,
                 ttl_ms,
             });
-            self.tx.finish(statement).await?;
+            match self.tx.finish(statement).await {
+                Ok(()) => {}
+                // `idempotency_store` met a live row: another request with this key
+                // committed first without sharing our lock (see docs/OPERATIONS.md).
+                // Our transaction is rolled back; a retry replays the winner's response.
+                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(KEY_TAKEN) => {
+                    return Err(Error::InFlight {
+                        scope: self.scope.clone(),
+                        key: self.key.clone(),
+                        retry_after: self.config.retry_after(),
+                    });
+                }
+                Err(error) => return Err(error.into()),
+            }
             tracing::Span::current().record("stored", true);
+            metrics::time(metrics::COMPLETE_SECONDS, started.elapsed());
+            metrics::size(metrics::RESPONSE_BYTES, response.body.len());
             Ok(Completion::Stored)
         }
         .instrument(span)

@@ -70,11 +70,18 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+/// The README's code blocks, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
+pub mod admin;
 mod claim;
 mod config;
 mod error;
 mod fingerprint;
 mod key;
+pub mod metrics;
 mod problem;
 mod response;
 mod scope;

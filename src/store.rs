@@ -1,6 +1,7 @@
 //! The store: claim a key, replay its response, or refuse a conflicting request.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
@@ -14,6 +15,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::fingerprint::{Fingerprint, Request};
 use crate::key::{IdempotencyKey, KeyError};
+use crate::metrics;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 use crate::sql;
@@ -145,14 +147,19 @@ impl IdempotencyStore {
             outcome = tracing::field::Empty,
         );
         async move {
+            let started = Instant::now();
             let begun = self.claim(scope, key, request).await;
-            let outcome = match &begun {
-                Ok(Begin::Claimed(_)) => "claimed",
-                Ok(Begin::Replay(_)) => "replayed",
-                Err(Error::Conflict { .. }) => "conflict",
-                Err(Error::InFlight { .. }) => "in_flight",
-                Err(_) => "error",
+            metrics::time(metrics::CLAIM_SECONDS, started.elapsed());
+            let (outcome, counter) = match &begun {
+                Ok(Begin::Claimed(_)) => ("claimed", Some(metrics::CLAIMS)),
+                Ok(Begin::Replay(_)) => ("replayed", Some(metrics::REPLAYS)),
+                Err(Error::Conflict { .. }) => ("conflict", Some(metrics::CONFLICTS)),
+                Err(Error::InFlight { .. }) => ("in_flight", Some(metrics::IN_FLIGHT)),
+                Err(_) => ("error", None),
             };
+            if let Some(counter) = counter {
+                metrics::count(counter, 1);
+            }
             tracing::Span::current().record("outcome", outcome);
             begun
         }

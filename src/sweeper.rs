@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
+use crate::metrics;
 use tracing::Instrument;
 
 /// Deletes one batch of at most `batch_size` expired rows (by the database clock) and
@@ -29,7 +30,9 @@ pub async fn delete_expired<'e>(
     let deleted = sqlx::query_scalar!(r#"SELECT idempotency_sweep($1) AS "deleted!""#, batch)
         .fetch_one(executor)
         .await?;
-    Ok(u64::try_from(deleted).unwrap_or(0))
+    let deleted = u64::try_from(deleted).unwrap_or(0);
+    metrics::count(metrics::SWEPT_ROWS, deleted);
+    Ok(deleted)
 }
 
 /// How a sweep runs.

@@ -1,27 +1,801 @@
-//! STUB (replaced by the real module): DATABASE_URL only.
-#![allow(missing_docs)]
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum TestServerError {
-    #[error("no DATABASE_URL")]
-    NoPostgres,
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-    #[error(transparent)]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+//! A real PostgreSQL server for tests, examples and benchmarks (cargo feature `testing`).
+//!
+//! [`TestServer::shared`] finds or starts one server per process, in this order:
+//!
+//! 1. **`DATABASE_URL`**, when set: that server is used as it is, and fresh databases are
+//!    created on it (the user in the URL needs `CREATEDB`).
+//! 2. **Docker**, when a daemon answers at `DOCKER_HOST` (or the default socket) within about
+//!    1.5 s: a `postgres:17-alpine` container through testcontainers, kept for the life of the
+//!    process and removed after it by a small watchdog process (which uses the `docker` CLI).
+//!    `PG_TEST_DOCKER=0` skips this step; `PG_TEST_IMAGE_TAG` picks another tag.
+//! 3. **Local binaries**: a throwaway cluster made with `initdb` in a fresh temporary directory,
+//!    listening on 127.0.0.1 only, on a free port, with its unix socket in that directory and
+//!    trust authentication for the user `postgres`. The binaries are taken from `PG_BIN` if set
+//!    (and then only from there), else `pg_config --bindir`, else the highest version under
+//!    `/usr/lib/postgresql/*/bin`, `/usr/pgsql-*/bin`, `/opt/homebrew/opt/postgresql@*/bin`,
+//!    `/usr/local/opt/postgresql@*/bin` or `/usr/local/pgsql/bin` (`PG_SEARCH_DIRS`, a
+//!    `:`-separated list, replaces that list), else `initdb` on `PATH`. As root, the server
+//!    runs as `PG_TEST_USER` or `nobody`, because PostgreSQL refuses to run as root. A watchdog
+//!    process stops the server and removes the directory when the test process ends, however
+//!    it ends.
+//! 4. Otherwise [`TestServerError::NoPostgres`], which says how to get PostgreSQL and where it
+//!    looked.
+//!
+//! On that server, [`TestDatabase::create`] (or [`fresh_pool`]) makes a fresh, uniquely named
+//! database with this crate's migrations applied, so tests never see each other's rows.
+//! Tests that stop and restart the server own a [`LocalCluster`] of their own.
+//!
+//! Nothing in the process-wide state is bound to a tokio runtime, so every `#[tokio::test]`,
+//! each with its own runtime, may use it at once.
+//!
+//! # Example
+//!
+//! In a crate that has `pg-idempotency = { version = "...", features = ["testing"] }` among
+//! its dev-dependencies:
+//!
+//! ```no_run
+//! use pg_idempotency::testing::{TestDatabase, fresh_pool};
+//!
+//! #[tokio::test]
+//! async fn stores_a_key() -> Result<(), Box<dyn std::error::Error>> {
+//!     let pool = fresh_pool().await?;
+//!     let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&pool).await?;
+//!     assert_eq!(one, 1);
+//!     Ok(())
+//! }
+//!
+//! #[tokio::test]
+//! async fn cleans_up_after_itself() -> Result<(), Box<dyn std::error::Error>> {
+//!     let db = TestDatabase::create().await?;
+//!     sqlx::query("SELECT count(*) FROM idempotency_keys").execute(db.pool()).await?;
+//!     db.close().await?; // drops the database, also on a DATABASE_URL server
+//!     Ok(())
+//! }
+//! # fn main() {}
+//! ```
+
+use std::io;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
+
+mod docker;
+mod local;
+
+pub use local::{LocalCluster, LocalClusterOptions};
+
+/// Reads a setting; the real one is [`process_env`], tests pass their own.
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment, with empty values treated as unset.
+fn process_env(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.is_empty())
 }
-pub async fn fresh_pool() -> Result<sqlx::PgPool, TestServerError> {
-    let url = std::env::var("DATABASE_URL").map_err(|_| TestServerError::NoPostgres)?;
-    let admin = sqlx::PgPool::connect(&url).await?;
-    let name = format!("pg_idempotency_test_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await?;
-    let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&url);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(80)
-        .connect(&format!("{base}/{name}"))
-        .await?;
-    crate::MIGRATOR.run(&pool).await?;
-    Ok(pool)
+
+/// How long connecting to the server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connections in the pool of a [`TestDatabase`], at most. They are opened on demand, so this
+/// only bounds tests that hammer one database concurrently; a throwaway server allows 200.
+const POOL_MAX_CONNECTIONS: u32 = 80;
+
+/// Where the server came from.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerSource {
+    /// The server named by the `DATABASE_URL` environment variable.
+    DatabaseUrl,
+    /// A postgres container started through testcontainers.
+    Testcontainers,
+    /// A throwaway cluster made from the PostgreSQL binaries installed on this machine.
+    LocalCluster,
+}
+
+/// What keeps a server alive for as long as the [`TestServer`] exists.
+#[derive(Debug)]
+enum Keep {
+    /// Somebody else's server.
+    Nothing,
+    /// Read only through `Debug`; held for its drop and its watchdog.
+    Cluster(#[allow(dead_code)] LocalCluster),
+    /// Read only through `Debug`; held for its watchdog.
+    Container(#[allow(dead_code)] docker::Container),
+}
+
+/// A PostgreSQL server reachable by URL.
+pub struct TestServer {
+    url: String,
+    source: ServerSource,
+    keep: Keep,
+}
+
+impl std::fmt::Debug for TestServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestServer")
+            .field("url", &redact(&self.url))
+            .field("source", &self.source)
+            .field("keep", &self.keep)
+            .finish()
+    }
+}
+
+/// The outcome of the one attempt per process to find or start the shared server.
+static SHARED: OnceLock<Result<TestServer, CachedFailure>> = OnceLock::new();
+
+/// A failed attempt, kept so later callers fail at once, in the same terms.
+#[derive(Debug)]
+enum CachedFailure {
+    NoPostgres { looked_at: String },
+    Other { message: String },
+}
+
+impl CachedFailure {
+    fn of(error: &TestServerError) -> Self {
+        match error {
+            TestServerError::NoPostgres { looked_at } => CachedFailure::NoPostgres {
+                looked_at: looked_at.clone(),
+            },
+            other => CachedFailure::Other {
+                message: other.to_string(),
+            },
+        }
+    }
+
+    fn replay(&self) -> TestServerError {
+        match self {
+            CachedFailure::NoPostgres { looked_at } => TestServerError::NoPostgres {
+                looked_at: looked_at.clone(),
+            },
+            CachedFailure::Other { message } => TestServerError::EarlierFailure {
+                message: message.clone(),
+            },
+        }
+    }
+}
+
+impl TestServer {
+    /// The process-wide shared server: found or started by the first call, in the order
+    /// described in the [module documentation](self), and reused by every later call. A
+    /// started server lives until the process ends and is removed after it.
+    ///
+    /// Safe to call from many `#[tokio::test]`s at once, each on its own runtime: the first
+    /// call does the (blocking) work on tokio's blocking pool and the others wait for it.
+    ///
+    /// # Errors
+    ///
+    /// [`TestServerError::NoPostgres`] when there is no way to get a server,
+    /// [`TestServerError::InvalidDatabaseUrl`] for a `DATABASE_URL` that is not a postgres URL,
+    /// and the errors of [`LocalCluster::start`] when a local cluster does not start. A failure
+    /// is remembered: later calls return it again at once (as
+    /// [`TestServerError::EarlierFailure`], or `NoPostgres` again).
+    pub async fn shared() -> Result<&'static TestServer, TestServerError> {
+        if let Some(outcome) = SHARED.get() {
+            return outcome.as_ref().map_err(CachedFailure::replay);
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            match tokio::task::spawn_blocking(init_shared).await {
+                Ok(result) => result,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => Err(TestServerError::io(
+                    "finding or starting the shared test server was cancelled",
+                    io::Error::other(e.to_string()),
+                )),
+            }
+        } else {
+            init_shared()
+        }
+    }
+
+    /// The URL of the server's maintenance database, such as
+    /// `postgres://postgres@127.0.0.1:PORT/postgres` (for `DATABASE_URL`, that URL as given).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Where the server came from.
+    pub fn source(&self) -> ServerSource {
+        self.source
+    }
+
+    /// A URL for the database named `name` on this server: [`url`](Self::url) with its
+    /// database replaced (user, password, host, port and query parameters kept).
+    pub fn database_url(&self, name: &str) -> String {
+        with_database(&self.url, name)
+    }
+}
+
+fn init_shared() -> Result<&'static TestServer, TestServerError> {
+    let mut first_error = None;
+    let outcome = SHARED.get_or_init(|| {
+        discover(&process_env).map_err(|e| {
+            let cached = CachedFailure::of(&e);
+            first_error = Some(e);
+            cached
+        })
+    });
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    outcome.as_ref().map_err(CachedFailure::replay)
+}
+
+/// Steps 1 to 4 of the module documentation.
+fn discover(env: Env<'_>) -> Result<TestServer, TestServerError> {
+    if let Some(url) = env("DATABASE_URL") {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(TestServerError::InvalidDatabaseUrl);
+        }
+        tracing::debug!(url = %redact(&url), "tests use the server of DATABASE_URL");
+        return Ok(TestServer {
+            url,
+            source: ServerSource::DatabaseUrl,
+            keep: Keep::Nothing,
+        });
+    }
+    let mut looked_at = vec!["DATABASE_URL (not set)".to_owned()];
+
+    match docker::probe(env) {
+        docker::Probe::Answers { host } => match docker::start(env) {
+            Ok(container) => {
+                tracing::debug!(url = %container.url, id = %container.id, "tests use a postgres container");
+                return Ok(TestServer {
+                    url: container.url.clone(),
+                    source: ServerSource::Testcontainers,
+                    keep: Keep::Container(container),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(%host, error = %e, "Docker answers, but the postgres container did not start; trying local binaries");
+                looked_at.push(format!(
+                    "Docker at {host} (answers, but the postgres container did not start: {e})"
+                ));
+            }
+        },
+        docker::Probe::No { looked_at: docker } => looked_at.push(docker),
+    }
+
+    match local::find_binaries(env) {
+        Ok(bin) => {
+            let cluster = LocalCluster::start_with_bin(env, bin, &LocalClusterOptions::default())?;
+            Ok(TestServer {
+                url: cluster.url(),
+                source: ServerSource::LocalCluster,
+                keep: Keep::Cluster(cluster),
+            })
+        }
+        Err(places) => {
+            looked_at.extend(places);
+            Err(TestServerError::NoPostgres {
+                looked_at: format_looked_at(&looked_at),
+            })
+        }
+    }
+}
+
+fn format_looked_at(places: &[String]) -> String {
+    places.iter().map(|p| format!("\n  - {p}")).collect()
+}
+
+/// `url` with its database (path) replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = url[authority_start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| authority_start + i);
+    let path_end = url[authority_end..]
+        .find(['?', '#'])
+        .map_or(url.len(), |i| authority_end + i);
+    format!(
+        "{}/{}{}",
+        &url[..authority_end],
+        percent_encode(name),
+        &url[path_end..]
+    )
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `url` with any password replaced by `***`, for logs and `Debug`.
+fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let start = scheme_end + 3;
+    let authority_end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let authority = &url[start..authority_end];
+    match authority.rfind('@') {
+        Some(at) => match authority[..at].find(':') {
+            Some(colon) => format!(
+                "{}{}:***{}",
+                &url[..start],
+                &authority[..colon],
+                &url[start + at..]
+            ),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+async fn connect(url: &str) -> Result<PgConnection, TestServerError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect(url)).await {
+        Ok(conn) => Ok(conn?),
+        Err(_) => Err(TestServerError::Timeout {
+            what: format!("connecting to {}", redact(url)),
+            seconds: CONNECT_TIMEOUT.as_secs(),
+        }),
+    }
+}
+
+/// A fresh, uniquely named database on a server, with this crate's migrations applied.
+#[derive(Debug)]
+pub struct TestDatabase {
+    pool: PgPool,
+    name: String,
+    url: String,
+    server_url: String,
+}
+
+impl TestDatabase {
+    /// Creates a fresh database, named `pg_idempotency_test_<uuid>`, on
+    /// [`TestServer::shared`], applies this crate's migrations, and returns it with a pool of up
+    /// to 80 connections (opened on demand).
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`TestServer::shared`] and of [`create_on`](Self::create_on).
+    pub async fn create() -> Result<TestDatabase, TestServerError> {
+        let server = TestServer::shared().await?;
+        Self::create_on(server.url()).await
+    }
+
+    /// Creates a fresh database on the server whose maintenance database `server_url` names
+    /// (for example [`LocalCluster::url`]), applies this crate's migrations, and returns it.
+    ///
+    /// # Errors
+    ///
+    /// [`TestServerError::Database`] when the server cannot be reached or refuses
+    /// `CREATE DATABASE`, [`TestServerError::Timeout`] when connecting takes over 30 s,
+    /// [`TestServerError::Migrate`] when the migrations fail.
+    pub async fn create_on(server_url: &str) -> Result<TestDatabase, TestServerError> {
+        let name = format!("pg_idempotency_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = connect(server_url).await?;
+        let create = format!("CREATE DATABASE {}", quote_ident(&name));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match sqlx::raw_sql(AssertSqlSafe(create.as_str()))
+                .execute(&mut conn)
+                .await
+            {
+                Ok(_) => break,
+                // 55006: someone is connected to template1 right now; it passes.
+                Err(e) if attempt < 20 && sql_state(&e).as_deref() == Some("55006") => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let _ = conn.close().await;
+
+        let url = with_database(server_url, &name);
+        let db = TestDatabase {
+            pool: PgPoolOptions::new()
+                .max_connections(POOL_MAX_CONNECTIONS)
+                .acquire_timeout(CONNECT_TIMEOUT)
+                .connect_lazy(&url)?,
+            name,
+            url,
+            server_url: server_url.to_owned(),
+        };
+        if let Err(e) = crate::MIGRATOR.run(&db.pool).await {
+            let _ = db.drop_database().await;
+            return Err(e.into());
+        }
+        Ok(db)
+    }
+
+    /// The pool of connections to this database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The URL of this database.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The name of this database.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Closes the pool and drops the database (`WITH (FORCE)`, so connections still open
+    /// elsewhere do not stop it). Databases not closed this way stay on a `DATABASE_URL`
+    /// server; on a container or local cluster they vanish with the server.
+    ///
+    /// # Errors
+    ///
+    /// [`TestServerError::Database`] or [`TestServerError::Timeout`] when the server cannot be
+    /// reached or refuses the `DROP DATABASE`.
+    pub async fn close(self) -> Result<(), TestServerError> {
+        self.drop_database().await
+    }
+
+    async fn drop_database(&self) -> Result<(), TestServerError> {
+        self.pool.close().await;
+        let mut conn = connect(&self.server_url).await?;
+        let drop = format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(&self.name)
+        );
+        sqlx::raw_sql(AssertSqlSafe(drop))
+            .execute(&mut conn)
+            .await?;
+        let _ = conn.close().await;
+        Ok(())
+    }
+}
+
+fn sql_state(e: &sqlx::Error) -> Option<String> {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned())
+}
+
+/// A pool on a fresh database on [`TestServer::shared`], with this crate's migrations applied:
+/// `TestDatabase::create()` without the need to keep the [`TestDatabase`]. The database is
+/// left for the server's lifetime.
+///
+/// # Errors
+///
+/// The errors of [`TestDatabase::create`].
+pub async fn fresh_pool() -> Result<PgPool, TestServerError> {
+    Ok(TestDatabase::create().await?.pool.clone())
+}
+
+/// Errors of this module. Each message says what to do about it.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum TestServerError {
+    /// No PostgreSQL server could be found or started.
+    #[error(
+        "no PostgreSQL server for the tests. Do one of these: set DATABASE_URL to a server \
+         this user may create databases on (e.g. \
+         DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/postgres); or start Docker, \
+         so a postgres container can be run; or install the PostgreSQL server binaries \
+         (Debian/Ubuntu: `apt-get install postgresql`, Fedora/RHEL: `dnf install \
+         postgresql-server`, macOS: `brew install postgresql@17`), or set PG_BIN to the \
+         directory holding initdb, pg_ctl and postgres. Looked at:{looked_at}"
+    )]
+    NoPostgres {
+        /// Every place looked at and why it did not do, one per line.
+        looked_at: String,
+    },
+
+    /// Running as root, and the user to run the server as does not exist.
+    #[error(
+        "running as root, and PostgreSQL refuses to run as root, but there is no \
+         unprivileged user `{user}` in /etc/passwd to run it as: create one (e.g. `useradd \
+         --system {user}`) or set PG_TEST_USER to an existing unprivileged user, or set \
+         DATABASE_URL to use a running server"
+    )]
+    NoUnprivilegedUser {
+        /// The user looked for (`PG_TEST_USER`, else `nobody`).
+        user: String,
+    },
+
+    /// `initdb` or `pg_ctl` failed for a throwaway cluster.
+    #[error(
+        "`{action}` failed for a throwaway PostgreSQL cluster (to use a running server \
+         instead, set DATABASE_URL): {detail}"
+    )]
+    Cluster {
+        /// The command that failed.
+        action: String,
+        /// Its output and, for a start, the tail of the server log.
+        detail: String,
+    },
+
+    /// `DATABASE_URL` is set but is not a postgres URL.
+    #[error(
+        "DATABASE_URL is set but is not a postgres:// or postgresql:// URL: set it to one, \
+         e.g. postgres://postgres:postgres@127.0.0.1:5432/postgres, or unset it"
+    )]
+    InvalidDatabaseUrl,
+
+    /// Something took too long.
+    #[error("{what} took longer than {seconds} s: check that the server is up and reachable")]
+    Timeout {
+        /// What was being done.
+        what: String,
+        /// The limit, in seconds.
+        seconds: u64,
+    },
+
+    /// An earlier call in this process failed to find or start the shared server.
+    #[error(
+        "the shared test server could not be found or started earlier in this process: \
+         {message}"
+    )]
+    EarlierFailure {
+        /// The earlier error's message.
+        message: String,
+    },
+
+    /// The database server refused or failed a request.
+    #[error("PostgreSQL error in the test setup: {0}")]
+    Database(#[from] sqlx::Error),
+
+    /// Applying this crate's migrations failed.
+    #[error("applying pg-idempotency's migrations to the test database failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// A file or process operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl TestServerError {
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        TestServerError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// A fake environment for tests (the real one cannot be changed without `unsafe`).
+#[cfg(test)]
+fn test_env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+    let map: std::collections::HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    move |k: &str| map.get(k).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::test_env as env_of;
+    use std::time::Instant;
+
+    #[test]
+    fn database_url_replaces_only_the_database() {
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/postgres", "db_1"),
+            "postgres://postgres@127.0.0.1:5432/db_1"
+        );
+        assert_eq!(
+            with_database("postgresql://u:p%2Fw@h:1/app?sslmode=disable", "x"),
+            "postgresql://u:p%2Fw@h:1/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+        assert_eq!(
+            with_database("postgres:///app?host=/var/run/postgresql", "x"),
+            "postgres:///x?host=/var/run/postgresql"
+        );
+        assert_eq!(
+            with_database("postgres://h/a", "we ird"),
+            "postgres://h/we%20ird"
+        );
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://u:secret@h:1/d"),
+            "postgres://u:***@h:1/d"
+        );
+        assert_eq!(redact("postgres://u@h:1/d"), "postgres://u@h:1/d");
+    }
+
+    #[test]
+    fn database_url_wins() {
+        let env = env_of(&[("DATABASE_URL", "postgres://a@b:1/c")]);
+        let server = discover(&env).unwrap();
+        assert_eq!(server.source(), ServerSource::DatabaseUrl);
+        assert_eq!(server.url(), "postgres://a@b:1/c");
+        assert_eq!(server.database_url("d"), "postgres://a@b:1/d");
+        let env = env_of(&[("DATABASE_URL", "mysql://a@b/c")]);
+        assert!(matches!(
+            discover(&env),
+            Err(TestServerError::InvalidDatabaseUrl)
+        ));
+    }
+
+    #[test]
+    fn nothing_found_is_one_clear_error_quickly() {
+        let home = tempfile::tempdir().unwrap();
+        let home = home.path().to_str().unwrap().to_owned();
+        let env = env_of(&[
+            ("PATH", "/nonexistent"),
+            (
+                "PG_SEARCH_DIRS",
+                "/nonexistent/*/bin:/nonexistent/pgsql/bin",
+            ),
+            ("HOME", &home),
+            ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
+        ]);
+        let t = Instant::now();
+        let err = discover(&env).unwrap_err();
+        let took = t.elapsed();
+        let message = err.to_string();
+        eprintln!("error after {took:?}:\n{message}");
+        assert!(matches!(err, TestServerError::NoPostgres { .. }));
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        for needle in [
+            "DATABASE_URL",
+            "Docker",
+            "apt-get install postgresql",
+            "PG_BIN",
+            "/nonexistent/*/bin",
+        ] {
+            assert!(message.contains(needle), "{needle} missing in {message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn fresh_pool_works() {
+        let server = TestServer::shared().await.unwrap();
+        eprintln!("shared server: {server:?}");
+        let pool = fresh_pool().await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn fresh_pool_works_concurrently() {
+        let pool = fresh_pool().await.unwrap();
+        let db: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert!(db.starts_with("pg_idempotency_test_"), "{db}");
+    }
+
+    #[tokio::test]
+    async fn close_drops_the_database() {
+        let db = TestDatabase::create().await.unwrap();
+        let name = db.name().to_owned();
+        let server = TestServer::shared().await.unwrap();
+        assert_eq!(db.url(), server.database_url(&name));
+        // A second connection, still open, does not stop the drop.
+        let mut other = PgConnection::connect(db.url()).await.unwrap();
+        db.close().await.unwrap();
+        let mut conn = PgConnection::connect(server.url()).await.unwrap();
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(&name)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert!(!exists);
+        assert!(sqlx::query("SELECT 1").execute(&mut other).await.is_err());
+    }
+
+    /// Needs local server binaries; skipped (with a note) where there are none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_cluster_stops_restarts_and_cleans_up() {
+        if local::find_binaries(&process_env).is_err() {
+            eprintln!("skipped: no PostgreSQL server binaries on this machine");
+            return;
+        }
+        let t = Instant::now();
+        let cluster = tokio::task::spawn_blocking(|| {
+            LocalCluster::start(
+                LocalClusterOptions::default()
+                    .fsync(true)
+                    .max_connections(50),
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        eprintln!("LocalCluster::start took {:?}", t.elapsed());
+        let port = cluster.port();
+        let dir = cluster.dir.clone();
+        assert!(dir.exists());
+        assert!(
+            dir.join(format!(".s.PGSQL.{port}")).exists(),
+            "unix socket in the cluster's dir"
+        );
+
+        let mut conn = PgConnection::connect(&cluster.url()).await.unwrap();
+        for (setting, expected) in [
+            ("fsync", "on"),
+            ("max_connections", "50"),
+            ("listen_addresses", "127.0.0.1"),
+        ] {
+            let value: String = sqlx::query_scalar("SELECT current_setting($1)")
+                .bind(setting)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(value, expected, "{setting}");
+        }
+        drop(conn);
+
+        let db = TestDatabase::create_on(&cluster.url()).await.unwrap();
+        let mut conn = PgConnection::connect(db.url()).await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut conn).await.unwrap();
+
+        let cluster = tokio::task::spawn_blocking(move || {
+            cluster.stop_immediate().unwrap();
+            cluster
+        })
+        .await
+        .unwrap();
+        assert!(sqlx::query("SELECT 1").execute(&mut conn).await.is_err());
+        assert!(PgConnection::connect(db.url()).await.is_err());
+
+        let t = Instant::now();
+        let cluster = tokio::task::spawn_blocking(move || {
+            cluster.restart().unwrap();
+            cluster
+        })
+        .await
+        .unwrap();
+        eprintln!("LocalCluster::restart after a crash took {:?}", t.elapsed());
+        assert_eq!(cluster.port(), port);
+        let mut conn = PgConnection::connect(db.url()).await.unwrap();
+        let migrated: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(migrated, 0);
+        // A restart while running is a fast shutdown and a start.
+        let cluster = tokio::task::spawn_blocking(move || {
+            cluster.restart().unwrap();
+            cluster
+        })
+        .await
+        .unwrap();
+        PgConnection::connect(db.url()).await.unwrap();
+        drop(conn);
+        db.pool().close().await;
+
+        let t = Instant::now();
+        tokio::task::spawn_blocking(move || drop(cluster))
+            .await
+            .unwrap();
+        eprintln!("LocalCluster drop took {:?}", t.elapsed());
+        assert!(!dir.exists(), "{} still exists", dir.display());
+        assert!(
+            PgConnection::connect(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+                .await
+                .is_err()
+        );
+    }
 }

@@ -1,9 +1,6 @@
 //! The transactional store against a real PostgreSQL (see `pg_idempotency::testing`).
 
-use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -13,6 +10,9 @@ use pg_idempotency::{
 };
 use sqlx::PgPool;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
+
+mod common;
+use common::{assert_no_idle_transactions, cancel_after, expire, expire_all};
 
 async fn setup() -> Result<PgPool> {
     let pool = pg_idempotency::testing::fresh_pool().await?;
@@ -429,47 +429,6 @@ async fn a_failing_business_step_rolls_back_and_frees_the_key() -> Result<()> {
     assert_no_idle_transactions(&pool).await
 }
 
-/// Polls `future` at most `polls` times, then drops it: a cancellation at the
-/// `polls`-th await point. `Some` if it finished first.
-async fn cancel_after<F: Future>(future: F, polls: usize) -> Option<F::Output> {
-    let mut future = pin!(future);
-    let mut seen = 0;
-    std::future::poll_fn(|cx| match future.as_mut().poll(cx) {
-        Poll::Ready(output) => Poll::Ready(Some(output)),
-        Poll::Pending => {
-            seen += 1;
-            if seen >= polls {
-                Poll::Ready(None)
-            } else {
-                Poll::Pending
-            }
-        }
-    })
-    .await
-}
-
-/// No connection of this database sits idle inside a transaction (waiting a little for
-/// background rollbacks of dropped claims).
-async fn assert_no_idle_transactions(pool: &PgPool) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let stuck: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND pid <> pg_backend_pid()
-               AND state LIKE 'idle in transaction%'",
-        )
-        .fetch_one(pool)
-        .await?;
-        if stuck == 0 {
-            return Ok(());
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("{stuck} connection(s) left idle in a transaction");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn cancelling_at_every_await_point_leaves_nothing_behind() -> Result<()> {
     let pool = setup().await?;
@@ -536,9 +495,7 @@ async fn cancelling_at_every_await_point_leaves_nothing_behind() -> Result<()> {
     }
 
     // Cancel the sweeper's one-shot sweep at every await point.
-    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day'")
-        .execute(&pool)
-        .await?;
+    expire_all(&pool).await?;
     for polls in 1.. {
         let options = SweepOptions::default()
             .with_batch_size(2)
@@ -573,12 +530,7 @@ async fn the_sweeper_deletes_only_expired_rows_in_batches_and_stops() -> Result<
         pay(&store, &scope("acct_1"), &new_key(), b"{}").await?;
     }
     // Age 20 of the 25 rows past their expiry (database clock).
-    sqlx::query(
-        "UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day'
-         WHERE key IN (SELECT key FROM idempotency_keys ORDER BY key LIMIT 20)",
-    )
-    .execute(&pool)
-    .await?;
+    expire(&pool, 20).await?;
 
     assert_eq!(
         pg_idempotency::delete_expired(&pool, 7).await?,
@@ -597,9 +549,7 @@ async fn the_sweeper_deletes_only_expired_rows_in_batches_and_stops() -> Result<
     assert_eq!((left, all), (5, 5));
 
     // The background sweeper picks up new expired rows, and stops when asked.
-    sqlx::query("UPDATE idempotency_keys SET created_at = now() - interval '2 days', expires_at = now() - interval '1 day' WHERE key IN (SELECT key FROM idempotency_keys LIMIT 2)")
-        .execute(&pool)
-        .await?;
+    expire(&pool, 2).await?;
     let sweeper = Sweeper::spawn(
         pool.clone(),
         SweepOptions::default().with_interval(Duration::from_millis(50)),
@@ -726,4 +676,43 @@ async fn the_claim_looks_its_key_up_by_primary_key() -> Result<()> {
         "the claim read {seq_read} rows sequentially and {idx_fetched} through an index"
     );
     Ok(())
+}
+
+#[tokio::test]
+async fn a_key_stored_behind_the_claims_back_rolls_the_claim_back() -> Result<()> {
+    // Two requests that did not share the advisory lock (e.g. on Citus with locks on
+    // different nodes): the unique row still lets only one of them commit.
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
+        bail!("claim")
+    };
+    sqlx::query("INSERT INTO payments (account, amount) VALUES ('acct_1', 1)")
+        .execute(&mut claim)
+        .await?;
+    sqlx::query(
+        "INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, headers, body, expires_at)
+         VALUES ($1, $2, 1, decode(repeat('00', 32), 'hex'), 201, '[]', 'winner', now() + interval '1 hour')",
+    )
+    .bind(scope.as_str())
+    .bind(key.as_str())
+    .execute(&pool)
+    .await?;
+    let err = claim
+        .complete(&StoredResponse::new(201, "loser"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InFlight { .. }), "{err:?}");
+    assert_eq!(
+        payments(&pool).await?,
+        0,
+        "the loser's business write is rolled back"
+    );
+    let body: Vec<u8> = sqlx::query_scalar("SELECT body FROM idempotency_keys")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(body, b"winner");
+    assert_no_idle_transactions(&pool).await
 }

@@ -1,0 +1,151 @@
+//! Operator queries: table statistics, inspecting one key, and forgetting one.
+//!
+//! The `pg-idempotency` command-line tool (feature `cli`) is built on these.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
+
+use crate::error::Error;
+use crate::fingerprint::Fingerprint;
+use crate::key::IdempotencyKey;
+use crate::scope::Scope;
+
+/// The state of the `idempotency_keys` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Rows in the table (live and expired).
+    pub rows: i64,
+    /// Rows past `expires_at` (database clock), waiting for the sweeper.
+    pub expired_rows: i64,
+    /// `created_at` of the oldest row, if any.
+    pub oldest_created_at: Option<DateTime<Utc>>,
+    /// Size of the table (heap and TOAST), in bytes.
+    pub table_bytes: i64,
+    /// Size of its indexes, in bytes.
+    pub index_bytes: i64,
+    /// Dead tuples according to the statistics collector (vacuum reclaims them).
+    pub dead_tuples: i64,
+}
+
+/// Counts rows (a full scan: meant for operators, not for a hot path) and reads sizes
+/// and dead tuples from the catalog.
+///
+/// # Errors
+///
+/// [`Error::Database`].
+pub async fn stats<'e>(executor: impl PgExecutor<'e>) -> Result<Stats, Error> {
+    let row = sqlx::query!(
+        r#"
+        SELECT
+            count(*)                                                     AS "rows!",
+            count(*) FILTER (WHERE expires_at <= now())                  AS "expired_rows!",
+            min(created_at)                                              AS oldest_created_at,
+            pg_table_size('idempotency_keys'::regclass)                  AS "table_bytes!",
+            pg_indexes_size('idempotency_keys'::regclass)                AS "index_bytes!",
+            coalesce((SELECT n_dead_tup FROM pg_stat_user_tables
+                      WHERE relid = 'idempotency_keys'::regclass), 0)   AS "dead_tuples!"
+        FROM idempotency_keys
+        "#
+    )
+    .fetch_one(executor)
+    .await?;
+    Ok(Stats {
+        rows: row.rows,
+        expired_rows: row.expired_rows,
+        oldest_created_at: row.oldest_created_at,
+        table_bytes: row.table_bytes,
+        index_bytes: row.index_bytes,
+        dead_tuples: row.dead_tuples,
+    })
+}
+
+/// What is stored for one key. The body is only included when asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyInfo {
+    /// The request fingerprint stored with the key.
+    pub fingerprint: Fingerprint,
+    /// The stored response status.
+    pub status: u16,
+    /// Number of stored response headers.
+    pub header_count: usize,
+    /// Size of the stored response body, in bytes.
+    pub body_bytes: i64,
+    /// The stored body, when [`inspect`] was asked for it.
+    pub body: Option<Vec<u8>>,
+    /// When the key was first used (database clock).
+    pub created_at: DateTime<Utc>,
+    /// When the key stops being replayed (database clock).
+    pub expires_at: DateTime<Utc>,
+    /// Whether `expires_at` has passed (database clock): the key counts as unused.
+    pub expired: bool,
+}
+
+/// Reads what is stored for `(scope, key)`; `None` if nothing is (a request that is still
+/// running holds a lock, not a row, so it shows as `None` too).
+///
+/// # Errors
+///
+/// [`Error::Database`], or [`Error::MalformedRow`] for a row this crate did not write.
+pub async fn inspect<'e>(
+    executor: impl PgExecutor<'e>,
+    scope: &Scope,
+    key: &IdempotencyKey,
+    with_body: bool,
+) -> Result<Option<KeyInfo>, Error> {
+    let row = sqlx::query!(
+        r#"
+        SELECT fingerprint_version, fingerprint, status,
+               jsonb_array_length(headers)                  AS "header_count!",
+               octet_length(body)::bigint                   AS "body_bytes!",
+               CASE WHEN $3 THEN body END                   AS body,
+               created_at, expires_at,
+               expires_at <= now()                          AS "expired!"
+        FROM idempotency_keys
+        WHERE scope = $1 AND key = $2
+        "#,
+        scope.as_str(),
+        key.as_str(),
+        with_body,
+    )
+    .fetch_optional(executor)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let malformed = |what: &str| Error::MalformedRow(what.to_owned());
+    let hash = <[u8; 32]>::try_from(row.fingerprint)
+        .map_err(|_| malformed("fingerprint is not 32 bytes"))?;
+    Ok(Some(KeyInfo {
+        fingerprint: Fingerprint::from_parts(row.fingerprint_version, hash),
+        status: u16::try_from(row.status).map_err(|_| malformed("status is negative"))?,
+        header_count: usize::try_from(row.header_count).unwrap_or(0),
+        body_bytes: row.body_bytes,
+        body: row.body,
+        created_at: row.created_at,
+        expires_at: row.expires_at,
+        expired: row.expired,
+    }))
+}
+
+/// Deletes what is stored for `(scope, key)`, so the next request with the key runs
+/// fresh. Returns whether there was a row. An operator's tool: a released key no longer
+/// protects against a duplicate of its request.
+///
+/// # Errors
+///
+/// [`Error::Database`].
+pub async fn forget<'e>(
+    executor: impl PgExecutor<'e>,
+    scope: &Scope,
+    key: &IdempotencyKey,
+) -> Result<bool, Error> {
+    let deleted = sqlx::query!(
+        "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2",
+        scope.as_str(),
+        key.as_str()
+    )
+    .execute(executor)
+    .await?
+    .rows_affected();
+    Ok(deleted > 0)
+}

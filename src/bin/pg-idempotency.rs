@@ -1,0 +1,273 @@
+//! `pg-idempotency`: operate the idempotency key store from the command line.
+//!
+//! Exit codes: 0 success, 1 failure (database unreachable, query failed), 2 usage error
+//! (bad flags, a `forget` without `--yes`), 3 the key was not found.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use pg_idempotency::{IdempotencyKey, KeyPolicy, Scope, SweepOptions, admin};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgPool};
+
+/// Operate the pg-idempotency key store: apply its migrations, sweep expired keys,
+/// look at the table, inspect or release one key.
+#[derive(Debug, Parser)]
+#[command(name = "pg-idempotency", version)]
+struct Cli {
+    /// PostgreSQL connection URL, e.g. postgres://user:password@host:5432/db
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or upgrade the idempotency_keys table and its functions (idempotent).
+    Migrate,
+    /// Delete expired keys in small batches, once or on an interval.
+    Sweep {
+        /// Rows deleted per statement.
+        #[arg(long, default_value_t = 1000)]
+        batch: u32,
+        /// Pause between batches, e.g. 50ms.
+        #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+        pause: Duration,
+        /// Sweep again after this long, until SIGINT or SIGTERM, e.g. 1m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        every: Option<Duration>,
+    },
+    /// Rows, expired rows, oldest row, table and index size, dead tuples.
+    Stats {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what is stored for one key (never the body unless --show-body).
+    Inspect {
+        /// The key's scope (tenant, account or principal).
+        #[arg(long)]
+        scope: String,
+        /// The Idempotency-Key value.
+        #[arg(long)]
+        key: String,
+        /// Also print the stored response body (lossy UTF-8).
+        #[arg(long)]
+        show_body: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release one key: the next request with it runs fresh. Needs --yes.
+    Forget {
+        /// The key's scope (tenant, account or principal).
+        #[arg(long)]
+        scope: String,
+        /// The Idempotency-Key value.
+        #[arg(long)]
+        key: String,
+        /// Confirm: a released key no longer protects against a duplicate request.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// An outcome with its own exit code.
+enum Exit {
+    Ok,
+    Usage(String),
+    NotFound(String),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(Exit::Ok) => ExitCode::SUCCESS,
+        Ok(Exit::Usage(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+        Ok(Exit::NotFound(message)) => {
+            eprintln!("{message}");
+            ExitCode::from(3)
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<Exit> {
+    let Some(url) = cli.database_url else {
+        return Ok(Exit::Usage(
+            "no database: pass --database-url or set DATABASE_URL".into(),
+        ));
+    };
+    // Parse what the user typed before touching the database.
+    let target = match &cli.command {
+        Command::Inspect { scope, key, .. } | Command::Forget { scope, key, .. } => {
+            Some(match parse_target(scope, key) {
+                Ok(target) => target,
+                Err(message) => return Ok(Exit::Usage(message)),
+            })
+        }
+        _ => None,
+    };
+    if let Command::Forget { yes: false, .. } = cli.command {
+        return Ok(Exit::Usage(
+            "forget releases the key for good: a duplicate of its request would run again; repeat with --yes".into(),
+        ));
+    }
+    // One direct connection first: its error says why (refused, auth, no such database).
+    sqlx::PgConnection::connect(&url)
+        .await
+        .context("could not connect to the database (check --database-url / DATABASE_URL)")?
+        .close()
+        .await?;
+    let pool = PgPoolOptions::new().max_connections(2).connect_lazy(&url)?;
+
+    match (cli.command, target) {
+        (Command::Migrate, _) => {
+            pg_idempotency::migrate(&pool).await?;
+            println!("migrations applied");
+        }
+        (
+            Command::Sweep {
+                batch,
+                pause,
+                every,
+            },
+            _,
+        ) => sweep(&pool, batch, pause, every).await?,
+        (Command::Stats { json }, _) => print_stats(&admin::stats(&pool).await?, json),
+        (
+            Command::Inspect {
+                show_body, json, ..
+            },
+            Some((scope, key)),
+        ) => {
+            let Some(info) = admin::inspect(&pool, &scope, &key, show_body).await? else {
+                return Ok(Exit::NotFound(format!(
+                    "no stored response for key {key} in scope {scope}"
+                )));
+            };
+            print_key(&scope, &key, &info, json);
+        }
+        (Command::Forget { .. }, Some((scope, key))) => {
+            if !admin::forget(&pool, &scope, &key).await? {
+                return Ok(Exit::NotFound(format!(
+                    "no stored response for key {key} in scope {scope}"
+                )));
+            }
+            println!("forgot key {key} in scope {scope}");
+        }
+        (Command::Inspect { .. } | Command::Forget { .. }, None) => unreachable!("parsed above"),
+    }
+    Ok(Exit::Ok)
+}
+
+/// A scope and a key as operators type them: any key the store could hold (UUIDs are
+/// normalised to lower case).
+fn parse_target(scope: &str, key: &str) -> Result<(Scope, IdempotencyKey), String> {
+    let scope = Scope::new(scope).map_err(|e| format!("--scope: {e}"))?;
+    let key = IdempotencyKey::parse(key, KeyPolicy::UuidV4)
+        .or_else(|_| IdempotencyKey::parse(key, KeyPolicy::Opaque))
+        .map_err(|e| format!("--key: {e}"))?;
+    Ok((scope, key))
+}
+
+async fn sweep(pool: &PgPool, batch: u32, pause: Duration, every: Option<Duration>) -> Result<()> {
+    let options = SweepOptions::default()
+        .with_batch_size(batch)
+        .with_pause(pause);
+    let Some(every) = every else {
+        let deleted = pg_idempotency::sweep(pool, &options).await?;
+        println!("deleted {deleted} expired keys");
+        return Ok(());
+    };
+    let sweeper = pg_idempotency::Sweeper::spawn(pool.clone(), options.with_interval(every));
+    shutdown_signal().await?;
+    let deleted = sweeper.stop().await;
+    println!("deleted {deleted} expired keys");
+    Ok(())
+}
+
+async fn shutdown_signal() -> Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+fn print_stats(stats: &admin::Stats, json: bool) {
+    let oldest = stats.oldest_created_at.map(|t| t.to_rfc3339());
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "rows": stats.rows,
+                "expired_rows": stats.expired_rows,
+                "oldest_created_at": oldest,
+                "table_bytes": stats.table_bytes,
+                "index_bytes": stats.index_bytes,
+                "dead_tuples": stats.dead_tuples,
+            })
+        );
+        return;
+    }
+    println!("rows:          {}", stats.rows);
+    println!("expired rows:  {}", stats.expired_rows);
+    println!("oldest row:    {}", oldest.as_deref().unwrap_or("-"));
+    println!("table size:    {} bytes", stats.table_bytes);
+    println!("index size:    {} bytes", stats.index_bytes);
+    println!("dead tuples:   {}", stats.dead_tuples);
+}
+
+fn print_key(scope: &Scope, key: &IdempotencyKey, info: &admin::KeyInfo, json: bool) {
+    let body = info.body.as_deref().map(String::from_utf8_lossy);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "scope": scope.as_str(),
+                "key": key.as_str(),
+                "fingerprint": info.fingerprint.to_string(),
+                "status": info.status,
+                "header_count": info.header_count,
+                "body_bytes": info.body_bytes,
+                "body": body,
+                "created_at": info.created_at.to_rfc3339(),
+                "expires_at": info.expires_at.to_rfc3339(),
+                "expired": info.expired,
+            })
+        );
+        return;
+    }
+    println!("scope:        {scope}");
+    println!("key:          {key}");
+    println!("fingerprint:  {}", info.fingerprint);
+    println!("status:       {}", info.status);
+    println!("headers:      {}", info.header_count);
+    println!("body size:    {} bytes", info.body_bytes);
+    println!("created at:   {}", info.created_at.to_rfc3339());
+    println!(
+        "expires at:   {}{}",
+        info.expires_at.to_rfc3339(),
+        if info.expired { " (expired)" } else { "" }
+    );
+    if let Some(body) = body {
+        println!("body:\n{body}");
+    }
+}

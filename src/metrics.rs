@@ -1,0 +1,47 @@
+//! Metrics, through the [`metrics`] facade: install any recorder (Prometheus, StatsD, …)
+//! in the application and these appear. No recorder, no cost beyond a few atomic loads.
+//!
+//! | name | kind | what |
+//! |---|---|---|
+//! | `pg_idempotency_claims_total` | counter | keys claimed: the business logic ran |
+//! | `pg_idempotency_replays_total` | counter | stored responses replayed |
+//! | `pg_idempotency_conflicts_total` | counter | keys reused with another request (409) |
+//! | `pg_idempotency_in_flight_total` | counter | duplicates that gave up waiting (409 + Retry-After) |
+//! | `pg_idempotency_policy_rollbacks_total` | counter | responses the store policy did not keep (rolled back, key freed) |
+//! | `pg_idempotency_swept_rows_total` | counter | expired rows deleted by sweeps |
+//! | `pg_idempotency_claim_seconds` | histogram | latency of `begin` (claim, replay or refusal) |
+//! | `pg_idempotency_complete_seconds` | histogram | latency of `complete` (store + commit) |
+//! | `pg_idempotency_response_bytes` | histogram | body size of stored responses |
+
+use std::time::Duration;
+
+/// Keys claimed.
+pub const CLAIMS: &str = "pg_idempotency_claims_total";
+/// Stored responses replayed.
+pub const REPLAYS: &str = "pg_idempotency_replays_total";
+/// Keys reused with another request.
+pub const CONFLICTS: &str = "pg_idempotency_conflicts_total";
+/// Duplicates that gave up waiting for the request holding their key.
+pub const IN_FLIGHT: &str = "pg_idempotency_in_flight_total";
+/// Responses the store policy did not keep.
+pub const POLICY_ROLLBACKS: &str = "pg_idempotency_policy_rollbacks_total";
+/// Expired rows deleted by sweeps.
+pub const SWEPT_ROWS: &str = "pg_idempotency_swept_rows_total";
+/// Latency of `begin`, in seconds.
+pub const CLAIM_SECONDS: &str = "pg_idempotency_claim_seconds";
+/// Latency of `complete`, in seconds.
+pub const COMPLETE_SECONDS: &str = "pg_idempotency_complete_seconds";
+/// Body size of stored responses, in bytes.
+pub const RESPONSE_BYTES: &str = "pg_idempotency_response_bytes";
+
+pub(crate) fn count(name: &'static str, n: u64) {
+    metrics::counter!(name).increment(n);
+}
+
+pub(crate) fn time(name: &'static str, elapsed: Duration) {
+    metrics::histogram!(name).record(elapsed.as_secs_f64());
+}
+
+pub(crate) fn size(name: &'static str, bytes: usize) {
+    metrics::histogram!(name).record(bytes as f64);
+}

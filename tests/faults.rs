@@ -1,0 +1,519 @@
+//! Exactly-once under faults: killed connections, a server crash and restart, replies to
+//! COMMIT lost on the wire, futures cancelled at random await points, and concurrent
+//! requests in two scopes. Every check counts rows.
+//!
+//! Bounded for CI by default; `FAULT_REQUESTS` (per phase, default 2000) and
+//! `CANCELLATIONS` (default 10000) make it a soak, `TEST_SEED` repeats a run:
+//!
+//! ```text
+//! FAULT_REQUESTS=50000 CANCELLATIONS=200000 cargo test --release --test faults -- --nocapture
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use pg_idempotency::testing::{LocalCluster, LocalClusterOptions, TestDatabase};
+use pg_idempotency::{
+    Begin, Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Request, Scope,
+    StoredResponse, SweepOptions,
+};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+mod common;
+use common::{Rng, assert_no_idle_transactions, cancel_after, expire};
+
+const CONCURRENCY: usize = 16;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn new_key() -> IdempotencyKey {
+    IdempotencyKey::from_uuid(uuid::Uuid::new_v4()).expect("v4")
+}
+
+/// A database on a cluster this test owns, so it may crash and restart it.
+async fn own_cluster() -> Result<(Arc<LocalCluster>, TestDatabase)> {
+    let cluster =
+        tokio::task::spawn_blocking(|| LocalCluster::start(LocalClusterOptions::default()))
+            .await??;
+    let database = TestDatabase::create_on(&cluster.url()).await?;
+    sqlx::raw_sql("CREATE TABLE payments (id bigserial PRIMARY KEY, request_no bigint NOT NULL)")
+        .execute(database.pool())
+        .await?;
+    Ok((Arc::new(cluster), database))
+}
+
+async fn pool_to(url: &str, port: Option<u16>) -> Result<PgPool> {
+    let mut options = PgConnectOptions::from_str(url)?;
+    if let Some(port) = port {
+        options = options.port(port);
+    }
+    Ok(PgPoolOptions::new()
+        .max_connections(CONCURRENCY as u32 + 4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options))
+}
+
+/// One logical request, retried with its key until it gets a definitive answer.
+async fn request_until_answered(
+    store: &IdempotencyStore,
+    key: &IdempotencyKey,
+    n: i64,
+) -> Result<StoredResponse> {
+    let scope = Scope::new("load")?;
+    let body = format!(r#"{{"request":{n}}}"#);
+    let request = Request::new("POST", "/v1/payments", body.as_bytes());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let attempt = store
+            .run(&scope, key, &request, async |claim| {
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO payments (request_no) VALUES ($1) RETURNING id",
+                )
+                .bind(n)
+                .fetch_one(&mut *claim)
+                .await?;
+                Ok::<_, Error>(StoredResponse::new(
+                    201,
+                    format!("payment {id} for request {n}"),
+                ))
+            })
+            .await;
+        match attempt {
+            Ok(outcome) => return Ok(outcome.into_response()),
+            Err(error @ Error::Conflict { .. }) => {
+                bail!("request {n} conflicted with itself: {error}")
+            }
+            // Connection killed, server down, reply lost, key still held: retry, as a client would.
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(error) => return Err(error).context(format!("request {n} never got an answer")),
+        }
+    }
+}
+
+/// Runs `count` logical requests at `CONCURRENCY`, calling `progress` with the number
+/// finished so far; returns each request's number, key and acknowledged response.
+async fn load(
+    store: &IdempotencyStore,
+    first: i64,
+    count: usize,
+    progress: Arc<AtomicUsize>,
+) -> Result<Vec<(i64, IdempotencyKey, StoredResponse)>> {
+    let keys: Arc<Vec<IdempotencyKey>> = Arc::new((0..count).map(|_| new_key()).collect());
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (store, keys, next, progress) = (
+            store.clone(),
+            Arc::clone(&keys),
+            Arc::clone(&next),
+            Arc::clone(&progress),
+        );
+        workers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= keys.len() {
+                    return Ok::<_, anyhow::Error>(acked);
+                }
+                let n = first + i as i64;
+                let response = request_until_answered(&store, &keys[i], n).await?;
+                acked.push((n, keys[i].clone(), response));
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let mut acked = Vec::new();
+    for worker in workers {
+        acked.extend(worker.await??);
+    }
+    Ok(acked)
+}
+
+/// After a phase: one business row per logical request, every acknowledged response is
+/// the stored one and replays, nothing is stuck, and the pool serves new requests.
+async fn verify(
+    direct: &PgPool,
+    store: &IdempotencyStore,
+    acked: &[(i64, IdempotencyKey, StoredResponse)],
+) -> Result<()> {
+    let (first, last) = (
+        acked.iter().map(|a| a.0).min().unwrap_or(0),
+        acked.iter().map(|a| a.0).max().unwrap_or(0),
+    );
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT request_no, count(*) FROM payments WHERE request_no BETWEEN $1 AND $2 GROUP BY request_no",
+    )
+    .bind(first)
+    .bind(last)
+    .fetch_all(direct)
+    .await?;
+    let per_request: BTreeMap<i64, i64> = rows.into_iter().collect();
+    ensure!(
+        per_request.len() == acked.len(),
+        "{} requests have rows, {} were acknowledged",
+        per_request.len(),
+        acked.len()
+    );
+    let duplicated: Vec<_> = per_request.iter().filter(|(_, c)| **c != 1).collect();
+    ensure!(
+        duplicated.is_empty(),
+        "requests with other than one business row: {duplicated:?}"
+    );
+
+    let scope = Scope::new("load")?;
+    for (n, key, response) in acked {
+        let (stored,): (Vec<u8>,) =
+            sqlx::query_as("SELECT body FROM idempotency_keys WHERE scope = 'load' AND key = $1")
+                .bind(key.as_str())
+                .fetch_one(direct)
+                .await
+                .with_context(|| {
+                    format!("request {n} was acknowledged but its key is not stored")
+                })?;
+        ensure!(
+            stored == response.body,
+            "request {n}: acknowledged {:?}, stored {:?}",
+            response.body,
+            stored
+        );
+        let body = format!(r#"{{"request":{n}}}"#);
+        match store
+            .begin(
+                &scope,
+                key,
+                &Request::new("POST", "/v1/payments", body.as_bytes()),
+            )
+            .await?
+        {
+            Begin::Replay(replay) => ensure!(
+                &replay.response == response,
+                "request {n} replays another response"
+            ),
+            Begin::Claimed(_) => bail!("request {n}: acknowledged, but its key is free again"),
+        }
+    }
+    let fresh = request_until_answered(store, &new_key(), last + 1_000_000).await?;
+    ensure!(fresh.status == 201);
+    sqlx::query("DELETE FROM payments WHERE request_no = $1")
+        .bind(last + 1_000_000)
+        .execute(direct)
+        .await?;
+    assert_no_idle_transactions(direct).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_while_connections_are_killed() -> Result<()> {
+    let (_cluster, database) = own_cluster().await?;
+    let direct = database.pool().clone();
+    let store = IdempotencyStore::new(pool_to(database.url(), None).await?);
+    let requests = env_usize("FAULT_REQUESTS", 2000);
+    let done = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let (direct, done) = (direct.clone(), Arc::clone(&done));
+        tokio::spawn(async move {
+            let mut killed = 0_i64;
+            while !done.load(Ordering::Relaxed) {
+                // Any of the store's connections, in any state: idle, mid-claim, mid-commit.
+                killed += sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()
+                       AND backend_type = 'client backend' AND random() < 0.2",
+                )
+                .fetch_one(&direct)
+                .await
+                .unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            killed
+        })
+    };
+    let acked = load(&store, 0, requests, Arc::new(AtomicUsize::new(0))).await;
+    done.store(true, Ordering::Relaxed);
+    let killed = killer.await?;
+    let acked = acked?;
+    eprintln!("killed {killed} connections during {requests} requests");
+    ensure!(killed > 0, "the fault never fired");
+    verify(&direct, &store, &acked).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_across_a_server_crash_and_restart() -> Result<()> {
+    let (cluster, database) = own_cluster().await?;
+    let store = IdempotencyStore::new(pool_to(database.url(), None).await?);
+    let requests = env_usize("FAULT_REQUESTS", 2000);
+    let progress = Arc::new(AtomicUsize::new(0));
+    let crasher = {
+        let (cluster, progress) = (Arc::clone(&cluster), Arc::clone(&progress));
+        tokio::spawn(async move {
+            while progress.load(Ordering::Relaxed) < requests / 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Immediate mode: no checkpoint, in-flight transactions lost, like a crash.
+            tokio::task::spawn_blocking(move || {
+                cluster.stop_immediate()?;
+                std::thread::sleep(Duration::from_millis(300));
+                cluster.restart()
+            })
+            .await?
+            .map_err(anyhow::Error::from)
+        })
+    };
+    let acked = load(&store, 0, requests, Arc::clone(&progress)).await?;
+    crasher.await??;
+    // The crash-time pool of the test database is dead; verify through a new one.
+    let direct = pool_to(database.url(), None).await?;
+    verify(&direct, &store, &acked).await
+}
+
+/// A TCP proxy that forwards everything, except that after a client message containing
+/// `COMMIT` it may drop the server's reply and close the connection: the commit happened,
+/// the client cannot know.
+async fn lossy_proxy(upstream: SocketAddr, drop_chance: f64) -> Result<(u16, Arc<AtomicU64>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let dropped = Arc::new(AtomicU64::new(0));
+    let mut rng = Rng::from_env("lossy_proxy");
+    let seeds: Vec<u64> = (0..100_000).map(|_| rng.next()).collect();
+    let counter = Arc::clone(&dropped);
+    tokio::spawn(async move {
+        for seed in seeds {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                continue;
+            };
+            tokio::spawn(relay(
+                client,
+                server,
+                Rng::seeded(seed),
+                drop_chance,
+                Arc::clone(&counter),
+            ));
+        }
+    });
+    Ok((port, dropped))
+}
+
+async fn relay(
+    client: TcpStream,
+    server: TcpStream,
+    mut rng: Rng,
+    drop_chance: f64,
+    dropped: Arc<AtomicU64>,
+) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let armed = Arc::new(AtomicBool::new(false));
+    let arm = Arc::clone(&armed);
+    let upstream = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if buf[..n].windows(6).any(|w| w == b"COMMIT") && rng.chance(drop_chance) {
+                arm.store(true, Ordering::SeqCst);
+            }
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let downstream = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match server_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if armed.load(Ordering::SeqCst) {
+                dropped.fetch_add(1, Ordering::Relaxed);
+                return; // the reply to COMMIT is lost; both connections close
+            }
+            if client_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = upstream => {}
+        () = downstream => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_when_replies_to_commit_are_lost() -> Result<()> {
+    let (cluster, database) = own_cluster().await?;
+    let upstream: SocketAddr = format!("127.0.0.1:{}", cluster.port()).parse()?;
+    let (proxy_port, dropped) = lossy_proxy(upstream, 0.1).await?;
+    let store = IdempotencyStore::new(pool_to(database.url(), Some(proxy_port)).await?);
+    let requests = env_usize("FAULT_REQUESTS", 2000);
+    let acked = load(&store, 0, requests, Arc::new(AtomicUsize::new(0))).await?;
+    let dropped = dropped.load(Ordering::Relaxed);
+    eprintln!("dropped {dropped} replies to COMMIT during {requests} requests");
+    ensure!(dropped > 0, "the fault never fired");
+    verify(database.pool(), &store, &acked).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_begin_complete_and_sweep_at_random_points_leaves_nothing_stuck() -> Result<()> {
+    let database = TestDatabase::create().await?;
+    let pool = database.pool().clone();
+    let max = 8;
+    let store = IdempotencyStore::with_config(
+        PgPoolOptions::new()
+            .max_connections(max)
+            .connect_lazy_with((*pool.connect_options()).clone()),
+        Config::default().with_in_flight_wait(Duration::from_secs(10)),
+    );
+    let scope = Scope::new("cancel")?;
+    let request = Request::new("POST", "/x", b"{}");
+    let mut rng = Rng::from_env("cancellation");
+    let mut keys: Vec<IdempotencyKey> = Vec::new();
+    let total = env_usize("CANCELLATIONS", 10_000);
+    let (mut cancelled, mut sweeps) = (0, 0);
+
+    for round in 0..total {
+        let polls = 1 + rng.below(4) as usize;
+        match rng.below(3) {
+            0 => {
+                // begin on a new or an old key
+                let key = if keys.is_empty() || rng.chance(0.5) {
+                    new_key()
+                } else {
+                    keys[rng.below(keys.len() as u64) as usize].clone()
+                };
+                match cancel_after(store.begin(&scope, &key, &request), polls).await {
+                    None => cancelled += 1,
+                    Some(Ok(Begin::Claimed(claim))) => match rng.below(3) {
+                        0 => drop(claim),
+                        1 => claim.abort().await?,
+                        _ => drop(claim.complete(&StoredResponse::new(201, "ok")).await?),
+                    },
+                    Some(Ok(Begin::Replay(_))) => {}
+                    Some(Err(error)) => bail!("round {round}: begin failed: {error}"),
+                }
+                keys.push(key);
+            }
+            1 => {
+                let key = new_key();
+                let Begin::Claimed(claim) = store.begin(&scope, &key, &request).await? else {
+                    bail!("fresh key")
+                };
+                if cancel_after(claim.complete(&StoredResponse::new(201, "ok")), polls)
+                    .await
+                    .is_none()
+                {
+                    cancelled += 1;
+                }
+                keys.push(key);
+            }
+            _ => {
+                if rng.chance(0.1) {
+                    expire(&pool, 20).await?;
+                }
+                let options = SweepOptions::default()
+                    .with_batch_size(5)
+                    .with_pause(Duration::ZERO);
+                if cancel_after(pg_idempotency::sweep(store.pool(), &options), polls)
+                    .await
+                    .is_none()
+                {
+                    cancelled += 1;
+                }
+                sweeps += 1;
+            }
+        }
+        if round % 1000 == 999 {
+            assert_no_idle_transactions(&pool).await?;
+        }
+    }
+    assert_no_idle_transactions(&pool).await?;
+    eprintln!("{total} rounds, {cancelled} cancelled futures, {sweeps} sweeps");
+    ensure!(
+        cancelled > total / 4,
+        "too few cancellations landed: {cancelled}"
+    );
+
+    // No key is left unusable: each either replays or can be claimed.
+    for key in keys.iter().step_by((keys.len() / 500).max(1)) {
+        match store.begin(&scope, key, &request).await? {
+            Begin::Claimed(claim) => claim.abort().await?,
+            Begin::Replay(_) => {}
+        }
+    }
+    // The pool does not shrink for good: all its connections can be had at once.
+    let mut held = Vec::new();
+    for _ in 0..max {
+        held.push(tokio::time::timeout(Duration::from_secs(10), store.pool().acquire()).await??);
+    }
+    ensure!(held.len() == max as usize);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_in_two_scopes_under_concurrency_never_crosses() -> Result<()> {
+    let pool = pg_idempotency::testing::fresh_pool().await?;
+    let store = IdempotencyStore::with_config(
+        pool.clone(),
+        Config::default().with_in_flight_wait(Duration::from_secs(20)),
+    );
+    let key = new_key();
+    let start = Arc::new(tokio::sync::Barrier::new(32));
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let (store, key, start) = (store.clone(), key.clone(), Arc::clone(&start));
+        let tenant = if i % 2 == 0 { "tenant_a" } else { "tenant_b" };
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let scope = Scope::new(tenant)?;
+            let body = format!(r#"{{"tenant":"{tenant}"}}"#);
+            let outcome = store
+                .run(
+                    &scope,
+                    &key,
+                    &Request::new("POST", "/x", body.as_bytes()),
+                    async |_claim| {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok::<_, Error>(StoredResponse::new(201, format!("for {tenant}")))
+                    },
+                )
+                .await?;
+            Ok::<_, anyhow::Error>((tenant, outcome))
+        }));
+    }
+    let mut executed: BTreeMap<&str, usize> = BTreeMap::new();
+    for task in tasks {
+        let (tenant, outcome) = task.await??;
+        ensure!(
+            outcome.response().body == format!("for {tenant}").into_bytes(),
+            "{tenant} got {:?}",
+            outcome.response()
+        );
+        if let Outcome::Executed { .. } = outcome {
+            *executed.entry(tenant).or_default() += 1;
+        }
+    }
+    ensure!(
+        executed == BTreeMap::from([("tenant_a", 1), ("tenant_b", 1)]),
+        "{executed:?}"
+    );
+    Ok(())
+}
