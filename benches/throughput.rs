@@ -22,8 +22,10 @@
 //! 7. `sweeper`: rows per second on its own, and path 3 writers with and without the
 //! default [`Sweeper`].
 //!
-//! The server: `DATABASE_URL` (or `--database-url`). Every run creates a database of
-//! its own on it and drops it at the end. The report names the server and its `fsync`.
+//! The server: `DATABASE_URL` (or `--database-url`) if set, else a throwaway local
+//! cluster with fsync on (`pg_idempotency::testing::LocalCluster`, from the installed
+//! PostgreSQL binaries). Every run creates a database of its own there and drops it at
+//! the end. The report names the server and its `fsync`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -34,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
+use pg_idempotency::testing::{LocalCluster, LocalClusterOptions, TestDatabase};
 use pg_idempotency::{
     Begin, Config, Error, IdempotencyKey, IdempotencyStore, Request, Scope, StoredResponse,
     SweepOptions, Sweeper,
@@ -81,7 +84,7 @@ struct Args {
     #[arg(long)]
     svg: Option<PathBuf>,
     /// PostgreSQL server to create the benchmark database on [default: a throwaway
-    /// local cluster with fsync on].
+    /// local cluster with fsync on, from the installed PostgreSQL binaries].
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
     /// Passed by `cargo bench`; ignored.
@@ -824,40 +827,26 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// A database of our own on the server at `url`, with the crate's migrations and the
-/// benchmark's tables; dropped by [`Database::drop_now`].
+/// A database of our own on the server at `server_url` (a fresh one with the crate's
+/// migrations, from `pg_idempotency::testing`), the benchmark's tables, and a pool of
+/// `max_connections` opened up front.
 struct Database {
-    admin: PgPool,
-    name: String,
+    db: TestDatabase,
     pool: PgPool,
 }
 
 impl Database {
-    async fn create(url: &str, max_connections: u32) -> Result<Self> {
-        let admin = PgPoolOptions::new()
-            .max_connections(2)
-            .connect(url)
+    async fn create(server_url: &str, max_connections: u32) -> Result<Self> {
+        let db = TestDatabase::create_on(server_url)
             .await
-            .with_context(|| format!("connecting to {}", redact(url)))?;
-        let name = format!("pg_idempotency_bench_{}", uuid::Uuid::new_v4().simple());
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await?;
-        let (base, query) = match url.split_once('?') {
-            Some((base, query)) => (base, format!("?{query}")),
-            None => (url, String::new()),
-        };
-        let server = match base.rsplit_once('/') {
-            Some((server, _)) if server.contains("://") && server.len() > "x://".len() => server,
-            _ => base,
-        };
+            .with_context(|| format!("creating a database on {}", redact(server_url)))?;
+        db.pool().close().await;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .min_connections(max_connections)
             .acquire_timeout(Duration::from_secs(60))
-            .connect(&format!("{server}/{name}{query}"))
+            .connect(db.url())
             .await?;
-        pg_idempotency::migrate(&pool).await?;
         sqlx::raw_sql(
             "CREATE TABLE payments (
                  id      bigserial PRIMARY KEY,
@@ -882,17 +871,12 @@ impl Database {
         )
         .execute(&pool)
         .await?;
-        Ok(Self { admin, name, pool })
+        Ok(Self { db, pool })
     }
 
     async fn drop_now(self) -> Result<()> {
         self.pool.close().await;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&self.admin)
-        .await?;
+        self.db.close().await?;
         Ok(())
     }
 }
@@ -1115,9 +1099,23 @@ async fn main() -> Result<()> {
     // 64 clients, plus the in-flight pair and the sweeper, plus headroom.
     let max_clients = clients.iter().copied().max().unwrap_or(16).max(16);
     let pool_size = u32::try_from(max_clients + 8)?;
+    // A throwaway cluster with fsync on, unless a server is named.
+    let mut cluster = None;
     let (url, description) = match &args.database_url {
         Some(url) => (url.clone(), format!("{} (DATABASE_URL)", redact(url))),
-        None => bail!("set DATABASE_URL (a throwaway local cluster comes with the testing module)"),
+        None => {
+            eprintln!("starting a throwaway PostgreSQL cluster (fsync on)");
+            let started = tokio::task::spawn_blocking(|| {
+                LocalCluster::start(LocalClusterOptions::default().fsync(true))
+            })
+            .await??;
+            let url = started.url();
+            cluster = Some(started);
+            (
+                url.clone(),
+                format!("{url} (throwaway local cluster, pg_idempotency::testing::LocalCluster)"),
+            )
+        }
     };
     let db = Database::create(&url, pool_size).await?;
     let pool = db.pool.clone();
@@ -1344,5 +1342,6 @@ async fn main() -> Result<()> {
         }
     }
     db.drop_now().await?;
+    drop(cluster);
     Ok(())
 }

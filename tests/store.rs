@@ -633,8 +633,8 @@ async fn our_migrations_and_the_applications_coexist_in_either_order() -> Result
 }
 
 /// The claim's lookup goes through the primary key, whatever collation the arguments
-/// arrive with (the hand-built statement sends `convert_from(..)`, which is
-/// `COLLATE "C"`): a lookup that cannot use the index reads every live row.
+/// arrive with (`convert_from(..)`, for one, is `COLLATE "C"`): a lookup that cannot use
+/// the index reads every live row.
 #[tokio::test]
 async fn the_claim_looks_its_key_up_by_primary_key() -> Result<()> {
     let pool = setup().await?;
