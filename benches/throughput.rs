@@ -713,7 +713,12 @@ async fn checkpoint(pool: &PgPool) {
     }
 }
 
-async fn sweeper(ctx: &Arc<Ctx>, rows: i64, seconds_each_way: f64) -> Result<SweepResult> {
+async fn sweeper(
+    ctx: &Arc<Ctx>,
+    meter: &Meter,
+    rows: i64,
+    seconds_each_way: f64,
+) -> Result<SweepResult> {
     let pool = &ctx.pool;
     eprintln!("  inserting {rows} expired rows");
     let fill_secs = fill_expired(pool, "alone", rows).await?;
@@ -741,15 +746,20 @@ async fn sweeper(ctx: &Arc<Ctx>, rows: i64, seconds_each_way: f64) -> Result<Swe
     let mut with_deleted = 0;
     for pair in 0..pairs {
         for sweeping in [pair % 2 == 1, pair % 2 == 0] {
+            let before = meter.read(pool).await;
             if sweeping {
                 let sweeper = Sweeper::spawn(
                     pool.clone(),
                     SweepOptions::default().with_interval(Duration::from_secs(1)),
                 );
-                with.add(slice(ctx, Path::FirstRequest, 16, slice_len).await?);
+                let mut tally = slice(ctx, Path::FirstRequest, 16, slice_len).await?;
                 with_deleted += sweeper.stop().await;
+                tally.cost = meter.cost(&before, &meter.read(pool).await);
+                with.add(tally);
             } else {
-                without.add(slice(ctx, Path::FirstRequest, 16, slice_len).await?);
+                let mut tally = slice(ctx, Path::FirstRequest, 16, slice_len).await?;
+                tally.cost = meter.cost(&before, &meter.read(pool).await);
+                without.add(tally);
             }
         }
     }
@@ -1022,10 +1032,14 @@ fn draw_chart(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(72)
-        .build_cartesian_2d((0..clients.len()).into_segmented(), 0.0..top.max(1.0))?;
+        .build_cartesian_2d(
+            (0..clients.len().saturating_sub(1)).into_segmented(),
+            0.0..top.max(1.0),
+        )?;
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .light_line_style(TRANSPARENT)
         .x_desc("concurrent clients")
         .y_desc("TPS")
         .x_label_formatter(&|v| match v {
@@ -1179,7 +1193,7 @@ async fn main() -> Result<()> {
     let mut sweep = None;
     if args.sections.contains(&Section::Sweeper) {
         eprintln!("path 7: sweeper");
-        sweep = Some(sweeper(&ctx, sweep_rows, sweeper_seconds).await?);
+        sweep = Some(sweeper(&ctx, &meter, sweep_rows, sweeper_seconds).await?);
     }
     let load_after = load_average();
 
@@ -1267,15 +1281,26 @@ async fn main() -> Result<()> {
             "writers (first_request, 16 clients), backlog of {} expired rows:",
             s.rows
         )?;
+        let per_op = |t: &Tally| {
+            let server = t.cost.server_ticks.map_or("-".to_owned(), |ticks| {
+                format!("{:.0}", meter.micros_per_op(ticks, t.ops))
+            });
+            let wal = t.cost.wal_bytes.map_or("-".to_owned(), |bytes| {
+                format!("{:.0}", bytes as f64 / t.ops.max(1) as f64)
+            });
+            format!("server cpu {server} us/op, wal {wal} B/op")
+        };
         writeln!(
             out,
-            "  without sweeper: {:>6.0} tps  p50 {wo_p50:.2} ms  p99 {wo_p99:.2} ms",
-            s.without.tps()
+            "  without sweeper: {:>6.0} tps  p50 {wo_p50:.2} ms  p99 {wo_p99:.2} ms  ({})",
+            s.without.tps(),
+            per_op(&s.without),
         )?;
         writeln!(
             out,
-            "  default sweeper: {:>6.0} tps  p50 {w_p50:.2} ms  p99 {w_p99:.2} ms  ({:.0}% of TPS, p99 x {:.2}); it deleted {} rows = {:.0} rows/s, {} expired rows left",
+            "  default sweeper: {:>6.0} tps  p50 {w_p50:.2} ms  p99 {w_p99:.2} ms  ({}; {:.0}% of TPS, p99 x {:.2}); it deleted {} rows = {:.0} rows/s, {} expired rows left",
             s.with.tps(),
+            per_op(&s.with),
             s.with.tps() / s.without.tps() * 100.0,
             w_p99 / wo_p99,
             s.with_deleted,
