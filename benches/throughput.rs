@@ -87,6 +87,11 @@ struct Args {
     /// local cluster with fsync on, from the installed PostgreSQL binaries].
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
+    /// Whether the pool pings a connection before handing it out (sqlx's
+    /// `test_before_acquire`, on by default: one more round trip per transaction, for
+    /// every path alike).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ping_before_acquire: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -846,7 +851,7 @@ struct Database {
 }
 
 impl Database {
-    async fn create(server_url: &str, max_connections: u32) -> Result<Self> {
+    async fn create(server_url: &str, max_connections: u32, ping: bool) -> Result<Self> {
         let db = TestDatabase::create_on(server_url)
             .await
             .with_context(|| format!("creating a database on {}", redact(server_url)))?;
@@ -855,6 +860,7 @@ impl Database {
             .max_connections(max_connections)
             .min_connections(max_connections)
             .acquire_timeout(Duration::from_secs(60))
+            .test_before_acquire(ping)
             .connect(db.url())
             .await?;
         sqlx::raw_sql(
@@ -1131,7 +1137,7 @@ async fn main() -> Result<()> {
             )
         }
     };
-    let db = Database::create(&url, pool_size).await?;
+    let db = Database::create(&url, pool_size, args.ping_before_acquire).await?;
     let pool = db.pool.clone();
     let server = describe_server(&pool, description).await?;
     let load_before = load_average();
@@ -1151,8 +1157,13 @@ async fn main() -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "run:      {}clients {clients:?}, {rounds} rounds of {seconds} s slices, pool of {pool_size}",
-        if args.quick { "quick, " } else { "" }
+        "run:      {}clients {clients:?}, {rounds} rounds of {seconds} s slices, pool of {pool_size}{}",
+        if args.quick { "quick, " } else { "" },
+        if args.ping_before_acquire {
+            ""
+        } else {
+            " without ping before acquire"
+        }
     );
     println!();
 
