@@ -34,15 +34,17 @@ CREATE INDEX idempotency_keys_expires_at_idx ON idempotency_keys (expires_at);
 --   state 'done':    a live (unexpired) row exists; the lock is held too.
 --   state 'busy':    another transaction held the lock for longer than `wait_ms`.
 -- The caller's lock_timeout is restored, so its own statements are unaffected.
+-- Bytes come back as hex and the time as microseconds since the epoch, so that the
+-- client reads them from a simple query whatever bytea_output and DateStyle say.
 CREATE FUNCTION idempotency_claim(p_lock bigint, p_wait_ms integer, p_scope text, p_key text)
 RETURNS TABLE (
     state               text,
     fingerprint_version smallint,
-    fingerprint         bytea,
+    fingerprint_hex     text,
     status              smallint,
     headers             jsonb,
-    body                bytea,
-    created_at          timestamptz
+    body_hex            text,
+    created_at_us       bigint
 )
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -51,8 +53,8 @@ DECLARE
 BEGIN
     IF NOT pg_try_advisory_xact_lock(p_lock) THEN
         IF p_wait_ms <= 0 THEN
-            RETURN QUERY SELECT 'busy', NULL::smallint, NULL::bytea, NULL::smallint,
-                                NULL::jsonb, NULL::bytea, NULL::timestamptz;
+            RETURN QUERY SELECT 'busy', NULL::smallint, NULL::text, NULL::smallint,
+                                NULL::jsonb, NULL::text, NULL::bigint;
             RETURN;
         END IF;
         saved_timeout := current_setting('lock_timeout');
@@ -61,20 +63,27 @@ BEGIN
             PERFORM pg_advisory_xact_lock(p_lock);
             PERFORM set_config('lock_timeout', saved_timeout, true);
         EXCEPTION WHEN lock_not_available THEN
-            RETURN QUERY SELECT 'busy', NULL::smallint, NULL::bytea, NULL::smallint,
-                                NULL::jsonb, NULL::bytea, NULL::timestamptz;
+            RETURN QUERY SELECT 'busy', NULL::smallint, NULL::text, NULL::smallint,
+                                NULL::jsonb, NULL::text, NULL::bigint;
             RETURN;
         END;
     END IF;
     -- A fresh snapshot (VOLATILE): sees the row of a holder that committed while we waited.
+    -- COLLATE "default": a parameter takes the collation of its argument, and some
+    -- arguments carry another one (convert_from(..) returns COLLATE "C"); compared
+    -- under another collation, the primary key cannot be used and the lookup reads
+    -- every unexpired row.
     RETURN QUERY
-        SELECT 'done', k.fingerprint_version, k.fingerprint, k.status, k.headers, k.body,
-               k.created_at
+        SELECT 'done', k.fingerprint_version, encode(k.fingerprint, 'hex'), k.status,
+               k.headers, encode(k.body, 'hex'),
+               (extract(epoch FROM k.created_at) * 1000000)::bigint
         FROM idempotency_keys AS k
-        WHERE k.scope = p_scope AND k.key = p_key AND k.expires_at > now();
+        WHERE k.scope = p_scope COLLATE "default"
+          AND k.key = p_key COLLATE "default"
+          AND k.expires_at > now();
     IF NOT FOUND THEN
-        RETURN QUERY SELECT 'claimed', NULL::smallint, NULL::bytea, NULL::smallint,
-                            NULL::jsonb, NULL::bytea, NULL::timestamptz;
+        RETURN QUERY SELECT 'claimed', NULL::smallint, NULL::text, NULL::smallint,
+                            NULL::jsonb, NULL::text, NULL::bigint;
     END IF;
 END
 $$;

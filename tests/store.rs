@@ -632,6 +632,52 @@ async fn our_migrations_and_the_applications_coexist_in_either_order() -> Result
     Ok(())
 }
 
+/// The claim's lookup goes through the primary key, whatever collation the arguments
+/// arrive with (`convert_from(..)`, for one, is `COLLATE "C"`): a lookup that cannot use
+/// the index reads every live row.
+#[tokio::test]
+async fn the_claim_looks_its_key_up_by_primary_key() -> Result<()> {
+    let pool = setup().await?;
+    sqlx::query(
+        "INSERT INTO idempotency_keys
+             (scope, key, fingerprint_version, fingerprint, status, headers, body, expires_at)
+         SELECT 'acct_1', 'other-' || g, 1, sha256(g::text::bytea), 201, '[]', '',
+                now() + interval '1 day'
+         FROM generate_series(1, 5000) AS g",
+    )
+    .execute(&pool)
+    .await?;
+    sqlx::raw_sql("ANALYZE idempotency_keys")
+        .execute(&pool)
+        .await?;
+
+    // A connection of its own, so that its pending table statistics are the claim's.
+    let single = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*pool.connect_options()).clone())
+        .await?;
+    let store = IdempotencyStore::new(single);
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    let Begin::Claimed(mut claim) = store.begin(&scope("acct_1"), &new_key(), &request).await?
+    else {
+        bail!("a fresh key should be claimed")
+    };
+    // Statistics of the session are flushed only outside a transaction, so inside the
+    // claim's transaction they count the lookup.
+    let (seq_read, idx_fetched): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(seq_tup_read, 0), coalesce(idx_tup_fetch, 0)
+         FROM pg_stat_xact_user_tables WHERE relname = 'idempotency_keys'",
+    )
+    .fetch_one(&mut claim)
+    .await?;
+    claim.abort().await?;
+    assert!(
+        seq_read + idx_fetched <= 1,
+        "the claim read {seq_read} rows sequentially and {idx_fetched} through an index"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_key_stored_behind_the_claims_back_rolls_the_claim_back() -> Result<()> {
     // Two requests that did not share the advisory lock (e.g. on Citus with locks on
@@ -669,4 +715,32 @@ async fn a_key_stored_behind_the_claims_back_rolls_the_claim_back() -> Result<()
         .await?;
     assert_eq!(body, b"winner");
     assert_no_idle_transactions(&pool).await
+}
+
+#[tokio::test]
+async fn hand_built_statements_hold_under_unusual_string_settings() -> Result<()> {
+    let pool = setup().await?;
+    let options = (*pool.connect_options()).clone().options([
+        ("standard_conforming_strings", "off"),
+        ("backslash_quote", "off"),
+        ("escape_string_warning", "off"),
+    ]);
+    let odd = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await?;
+    let store = IdempotencyStore::new(odd);
+    let scope = scope("o'brien \\ '' \\' $$ é 💳");
+    let key = IdempotencyKey::parse("k'\\x00", pg_idempotency::KeyPolicy::Opaque)?;
+    let first = pay(&store, &scope, &key, br#"{"amount":100}"#).await?;
+    assert!(!first.is_replay());
+    let Outcome::Replayed(replay) = pay(&store, &scope, &key, br#"{"amount":100}"#).await? else {
+        bail!("should replay")
+    };
+    assert_eq!(&replay.response, first.response());
+    let stored: (String, String) = sqlx::query_as("SELECT scope, key FROM idempotency_keys")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(stored, (scope.to_string(), key.to_string()));
+    Ok(())
 }
