@@ -34,6 +34,7 @@ pub struct Stats {
 /// # Errors
 ///
 /// [`Error::Database`].
+#[tracing::instrument(name = "idempotency.stats", skip_all)]
 pub async fn stats<'e>(executor: impl PgExecutor<'e>) -> Result<Stats, Error> {
     let row = sqlx::query!(
         r#"
@@ -88,6 +89,7 @@ pub struct KeyInfo {
 /// # Errors
 ///
 /// [`Error::Database`], or [`Error::MalformedRow`] for a row this crate did not write.
+#[tracing::instrument(name = "idempotency.inspect", skip_all, fields(scope = %scope, key = %key))]
 pub async fn inspect<'e>(
     executor: impl PgExecutor<'e>,
     scope: &Scope,
@@ -134,6 +136,7 @@ pub async fn inspect<'e>(
 /// # Errors
 ///
 /// [`Error::Database`].
+#[tracing::instrument(name = "idempotency.forget", skip_all, fields(scope = %scope, key = %key))]
 pub async fn forget<'e>(
     executor: impl PgExecutor<'e>,
     scope: &Scope,
