@@ -63,6 +63,16 @@ impl Demo {
         Answer::of(request.send().await?).await
     }
 
+    /// A valid 1000 EUR payment for the default account with `key`: 201 and its body.
+    async fn pay_default(&self, key: &str) -> Result<Value> {
+        check_created(
+            &self.post(Some(key), None, EUR_1000).await?,
+            "default",
+            1000,
+            "EUR",
+        )
+    }
+
     async fn get(&self, path: &str) -> Result<Answer> {
         Answer::of(client().get(self.server.url(path)).send().await?).await
     }
@@ -278,12 +288,7 @@ async fn missing_and_malformed_keys_are_400() -> Result<()> {
     }
     ensure!(demo.rows().await? == 0);
     // None of that used the key.
-    check_created(
-        &demo.post(Some(&key), None, EUR_1000).await?,
-        "default",
-        1000,
-        "EUR",
-    )?;
+    demo.pay_default(&key).await?;
     demo.stop().await
 }
 
@@ -404,12 +409,7 @@ async fn bodies_over_one_mib_are_413_and_leave_the_key_free() -> Result<()> {
     ensure!(answer.status == 413, "chunked: {answer:?}");
 
     ensure!(demo.rows().await? == 0);
-    check_created(
-        &demo.post(Some(&key), None, EUR_1000).await?,
-        "default",
-        1000,
-        "EUR",
-    )?;
+    demo.pay_default(&key).await?;
     demo.stop().await
 }
 
@@ -423,12 +423,7 @@ async fn accounts_scope_keys_and_counts() -> Result<()> {
     let b = check_created(&b, "acct_b", 1000, "EUR")?;
     ensure!(a["id"] != b["id"], "one key, two accounts: two payments");
     // Without the header, the account is `default`: a third scope.
-    check_created(
-        &demo.post(Some(&key), None, EUR_1000).await?,
-        "default",
-        1000,
-        "EUR",
-    )?;
+    demo.pay_default(&key).await?;
     // Unicode accounts are fine.
     check_created(
         &demo.post(Some(&key), Some("ユーザー"), EUR_1000).await?,
@@ -660,12 +655,7 @@ async fn a_replay_survives_a_restart() -> Result<()> {
 async fn expired_keys_count_as_unused() -> Result<()> {
     let demo = Demo::start_with(Config::default().with_ttl(Duration::from_secs(1))).await?;
     let key = new_key();
-    check_created(
-        &demo.post(Some(&key), None, EUR_1000).await?,
-        "default",
-        1000,
-        "EUR",
-    )?;
+    demo.pay_default(&key).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let other = r#"{"amount":2,"currency":"EUR"}"#;
     check_created(
