@@ -203,7 +203,14 @@ impl IdempotencyStore {
             "done" => {
                 let stored = StoredRow::decode(row)?;
                 tx.rollback().await?;
-                let same_request = match request.fingerprint_at(stored.fingerprint.version()) {
+                // Hash the request again only if the row was written by another version.
+                let stored_version = stored.fingerprint.version();
+                let ours = if stored_version == fingerprint.version() {
+                    Some(fingerprint)
+                } else {
+                    request.fingerprint_at(stored_version)
+                };
+                let same_request = match ours {
                     Some(ours) => ours == stored.fingerprint,
                     None => {
                         return Err(Error::UnknownFingerprintVersion {
