@@ -20,8 +20,9 @@ use crate::response::StoredResponse;
 use crate::scope::Scope;
 use crate::sql;
 
-/// SQLSTATE raised by `idempotency_store` when a live row already holds the key.
-const KEY_TAKEN: &str = "PI001";
+/// The primary key of `idempotency_keys`: storing a response meets it when a row is in
+/// the way.
+const KEY_CONSTRAINT: &str = "idempotency_keys_pkey";
 
 /// How long a rollback started from `Drop` may take before the connection is closed.
 const DROP_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,6 +51,8 @@ pub struct Claim {
     scope: Scope,
     key: IdempotencyKey,
     fingerprint: Fingerprint,
+    /// The claim saw an expired row for the key, which `complete` replaces.
+    replace_expired: bool,
     config: Arc<Config>,
 }
 
@@ -70,6 +73,7 @@ impl Claim {
         scope: Scope,
         key: IdempotencyKey,
         fingerprint: Fingerprint,
+        replace_expired: bool,
         config: Arc<Config>,
     ) -> Self {
         Self {
@@ -77,6 +81,7 @@ impl Claim {
             scope,
             key,
             fingerprint,
+            replace_expired,
             config,
         }
     }
@@ -142,13 +147,14 @@ impl Claim {
                 headers_json: &headers_json,
                 body: &response.body,
                 ttl_ms,
+                replace_expired: self.replace_expired,
             });
             match self.tx.finish(statement).await {
                 Ok(()) => {}
-                // `idempotency_store` met a live row: another request with this key
-                // committed first without sharing our lock (see docs/OPERATIONS.md).
-                // Our transaction is rolled back; a retry replays the winner's response.
-                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some(KEY_TAKEN) => {
+                // The insert met a live row: another request with this key committed
+                // first without sharing our lock (see docs/OPERATIONS.md). Our
+                // transaction is rolled back; a retry replays the winner's response.
+                Err(sqlx::Error::Database(error)) if error.constraint() == Some(KEY_CONSTRAINT) => {
                     return Err(Error::InFlight {
                         scope: self.scope.clone(),
                         key: self.key.clone(),

@@ -1,16 +1,18 @@
-//! The two hot-path statements, built by hand.
+//! The hot-path statements, built by hand.
 //!
 //! Every request that runs its business logic pays for a claim (`BEGIN` + taking the
 //! key) and a completion (storing the response + `COMMIT`). sqlx has no pipelining, and
-//! `BEGIN`/`COMMIT` would each be a round trip of their own, so each pair travels as one
+//! `BEGIN`/`COMMIT` would each be a round trip of their own, so each group travels as one
 //! simple-query string: one round trip each. A simple query binds no parameters, so the
 //! values are spelled into the text, and this module is the one place that does it.
 //!
-//! The server parses and plans a simple query every time, so the text is kept as plain
-//! as possible: every value is a literal, not a function call (each function call in the
-//! text costs the server a name lookup and type resolution on every request; the
-//! benchmark measured ~30 µs of server CPU per request for the earlier
-//! `convert_from(decode('<hex>', 'hex'), 'UTF8')` form).
+//! The server parses and plans a simple query every time, and for the lookup and the
+//! insert that was most of the cost of a request. Those two are therefore server-side
+//! prepared statements ([`LOOKUP`], [`INSERT`]): prepared once per connection, then run as
+//! `EXECUTE name(literals)`, which skips planning (docs/BENCHMARKS.md has the figures). A
+//! connection that has not prepared them (new, or after `DISCARD ALL`) answers the first
+//! `EXECUTE` with SQLSTATE 26000; the store then prepares what is missing and retries
+//! ([`is_unprepared`], [`FIND_PREPARED`], [`prepare`]).
 //!
 //! Injection-proof by construction, and independent of `standard_conforming_strings`,
 //! `backslash_quote` and `client_encoding`: text goes into an escape string `E'..'` in
@@ -18,25 +20,93 @@
 //! and `\`, control characters and everything beyond ASCII are written as backslash escapes
 //! (`\'`, `\\`, `\x0a`, `\u00e9`, `\U0001f4b3`), so the statement is pure printable
 //! ASCII whatever the input. Bytes go as `E'\\x<hex>'` (bytea hex input). Integers are
-//! formatted by Rust.
+//! formatted by Rust. The prepared statements' texts are constants.
 
 use std::fmt::Write as _;
 
 use crate::fingerprint::Fingerprint;
 
-/// `BEGIN`, then claim `(scope, key)` through `idempotency_claim`, waiting at most
-/// `wait_ms` for another holder. Yields one row:
-/// `state, fingerprint_version, fingerprint (hex), status, headers (jsonb),
-/// body (hex), created_at (µs since the epoch)`.
-pub(crate) fn begin_and_claim(lock: i64, wait_ms: i32, scope: &str, key: &str) -> String {
-    let mut sql = String::with_capacity(96 + 2 * (scope.len() + key.len()));
-    sql.push_str("BEGIN; SELECT * FROM idempotency_claim(");
-    write!(sql, "{lock}, {wait_ms}, ").expect("writing to a String");
-    text_into(&mut sql, scope);
-    sql.push_str(", ");
-    text_into(&mut sql, key);
-    sql.push(')');
+/// A statement the hot path prepares once per connection and then `EXECUTE`s.
+///
+/// The name carries a version: a changed text gets a new name, so a connection that
+/// prepared an older text never runs it.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub name: &'static str,
+    params: &'static str,
+    body: &'static str,
+}
+
+/// The key's row, if any: `fingerprint_version, fingerprint (hex), status, headers
+/// (jsonb), body (hex), created_at (µs since the epoch), live (not expired)`. Bytes come
+/// back as hex and the time as microseconds, so that the client reads them from a simple
+/// query whatever `bytea_output` and `DateStyle` say. The parameters are `text`, so the
+/// comparison uses the column's collation and the primary key.
+pub(crate) const LOOKUP: Prepared = Prepared {
+    name: "pgidem_lookup_v1",
+    params: "text, text",
+    body: "SELECT fingerprint_version, encode(fingerprint, 'hex'), status, headers, \
+           encode(body, 'hex'), (extract(epoch FROM created_at) * 1000000)::bigint, \
+           expires_at > now() \
+           FROM idempotency_keys WHERE scope = $1 AND key = $2",
+};
+
+/// Stores a completed request. A plain `INSERT`: if a row is in the way, it fails with a
+/// unique violation, and the `COMMIT` behind it rolls back instead.
+pub(crate) const INSERT: Prepared = Prepared {
+    name: "pgidem_insert_v1",
+    params: "text, text, smallint, bytea, smallint, jsonb, bytea, bigint",
+    body: "INSERT INTO idempotency_keys \
+           (scope, key, fingerprint_version, fingerprint, status, headers, body, \
+            created_at, expires_at) \
+           VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8 * interval '1 millisecond')",
+};
+
+/// Every prepared statement of the hot path.
+pub(crate) const PREPARED: [&Prepared; 2] = [&LOOKUP, &INSERT];
+
+/// Ends the failed attempt and lists which of [`PREPARED`] the connection has.
+pub(crate) const FIND_PREPARED: &str =
+    "ROLLBACK; SELECT name FROM pg_prepared_statements WHERE starts_with(name, 'pgidem_')";
+
+/// `PREPARE` statements for `missing`, each followed by `; `.
+pub(crate) fn prepare<'a>(missing: impl IntoIterator<Item = &'a Prepared>) -> String {
+    missing
+        .into_iter()
+        .fold(String::new(), |mut sql, statement| {
+            let Prepared { name, params, body } = statement;
+            write!(sql, "PREPARE {name}({params}) AS {body}; ").expect("writing to a String");
+            sql
+        })
+}
+
+/// Whether `error` says that a prepared statement does not exist (SQLSTATE 26000).
+pub(crate) fn is_unprepared(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("26000"))
+}
+
+/// `BEGIN`, try the key's advisory lock, and look the key up. Yields two rows: whether
+/// the lock is held, then the key's row (see [`LOOKUP`]) if there is one.
+pub(crate) fn begin_and_claim(lock: i64, scope: &str, key: &str) -> String {
+    let mut sql = format!("BEGIN; SELECT pg_try_advisory_xact_lock({lock}); ");
+    lookup_into(&mut sql, scope, key);
     sql
+}
+
+/// Inside the claim's transaction: wait at most `wait_ms` for the key's advisory lock,
+/// then look the key up with a fresh snapshot. The same rows as [`begin_and_claim`].
+pub(crate) fn wait_and_claim(lock: i64, wait_ms: i32, scope: &str, key: &str) -> String {
+    let mut sql = format!("SELECT idempotency_wait_lock({lock}, {wait_ms}); ");
+    lookup_into(&mut sql, scope, key);
+    sql
+}
+
+fn lookup_into(sql: &mut String, scope: &str, key: &str) {
+    write!(sql, "EXECUTE {}(", LOOKUP.name).expect("writing to a String");
+    text_into(sql, scope);
+    sql.push_str(", ");
+    text_into(sql, key);
+    sql.push(')');
 }
 
 /// What `store_and_commit` writes.
@@ -48,20 +118,29 @@ pub(crate) struct Row<'a> {
     pub headers_json: &'a str,
     pub body: &'a [u8],
     pub ttl_ms: i64,
+    /// The claim saw an expired row for the key: delete it first.
+    pub replace_expired: bool,
 }
 
-/// Store the response through `idempotency_store`, then `COMMIT`.
+/// Store the response (see [`INSERT`]), then `COMMIT`.
 pub(crate) fn store_and_commit(row: &Row<'_>) -> String {
     let mut sql = String::with_capacity(
-        160 + 2 * (row.scope.len() + row.key.len() + row.headers_json.len() + row.body.len()),
+        160 + 4 * (row.scope.len() + row.key.len()) + 2 * (row.headers_json.len() + row.body.len()),
     );
-    sql.push_str("SELECT idempotency_store(");
+    if row.replace_expired {
+        sql.push_str("DELETE FROM idempotency_keys WHERE scope = ");
+        text_into(&mut sql, row.scope);
+        sql.push_str(" AND key = ");
+        text_into(&mut sql, row.key);
+        sql.push_str(" AND expires_at <= now(); ");
+    }
+    write!(sql, "EXECUTE {}(", INSERT.name).expect("writing to a String");
     text_into(&mut sql, row.scope);
     sql.push_str(", ");
     text_into(&mut sql, row.key);
-    write!(sql, ", {}::smallint, ", row.fingerprint.version()).expect("writing to a String");
+    write!(sql, ", {}, ", row.fingerprint.version()).expect("writing to a String");
     bytea_into(&mut sql, row.fingerprint.hash());
-    write!(sql, ", {}::smallint, ", row.status).expect("writing to a String");
+    write!(sql, ", {}, ", row.status).expect("writing to a String");
     text_into(&mut sql, row.headers_json);
     sql.push_str(", ");
     bytea_into(&mut sql, row.body);
@@ -189,22 +268,31 @@ mod tests {
 
     #[test]
     fn hostile_text_is_escaped_into_printable_ascii() {
-        let sql = begin_and_claim(-42, 2000, HOSTILE, HOSTILE);
-        assert!(sql.bytes().all(|b| (b' '..=b'~').contains(&b)), "{sql}");
-        let (values, skeleton) = literals(&sql);
-        assert_eq!(values, vec![HOSTILE.as_bytes().to_vec(); 2]);
-        assert_eq!(skeleton, literals(&begin_and_claim(-42, 2000, "", "")).1);
-        assert_eq!(
-            skeleton,
-            "BEGIN; SELECT * FROM idempotency_claim(-42, 2000, E'', E'')"
-        );
+        for (sql, empty, skeleton_expected) in [
+            (
+                begin_and_claim(-42, HOSTILE, HOSTILE),
+                begin_and_claim(-42, "", ""),
+                "BEGIN; SELECT pg_try_advisory_xact_lock(-42); EXECUTE pgidem_lookup_v1(E'', E'')",
+            ),
+            (
+                wait_and_claim(-42, 2000, HOSTILE, HOSTILE),
+                wait_and_claim(-42, 2000, "", ""),
+                "SELECT idempotency_wait_lock(-42, 2000); EXECUTE pgidem_lookup_v1(E'', E'')",
+            ),
+        ] {
+            assert!(sql.bytes().all(|b| (b' '..=b'~').contains(&b)), "{sql}");
+            let (values, skeleton) = literals(&sql);
+            assert_eq!(values, vec![HOSTILE.as_bytes().to_vec(); 2]);
+            assert_eq!(skeleton, literals(&empty).1);
+            assert_eq!(skeleton, skeleton_expected);
+        }
     }
 
     #[test]
     fn store_statement_round_trips_every_value() {
         let fingerprint = Fingerprint::from_parts(1, [0xab; 32]);
         let body = [0u8, 39, 92, 255, b'$'];
-        let row = Row {
+        let mut row = Row {
             scope: "acct'1",
             key: "k\\",
             fingerprint: &fingerprint,
@@ -212,25 +300,43 @@ mod tests {
             headers_json: HOSTILE,
             body: &body,
             ttl_ms: 86_400_000,
+            replace_expired: false,
         };
+        let insert = "EXECUTE pgidem_insert_v1(E'', E'', 1, E'', 201, E'', E'', 86400000); COMMIT";
+        let values = vec![
+            b"acct'1".to_vec(),
+            b"k\\".to_vec(),
+            vec![0xab; 32],
+            HOSTILE.as_bytes().to_vec(),
+            body.to_vec(),
+        ];
         let sql = store_and_commit(&row);
         assert!(sql.bytes().all(|b| (b' '..=b'~').contains(&b)), "{sql}");
-        let (values, skeleton) = literals(&sql);
+        assert_eq!(literals(&sql), (values.clone(), insert.to_owned()));
+
+        row.replace_expired = true;
+        let sql = store_and_commit(&row);
+        assert!(sql.bytes().all(|b| (b' '..=b'~').contains(&b)), "{sql}");
+        let (replacing, skeleton) = literals(&sql);
         assert_eq!(
             skeleton,
-            "SELECT idempotency_store(E'', E'', 1::smallint, E'', 201::smallint, E'', E'', \
-             86400000); COMMIT"
+            format!(
+                "DELETE FROM idempotency_keys WHERE scope = E'' AND key = E'' \
+                 AND expires_at <= now(); {insert}"
+            )
         );
-        assert_eq!(
-            values,
-            vec![
-                b"acct'1".to_vec(),
-                b"k\\".to_vec(),
-                vec![0xab; 32],
-                HOSTILE.as_bytes().to_vec(),
-                body.to_vec()
-            ]
-        );
+        assert_eq!(replacing[..2], values[..2]);
+        assert_eq!(replacing[2..], values);
+    }
+
+    #[test]
+    fn prepare_spells_each_missing_statement() {
+        assert_eq!(prepare([]), "");
+        let sql = prepare(PREPARED);
+        assert!(sql.starts_with("PREPARE pgidem_lookup_v1(text, text) AS SELECT "));
+        assert!(sql.contains("; PREPARE pgidem_insert_v1(text, text, smallint, "));
+        assert!(sql.ends_with("; "));
+        assert_eq!(sql.matches("PREPARE ").count(), 2);
     }
 
     #[test]

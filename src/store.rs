@@ -174,35 +174,26 @@ impl IdempotencyStore {
         request: &Request<'_>,
     ) -> Result<Begin, Error> {
         let fingerprint = request.fingerprint();
-        let wait_ms = i32::try_from(self.config.in_flight_wait().as_millis()).unwrap_or(i32::MAX);
-        let statement =
-            sql::begin_and_claim(lock_id(scope, key), wait_ms, scope.as_str(), key.as_str());
+        let lock = lock_id(scope, key);
+        let (scope_str, key_str) = (scope.as_str(), key.as_str());
 
         let mut tx = TxConn::new(self.pool.acquire().await?);
-        let rows = tx.run(statement).await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| Error::MalformedRow("idempotency_claim returned no row".to_owned()))?;
-        let state: String = row.try_get(0)?;
-        match state.as_str() {
-            "claimed" => Ok(Begin::Claimed(Claim::new(
-                tx,
-                scope.clone(),
-                key.clone(),
-                fingerprint,
-                Arc::clone(&self.config),
-            ))),
-            "busy" => {
+        let mut found = run_claim(&mut tx, sql::begin_and_claim(lock, scope_str, key_str)).await?;
+        let wait_ms = i32::try_from(self.config.in_flight_wait().as_millis()).unwrap_or(i32::MAX);
+        // Another request holds the key and has not stored a response (yet): wait for it,
+        // then look again.
+        if !found.locked && found.row.as_ref().is_none_or(|row| !row.live) && wait_ms > 0 {
+            found = run_claim(
+                &mut tx,
+                sql::wait_and_claim(lock, wait_ms, scope_str, key_str),
+            )
+            .await?;
+        }
+        match found.row {
+            // A live row answers, whoever holds the lock: it cannot change until it expires.
+            Some(row) if row.live => {
                 tx.rollback().await?;
-                Err(Error::InFlight {
-                    scope: scope.clone(),
-                    key: key.clone(),
-                    retry_after: self.config.retry_after(),
-                })
-            }
-            "done" => {
-                let stored = StoredRow::decode(row)?;
-                tx.rollback().await?;
+                let stored = row.decode()?;
                 // Hash the request again only if the row was written by another version.
                 let stored_version = stored.fingerprint.version();
                 let ours = if stored_version == fingerprint.version() {
@@ -210,15 +201,12 @@ impl IdempotencyStore {
                 } else {
                     request.fingerprint_at(stored_version)
                 };
-                let same_request = match ours {
-                    Some(ours) => ours == stored.fingerprint,
-                    None => {
-                        return Err(Error::UnknownFingerprintVersion {
-                            version: stored.fingerprint.version(),
-                        });
-                    }
+                let Some(ours) = ours else {
+                    return Err(Error::UnknownFingerprintVersion {
+                        version: stored_version,
+                    });
                 };
-                if same_request {
+                if ours == stored.fingerprint {
                     Ok(Begin::Replay(Replay {
                         response: stored.response,
                         first_used_at: stored.created_at,
@@ -231,9 +219,23 @@ impl IdempotencyStore {
                     })
                 }
             }
-            other => Err(Error::MalformedRow(format!(
-                "idempotency_claim returned unknown state {other:?}"
+            row if found.locked => Ok(Begin::Claimed(Claim::new(
+                tx,
+                scope.clone(),
+                key.clone(),
+                fingerprint,
+                // An expired row is deleted when the response is stored.
+                row.is_some(),
+                Arc::clone(&self.config),
             ))),
+            _ => {
+                tx.rollback().await?;
+                Err(Error::InFlight {
+                    scope: scope.clone(),
+                    key: key.clone(),
+                    retry_after: self.config.retry_after(),
+                })
+            }
         }
     }
 
@@ -298,6 +300,30 @@ impl IdempotencyStore {
     }
 }
 
+/// Runs a claim statement. On a connection that lacks the hot path's prepared statements
+/// (the first claim on a new connection, or one after `DISCARD ALL`), the statement fails
+/// with SQLSTATE 26000 before anything is written: roll back, prepare what is missing and
+/// run it again, all in two more round trips.
+async fn run_claim(tx: &mut TxConn, statement: String) -> Result<Found, Error> {
+    let rows = match tx.run(statement.clone()).await {
+        Err(error) if sql::is_unprepared(&error) => {
+            let present: Vec<String> = tx
+                .run(sql::FIND_PREPARED.to_owned())
+                .await?
+                .iter()
+                .map(|row| row.try_get(0))
+                .collect::<Result<_, _>>()?;
+            let missing = sql::PREPARED
+                .into_iter()
+                .filter(|prepared| !present.iter().any(|name| name == prepared.name));
+            tracing::debug!("preparing the hot-path statements on this connection");
+            tx.run(sql::prepare(missing) + &statement).await?
+        }
+        rows => rows?,
+    };
+    Found::from_rows(rows)
+}
+
 /// The transaction-scoped advisory lock that serialises requests with one key.
 ///
 /// 64 bits of SHA-256 over the scope and the key: a collision only makes two unrelated
@@ -315,27 +341,61 @@ fn lock_id(scope: &Scope, key: &IdempotencyKey) -> i64 {
     i64::from_be_bytes(first)
 }
 
-/// A live row as `idempotency_claim` returns it (see [`sql::begin_and_claim`]).
+/// What a claim statement ([`sql::begin_and_claim`], [`sql::wait_and_claim`]) found.
+pub(crate) struct Found {
+    /// Whether this transaction holds the key's advisory lock.
+    locked: bool,
+    /// The key's row, live or expired.
+    row: Option<FoundRow>,
+}
+
+impl Found {
+    /// Reads the rows of a claim statement: the lock's, then the lookup's (see
+    /// [`sql::LOOKUP`]).
+    pub(crate) fn from_rows(rows: Vec<PgRow>) -> Result<Self, Error> {
+        let mut rows = rows.into_iter();
+        let locked = rows
+            .next()
+            .ok_or_else(|| Error::MalformedRow("the claim returned no rows".to_owned()))?
+            .try_get(0)?;
+        let row = rows
+            .next()
+            .map(|row| -> Result<_, Error> {
+                let live = row.try_get(6)?;
+                Ok(FoundRow { row, live })
+            })
+            .transpose()?;
+        Ok(Self { locked, row })
+    }
+}
+
+struct FoundRow {
+    row: PgRow,
+    live: bool,
+}
+
+/// A stored response with its fingerprint.
 struct StoredRow {
     fingerprint: Fingerprint,
     response: StoredResponse,
     created_at: DateTime<Utc>,
 }
 
-impl StoredRow {
-    fn decode(row: &PgRow) -> Result<Self, Error> {
+impl FoundRow {
+    fn decode(self) -> Result<StoredRow, Error> {
+        let row = &self.row;
         let malformed = |what: &str| Error::MalformedRow(what.to_owned());
-        let version: i16 = row.try_get(1)?;
-        let hash = sql::decode_hex(&row.try_get::<String, _>(2)?)
+        let version: i16 = row.try_get(0)?;
+        let hash = sql::decode_hex(&row.try_get::<String, _>(1)?)
             .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
             .ok_or_else(|| malformed("fingerprint is not 32 bytes"))?;
-        let status: i16 = row.try_get(3)?;
-        let Json(headers): Json<Vec<(String, String)>> = row.try_get(4)?;
-        let body = sql::decode_hex(&row.try_get::<String, _>(5)?)
+        let status: i16 = row.try_get(2)?;
+        let Json(headers): Json<Vec<(String, String)>> = row.try_get(3)?;
+        let body = sql::decode_hex(&row.try_get::<String, _>(4)?)
             .ok_or_else(|| malformed("body is not hex"))?;
-        let created_at = DateTime::from_timestamp_micros(row.try_get(6)?)
+        let created_at = DateTime::from_timestamp_micros(row.try_get(5)?)
             .ok_or_else(|| malformed("created_at is out of range"))?;
-        Ok(Self {
+        Ok(StoredRow {
             fingerprint: Fingerprint::from_parts(version, hash),
             response: StoredResponse {
                 status: u16::try_from(status).map_err(|_| malformed("status is negative"))?,

@@ -8,8 +8,8 @@ use pg_idempotency::{
     Begin, Completion, Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Request, Scope,
     StorePolicy, StoredResponse, SweepOptions, Sweeper,
 };
-use sqlx::PgPool;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AssertSqlSafe, PgPool};
 
 mod common;
 use common::{assert_no_idle_transactions, cancel_after, expire, expire_all};
@@ -742,5 +742,54 @@ async fn hand_built_statements_hold_under_unusual_string_settings() -> Result<()
         .fetch_one(&pool)
         .await?;
     assert_eq!(stored, (scope.to_string(), key.to_string()));
+    Ok(())
+}
+
+/// The hot path's prepared statements are made on a connection's first claim, and made
+/// again, only those missing, after something deallocated them.
+#[tokio::test]
+async fn a_connection_that_lost_its_prepared_statements_prepares_them_again() -> Result<()> {
+    let pool = setup().await?;
+    // One connection, so that every statement below runs on the one the store uses.
+    let single = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*pool.connect_options()).clone())
+        .await?;
+    let store = IdempotencyStore::new(single.clone());
+    let prepared = async || -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT name::text FROM pg_prepared_statements
+             WHERE starts_with(name, 'pgidem_') ORDER BY name",
+        )
+        .fetch_all(&single)
+        .await?)
+    };
+    let both = vec!["pgidem_insert_v1".to_owned(), "pgidem_lookup_v1".to_owned()];
+    assert!(prepared().await?.is_empty());
+
+    let mut keys = Vec::new();
+    for lost in [
+        "",
+        "DEALLOCATE pgidem_lookup_v1",
+        "DEALLOCATE pgidem_lookup_v1; DEALLOCATE pgidem_insert_v1",
+    ] {
+        if !lost.is_empty() {
+            sqlx::raw_sql(AssertSqlSafe(lost)).execute(&single).await?;
+        }
+        let key = new_key();
+        let Outcome::Executed { stored: true, .. } =
+            pay(&store, &scope("acct_1"), &key, b"{}").await?
+        else {
+            bail!("a fresh key should execute and be stored after {lost:?}")
+        };
+        assert_eq!(prepared().await?, both, "after {lost:?}");
+        keys.push(key);
+    }
+    for key in &keys {
+        let Outcome::Replayed(_) = pay(&store, &scope("acct_1"), key, b"{}").await? else {
+            bail!("a stored key should replay")
+        };
+    }
+    assert_eq!(payments(&pool).await?, 3);
     Ok(())
 }
