@@ -65,9 +65,11 @@ pub(crate) const INSERT: Prepared = Prepared {
 /// Every prepared statement of the hot path.
 pub(crate) const PREPARED: [&Prepared; 2] = [&LOOKUP, &INSERT];
 
-/// Ends the failed attempt and lists which of [`PREPARED`] the connection has.
-pub(crate) const FIND_PREPARED: &str =
-    "ROLLBACK; SELECT name FROM pg_prepared_statements WHERE starts_with(name, 'pgidem_')";
+/// Ends the failed attempt, opens the transaction again and lists which of [`PREPARED`]
+/// the connection has. The transaction stays open from here to the retried claim, so a
+/// pooler in transaction mode keeps the same server connection for all of it.
+pub(crate) const FIND_PREPARED: &str = "ROLLBACK; BEGIN; \
+    SELECT name FROM pg_prepared_statements WHERE starts_with(name, 'pgidem_')";
 
 /// `PREPARE` statements for `missing`, each followed by `; `.
 pub(crate) fn prepare<'a>(missing: impl IntoIterator<Item = &'a Prepared>) -> String {
@@ -85,16 +87,17 @@ pub(crate) fn is_unprepared(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("26000"))
 }
 
-/// `BEGIN`, try the key's advisory lock, and look the key up. Yields two rows: whether
-/// the lock is held, then the key's row (see [`LOOKUP`]) if there is one.
-pub(crate) fn begin_and_claim(lock: i64, scope: &str, key: &str) -> String {
-    let mut sql = format!("BEGIN; SELECT pg_try_advisory_xact_lock({lock}); ");
+/// Tries the key's advisory lock and looks the key up, inside a transaction (prefix
+/// `BEGIN; ` to open it in the same round trip). Yields two rows: whether the lock is
+/// held, then the key's row (see [`LOOKUP`]) if there is one.
+pub(crate) fn claim(lock: i64, scope: &str, key: &str) -> String {
+    let mut sql = format!("SELECT pg_try_advisory_xact_lock({lock}); ");
     lookup_into(&mut sql, scope, key);
     sql
 }
 
 /// Inside the claim's transaction: wait at most `wait_ms` for the key's advisory lock,
-/// then look the key up with a fresh snapshot. The same rows as [`begin_and_claim`].
+/// then look the key up with a fresh snapshot. The same rows as [`claim`].
 pub(crate) fn wait_and_claim(lock: i64, wait_ms: i32, scope: &str, key: &str) -> String {
     let mut sql = format!("SELECT idempotency_wait_lock({lock}, {wait_ms}); ");
     lookup_into(&mut sql, scope, key);
@@ -270,9 +273,9 @@ mod tests {
     fn hostile_text_is_escaped_into_printable_ascii() {
         for (sql, empty, skeleton_expected) in [
             (
-                begin_and_claim(-42, HOSTILE, HOSTILE),
-                begin_and_claim(-42, "", ""),
-                "BEGIN; SELECT pg_try_advisory_xact_lock(-42); EXECUTE pgidem_lookup_v1(E'', E'')",
+                claim(-42, HOSTILE, HOSTILE),
+                claim(-42, "", ""),
+                "SELECT pg_try_advisory_xact_lock(-42); EXECUTE pgidem_lookup_v1(E'', E'')",
             ),
             (
                 wait_and_claim(-42, 2000, HOSTILE, HOSTILE),

@@ -178,16 +178,15 @@ impl IdempotencyStore {
         let (scope_str, key_str) = (scope.as_str(), key.as_str());
 
         let mut tx = TxConn::new(self.pool.acquire().await?);
-        let mut found = run_claim(&mut tx, sql::begin_and_claim(lock, scope_str, key_str)).await?;
+        let mut found = begin_claim(&mut tx, sql::claim(lock, scope_str, key_str)).await?;
         let wait_ms = i32::try_from(self.config.in_flight_wait().as_millis()).unwrap_or(i32::MAX);
         // Another request holds the key and has not stored a response (yet): wait for it,
         // then look again.
         if !found.locked && found.row.as_ref().is_none_or(|row| !row.live) && wait_ms > 0 {
-            found = run_claim(
-                &mut tx,
-                sql::wait_and_claim(lock, wait_ms, scope_str, key_str),
-            )
-            .await?;
+            let rows = tx
+                .run(sql::wait_and_claim(lock, wait_ms, scope_str, key_str))
+                .await?;
+            found = Found::from_rows(rows)?;
         }
         match found.row {
             // A live row answers, whoever holds the lock: it cannot change until it expires.
@@ -300,12 +299,14 @@ impl IdempotencyStore {
     }
 }
 
-/// Runs a claim statement. On a connection that lacks the hot path's prepared statements
-/// (the first claim on a new connection, or one after `DISCARD ALL`), the statement fails
-/// with SQLSTATE 26000 before anything is written: roll back, prepare what is missing and
-/// run it again, all in two more round trips.
-async fn run_claim(tx: &mut TxConn, statement: String) -> Result<Found, Error> {
-    let rows = match tx.run(statement.clone()).await {
+/// Opens the transaction and runs `claim` (see [`sql::claim`]) in it, in one round trip.
+///
+/// On a connection that lacks the hot path's prepared statements (the first claim on a
+/// new connection, or one after `DISCARD ALL`), the `EXECUTE` fails with SQLSTATE 26000
+/// before anything is written: open the transaction again, prepare what is missing and
+/// run `claim`, in two more round trips.
+async fn begin_claim(tx: &mut TxConn, claim: String) -> Result<Found, Error> {
+    let rows = match tx.run(format!("BEGIN; {claim}")).await {
         Err(error) if sql::is_unprepared(&error) => {
             let present: Vec<String> = tx
                 .run(sql::FIND_PREPARED.to_owned())
@@ -317,7 +318,7 @@ async fn run_claim(tx: &mut TxConn, statement: String) -> Result<Found, Error> {
                 .into_iter()
                 .filter(|prepared| !present.iter().any(|name| name == prepared.name));
             tracing::debug!("preparing the hot-path statements on this connection");
-            tx.run(sql::prepare(missing) + &statement).await?
+            tx.run(sql::prepare(missing) + &claim).await?
         }
         rows => rows?,
     };
@@ -341,7 +342,7 @@ fn lock_id(scope: &Scope, key: &IdempotencyKey) -> i64 {
     i64::from_be_bytes(first)
 }
 
-/// What a claim statement ([`sql::begin_and_claim`], [`sql::wait_and_claim`]) found.
+/// What a claim statement ([`sql::claim`], [`sql::wait_and_claim`]) found.
 pub(crate) struct Found {
     /// Whether this transaction holds the key's advisory lock.
     locked: bool,
