@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Statement-level costs of a first request, with pgbench (docs/BENCHMARKS.md, "Where the
+# time goes"). Each script adds one of the crate's statements to the bare
+# `BEGIN; INSERT; COMMIT`; the last is the whole first request as the crate sends it.
+#
+#   DATABASE_URL=postgres://postgres@127.0.0.1:5432/scratch bash benches/pgbench/run.sh [seconds]
+#
+# DATABASE_URL must name a database the script may fill: it applies the crate's
+# migrations there and creates a `payments` table. Server CPU per transaction is read from
+# /proc/stat (everything but pgbench), so it is right only for a server on this machine
+# that serves nothing else meanwhile.
+set -euo pipefail
+: "${DATABASE_URL:?set DATABASE_URL to a scratch database (see the header of this script)}"
+secs=${1:-6}
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here/../.."
+cargo run --quiet --features cli --bin pg-idempotency -- migrate >/dev/null
+psql -q "$DATABASE_URL" -c "CREATE TABLE IF NOT EXISTS payments (id bigserial PRIMARY KEY, account text NOT NULL, amount bigint NOT NULL)"
+hz=$(getconf CLK_TCK)
+busy() { awk '/^cpu / {print $2+$3+$4+$7+$8}' /proc/stat; }
+printf '%-16s %8s %18s\n' script tps 'server_cpu_us/tx'
+for script in bare lock lookup insert first_request; do
+    psql -q "$DATABASE_URL" -c "TRUNCATE idempotency_keys, payments" -c CHECKPOINT
+    b0=$(busy)
+    out=$( { /usr/bin/time -f "TIME %U %S" env PGSSLMODE=disable \
+        pgbench -n -D prepared=0 -c 16 -j 2 -T "$secs" -f "$here/$script.sql" "$DATABASE_URL"; } 2>&1 )
+    b1=$(busy)
+    tx=$(awk '/number of transactions actually processed/ {print $NF}' <<<"$out")
+    tps=$(awk '/^tps/ {printf "%d", $3}' <<<"$out")
+    own=$(awk '/^TIME/ {print $2 + $3}' <<<"$out")
+    awk -v s="$script" -v tps="$tps" -v b=$((b1 - b0)) -v hz="$hz" -v own="$own" -v tx="$tx" \
+        'BEGIN { printf "%-16s %8d %18.0f\n", s, tps, (b / hz - own) * 1e6 / tx }'
+done
