@@ -124,8 +124,10 @@ impl IdempotencyStore {
     /// Begins a request: claims `(scope, key)` for it, or finds the response of an
     /// earlier run of the same request.
     ///
-    /// One round trip opens the transaction and takes the key. If another request holds
-    /// the key, this waits up to [`Config::in_flight_wait`] for it to finish.
+    /// One round trip opens the transaction and takes the key (two more on a connection's
+    /// first claim, which prepares the hot path's statements). A stored, unexpired
+    /// response answers at once; if another request holds the key without one, this waits
+    /// up to [`Config::in_flight_wait`] for it to finish.
     ///
     /// # Errors
     ///
