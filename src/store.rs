@@ -180,10 +180,15 @@ impl IdempotencyStore {
         let (scope_str, key_str) = (scope.as_str(), key.as_str());
 
         let mut tx = TxConn::new(self.pool.acquire().await?);
+        let claiming = Instant::now();
         let mut found = begin_claim(&mut tx, sql::claim(lock, scope_str, key_str)).await?;
-        let wait_ms = i32::try_from(self.config.in_flight_wait().as_millis()).unwrap_or(i32::MAX);
         // Another request holds the key and has not stored a response (yet): wait for it,
-        // then look again.
+        // for what is left of the in-flight wait, then look again.
+        let remaining = self
+            .config
+            .in_flight_wait()
+            .saturating_sub(claiming.elapsed());
+        let wait_ms = i32::try_from(remaining.as_millis()).unwrap_or(i32::MAX);
         if !found.locked && found.row.as_ref().is_none_or(|row| !row.live) && wait_ms > 0 {
             let rows = tx
                 .run(sql::wait_and_claim(lock, wait_ms, scope_str, key_str))
