@@ -5,9 +5,10 @@
 -- key, and a plain INSERT. Their plans are cached, where a PL/pgSQL call paid for
 -- parsing, planning and the function call on every request (docs/BENCHMARKS.md). Only
 -- the contended case, waiting for another holder of the key, still needs a function.
-
-DROP FUNCTION idempotency_claim(bigint, integer, text, text);
-DROP FUNCTION idempotency_store(text, text, smallint, bytea, smallint, jsonb, bytea, bigint);
+--
+-- idempotency_claim and idempotency_store are no longer called, but stay for one release:
+-- during a rolling deploy, nodes of the previous version still call them, and they work
+-- beside the new statements (same advisory lock, same rows). A later migration drops them.
 
 -- Wait at most `p_wait_ms` for the transaction-scoped advisory lock `p_lock`; true once it
 -- is held, false if another transaction still held it when the time ran out (the caller's

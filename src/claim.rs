@@ -21,7 +21,7 @@ use crate::scope::Scope;
 use crate::sql;
 
 /// The primary key of `idempotency_keys`: storing a response meets it when a row is in
-/// the way.
+/// the way. A prefix, because Citus names a shard's constraint `<name>_<shard id>`.
 const KEY_CONSTRAINT: &str = "idempotency_keys_pkey";
 
 /// How long a rollback started from `Drop` may take before the connection is closed.
@@ -152,9 +152,16 @@ impl Claim {
             match self.tx.finish(statement).await {
                 Ok(()) => {}
                 // The insert met a live row: another request with this key committed
-                // first without sharing our lock (see docs/OPERATIONS.md). Our
-                // transaction is rolled back; a retry replays the winner's response.
-                Err(sqlx::Error::Database(error)) if error.constraint() == Some(KEY_CONSTRAINT) => {
+                // first without sharing our lock (see docs/OPERATIONS.md). The rest of
+                // the string (the COMMIT) was skipped: roll back, and a retry replays the
+                // winner's response.
+                Err(sqlx::Error::Database(error))
+                    if error.is_unique_violation()
+                        && error
+                            .constraint()
+                            .is_some_and(|name| name.starts_with(KEY_CONSTRAINT)) =>
+                {
+                    self.tx.rollback().await?;
                     return Err(Error::InFlight {
                         scope: self.scope.clone(),
                         key: self.key.clone(),

@@ -52,7 +52,7 @@ pub(crate) const LOOKUP: Prepared = Prepared {
 };
 
 /// Stores a completed request. A plain `INSERT`: if a row is in the way, it fails with a
-/// unique violation, and the `COMMIT` behind it rolls back instead.
+/// unique violation, and the server skips the `COMMIT` behind it.
 pub(crate) const INSERT: Prepared = Prepared {
     name: "pgidem_insert_v1",
     params: "text, text, smallint, bytea, smallint, jsonb, bytea, bigint",
