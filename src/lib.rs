@@ -101,7 +101,7 @@ pub use key::{IdempotencyKey, KeyError, KeyPolicy};
 pub use problem::{IDEMPOTENCY_KEY_HEADER, Problem};
 pub use response::{StorePolicy, StoredResponse};
 pub use scope::{Scope, ScopeError};
-pub use store::{Begin, IdempotencyStore, Outcome, Replay};
+pub use store::{Begin, IdempotencyStore, Outcome, Replay, prepare_connection};
 pub use sweeper::{SweepOptions, Sweeper, delete_expired, sweep};
 
 /// This crate's migrations, recorded in their own history table

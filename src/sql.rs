@@ -12,7 +12,7 @@
 //! `EXECUTE name(literals)`, which skips planning (docs/BENCHMARKS.md has the figures). A
 //! connection that has not prepared them (new, or after `DISCARD ALL`) answers the first
 //! `EXECUTE` with SQLSTATE 26000; the store then prepares what is missing and retries
-//! ([`is_unprepared`], [`FIND_PREPARED`], [`prepare`]).
+//! ([`is_unprepared`], [`FIND_PREPARED`], [`prepare_missing`]).
 //!
 //! Injection-proof by construction, and independent of `standard_conforming_strings`,
 //! `backslash_quote` and `client_encoding`: text goes into an escape string `E'..'` in
@@ -71,10 +71,12 @@ pub(crate) const PREPARED: [&Prepared; 2] = [&LOOKUP, &INSERT];
 pub(crate) const FIND_PREPARED: &str = "ROLLBACK; BEGIN; \
     SELECT name FROM pg_prepared_statements WHERE starts_with(name, 'pgidem_')";
 
-/// `PREPARE` statements for `missing`, each followed by `; `.
-pub(crate) fn prepare<'a>(missing: impl IntoIterator<Item = &'a Prepared>) -> String {
-    missing
+/// `PREPARE` statements for those of [`PREPARED`] whose names are not in `present`, each
+/// followed by `; `.
+pub(crate) fn prepare_missing(present: &[String]) -> String {
+    PREPARED
         .into_iter()
+        .filter(|statement| !present.iter().any(|name| name == statement.name))
         .fold(String::new(), |mut sql, statement| {
             let Prepared { name, params, body } = statement;
             write!(sql, "PREPARE {name}({params}) AS {body}; ").expect("writing to a String");
@@ -334,12 +336,18 @@ mod tests {
 
     #[test]
     fn prepare_spells_each_missing_statement() {
-        assert_eq!(prepare([]), "");
-        let sql = prepare(PREPARED);
-        assert!(sql.starts_with("PREPARE pgidem_lookup_v1(text, text) AS SELECT "));
-        assert!(sql.contains("; PREPARE pgidem_insert_v1(text, text, smallint, "));
-        assert!(sql.ends_with("; "));
-        assert_eq!(sql.matches("PREPARE ").count(), 2);
+        let all = prepare_missing(&[]);
+        assert!(all.starts_with("PREPARE pgidem_lookup_v1(text, text) AS SELECT "));
+        assert!(all.contains("; PREPARE pgidem_insert_v1(text, text, smallint, "));
+        assert!(all.ends_with("; "));
+        assert_eq!(all.matches("PREPARE ").count(), 2);
+
+        let insert_only = prepare_missing(&["pgidem_lookup_v1".to_owned()]);
+        assert!(insert_only.starts_with("PREPARE pgidem_insert_v1("));
+        assert_eq!(insert_only.matches("PREPARE ").count(), 1);
+
+        let names = PREPARED.map(|statement| statement.name.to_owned());
+        assert_eq!(prepare_missing(&names), "");
     }
 
     #[test]

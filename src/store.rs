@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
-use sqlx::{PgPool, Row};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
 use tracing::Instrument;
 
 use crate::claim::{Claim, Completion, TxConn};
@@ -321,15 +321,52 @@ async fn begin_claim(tx: &mut TxConn, claim: String) -> Result<Found, Error> {
                 .iter()
                 .map(|row| row.try_get(0))
                 .collect::<Result<_, _>>()?;
-            let missing = sql::PREPARED
-                .into_iter()
-                .filter(|prepared| !present.iter().any(|name| name == prepared.name));
             tracing::debug!("preparing the hot-path statements on this connection");
-            tx.run(sql::prepare(missing) + &claim).await?
+            tx.run(sql::prepare_missing(&present) + &claim).await?
         }
         rows => rows?,
     };
     Found::from_rows(rows)
+}
+
+/// Prepares the store's hot-path statements on a new connection, for
+/// [`PgPoolOptions::after_connect`](sqlx::postgres::PgPoolOptions::after_connect).
+///
+/// Optional: without it, a connection's first claim prepares them itself, after the
+/// server has answered (and logged) `prepared statement "pgidem_lookup_v1" does not exist`
+/// once. With it, that error never appears. Does nothing while the migrations have not
+/// created `idempotency_keys` yet, so a pool that runs them can still connect.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), sqlx::Error> {
+/// use sqlx::postgres::PgPoolOptions;
+///
+/// let pool = PgPoolOptions::new()
+///     .after_connect(|conn, _meta| Box::pin(pg_idempotency::prepare_connection(conn)))
+///     .connect("postgres://localhost/app")
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// The database error if a statement fails, which makes sqlx discard the connection.
+pub async fn prepare_connection(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let found = sqlx::query!(
+        r#"SELECT to_regclass('idempotency_keys') IS NOT NULL AS "migrated!",
+                  array(SELECT name::text FROM pg_prepared_statements
+                        WHERE starts_with(name, 'pgidem_')) AS "present!""#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let prepare = sql::prepare_missing(&found.present);
+    if found.migrated && !prepare.is_empty() {
+        sqlx::raw_sql(AssertSqlSafe(prepare))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// The transaction-scoped advisory lock that serialises requests with one key.

@@ -848,3 +848,42 @@ async fn the_previous_versions_functions_still_work_beside_the_new_statements() 
     );
     Ok(())
 }
+
+/// `prepare_connection` in `after_connect` prepares the statements before the first claim,
+/// and lets a connection open before the migrations have run.
+#[tokio::test]
+async fn after_connect_prepares_the_statements_unless_the_table_is_missing() -> Result<()> {
+    let pool = setup().await?;
+    let options = (*pool.connect_options()).clone();
+    let prepared = async |pool: &PgPool| -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT name::text FROM pg_prepared_statements
+             WHERE starts_with(name, 'pgidem_') ORDER BY name",
+        )
+        .fetch_all(pool)
+        .await?)
+    };
+    let with_hook = |options: sqlx::postgres::PgConnectOptions| {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .after_connect(|conn, _meta| Box::pin(pg_idempotency::prepare_connection(conn)))
+            .connect_with(options)
+    };
+
+    let single = with_hook(options.clone()).await?;
+    assert_eq!(
+        prepared(&single).await?,
+        ["pgidem_insert_v1", "pgidem_lookup_v1"]
+    );
+    let store = IdempotencyStore::new(single.clone());
+    let Outcome::Executed { stored: true, .. } =
+        pay(&store, &scope("acct_1"), &new_key(), b"{}").await?
+    else {
+        bail!("a fresh key should execute and be stored")
+    };
+
+    // A search path without the table: as before the migrations ran.
+    let unmigrated = with_hook(options.options([("search_path", "pgidem_nothing_here")])).await?;
+    assert!(prepared(&unmigrated).await?.is_empty());
+    Ok(())
+}
