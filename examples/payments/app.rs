@@ -32,11 +32,13 @@ pub const MAX_DELAY_MS: u64 = 10_000;
 /// Connections for requests: in-flight duplicates hold one each while they wait.
 pub const POOL_SIZE: u32 = 32;
 
-/// The service's pool.
+/// The service's pool. New connections get the store's prepared statements up front
+/// (`prepare_connection`), so that their first claim does not have to prepare them.
 pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(POOL_SIZE)
         .acquire_timeout(Duration::from_secs(10))
+        .after_connect(|conn, _meta| Box::pin(pg_idempotency::prepare_connection(conn)))
         .connect(url)
         .await;
     anyhow::Context::context(pool, "connecting to PostgreSQL")
