@@ -350,6 +350,19 @@ mod tests {
         assert_eq!(prepare_missing(&names), "");
     }
 
+    /// benches/pgbench runs the same statements as the crate.
+    #[test]
+    fn the_pgbench_scripts_prepare_these_statements() {
+        let preamble = include_str!("../benches/pgbench/prepare.sql");
+        for Prepared { name, params, body } in PREPARED {
+            let line = format!("PREPARE {name}({params}) AS {body};");
+            assert!(
+                preamble.lines().any(|l| l == line),
+                "benches/pgbench/prepare.sql lacks\n{line}"
+            );
+        }
+    }
+
     #[test]
     fn hex_round_trips() {
         let all: Vec<u8> = (0..=255).collect();

@@ -387,7 +387,7 @@ fn lock_id(scope: &Scope, key: &IdempotencyKey) -> i64 {
 }
 
 /// What a claim statement ([`sql::claim`], [`sql::wait_and_claim`]) found.
-pub(crate) struct Found {
+struct Found {
     /// Whether this transaction holds the key's advisory lock.
     locked: bool,
     /// The key's row, live or expired.
@@ -397,7 +397,7 @@ pub(crate) struct Found {
 impl Found {
     /// Reads the rows of a claim statement: the lock's, then the lookup's (see
     /// [`sql::LOOKUP`]).
-    pub(crate) fn from_rows(rows: Vec<PgRow>) -> Result<Self, Error> {
+    fn from_rows(rows: Vec<PgRow>) -> Result<Self, Error> {
         let mut rows = rows.into_iter();
         let locked = rows
             .next()

@@ -1,11 +1,3 @@
--- Written by hand to mirror src/sql.rs; pgbench variables persist per client, so the
--- statements are prepared once per connection.
-\set k random(1, 1000000000000)
-\if :prepared = 0
-PREPARE pgidem_lookup_v1(text, text) AS SELECT fingerprint_version, encode(fingerprint, 'hex'), status, headers, encode(body, 'hex'), (extract(epoch FROM created_at) * 1000000)::bigint, expires_at > now() FROM idempotency_keys WHERE scope = $1 AND key = $2;
-PREPARE pgidem_insert_v1(text, text, smallint, bytea, smallint, jsonb, bytea, bigint) AS INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, headers, body, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8 * interval '1 millisecond');
-\set prepared 1
-\endif
 BEGIN \; SELECT pg_try_advisory_xact_lock(:k);
 INSERT INTO payments (account, amount) VALUES ('acct_1', 1000);
 COMMIT;

@@ -2,7 +2,9 @@
 # Statement-level costs of a first request, with pgbench (docs/BENCHMARKS.md, "Where the
 # time goes"). Each script adds one of the crate's statements to the bare
 # `BEGIN; INSERT; COMMIT`; `first_request` is the whole first request as the crate sends
-# it, and `zero2prod` the hand-written shape of benches/throughput.rs.
+# it, `first_request_plpgsql` the same through session 1's PL/pgSQL functions, and
+# `zero2prod` the hand-written shape of benches/throughput.rs. Every script runs with
+# prepare.sql in front of it.
 #
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/scratch bash benches/pgbench/run.sh [seconds]
 #
@@ -22,13 +24,16 @@ psql -q "$DATABASE_URL" \
     -c "ALTER TABLE idem_z2p ALTER status DROP NOT NULL, ALTER headers DROP NOT NULL, ALTER body DROP NOT NULL"
 hz=$(getconf CLK_TCK)
 busy() { awk '/^cpu / {print $2+$3+$4+$7+$8}' /proc/stat; }
-printf '%-16s %8s %14s %18s\n' script tps ratio_to_bare 'server_cpu_us/tx'
+printf '%-22s %8s %14s %18s\n' script tps ratio_to_bare 'server_cpu_us/tx'
 bare_tps=
-for script in bare lock lookup insert first_request zero2prod; do
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+for script in bare lock lookup insert first_request first_request_plpgsql zero2prod; do
+    cat "$here/prepare.sql" "$here/$script.sql" >"$scratch/$script.sql"
     psql -q "$DATABASE_URL" -c "TRUNCATE idempotency_keys, idem_z2p, payments" -c CHECKPOINT
     b0=$(busy)
     out=$( { /usr/bin/time -f "TIME %U %S" env PGSSLMODE=disable \
-        pgbench -n -D prepared=0 -c 16 -j 2 -T "$secs" -f "$here/$script.sql" "$DATABASE_URL"; } 2>&1 )
+        pgbench -n -D prepared=0 -c 16 -j 2 -T "$secs" -f "$scratch/$script.sql" "$DATABASE_URL"; } 2>&1 )
     b1=$(busy)
     tx=$(awk '/number of transactions actually processed/ {print $NF}' <<<"$out")
     tps=$(awk '/^tps/ {printf "%d", $3}' <<<"$out")
@@ -36,5 +41,5 @@ for script in bare lock lookup insert first_request zero2prod; do
     bare_tps=${bare_tps:-$tps}
     awk -v s="$script" -v tps="$tps" -v bare="$bare_tps" -v b=$((b1 - b0)) -v hz="$hz" \
         -v own="$own" -v tx="$tx" \
-        'BEGIN { printf "%-16s %8d %14.2f %18.0f\n", s, tps, tps / bare, (b / hz - own) * 1e6 / tx }'
+        'BEGIN { printf "%-22s %8d %14.2f %18.0f\n", s, tps, tps / bare, (b / hz - own) * 1e6 / tx }'
 done

@@ -1,6 +1,5 @@
 -- The zero2prod shape (benches/throughput.rs, path 2): five round trips, the key row
 -- inserted, then updated with the response. pgbench runs it in simple protocol.
-\set k random(1, 1000000000000)
 BEGIN;
 INSERT INTO idem_z2p (scope, key, fingerprint_version, fingerprint, created_at, expires_at) VALUES ('acct_1', 'k:k', 1, '\x2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881', now(), now() + interval '24 hours') ON CONFLICT DO NOTHING;
 INSERT INTO payments (account, amount) VALUES ('acct_1', 1000);
