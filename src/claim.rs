@@ -2,30 +2,22 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_core::future::BoxFuture;
 use futures_core::stream::BoxStream;
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgQueryResult, PgRow, PgStatement, PgTypeInfo};
-use sqlx::{AssertSqlSafe, Either, Execute, Executor, PgConnection, Postgres, SqlStr};
+use sqlx::{Either, Execute, Executor, Postgres, SqlStr};
 use tracing::Instrument;
 
 use crate::config::Config;
+use crate::db::{Committed, KeyRow, TxConn};
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
 use crate::metrics;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
-use crate::sql;
-
-/// The primary key of `idempotency_keys`: storing a response meets it when a row is in
-/// the way. A prefix, because Citus names a shard's constraint `<name>_<shard id>`.
-const KEY_CONSTRAINT: &str = "idempotency_keys_pkey";
-
-/// How long a rollback started from `Drop` may take before the connection is closed.
-const DROP_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A claimed idempotency key and the open transaction that holds it.
 ///
@@ -136,39 +128,26 @@ impl Claim {
                 metrics::time(metrics::COMPLETE_SECONDS, started.elapsed());
                 return Ok(Completion::RolledBack);
             }
-            let headers_json = serde_json::to_string(&response.headers)
-                .map_err(|e| Error::MalformedRow(e.to_string()))?;
-            let ttl_ms = i64::try_from(self.config.ttl().as_millis()).unwrap_or(i64::MAX);
-            let statement = sql::store_and_commit(&sql::Row {
-                scope: self.scope.as_str(),
-                key: self.key.as_str(),
+            let row = KeyRow {
+                scope: &self.scope,
+                key: &self.key,
                 fingerprint: &self.fingerprint,
-                status: response.status,
-                headers_json: &headers_json,
-                body: &response.body,
-                ttl_ms,
+                response,
+                ttl: self.config.ttl(),
                 replace_expired: self.replace_expired,
-            });
-            match self.tx.finish(statement).await {
-                Ok(()) => {}
-                // The insert met a live row: another request with this key committed
-                // first without sharing our lock (see docs/OPERATIONS.md). The rest of
-                // the string (the COMMIT) was skipped: roll back, and a retry replays the
-                // winner's response.
-                Err(sqlx::Error::Database(error))
-                    if error.is_unique_violation()
-                        && error
-                            .constraint()
-                            .is_some_and(|name| name.starts_with(KEY_CONSTRAINT)) =>
-                {
-                    self.tx.rollback().await?;
+            };
+            match self.tx.store_and_commit(&row).await? {
+                Committed::Stored => {}
+                // Another request with this key committed first without sharing our lock
+                // (see docs/OPERATIONS.md); everything was rolled back, and a retry
+                // replays the winner's response.
+                Committed::KeyTaken => {
                     return Err(Error::InFlight {
                         scope: self.scope.clone(),
                         key: self.key.clone(),
                         retry_after: self.config.retry_after(),
                     });
                 }
-                Err(error) => return Err(error.into()),
             }
             tracing::Span::current().record("stored", true);
             metrics::time(metrics::COMPLETE_SECONDS, started.elapsed());
@@ -245,98 +224,5 @@ impl<'c> Executor<'c> for &'c mut Claim {
         'c: 'e,
     {
         self.tx.conn().describe(sql)
-    }
-}
-
-/// A pooled connection inside a transaction this crate opened with a raw `BEGIN`.
-///
-/// sqlx does not know about that transaction, so this type makes sure the connection
-/// never goes back to the pool while still inside it:
-/// - every operation that ends the transaction hands the connection back only after the
-///   server confirmed it;
-/// - dropped while idle (the claim was dropped), it rolls back in a spawned task;
-/// - dropped in the middle of an operation (a cancelled future), or after an error, the
-///   connection's state is unknown and it is closed instead, which makes the server
-///   roll back. The pool opens a new one when needed.
-pub(crate) struct TxConn {
-    conn: Option<PoolConnection<Postgres>>,
-    busy: bool,
-}
-
-impl TxConn {
-    /// Wraps a connection that is about to send `BEGIN`; until an operation completes it
-    /// counts as busy.
-    pub(crate) fn new(conn: PoolConnection<Postgres>) -> Self {
-        Self {
-            conn: Some(conn),
-            busy: true,
-        }
-    }
-
-    fn conn(&mut self) -> &mut PgConnection {
-        // `conn` is only `None` after an operation consumed it, and those take the whole
-        // claim by value, so no later call can observe it.
-        self.conn
-            .as_deref_mut()
-            .expect("BUG: TxConn used after it finished")
-    }
-
-    /// Runs `statement` (which starts the transaction) and returns its rows.
-    pub(crate) async fn run(&mut self, statement: String) -> Result<Vec<PgRow>, sqlx::Error> {
-        self.busy = true;
-        let rows = sqlx::raw_sql(AssertSqlSafe(statement))
-            .fetch_all(self.conn())
-            .await?;
-        self.busy = false;
-        Ok(rows)
-    }
-
-    /// Runs `statement`, which ends the transaction, and returns the connection to the
-    /// pool.
-    pub(crate) async fn finish(&mut self, statement: String) -> Result<(), sqlx::Error> {
-        self.busy = true;
-        sqlx::raw_sql(AssertSqlSafe(statement))
-            .execute(self.conn())
-            .await?;
-        self.busy = false;
-        // Back to the pool, outside any transaction.
-        self.conn = None;
-        Ok(())
-    }
-
-    /// Rolls back and returns the connection to the pool.
-    pub(crate) async fn rollback(&mut self) -> Result<(), sqlx::Error> {
-        self.finish("ROLLBACK".to_owned()).await
-    }
-}
-
-impl Drop for TxConn {
-    fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
-            return;
-        };
-        let runtime = tokio::runtime::Handle::try_current();
-        match runtime {
-            Ok(runtime) if !self.busy => {
-                runtime.spawn(
-                    async move {
-                        let rollback = sqlx::raw_sql("ROLLBACK").execute(&mut *conn);
-                        match tokio::time::timeout(DROP_ROLLBACK_TIMEOUT, rollback).await {
-                            Ok(Ok(_)) => {}
-                            Ok(Err(error)) => {
-                                tracing::warn!(%error, "rollback of a dropped claim failed; closing its connection");
-                                conn.close_on_drop();
-                            }
-                            Err(_) => {
-                                tracing::warn!("rollback of a dropped claim timed out; closing its connection");
-                                conn.close_on_drop();
-                            }
-                        }
-                    }
-                    .in_current_span(),
-                );
-            }
-            _ => conn.close_on_drop(),
-        }
     }
 }

@@ -19,7 +19,8 @@
 //!   [`StorePolicy`] does not keep (5xx, 408, 429 by default).
 //! - Keys expire after 24 hours ([`Config::with_ttl`]); an expired key counts as unused.
 //!   [`Sweeper`] deletes expired rows in the background.
-//! - Every client-facing error has an RFC 9457 [`Problem`] body ([`Error::problem`]).
+//! - Every client-facing error has an RFC 9457 [`Problem`] body
+//!   ([`Problems::for_error`]).
 //!
 //! ## Quick start
 //!
@@ -57,7 +58,7 @@
 //! ```
 //!
 //! A different body with the same key fails with [`Error::Conflict`], whose
-//! [`problem`](Error::problem) is the 409 `idempotency_conflict` answer.
+//! [problem](Problems::for_error) is the 409 `idempotency_conflict` answer.
 //!
 //! ## Migrations
 //!
@@ -80,6 +81,7 @@ pub mod admin;
 pub mod axum;
 mod claim;
 mod config;
+mod db;
 mod error;
 mod fingerprint;
 mod key;
@@ -87,7 +89,6 @@ pub mod metrics;
 mod problem;
 mod response;
 mod scope;
-mod sql;
 mod store;
 mod sweeper;
 #[cfg(feature = "testing")]
@@ -95,13 +96,14 @@ pub mod testing;
 
 pub use claim::{Claim, Completion};
 pub use config::Config;
+pub use db::prepare_connection;
 pub use error::Error;
 pub use fingerprint::{Fingerprint, Request};
 pub use key::{IdempotencyKey, KeyError, KeyPolicy};
-pub use problem::{IDEMPOTENCY_KEY_HEADER, Problem};
+pub use problem::{IDEMPOTENCY_KEY_HEADER, Problem, Problems};
 pub use response::{StorePolicy, StoredResponse};
 pub use scope::{Scope, ScopeError};
-pub use store::{Begin, IdempotencyStore, Outcome, Replay, prepare_connection};
+pub use store::{Begin, IdempotencyStore, Outcome, Replay};
 pub use sweeper::{SweepOptions, Sweeper, delete_expired, sweep};
 
 /// This crate's migrations, recorded in their own history table

@@ -4,21 +4,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
-use sqlx::postgres::PgRow;
-use sqlx::types::Json;
-use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
+use sqlx::PgPool;
 use tracing::Instrument;
 
-use crate::claim::{Claim, Completion, TxConn};
+use crate::claim::{Claim, Completion};
 use crate::config::Config;
+use crate::db::TxConn;
 use crate::error::Error;
-use crate::fingerprint::{Fingerprint, Request};
+use crate::fingerprint::Request;
 use crate::key::{IdempotencyKey, KeyError};
 use crate::metrics;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
-use crate::sql;
 
 /// The idempotency store: a [`PgPool`] plus [`Config`]. Cheap to clone.
 ///
@@ -176,12 +173,9 @@ impl IdempotencyStore {
         request: &Request<'_>,
     ) -> Result<Begin, Error> {
         let fingerprint = request.fingerprint();
-        let lock = lock_id(scope, key);
-        let (scope_str, key_str) = (scope.as_str(), key.as_str());
-
         let mut tx = TxConn::new(self.pool.acquire().await?);
         let claiming = Instant::now();
-        let mut found = begin_claim(&mut tx, sql::claim(lock, scope_str, key_str)).await?;
+        let mut found = tx.begin_claim(scope, key).await?;
         // Another request holds the key and has not stored a response (yet): wait for it,
         // for what is left of the in-flight wait, then look again.
         let remaining = self
@@ -190,10 +184,7 @@ impl IdempotencyStore {
             .saturating_sub(claiming.elapsed());
         let wait_ms = i32::try_from(remaining.as_millis()).unwrap_or(i32::MAX);
         if !found.locked && found.row.as_ref().is_none_or(|row| !row.live) && wait_ms > 0 {
-            let rows = tx
-                .run(sql::wait_and_claim(lock, wait_ms, scope_str, key_str))
-                .await?;
-            found = Found::from_rows(rows)?;
+            found = tx.wait_and_lookup(wait_ms, scope, key).await?;
         }
         match found.row {
             // A live row answers, whoever holds the lock: it cannot change until it expires.
@@ -303,169 +294,5 @@ impl IdempotencyStore {
         };
         let stored = claim.complete(&response).await? == Completion::Stored;
         Ok(Outcome::Executed { response, stored })
-    }
-}
-
-/// Opens the transaction and runs `claim` (see [`sql::claim`]) in it, in one round trip.
-///
-/// On a connection that lacks the hot path's prepared statements (the first claim on a
-/// new connection, or one after `DISCARD ALL`), the `EXECUTE` fails with SQLSTATE 26000
-/// before anything is written: open the transaction again, prepare what is missing and
-/// run `claim`, in two more round trips.
-async fn begin_claim(tx: &mut TxConn, claim: String) -> Result<Found, Error> {
-    let rows = match tx.run(format!("BEGIN; {claim}")).await {
-        Err(error) if sql::is_unprepared(&error) => {
-            let present: Vec<String> = tx
-                .run(sql::FIND_PREPARED.to_owned())
-                .await?
-                .iter()
-                .map(|row| row.try_get(0))
-                .collect::<Result<_, _>>()?;
-            tracing::debug!("preparing the hot-path statements on this connection");
-            tx.run(sql::prepare_missing(&present) + &claim).await?
-        }
-        rows => rows?,
-    };
-    Found::from_rows(rows)
-}
-
-/// Prepares the store's hot-path statements on a new connection, for
-/// [`PgPoolOptions::after_connect`](sqlx::postgres::PgPoolOptions::after_connect).
-///
-/// Optional: without it, a connection's first claim prepares them itself, after the
-/// server has answered (and logged) `prepared statement "pgidem_lookup_v1" does not exist`
-/// once. With it, that error never appears. Does nothing while the migrations have not
-/// created `idempotency_keys` yet, so a pool that runs them can still connect.
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), sqlx::Error> {
-/// use sqlx::postgres::PgPoolOptions;
-///
-/// let pool = PgPoolOptions::new()
-///     .after_connect(|conn, _meta| Box::pin(pg_idempotency::prepare_connection(conn)))
-///     .connect("postgres://localhost/app")
-///     .await?;
-/// # Ok(())
-/// # }
-/// ```
-///
-/// # Errors
-///
-/// The database error if a statement fails, which makes sqlx discard the connection.
-pub async fn prepare_connection(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    let found = sqlx::query!(
-        r#"SELECT to_regclass('idempotency_keys') IS NOT NULL AS "migrated!",
-                  array(SELECT name::text FROM pg_prepared_statements
-                        WHERE starts_with(name, 'pgidem_')) AS "present!""#
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    let prepare = sql::prepare_missing(&found.present);
-    if found.migrated && !prepare.is_empty() {
-        sqlx::raw_sql(AssertSqlSafe(prepare))
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
-}
-
-/// The transaction-scoped advisory lock that serialises requests with one key.
-///
-/// 64 bits of SHA-256 over the scope and the key: a collision only makes two unrelated
-/// keys wait for each other, never share a response (that is decided by the unique
-/// `(scope, key)` row).
-fn lock_id(scope: &Scope, key: &IdempotencyKey) -> i64 {
-    let mut hasher = Sha256::new();
-    hasher.update(b"pg-idempotency/lock\0");
-    hasher.update((scope.as_str().len() as u64).to_be_bytes());
-    hasher.update(scope.as_str().as_bytes());
-    hasher.update(key.as_str().as_bytes());
-    let digest = hasher.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    i64::from_be_bytes(first)
-}
-
-/// What a claim statement ([`sql::claim`], [`sql::wait_and_claim`]) found.
-struct Found {
-    /// Whether this transaction holds the key's advisory lock.
-    locked: bool,
-    /// The key's row, live or expired.
-    row: Option<FoundRow>,
-}
-
-impl Found {
-    /// Reads the rows of a claim statement: the lock's, then the lookup's (see
-    /// [`sql::LOOKUP`]).
-    fn from_rows(rows: Vec<PgRow>) -> Result<Self, Error> {
-        let mut rows = rows.into_iter();
-        let locked = rows
-            .next()
-            .ok_or_else(|| Error::MalformedRow("the claim returned no rows".to_owned()))?
-            .try_get(0)?;
-        let row = rows
-            .next()
-            .map(|row| -> Result<_, Error> {
-                let live = row.try_get(6)?;
-                Ok(FoundRow { row, live })
-            })
-            .transpose()?;
-        Ok(Self { locked, row })
-    }
-}
-
-struct FoundRow {
-    row: PgRow,
-    live: bool,
-}
-
-/// A stored response with its fingerprint.
-struct StoredRow {
-    fingerprint: Fingerprint,
-    response: StoredResponse,
-    created_at: DateTime<Utc>,
-}
-
-impl FoundRow {
-    fn decode(self) -> Result<StoredRow, Error> {
-        let row = &self.row;
-        let malformed = |what: &str| Error::MalformedRow(what.to_owned());
-        let version: i16 = row.try_get(0)?;
-        let hash = sql::decode_hex(&row.try_get::<String, _>(1)?)
-            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-            .ok_or_else(|| malformed("fingerprint is not 32 bytes"))?;
-        let status: i16 = row.try_get(2)?;
-        let Json(headers): Json<Vec<(String, String)>> = row.try_get(3)?;
-        let body = sql::decode_hex(&row.try_get::<String, _>(4)?)
-            .ok_or_else(|| malformed("body is not hex"))?;
-        let created_at = DateTime::from_timestamp_micros(row.try_get(5)?)
-            .ok_or_else(|| malformed("created_at is out of range"))?;
-        Ok(StoredRow {
-            fingerprint: Fingerprint::from_parts(version, hash),
-            response: StoredResponse {
-                status: u16::try_from(status).map_err(|_| malformed("status is negative"))?,
-                headers,
-                body,
-            },
-            created_at,
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lock_ids_separate_scope_from_key() {
-        let a = lock_id(
-            &Scope::new("ab").unwrap(),
-            &IdempotencyKey::parse("c", crate::KeyPolicy::Opaque).unwrap(),
-        );
-        let b = lock_id(
-            &Scope::new("a").unwrap(),
-            &IdempotencyKey::parse("bc", crate::KeyPolicy::Opaque).unwrap(),
-        );
-        assert_ne!(a, b);
     }
 }

@@ -1,4 +1,4 @@
--- Prepended by run.sh to every script. The PREPARE lines are src/sql.rs's statements
+-- Prepended by run.sh to every script. The PREPARE lines are src/db/hot_path.rs's statements
 -- (a unit test there checks it); pgbench variables persist per client, so they are
 -- prepared once per connection.
 \set k random(1, 1000000000000)

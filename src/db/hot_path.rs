@@ -1,0 +1,507 @@
+//! The hot path's statements, how they are sent, and how their rows are read.
+//!
+//! Every request that runs its business logic pays for a claim (`BEGIN` + taking the key)
+//! and a completion (storing the response + `COMMIT`). sqlx has no pipelining, and
+//! `BEGIN`/`COMMIT` would each be a round trip of their own, so each group travels as one
+//! simple-query string ([`Statement`]): one round trip each.
+//!
+//! The server parses and plans a simple query every time, and for the lookup and the
+//! insert that was most of the cost of a request. Those two are therefore server-side
+//! prepared statements ([`LOOKUP`], [`INSERT`]): prepared once per connection, then run as
+//! `EXECUTE name(literals)`, which skips planning (docs/BENCHMARKS.md has the figures). A
+//! connection that has not prepared them (new, or after `DISCARD ALL`) answers the first
+//! `EXECUTE` with SQLSTATE 26000; [`TxConn::begin_claim`] then prepares what is missing and
+//! claims again, and [`prepare_connection`] lets a pool prepare new connections up front.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{PgConnection, Row};
+
+use super::statement::{Statement, decode_hex};
+use super::tx::TxConn;
+use crate::error::Error;
+use crate::fingerprint::Fingerprint;
+use crate::key::IdempotencyKey;
+use crate::response::StoredResponse;
+use crate::scope::Scope;
+
+/// A statement the hot path prepares once per connection and then `EXECUTE`s.
+///
+/// The name carries a version: a changed text gets a new name, so a connection that
+/// prepared an older text never runs it.
+#[derive(Debug)]
+struct Prepared {
+    name: &'static str,
+    /// `PREPARE <name>(<params>) AS <body>`.
+    prepare: &'static str,
+    /// `EXECUTE <name>(`.
+    execute: &'static str,
+}
+
+/// The key's row, if any, read back by [`FoundRow::decode`]: `fingerprint_version,
+/// fingerprint (hex), status, headers (jsonb), body (hex), created_at (µs since the
+/// epoch), live (not expired)`. Bytes come back as hex and the time as microseconds, so
+/// that the client reads them from a simple query whatever `bytea_output` and `DateStyle`
+/// say. The parameters are `text`, so the comparison uses the column's collation and the
+/// primary key.
+const LOOKUP: Prepared = Prepared {
+    name: "pgidem_lookup_v1",
+    prepare: "PREPARE pgidem_lookup_v1(text, text) AS \
+              SELECT fingerprint_version, encode(fingerprint, 'hex'), status, headers, \
+              encode(body, 'hex'), (extract(epoch FROM created_at) * 1000000)::bigint, \
+              expires_at > now() \
+              FROM idempotency_keys WHERE scope = $1 AND key = $2",
+    execute: "EXECUTE pgidem_lookup_v1(",
+};
+
+/// Stores a completed request. A plain `INSERT`: if a row is in the way, it fails with a
+/// unique violation on [`KEY_CONSTRAINT`], and the server skips the `COMMIT` behind it.
+const INSERT: Prepared = Prepared {
+    name: "pgidem_insert_v1",
+    prepare: "PREPARE pgidem_insert_v1(text, text, smallint, bytea, smallint, jsonb, bytea, \
+              bigint) AS \
+              INSERT INTO idempotency_keys \
+              (scope, key, fingerprint_version, fingerprint, status, headers, body, \
+              created_at, expires_at) \
+              VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8 * interval '1 millisecond')",
+    execute: "EXECUTE pgidem_insert_v1(",
+};
+
+/// Every prepared statement of the hot path.
+const PREPARED: [&Prepared; 2] = [&LOOKUP, &INSERT];
+
+/// The primary key of `idempotency_keys`: storing a response meets it when a row is in
+/// the way. A prefix, because Citus names a shard's constraint `<name>_<shard id>`.
+const KEY_CONSTRAINT: &str = "idempotency_keys_pkey";
+
+/// `PREPARE` statements for those of [`PREPARED`] whose names are not in `present`, each
+/// followed by `; `; empty if none is missing.
+fn prepare_missing(present: &[String]) -> Statement {
+    PREPARED
+        .into_iter()
+        .filter(|statement| !present.iter().any(|name| name == statement.name))
+        .fold(Statement::new("", 0), |sql, statement| {
+            sql.sql(statement.prepare).sql("; ")
+        })
+}
+
+/// Whether `error` says that a prepared statement does not exist (SQLSTATE 26000).
+fn is_unprepared(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("26000"))
+}
+
+/// The transaction-scoped advisory lock that serialises requests with one key.
+///
+/// 64 bits of SHA-256 over the scope and the key: a collision only makes two unrelated
+/// keys wait for each other, never share a response (that is decided by the unique
+/// `(scope, key)` row).
+fn lock_id(scope: &Scope, key: &IdempotencyKey) -> i64 {
+    let mut hasher = Sha256::new();
+    hasher.update(b"pg-idempotency/lock\0");
+    hasher.update((scope.as_str().len() as u64).to_be_bytes());
+    hasher.update(scope.as_str().as_bytes());
+    hasher.update(key.as_str().as_bytes());
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
+/// `EXECUTE pgidem_lookup_v1(scope, key)`, behind `lock` (a statement that yields one
+/// boolean row: whether the key's advisory lock is held).
+fn lookup(lock: Statement, scope: &Scope, key: &IdempotencyKey) -> Statement {
+    lock.sql("; ")
+        .sql(LOOKUP.execute)
+        .text(scope.as_str())
+        .sql(", ")
+        .text(key.as_str())
+        .sql(")")
+}
+
+/// Tries the key's advisory lock, then looks the key up.
+fn try_lock_and_lookup(scope: &Scope, key: &IdempotencyKey) -> Statement {
+    let lock = Statement::new("SELECT pg_try_advisory_xact_lock(", 96)
+        .int(lock_id(scope, key))
+        .sql(")");
+    lookup(lock, scope, key)
+}
+
+/// Waits at most `wait_ms` for the key's advisory lock, then looks the key up with a
+/// fresh snapshot.
+fn wait_and_lookup(wait_ms: i32, scope: &Scope, key: &IdempotencyKey) -> Statement {
+    let lock = Statement::new("SELECT idempotency_wait_lock(", 96)
+        .int(lock_id(scope, key))
+        .sql(", ")
+        .int(wait_ms)
+        .sql(")");
+    lookup(lock, scope, key)
+}
+
+/// The key row that [`TxConn::store_and_commit`] writes.
+pub(crate) struct KeyRow<'a> {
+    pub scope: &'a Scope,
+    pub key: &'a IdempotencyKey,
+    pub fingerprint: &'a Fingerprint,
+    pub response: &'a StoredResponse,
+    pub ttl: Duration,
+    /// The claim saw an expired row for the key: delete it first.
+    pub replace_expired: bool,
+}
+
+/// Optionally deletes the expired row, stores the response (see [`INSERT`]), then
+/// `COMMIT`s.
+fn store_and_commit(row: &KeyRow<'_>) -> Statement {
+    let (scope, key, response) = (row.scope.as_str(), row.key.as_str(), row.response);
+    // Serializing strings into a String cannot fail.
+    let headers = serde_json::to_string(&response.headers).unwrap_or_default();
+    let ttl_ms = i64::try_from(row.ttl.as_millis()).unwrap_or(i64::MAX);
+    let extra = 160 + 4 * (scope.len() + key.len()) + 2 * (headers.len() + response.body.len());
+    let delete = if row.replace_expired {
+        Statement::new("DELETE FROM idempotency_keys WHERE scope = ", extra)
+            .text(scope)
+            .sql(" AND key = ")
+            .text(key)
+            .sql(" AND expires_at <= now(); ")
+    } else {
+        Statement::new("", extra)
+    };
+    delete
+        .sql(INSERT.execute)
+        .text(scope)
+        .sql(", ")
+        .text(key)
+        .sql(", ")
+        .int(row.fingerprint.version())
+        .sql(", ")
+        .bytea(row.fingerprint.hash())
+        .sql(", ")
+        .int(response.status)
+        .sql(", ")
+        .text(&headers)
+        .sql(", ")
+        .bytea(&response.body)
+        .sql(", ")
+        .int(ttl_ms)
+        .sql("); COMMIT")
+}
+
+/// What [`TxConn::store_and_commit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Committed {
+    /// The key row and the business write are committed.
+    Stored,
+    /// Another transaction stored a row for the key first (it did not share the lock):
+    /// everything was rolled back.
+    KeyTaken,
+}
+
+impl TxConn {
+    /// Opens the transaction, tries the key's advisory lock and looks the key up, in one
+    /// round trip.
+    ///
+    /// On a connection that lacks the hot path's prepared statements (the first claim on
+    /// a new connection, or one after `DISCARD ALL`), the `EXECUTE` fails with SQLSTATE
+    /// 26000 before anything is written: the transaction is opened again, what is missing
+    /// is prepared inside it, and the claim runs, in two more round trips. The transaction
+    /// stays open from there on, so a pooler in transaction mode keeps one server
+    /// connection for all of it.
+    pub(crate) async fn begin_claim(
+        &mut self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+    ) -> Result<Found, Error> {
+        let begin = Statement::new("BEGIN; ", 0);
+        let rows = match self.run(begin.then(try_lock_and_lookup(scope, key))).await {
+            Err(error) if is_unprepared(&error) => {
+                let find = Statement::new(
+                    "ROLLBACK; BEGIN; SELECT name FROM pg_prepared_statements \
+                     WHERE starts_with(name, 'pgidem_')",
+                    0,
+                );
+                let present: Vec<String> = self
+                    .run(find)
+                    .await?
+                    .iter()
+                    .map(|row| row.try_get(0))
+                    .collect::<Result<_, _>>()?;
+                tracing::debug!("preparing the hot-path statements on this connection");
+                self.run(prepare_missing(&present).then(try_lock_and_lookup(scope, key)))
+                    .await?
+            }
+            rows => rows?,
+        };
+        Found::from_rows(rows)
+    }
+
+    /// Inside the claim's transaction: waits at most `wait_ms` for the key's advisory
+    /// lock, then looks the key up with a fresh snapshot.
+    pub(crate) async fn wait_and_lookup(
+        &mut self,
+        wait_ms: i32,
+        scope: &Scope,
+        key: &IdempotencyKey,
+    ) -> Result<Found, Error> {
+        Found::from_rows(self.run(wait_and_lookup(wait_ms, scope, key)).await?)
+    }
+
+    /// Stores the key row and commits the transaction with it, in one round trip, and
+    /// returns the connection to the pool.
+    pub(crate) async fn store_and_commit(
+        &mut self,
+        row: &KeyRow<'_>,
+    ) -> Result<Committed, sqlx::Error> {
+        match self.finish(store_and_commit(row)).await {
+            Ok(()) => Ok(Committed::Stored),
+            // The insert met a live row; the rest of the string (the COMMIT) was skipped.
+            Err(sqlx::Error::Database(error))
+                if error.is_unique_violation()
+                    && error
+                        .constraint()
+                        .is_some_and(|name| name.starts_with(KEY_CONSTRAINT)) =>
+            {
+                self.rollback().await?;
+                Ok(Committed::KeyTaken)
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+/// Prepares the store's hot-path statements on a new connection, for
+/// [`PgPoolOptions::after_connect`](sqlx::postgres::PgPoolOptions::after_connect).
+///
+/// Optional: without it, a connection's first claim prepares them itself, after the
+/// server has answered (and logged) `prepared statement "pgidem_lookup_v1" does not exist`
+/// once. With it, that error never appears. Does nothing while the migrations have not
+/// created `idempotency_keys` yet, so a pool that runs them can still connect.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), sqlx::Error> {
+/// use sqlx::postgres::PgPoolOptions;
+///
+/// let pool = PgPoolOptions::new()
+///     .after_connect(|conn, _meta| Box::pin(pg_idempotency::prepare_connection(conn)))
+///     .connect("postgres://localhost/app")
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// The database error if a statement fails, which makes sqlx discard the connection.
+pub async fn prepare_connection(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let found = sqlx::query!(
+        r#"SELECT to_regclass('idempotency_keys') IS NOT NULL AS "migrated!",
+                  array(SELECT name::text FROM pg_prepared_statements
+                        WHERE starts_with(name, 'pgidem_')) AS "present!""#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let prepare = prepare_missing(&found.present);
+    if found.migrated && !prepare.is_empty() {
+        sqlx::raw_sql(prepare.into_sql())
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// What a claim's lookup found.
+pub(crate) struct Found {
+    /// Whether this transaction holds the key's advisory lock.
+    pub locked: bool,
+    /// The key's row, live or expired.
+    pub row: Option<FoundRow>,
+}
+
+impl Found {
+    /// Reads the rows of a claim: the lock's, then the lookup's (see [`LOOKUP`]).
+    fn from_rows(rows: Vec<PgRow>) -> Result<Self, Error> {
+        let mut rows = rows.into_iter();
+        let locked = rows
+            .next()
+            .ok_or_else(|| Error::MalformedRow("the claim returned no rows".to_owned()))?
+            .try_get(0)?;
+        let row = rows
+            .next()
+            .map(|row| -> Result<_, Error> {
+                let live = row.try_get(6)?;
+                Ok(FoundRow { row, live })
+            })
+            .transpose()?;
+        Ok(Self { locked, row })
+    }
+}
+
+/// The key's row, as [`LOOKUP`] returns it.
+pub(crate) struct FoundRow {
+    row: PgRow,
+    /// Not expired.
+    pub live: bool,
+}
+
+/// A stored response with its fingerprint.
+pub(crate) struct StoredRow {
+    pub fingerprint: Fingerprint,
+    pub response: StoredResponse,
+    pub created_at: DateTime<Utc>,
+}
+
+impl FoundRow {
+    /// Decodes the columns of [`LOOKUP`].
+    pub(crate) fn decode(self) -> Result<StoredRow, Error> {
+        let row = &self.row;
+        let malformed = |what: &str| Error::MalformedRow(what.to_owned());
+        let version: i16 = row.try_get(0)?;
+        let hash = decode_hex(&row.try_get::<String, _>(1)?)
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .ok_or_else(|| malformed("fingerprint is not 32 bytes"))?;
+        let status: i16 = row.try_get(2)?;
+        let Json(headers): Json<Vec<(String, String)>> = row.try_get(3)?;
+        let body = decode_hex(&row.try_get::<String, _>(4)?)
+            .ok_or_else(|| malformed("body is not hex"))?;
+        let created_at = DateTime::from_timestamp_micros(row.try_get(5)?)
+            .ok_or_else(|| malformed("created_at is out of range"))?;
+        Ok(StoredRow {
+            fingerprint: Fingerprint::from_parts(version, hash),
+            response: StoredResponse {
+                status: u16::try_from(status).map_err(|_| malformed("status is negative"))?,
+                headers,
+                body,
+            },
+            created_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::statement::tests::{HOSTILE, assert_spells};
+    use super::*;
+    use crate::KeyPolicy;
+
+    /// As hostile as a scope and an opaque key may be (the statement tests try control
+    /// characters too, which neither accepts).
+    const SCOPE: &str = "'); DROP TABLE idempotency_keys; --\\' $$ é 💳 ''";
+    const KEY: &str = "');DROP--\\'$$''";
+
+    #[test]
+    fn claims_spell_scope_and_key_as_literals() {
+        let scope = Scope::new(SCOPE).unwrap();
+        let key = IdempotencyKey::parse(KEY, KeyPolicy::Opaque).unwrap();
+        let lock = lock_id(&scope, &key);
+        let (scope_bytes, key_bytes) = (SCOPE.as_bytes(), KEY.as_bytes());
+        assert_spells(
+            &try_lock_and_lookup(&scope, &key),
+            &[scope_bytes, key_bytes],
+            &format!(
+                "SELECT pg_try_advisory_xact_lock({lock}); EXECUTE pgidem_lookup_v1(E'', E'')"
+            ),
+        );
+        assert_spells(
+            &wait_and_lookup(2000, &scope, &key),
+            &[scope_bytes, key_bytes],
+            &format!(
+                "SELECT idempotency_wait_lock({lock}, 2000); EXECUTE pgidem_lookup_v1(E'', E'')"
+            ),
+        );
+    }
+
+    #[test]
+    fn the_store_statement_spells_every_value() {
+        let scope = Scope::new("acct'1").unwrap();
+        let key = IdempotencyKey::parse("k\\", KeyPolicy::Opaque).unwrap();
+        let fingerprint = Fingerprint::from_parts(1, [0xab; 32]);
+        let body = [0u8, 39, 92, 255, b'$'];
+        let response = StoredResponse {
+            status: 201,
+            headers: vec![(HOSTILE.to_owned(), "v".to_owned())],
+            body: body.to_vec(),
+        };
+        let headers = serde_json::to_string(&response.headers).unwrap();
+        let mut row = KeyRow {
+            scope: &scope,
+            key: &key,
+            fingerprint: &fingerprint,
+            response: &response,
+            ttl: Duration::from_secs(86_400),
+            replace_expired: false,
+        };
+        let insert = "EXECUTE pgidem_insert_v1(E'', E'', 1, E'', 201, E'', E'', 86400000); COMMIT";
+        let values: [&[u8]; 5] = [b"acct'1", b"k\\", &[0xab; 32], headers.as_bytes(), &body];
+        assert_spells(&store_and_commit(&row), &values, insert);
+
+        row.replace_expired = true;
+        let replacing: Vec<&[u8]> = values[..2].iter().chain(&values).copied().collect();
+        assert_spells(
+            &store_and_commit(&row),
+            &replacing,
+            &format!(
+                "DELETE FROM idempotency_keys WHERE scope = E'' AND key = E'' \
+                 AND expires_at <= now(); {insert}"
+            ),
+        );
+    }
+
+    #[test]
+    fn prepare_spells_each_missing_statement() {
+        let all = prepare_missing(&[]);
+        assert!(
+            all.as_str()
+                .starts_with("PREPARE pgidem_lookup_v1(text, text) AS SELECT ")
+        );
+        assert!(
+            all.as_str()
+                .contains("; PREPARE pgidem_insert_v1(text, text, smallint, ")
+        );
+        assert!(all.as_str().ends_with("; "));
+        assert_eq!(all.as_str().matches("PREPARE ").count(), 2);
+
+        let insert_only = prepare_missing(&["pgidem_lookup_v1".to_owned()]);
+        assert!(
+            insert_only
+                .as_str()
+                .starts_with("PREPARE pgidem_insert_v1(")
+        );
+        assert_eq!(insert_only.as_str().matches("PREPARE ").count(), 1);
+
+        let names = PREPARED.map(|statement| statement.name.to_owned());
+        assert!(prepare_missing(&names).is_empty());
+        for statement in PREPARED {
+            let name = statement.name;
+            assert!(statement.prepare.starts_with(&format!("PREPARE {name}(")));
+            assert_eq!(statement.execute, format!("EXECUTE {name}("));
+        }
+    }
+
+    /// benches/pgbench runs the same statements as the crate.
+    #[test]
+    fn the_pgbench_scripts_prepare_these_statements() {
+        let preamble = include_str!("../../benches/pgbench/prepare.sql");
+        for statement in PREPARED {
+            let line = format!("{};", statement.prepare);
+            assert!(
+                preamble.lines().any(|l| l == line),
+                "benches/pgbench/prepare.sql lacks\n{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn lock_ids_separate_scope_from_key() {
+        let a = lock_id(
+            &Scope::new("ab").unwrap(),
+            &IdempotencyKey::parse("c", KeyPolicy::Opaque).unwrap(),
+        );
+        let b = lock_id(
+            &Scope::new("a").unwrap(),
+            &IdempotencyKey::parse("bc", KeyPolicy::Opaque).unwrap(),
+        );
+        assert_ne!(a, b);
+    }
+}

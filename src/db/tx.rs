@@ -1,0 +1,110 @@
+//! [`TxConn`]: a pooled connection inside a transaction this crate opened itself.
+
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Postgres};
+use tracing::Instrument;
+
+use super::statement::Statement;
+
+/// How long a rollback started from `Drop` may take before the connection is closed.
+const DROP_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A pooled connection inside a transaction this crate opened with a raw `BEGIN`.
+///
+/// sqlx does not know about that transaction, so this type makes sure the connection
+/// never goes back to the pool while still inside it:
+/// - every operation that ends the transaction hands the connection back only after the
+///   server confirmed it;
+/// - dropped while idle (the claim was dropped), it rolls back in a spawned task;
+/// - dropped in the middle of an operation (a cancelled future), or after an error, the
+///   connection's state is unknown and it is closed instead, which makes the server
+///   roll back. The pool opens a new one when needed.
+///
+/// It runs only [`Statement`]s, which the `db` module alone can make.
+pub(crate) struct TxConn {
+    conn: Option<PoolConnection<Postgres>>,
+    busy: bool,
+}
+
+impl TxConn {
+    /// Wraps a connection that is about to send `BEGIN`; until an operation completes it
+    /// counts as busy.
+    pub(crate) fn new(conn: PoolConnection<Postgres>) -> Self {
+        Self {
+            conn: Some(conn),
+            busy: true,
+        }
+    }
+
+    /// The connection, for the business statements of a claim.
+    pub(crate) fn conn(&mut self) -> &mut PgConnection {
+        // `conn` is only `None` after an operation consumed it, and those take the whole
+        // claim by value, so no later call can observe it.
+        self.conn
+            .as_deref_mut()
+            .expect("BUG: TxConn used after it finished")
+    }
+
+    /// Runs `statement` inside the transaction (or one that opens it) and returns its
+    /// rows.
+    pub(super) async fn run(&mut self, statement: Statement) -> Result<Vec<PgRow>, sqlx::Error> {
+        self.busy = true;
+        let rows = sqlx::raw_sql(statement.into_sql())
+            .fetch_all(self.conn())
+            .await?;
+        self.busy = false;
+        Ok(rows)
+    }
+
+    /// Runs `statement`, which ends the transaction, and returns the connection to the
+    /// pool.
+    pub(super) async fn finish(&mut self, statement: Statement) -> Result<(), sqlx::Error> {
+        self.busy = true;
+        sqlx::raw_sql(statement.into_sql())
+            .execute(self.conn())
+            .await?;
+        self.busy = false;
+        // Back to the pool, outside any transaction.
+        self.conn = None;
+        Ok(())
+    }
+
+    /// Rolls back and returns the connection to the pool.
+    pub(crate) async fn rollback(&mut self) -> Result<(), sqlx::Error> {
+        self.finish(Statement::new("ROLLBACK", 0)).await
+    }
+}
+
+impl Drop for TxConn {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let runtime = tokio::runtime::Handle::try_current();
+        match runtime {
+            Ok(runtime) if !self.busy => {
+                runtime.spawn(
+                    async move {
+                        let rollback = sqlx::raw_sql("ROLLBACK").execute(&mut *conn);
+                        match tokio::time::timeout(DROP_ROLLBACK_TIMEOUT, rollback).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(error)) => {
+                                tracing::warn!(%error, "rollback of a dropped claim failed; closing its connection");
+                                conn.close_on_drop();
+                            }
+                            Err(_) => {
+                                tracing::warn!("rollback of a dropped claim timed out; closing its connection");
+                                conn.close_on_drop();
+                            }
+                        }
+                    }
+                    .in_current_span(),
+                );
+            }
+            _ => conn.close_on_drop(),
+        }
+    }
+}
