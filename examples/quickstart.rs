@@ -10,7 +10,7 @@
 
 use anyhow::Result;
 use pg_idempotency::{
-    Begin, Error, IdempotencyKey, IdempotencyStore, Request, Scope, StoredResponse,
+    Begin, Error, IdempotencyKey, IdempotencyStore, Problems, Request, Scope, StoredResponse,
 };
 use sqlx::PgPool;
 
@@ -103,9 +103,7 @@ async fn main() -> Result<()> {
     .await
     {
         Err(error @ Error::Conflict { .. }) => {
-            let problem = error
-                .problem(store.config().problem_type_base())
-                .expect("client error");
+            let problem = Problems::default().for_error(&error).expect("client error");
             println!(
                 "4. retry with the same key and another body: {} {}  (payments rows: {})",
                 problem.status,

@@ -7,8 +7,10 @@
 //!
 //! The database lives on `DATABASE_URL`'s server when that is set, else on a throwaway
 //! server (testcontainers when Docker answers, else a temporary cluster from the installed
-//! PostgreSQL binaries). The command gets its URL in `DATABASE_URL`; the database is
-//! dropped afterwards and the command's exit code is passed on.
+//! PostgreSQL binaries). The command gets its URL in `DATABASE_URL` and in
+//! `PG_IDEMPOTENCY_DATABASE_URL`, the variable this crate's `query!` macros and
+//! `cargo sqlx prepare` read (sqlx.toml); the database is dropped afterwards and the
+//! command's exit code is passed on.
 
 use anyhow::{Context, Result, bail};
 
@@ -22,6 +24,7 @@ async fn main() -> Result<()> {
     let status = tokio::process::Command::new(&program)
         .args(args)
         .env("DATABASE_URL", database.url())
+        .env("PG_IDEMPOTENCY_DATABASE_URL", database.url())
         .status()
         .await
         .with_context(|| format!("could not run {}", program.to_string_lossy()))?;

@@ -1,5 +1,8 @@
 //! How a store behaves: replay window, bounded wait for in-flight duplicates, which
 //! responses are kept, which keys are accepted.
+//!
+//! Nothing here is about HTTP: how errors are spelled for clients is
+//! [`Problems`](crate::Problems)' business.
 
 use std::time::Duration;
 
@@ -26,12 +29,11 @@ pub struct Config {
     retry_after: Duration,
     store_policy: StorePolicy,
     key_policy: KeyPolicy,
-    problem_type_base: String,
 }
 
 impl Default for Config {
     /// 24-hour replay window, 2 s wait for an in-flight duplicate, a 1 s retry hint,
-    /// the default [`StorePolicy`], UUID v4 keys, problem types under `/problems/`.
+    /// the default [`StorePolicy`], UUID v4 keys.
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(24 * 60 * 60),
@@ -39,7 +41,6 @@ impl Default for Config {
             retry_after: Duration::from_secs(1),
             store_policy: StorePolicy::default(),
             key_policy: KeyPolicy::default(),
-            problem_type_base: "/problems/".to_owned(),
         }
     }
 }
@@ -84,15 +85,6 @@ impl Config {
         self
     }
 
-    /// The base that [`Problem`](crate::Problem) `type` URIs are built on, e.g.
-    /// `https://api.example.com/errors/` gives
-    /// `https://api.example.com/errors/idempotency-conflict` (default `/problems/`).
-    #[must_use]
-    pub fn with_problem_type_base(mut self, base: impl Into<String>) -> Self {
-        self.problem_type_base = base.into();
-        self
-    }
-
     /// The replay window.
     pub fn ttl(&self) -> Duration {
         self.ttl
@@ -116,10 +108,5 @@ impl Config {
     /// The key policy.
     pub fn key_policy(&self) -> KeyPolicy {
         self.key_policy
-    }
-
-    /// The problem type base.
-    pub fn problem_type_base(&self) -> &str {
-        &self.problem_type_base
     }
 }

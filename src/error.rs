@@ -9,15 +9,16 @@ use crate::scope::{Scope, ScopeError};
 
 /// Everything that can go wrong in this crate.
 ///
-/// The first variants are client errors: [`Error::problem`] turns them into the
-/// `application/problem+json` body a client should get. The rest are server-side.
+/// The first variants are client errors: [`Problems::for_error`](crate::Problems::for_error)
+/// turns them into the `application/problem+json` body a client should get. The rest are
+/// server-side.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The key was used within the replay window with a different request.
     #[error(
-        "Idempotency-Key '{key}' was used at {} with a different request body; \
-         mint a new UUID v4 for a new operation, or resend the original body to get its response",
+        "key '{key}' in scope '{scope}' was used at {} with a different request; \
+         use a new key for a new operation, or resend the original request to get its response",
         .first_used_at.to_rfc3339_opts(SecondsFormat::Secs, true)
     )]
     Conflict {
@@ -31,7 +32,7 @@ pub enum Error {
 
     /// Another request holding the key did not finish within the configured wait.
     #[error(
-        "a request with Idempotency-Key '{key}' is still in flight; retry after {} s",
+        "a request with key '{key}' in scope '{scope}' is still in flight; retry after {} s",
         .retry_after.as_secs().max(1)
     )]
     InFlight {
@@ -43,7 +44,7 @@ pub enum Error {
         retry_after: Duration,
     },
 
-    /// The `Idempotency-Key` value is not acceptable under the key policy.
+    /// The key is not acceptable under the key policy.
     #[error(transparent)]
     InvalidKey(#[from] KeyError),
 
@@ -52,7 +53,7 @@ pub enum Error {
     InvalidScope(#[from] ScopeError),
 
     /// The application tried to store a response whose status is not `100..=599`.
-    #[error("response status {0} is not a valid HTTP status (100..=599); fix the handler")]
+    #[error("response status {0} is not a valid status (100..=599); fix the handler")]
     InvalidStatus(u16),
 
     /// The stored row was fingerprinted by an algorithm this build does not know (a newer

@@ -8,21 +8,23 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::key::IdempotencyKey;
 
-/// The header that carries idempotency keys, named in `param` and in messages.
+/// The default name of the header that carries idempotency keys (see [`Problems`]).
 pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
 
 /// A problem details object (RFC 9457), served as `application/problem+json`.
 ///
 /// It has exactly these fields: `type`, `title`, `status`, `detail`, `code`,
-/// `advice_code`, `param` and `request_id` (`null` when there is none). Build one from a
-/// client error with [`Error::problem`], or with the constructors here.
+/// `advice_code`, `param` and `request_id` (`null` when there is none). Make one with
+/// [`Problems`]: from a client error with [`Problems::for_error`], or with its
+/// constructors.
 ///
 /// ```
-/// use pg_idempotency::{IdempotencyKey, Problem};
+/// use pg_idempotency::{IdempotencyKey, Problems};
 ///
 /// let key: IdempotencyKey = "550e8400-e29b-41d4-a716-446655440000".parse().unwrap();
 /// let at = "2026-05-14T14:32:01Z".parse().unwrap();
-/// let problem = Problem::conflict("https://zyins.isaapi.com/errors/", &key, at)
+/// let problem = Problems::new("https://zyins.isaapi.com/errors/")
+///     .conflict(&key, at)
 ///     .with_request_id("req_01HZK2N5GQR9T8X4B6FJW3Y1AS");
 /// assert_eq!(problem.status, 409);
 /// assert_eq!(
@@ -33,7 +35,7 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
-    /// A URI reference naming the problem type: the configured base + a slug.
+    /// A URI reference naming the problem type: the [`Problems`] type base + a slug.
     #[serde(rename = "type")]
     pub type_uri: String,
     /// A short, human-readable summary of the problem type.
@@ -60,177 +62,6 @@ impl Problem {
     /// The media type of the serialized body.
     pub const CONTENT_TYPE: &'static str = "application/problem+json";
 
-    /// A problem of any kind: `slug` is appended to `type_base` to form `type`.
-    pub fn new(
-        type_base: &str,
-        slug: &str,
-        status: u16,
-        title: impl Into<String>,
-        detail: impl Into<String>,
-        code: impl Into<String>,
-        advice_code: impl Into<String>,
-    ) -> Self {
-        Self {
-            type_uri: format!("{type_base}{slug}"),
-            title: title.into(),
-            status,
-            detail: detail.into(),
-            code: code.into(),
-            advice_code: advice_code.into(),
-            param: None,
-            request_id: None,
-            retry_after: None,
-        }
-    }
-
-    /// 409 `idempotency_conflict`: the key was used with a different request body.
-    pub fn conflict(type_base: &str, key: &IdempotencyKey, first_used_at: DateTime<Utc>) -> Self {
-        Self::new(
-            type_base,
-            "idempotency-conflict",
-            409,
-            "Idempotency key reused with different body",
-            format!(
-                "{IDEMPOTENCY_KEY_HEADER} '{key}' was used at {} with a different request body.",
-                first_used_at.to_rfc3339_opts(SecondsFormat::Secs, true)
-            ),
-            "idempotency_conflict",
-            "use_new_idempotency_key",
-        )
-    }
-
-    /// 409 `idempotency_key_in_use`: a request with the key is still being processed.
-    pub fn in_flight(type_base: &str, key: &IdempotencyKey, retry_after: Duration) -> Self {
-        let seconds = retry_after_seconds(retry_after);
-        let mut problem = Self::new(
-            type_base,
-            "idempotency-key-in-use",
-            409,
-            "Idempotency key in use",
-            format!(
-                "A request with {IDEMPOTENCY_KEY_HEADER} '{key}' is still being processed. \
-                 Retry after {seconds} second{} to receive its response.",
-                if seconds == 1 { "" } else { "s" }
-            ),
-            "idempotency_key_in_use",
-            "retry_later",
-        );
-        problem.retry_after = Some(Duration::from_secs(seconds));
-        problem
-    }
-
-    /// 400 `idempotency_key_missing`: the request carries no key but needs one.
-    pub fn key_missing(type_base: &str, header: &str) -> Self {
-        Self::new(
-            type_base,
-            "idempotency-key-missing",
-            400,
-            "Idempotency key missing",
-            format!(
-                "This request requires an {header} header. Mint a fresh UUID v4 for each \
-                 logical operation and send it in {header}."
-            ),
-            "idempotency_key_missing",
-            "add_idempotency_key",
-        )
-        .with_param(header)
-    }
-
-    /// 400 `idempotency_key_invalid`: the key is malformed; `reason` says why.
-    pub fn key_invalid(type_base: &str, header: &str, reason: &dyn std::fmt::Display) -> Self {
-        Self::new(
-            type_base,
-            "idempotency-key-invalid",
-            400,
-            "Idempotency key invalid",
-            format!("The {header} header is not a valid key: {reason}"),
-            "idempotency_key_invalid",
-            "use_new_idempotency_key",
-        )
-        .with_param(header)
-    }
-
-    /// 400 `idempotency_scope_invalid`: the scope the request maps to is malformed.
-    pub fn scope_invalid(type_base: &str, reason: &dyn std::fmt::Display) -> Self {
-        Self::new(
-            type_base,
-            "idempotency-scope-invalid",
-            400,
-            "Idempotency scope invalid",
-            format!("The request's idempotency scope is not valid: {reason}"),
-            "idempotency_scope_invalid",
-            "fix_request",
-        )
-    }
-
-    /// 400 `invalid_request`: the request breaks the endpoint's rules; `param` names the
-    /// field or header at fault, when there is one.
-    pub fn invalid_request(
-        type_base: &str,
-        param: Option<&str>,
-        detail: impl Into<String>,
-    ) -> Self {
-        let problem = Self::new(
-            type_base,
-            "invalid-request",
-            400,
-            "Invalid request",
-            detail,
-            "invalid_request",
-            "fix_request",
-        );
-        match param {
-            Some(param) => problem.with_param(param),
-            None => problem,
-        }
-    }
-
-    /// 413 `payload_too_large`: the request body is longer than `limit` bytes.
-    pub fn payload_too_large(type_base: &str, limit: usize) -> Self {
-        Self::new(
-            type_base,
-            "payload-too-large",
-            413,
-            "Request body too large",
-            format!("The request body is larger than the limit of {limit} bytes."),
-            "payload_too_large",
-            "reduce_request_size",
-        )
-    }
-
-    /// 500 `internal_error`: the server failed; nothing was stored, and a retry with the
-    /// same key is safe.
-    pub fn internal_error(type_base: &str) -> Self {
-        Self::new(
-            type_base,
-            "internal-error",
-            500,
-            "Internal server error",
-            "The server failed to process the request and stored nothing for it. \
-             Retrying with the same idempotency key is safe.",
-            "internal_error",
-            "retry_later",
-        )
-    }
-
-    /// 503 `service_unavailable`: the store (the database) cannot be reached or failed;
-    /// the client should retry with the same key after `retry_after`.
-    pub fn service_unavailable(type_base: &str, retry_after: Duration) -> Self {
-        let mut problem = Self::new(
-            type_base,
-            "service-unavailable",
-            503,
-            "Service unavailable",
-            "The server could not reach its database. Retry with the same \
-             idempotency key: it answers with the stored response if the request \
-             completed, and runs it otherwise.",
-            "service_unavailable",
-            "retry_later",
-        );
-        problem.retry_after = Some(Duration::from_secs(retry_after_seconds(retry_after)));
-        problem
-    }
-
     /// Sets `param` (builder style).
     #[must_use]
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
@@ -252,26 +83,242 @@ impl Problem {
     }
 }
 
-impl Error {
-    /// The problem a client should get for this error, or `None` for server-side errors
-    /// (answer those with a plain 500 and log them). `type_base` is usually
-    /// [`Config::problem_type_base`](crate::Config::problem_type_base).
-    pub fn problem(&self, type_base: &str) -> Option<Problem> {
-        match self {
+/// How one API spells its problems: the base of their `type` URIs and the name of the
+/// header that carries idempotency keys. Every [`Problem`] is made through one.
+///
+/// The store knows nothing of either: its errors speak of keys and requests, and whoever
+/// answers the client (the [`axum` layer](crate::axum), or the application) turns them
+/// into problems with [`Problems::for_error`].
+///
+/// ```
+/// use pg_idempotency::Problems;
+///
+/// let problems = Problems::new("https://api.example.com/errors/").with_key_header("X-Idem-Key");
+/// let missing = problems.key_missing();
+/// assert_eq!(missing.type_uri, "https://api.example.com/errors/idempotency-key-missing");
+/// assert_eq!(missing.param.as_deref(), Some("X-Idem-Key"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems {
+    type_base: String,
+    key_header: String,
+}
+
+impl Default for Problems {
+    /// Types under `/problems/`, keys in `Idempotency-Key`.
+    fn default() -> Self {
+        Self::new("/problems/")
+    }
+}
+
+impl Problems {
+    /// Problems whose `type` is `type_base` + a slug, e.g. `https://api.example.com/errors/`
+    /// gives `https://api.example.com/errors/idempotency-conflict`; keys are named
+    /// `Idempotency-Key`.
+    pub fn new(type_base: impl Into<String>) -> Self {
+        Self {
+            type_base: type_base.into(),
+            key_header: IDEMPOTENCY_KEY_HEADER.to_owned(),
+        }
+    }
+
+    /// Names the key header `header` in details and `param` (builder style).
+    #[must_use]
+    pub fn with_key_header(mut self, header: impl Into<String>) -> Self {
+        self.key_header = header.into();
+        self
+    }
+
+    /// The base of `type` URIs.
+    pub fn type_base(&self) -> &str {
+        &self.type_base
+    }
+
+    /// The key header's name, as problems spell it.
+    pub fn key_header(&self) -> &str {
+        &self.key_header
+    }
+
+    /// A problem of the application's own: `slug` is appended to the type base to form
+    /// `type`.
+    pub fn custom(
+        &self,
+        slug: &str,
+        status: u16,
+        title: impl Into<String>,
+        detail: impl Into<String>,
+        code: impl Into<String>,
+        advice_code: impl Into<String>,
+    ) -> Problem {
+        Problem {
+            type_uri: format!("{}{slug}", self.type_base),
+            title: title.into(),
+            status,
+            detail: detail.into(),
+            code: code.into(),
+            advice_code: advice_code.into(),
+            param: None,
+            request_id: None,
+            retry_after: None,
+        }
+    }
+
+    /// The problem a client should get for `error`, or `None` for server-side errors
+    /// (answer those with [`internal_error`](Self::internal_error) or
+    /// [`service_unavailable`](Self::service_unavailable), and log them).
+    pub fn for_error(&self, error: &Error) -> Option<Problem> {
+        match error {
             Error::Conflict {
                 key, first_used_at, ..
-            } => Some(Problem::conflict(type_base, key, *first_used_at)),
+            } => Some(self.conflict(key, *first_used_at)),
             Error::InFlight {
                 key, retry_after, ..
-            } => Some(Problem::in_flight(type_base, key, *retry_after)),
-            Error::InvalidKey(reason) => Some(Problem::key_invalid(
-                type_base,
-                IDEMPOTENCY_KEY_HEADER,
-                reason,
-            )),
-            Error::InvalidScope(reason) => Some(Problem::scope_invalid(type_base, reason)),
+            } => Some(self.in_flight(key, *retry_after)),
+            Error::InvalidKey(reason) => Some(self.key_invalid(reason)),
+            Error::InvalidScope(reason) => Some(self.scope_invalid(reason)),
             _ => None,
         }
+    }
+
+    /// 409 `idempotency_conflict`: the key was used with a different request body.
+    pub fn conflict(&self, key: &IdempotencyKey, first_used_at: DateTime<Utc>) -> Problem {
+        self.custom(
+            "idempotency-conflict",
+            409,
+            "Idempotency key reused with different body",
+            format!(
+                "{} '{key}' was used at {} with a different request body.",
+                self.key_header,
+                first_used_at.to_rfc3339_opts(SecondsFormat::Secs, true)
+            ),
+            "idempotency_conflict",
+            "use_new_idempotency_key",
+        )
+    }
+
+    /// 409 `idempotency_key_in_use`: a request with the key is still being processed.
+    pub fn in_flight(&self, key: &IdempotencyKey, retry_after: Duration) -> Problem {
+        let seconds = retry_after_seconds(retry_after);
+        let mut problem = self.custom(
+            "idempotency-key-in-use",
+            409,
+            "Idempotency key in use",
+            format!(
+                "A request with {} '{key}' is still being processed. \
+                 Retry after {seconds} second{} to receive its response.",
+                self.key_header,
+                if seconds == 1 { "" } else { "s" }
+            ),
+            "idempotency_key_in_use",
+            "retry_later",
+        );
+        problem.retry_after = Some(Duration::from_secs(seconds));
+        problem
+    }
+
+    /// 400 `idempotency_key_missing`: the request carries no key but needs one.
+    pub fn key_missing(&self) -> Problem {
+        let header = &self.key_header;
+        self.custom(
+            "idempotency-key-missing",
+            400,
+            "Idempotency key missing",
+            format!(
+                "This request requires an {header} header. Mint a fresh UUID v4 for each \
+                 logical operation and send it in {header}."
+            ),
+            "idempotency_key_missing",
+            "add_idempotency_key",
+        )
+        .with_param(header)
+    }
+
+    /// 400 `idempotency_key_invalid`: the key is malformed; `reason` says why.
+    pub fn key_invalid(&self, reason: &dyn std::fmt::Display) -> Problem {
+        self.custom(
+            "idempotency-key-invalid",
+            400,
+            "Idempotency key invalid",
+            format!(
+                "The {} header is not a valid key: {reason}",
+                self.key_header
+            ),
+            "idempotency_key_invalid",
+            "use_new_idempotency_key",
+        )
+        .with_param(&self.key_header)
+    }
+
+    /// 400 `idempotency_scope_invalid`: the scope the request maps to is malformed.
+    pub fn scope_invalid(&self, reason: &dyn std::fmt::Display) -> Problem {
+        self.custom(
+            "idempotency-scope-invalid",
+            400,
+            "Idempotency scope invalid",
+            format!("The request's idempotency scope is not valid: {reason}"),
+            "idempotency_scope_invalid",
+            "fix_request",
+        )
+    }
+
+    /// 400 `invalid_request`: the request breaks the endpoint's rules; `param` names the
+    /// field or header at fault, when there is one.
+    pub fn invalid_request(&self, param: Option<&str>, detail: impl Into<String>) -> Problem {
+        let problem = self.custom(
+            "invalid-request",
+            400,
+            "Invalid request",
+            detail,
+            "invalid_request",
+            "fix_request",
+        );
+        match param {
+            Some(param) => problem.with_param(param),
+            None => problem,
+        }
+    }
+
+    /// 413 `payload_too_large`: the request body is longer than `limit` bytes.
+    pub fn payload_too_large(&self, limit: usize) -> Problem {
+        self.custom(
+            "payload-too-large",
+            413,
+            "Request body too large",
+            format!("The request body is larger than the limit of {limit} bytes."),
+            "payload_too_large",
+            "reduce_request_size",
+        )
+    }
+
+    /// 500 `internal_error`: the server failed; nothing was stored, and a retry with the
+    /// same key is safe.
+    pub fn internal_error(&self) -> Problem {
+        self.custom(
+            "internal-error",
+            500,
+            "Internal server error",
+            "The server failed to process the request and stored nothing for it. \
+             Retrying with the same idempotency key is safe.",
+            "internal_error",
+            "retry_later",
+        )
+    }
+
+    /// 503 `service_unavailable`: the store (the database) cannot be reached or failed;
+    /// the client should retry with the same key after `retry_after`.
+    pub fn service_unavailable(&self, retry_after: Duration) -> Problem {
+        let mut problem = self.custom(
+            "service-unavailable",
+            503,
+            "Service unavailable",
+            "The server could not reach its database. Retry with the same \
+             idempotency key: it answers with the stored response if the request \
+             completed, and runs it otherwise.",
+            "service_unavailable",
+            "retry_later",
+        );
+        problem.retry_after = Some(Duration::from_secs(retry_after_seconds(retry_after)));
+        problem
     }
 }
 
@@ -291,7 +338,8 @@ mod tests {
     #[test]
     fn conflict_matches_the_seed_example() {
         let at = "2026-05-14T14:32:01Z".parse().unwrap();
-        let problem = Problem::conflict("https://zyins.isaapi.com/errors/", &key(), at)
+        let problem = Problems::new("https://zyins.isaapi.com/errors/")
+            .conflict(&key(), at)
             .with_request_id("req_01HZK2N5GQR9T8X4B6FJW3Y1AS");
         let json: serde_json::Value = serde_json::from_slice(&problem.to_json()).unwrap();
         assert_eq!(
@@ -315,7 +363,7 @@ mod tests {
         assert_eq!(retry_after_seconds(Duration::from_millis(1)), 1);
         assert_eq!(retry_after_seconds(Duration::from_secs(1)), 1);
         assert_eq!(retry_after_seconds(Duration::from_millis(1500)), 2);
-        let problem = Problem::in_flight("/p/", &key(), Duration::from_millis(2500));
+        let problem = Problems::new("/p/").in_flight(&key(), Duration::from_millis(2500));
         assert_eq!(problem.status, 409);
         assert_eq!(problem.code, "idempotency_key_in_use");
         assert_eq!(problem.retry_after, Some(Duration::from_secs(3)));
@@ -328,14 +376,14 @@ mod tests {
 
     #[test]
     fn missing_and_invalid_name_the_header() {
-        let missing = Problem::key_missing("/p/", IDEMPOTENCY_KEY_HEADER);
+        let missing = Problems::new("/p/").key_missing();
         assert_eq!(
             (missing.status, missing.code.as_str()),
             (400, "idempotency_key_missing")
         );
         assert_eq!(missing.param.as_deref(), Some("Idempotency-Key"));
         let err = "nope".parse::<IdempotencyKey>().unwrap_err();
-        let invalid = Error::from(err).problem("/p/").unwrap();
+        let invalid = Problems::new("/p/").for_error(&Error::from(err)).unwrap();
         assert_eq!(
             (invalid.status, invalid.code.as_str()),
             (400, "idempotency_key_invalid")
@@ -346,7 +394,8 @@ mod tests {
 
     #[test]
     fn request_and_server_problems() {
-        let invalid = Problem::invalid_request("/p/", Some("amount"), "too small");
+        let problems = Problems::new("/p/");
+        let invalid = problems.invalid_request(Some("amount"), "too small");
         assert_eq!(
             (
                 invalid.status,
@@ -356,15 +405,15 @@ mod tests {
             (400, "invalid_request", Some("amount"))
         );
         assert_eq!(invalid.type_uri, "/p/invalid-request");
-        assert_eq!(Problem::invalid_request("/p/", None, "x").param, None);
-        let large = Problem::payload_too_large("/p/", 1024);
+        assert_eq!(problems.invalid_request(None, "x").param, None);
+        let large = problems.payload_too_large(1024);
         assert_eq!(
             (large.status, large.code.as_str()),
             (413, "payload_too_large")
         );
         assert!(large.detail.contains("1024 bytes"), "{}", large.detail);
-        assert_eq!(Problem::internal_error("/p/").status, 500);
-        let unavailable = Problem::service_unavailable("/p/", Duration::from_millis(10));
+        assert_eq!(problems.internal_error().status, 500);
+        let unavailable = problems.service_unavailable(Duration::from_millis(10));
         assert_eq!(unavailable.status, 503);
         assert_eq!(unavailable.retry_after, Some(Duration::from_secs(1)));
         let json: serde_json::Value = serde_json::from_slice(&unavailable.to_json()).unwrap();
@@ -373,6 +422,10 @@ mod tests {
 
     #[test]
     fn server_errors_have_no_problem() {
-        assert!(Error::InvalidStatus(99).problem("/p/").is_none());
+        assert!(
+            Problems::default()
+                .for_error(&Error::InvalidStatus(99))
+                .is_none()
+        );
     }
 }

@@ -19,7 +19,7 @@ use pg_idempotency::axum::{
     scope_from_header,
 };
 use pg_idempotency::testing::TestDatabase;
-use pg_idempotency::{IdempotencyStore, Problem, Scope};
+use pg_idempotency::{IdempotencyStore, Problems, Scope};
 use sqlx::PgPool;
 use support::{Answer, Server, client, is_generated_request_id, new_key};
 
@@ -133,8 +133,7 @@ fn router(store: IdempotencyStore, runs: Arc<AtomicUsize>) -> Router {
             store.clone(),
             |parts: &axum::http::request::Parts| match parts.headers.get("authorization") {
                 Some(value) => Ok(Scope::from_bytes(value.as_bytes())?),
-                None => Err(ScopeRejection::from(Problem::new(
-                    "/errors/",
+                None => Err(ScopeRejection::from(Problems::new("/errors/").custom(
                     "unauthorized",
                     401,
                     "Unauthorized",

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use pg_idempotency::{
-    Begin, Completion, Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Request, Scope,
-    StorePolicy, StoredResponse, SweepOptions, Sweeper,
+    Begin, Completion, Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Problems, Request,
+    Scope, StorePolicy, StoredResponse, SweepOptions, Sweeper,
 };
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, PgPool};
@@ -132,8 +132,8 @@ async fn different_body_is_a_conflict_that_names_key_and_first_use() -> Result<(
     };
     assert_eq!(got, &key);
     assert_eq!(*first_used_at, created_at);
-    let problem = err
-        .problem("https://api.example.com/errors/")
+    let problem = Problems::new("https://api.example.com/errors/")
+        .for_error(&err)
         .context("client error")?;
     assert_eq!(problem.status, 409);
     assert_eq!(problem.code, "idempotency_conflict");
@@ -313,7 +313,9 @@ async fn in_flight_answer_comes_after_the_configured_wait() -> Result<()> {
     };
     assert!(waited >= wait, "answered before the wait: {waited:?}");
     assert_eq!(*retry_after, Config::default().retry_after());
-    let problem = err.problem("/p/").context("client error")?;
+    let problem = Problems::new("/p/")
+        .for_error(&err)
+        .context("client error")?;
     assert_eq!(
         (problem.status, problem.code.as_str()),
         (409, "idempotency_key_in_use")
@@ -791,61 +793,6 @@ async fn a_connection_that_lost_its_prepared_statements_prepares_them_again() ->
         };
     }
     assert_eq!(payments(&pool).await?, 3);
-    Ok(())
-}
-
-/// During a rolling deploy, nodes of the previous version still claim and store through
-/// `idempotency_claim` / `idempotency_store` (kept by the `prepared_hot_path` migration):
-/// their rows replay on new nodes, and new nodes' rows replay on theirs.
-#[tokio::test]
-async fn the_previous_versions_functions_still_work_beside_the_new_statements() -> Result<()> {
-    let pool = setup().await?;
-    let store = IdempotencyStore::new(pool.clone());
-    let request = Request::new("POST", "/v1/payments", b"{}");
-    let fingerprint = request.fingerprint();
-
-    // An old node stores a response for `old_key`, the way it did.
-    let old_key = new_key();
-    let mut tx = pool.begin().await?;
-    let state: String =
-        sqlx::query_scalar("SELECT state FROM idempotency_claim(42, 0, 'acct_1', $1)")
-            .bind(old_key.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-    assert_eq!(state, "claimed");
-    sqlx::query(
-        "SELECT idempotency_store('acct_1', $1, $2, $3, 201::smallint, '[]', 'old node', 86400000)",
-    )
-    .bind(old_key.as_str())
-    .bind(fingerprint.version())
-    .bind(&fingerprint.hash()[..])
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    let Begin::Replay(replay) = store.begin(&scope("acct_1"), &old_key, &request).await? else {
-        bail!("the old node's row should replay")
-    };
-    assert_eq!(replay.response.body, b"old node");
-
-    // A new node stores one; the old node's claim finds it.
-    let new_key = new_key();
-    let Begin::Claimed(claim) = store.begin(&scope("acct_1"), &new_key, &request).await? else {
-        bail!("a fresh key should be claimed")
-    };
-    claim
-        .complete(&StoredResponse::new(201, "new node"))
-        .await?;
-    let (state, body): (String, Option<String>) = sqlx::query_as(
-        "SELECT state, convert_from(decode(body_hex, 'hex'), 'UTF8')
-         FROM idempotency_claim(43, 0, 'acct_1', $1)",
-    )
-    .bind(new_key.as_str())
-    .fetch_one(&pool)
-    .await?;
-    assert_eq!(
-        (state.as_str(), body.as_deref()),
-        ("done", Some("new node"))
-    );
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use pg_idempotency::axum::{
     IdempotencyLayer, IdempotentTx, RequestId, RequestIdLayer, Rollback, scope_from_header,
 };
-use pg_idempotency::{IdempotencyStore, Problem, Scope};
+use pg_idempotency::{IdempotencyStore, Problem, Problems, Scope};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -65,11 +65,13 @@ pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
 #[derive(Clone)]
 struct AppState {
     store: IdempotencyStore,
+    /// Spelled like the idempotency layer's problems.
+    problems: Problems,
 }
 
 impl AppState {
-    fn problem(&self, request_id: &RequestId, build: impl FnOnce(&str) -> Problem) -> Problem {
-        build(self.store.config().problem_type_base()).with_request_id(request_id.as_str())
+    fn problem(&self, request_id: &RequestId, build: impl FnOnce(&Problems) -> Problem) -> Problem {
+        build(&self.problems).with_request_id(request_id.as_str())
     }
 }
 
@@ -85,6 +87,7 @@ pub fn router(store: IdempotencyStore) -> Router {
         ),
     )
     .with_body_limit(BODY_LIMIT);
+    let problems = idempotency.problems().clone();
     Router::new()
         .route(
             "/v1/payments",
@@ -94,7 +97,7 @@ pub fn router(store: IdempotencyStore) -> Router {
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(AppState { store })
+        .with_state(AppState { store, problems })
         .layer(RequestIdLayer::new())
 }
 
@@ -234,8 +237,8 @@ async fn create_payment(
         Ok(payment) => payment,
         // Nothing written: roll back, keep the key free for a corrected retry.
         Err((param, detail)) => {
-            let problem = state.problem(&request_id, |base| {
-                Problem::invalid_request(base, param.as_deref(), detail)
+            let problem = state.problem(&request_id, |problems| {
+                problems.invalid_request(param.as_deref(), detail)
             });
             return (Rollback, problem).into_response();
         }
@@ -257,9 +260,7 @@ async fn create_payment(
             // 5xx: not stored, the layer rolls back.
             let retry = state.store.config().retry_after();
             return state
-                .problem(&request_id, |base| {
-                    Problem::service_unavailable(base, retry)
-                })
+                .problem(&request_id, |problems| problems.service_unavailable(retry))
                 .into_response();
         }
     };
@@ -289,8 +290,8 @@ async fn count_payments(
 ) -> Response {
     let invalid = |detail: String| {
         state
-            .problem(&request_id, |base| {
-                Problem::invalid_request(base, Some("account"), detail)
+            .problem(&request_id, |problems| {
+                problems.invalid_request(Some("account"), detail)
             })
             .into_response()
     };
@@ -324,9 +325,7 @@ async fn count_payments(
             tracing::error!(%error, "counting payments failed");
             let retry = state.store.config().retry_after();
             state
-                .problem(&request_id, |base| {
-                    Problem::service_unavailable(base, retry)
-                })
+                .problem(&request_id, |problems| problems.service_unavailable(retry))
                 .into_response()
         }
     }
@@ -337,8 +336,8 @@ async fn healthz(State(state): State<AppState>, request_id: RequestId) -> Respon
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(_)) => axum::Json(serde_json::json!({ "status": "ok" })).into_response(),
         _ => state
-            .problem(&request_id, |base| {
-                Problem::service_unavailable(base, Duration::from_secs(1))
+            .problem(&request_id, |problems| {
+                problems.service_unavailable(Duration::from_secs(1))
             })
             .into_response(),
     }
@@ -346,9 +345,8 @@ async fn healthz(State(state): State<AppState>, request_id: RequestId) -> Respon
 
 async fn not_found(State(state): State<AppState>, request_id: RequestId) -> Response {
     state
-        .problem(&request_id, |base| {
-            Problem::new(
-                base,
+        .problem(&request_id, |problems| {
+            problems.custom(
                 "not-found",
                 404,
                 "Not found",
@@ -362,9 +360,8 @@ async fn not_found(State(state): State<AppState>, request_id: RequestId) -> Resp
 
 async fn method_not_allowed(State(state): State<AppState>, request_id: RequestId) -> Response {
     state
-        .problem(&request_id, |base| {
-            Problem::new(
-                base,
+        .problem(&request_id, |problems| {
+            problems.custom(
                 "method-not-allowed",
                 405,
                 "Method not allowed",

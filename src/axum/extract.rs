@@ -12,21 +12,21 @@ use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 
 use super::request_id::RequestId;
 use crate::claim::Claim;
-use crate::problem::Problem;
+use crate::problem::Problems;
 
 /// The hand-off between the layer and the handler: the layer puts the claim in, the
 /// handler borrows it through [`IdempotentTx`], the layer takes it back to complete it.
 #[derive(Clone)]
 pub(crate) struct ClaimHandle {
     claim: Arc<Mutex<Option<Claim>>>,
-    type_base: Arc<str>,
+    problems: Arc<Problems>,
 }
 
 impl ClaimHandle {
-    pub(crate) fn new(claim: Claim, type_base: &str) -> Self {
+    pub(crate) fn new(claim: Claim, problems: Arc<Problems>) -> Self {
         Self {
             claim: Arc::new(Mutex::new(Some(claim))),
-            type_base: type_base.into(),
+            problems,
         }
     }
 
@@ -79,8 +79,8 @@ pub struct IdempotentTx {
 
 impl IdempotentTx {
     /// `Ok(None)`: no claim on this request; `Err`: the claim is in use (a bug in the
-    /// application), answered with a 500 problem under the given type base.
-    fn extract(parts: &Parts) -> Result<Option<Self>, Arc<str>> {
+    /// application), answered with a 500 problem spelled by the layer's [`Problems`].
+    fn extract(parts: &Parts) -> Result<Option<Self>, Arc<Problems>> {
         let Some(handle) = parts.extensions.get::<ClaimHandle>() else {
             return Ok(None);
         };
@@ -88,7 +88,7 @@ impl IdempotentTx {
             tracing::error!(
                 "{what}: take IdempotentTx once per handler and keep it within the handler"
             );
-            Arc::clone(&handle.type_base)
+            Arc::clone(&handle.problems)
         };
         let guard: OwnedMutexGuard<Option<Claim>> = Arc::clone(&handle.claim)
             .try_lock_owned()
@@ -100,9 +100,9 @@ impl IdempotentTx {
 }
 
 /// The 500 problem for a misused extractor, with the request id when a layer set one.
-fn misuse_response(parts: &Parts, type_base: &str) -> Response {
-    let problem = Problem::internal_error(type_base);
-    match parts.extensions.get::<RequestId>() {
+fn misuse_response(parts: &Parts, problems: &Problems) -> Response {
+    let problem = problems.internal_error();
+    match RequestId::assigned(&parts.extensions) {
         Some(id) => problem.with_request_id(id.as_str()),
         None => problem,
     }
@@ -120,12 +120,9 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotentTx {
                     "IdempotentTx taken on a request without a claim: put the route behind \
                      IdempotencyLayer, and take Option<IdempotentTx> where the key is optional"
                 );
-                Err(misuse_response(
-                    parts,
-                    crate::Config::default().problem_type_base(),
-                ))
+                Err(misuse_response(parts, &Problems::default()))
             }
-            Err(type_base) => Err(misuse_response(parts, &type_base)),
+            Err(problems) => Err(misuse_response(parts, &problems)),
         }
     }
 }
@@ -137,7 +134,7 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for IdempotentTx {
         parts: &mut Parts,
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
-        Self::extract(parts).map_err(|type_base| misuse_response(parts, &type_base))
+        Self::extract(parts).map_err(|problems| misuse_response(parts, &problems))
     }
 }
 

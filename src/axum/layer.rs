@@ -28,7 +28,7 @@ use crate::claim::{Claim, Completion};
 use crate::error::Error;
 use crate::fingerprint::Request as Fingerprinted;
 use crate::key::IdempotencyKey;
-use crate::problem::{IDEMPOTENCY_KEY_HEADER, Problem};
+use crate::problem::{Problem, Problems};
 use crate::scope::Scope;
 use crate::store::{Begin, IdempotencyStore};
 
@@ -80,8 +80,8 @@ struct Settings {
     store: IdempotencyStore,
     scope: Arc<ScopeFn>,
     key_header: HeaderName,
-    /// The key header as named in problems, e.g. `Idempotency-Key`.
-    key_header_display: String,
+    /// How problems are spelled: type base, and the key header as named there.
+    problems: Arc<Problems>,
     key_required: bool,
     body_limit: usize,
     request_id_header: HeaderName,
@@ -110,7 +110,7 @@ impl IdempotencyLayer {
             settings: Arc::new(Settings {
                 store,
                 scope: Arc::new(move |parts: &Parts| scope(parts).map_err(Into::into)),
-                key_header_display: IDEMPOTENCY_KEY_HEADER.to_owned(),
+                problems: Arc::new(Problems::default()),
                 key_header,
                 key_required: true,
                 body_limit: Self::DEFAULT_BODY_LIMIT,
@@ -143,9 +143,27 @@ impl IdempotencyLayer {
     #[must_use]
     pub fn with_key_header(self, header: HeaderName) -> Self {
         self.with(|s| {
-            s.key_header_display = title_case(&header);
+            let problems = (*s.problems).clone().with_key_header(title_case(&header));
+            s.problems = Arc::new(problems);
             s.key_header = header;
         })
+    }
+
+    /// Builds problem `type` URIs on `base` instead of `/problems/`, e.g.
+    /// `https://api.example.com/errors/` gives
+    /// `https://api.example.com/errors/idempotency-conflict`.
+    #[must_use]
+    pub fn with_problem_type_base(self, base: impl Into<String>) -> Self {
+        self.with(|s| {
+            let key_header = s.problems.key_header().to_owned();
+            s.problems = Arc::new(Problems::new(base).with_key_header(key_header));
+        })
+    }
+
+    /// How this layer spells its problems, for handlers that answer problems of their own
+    /// in the same style.
+    pub fn problems(&self) -> &Problems {
+        &self.settings.problems
     }
 
     /// Buffers request bodies up to `bytes` (default 1 MiB); a longer one gets a 413
@@ -271,8 +289,8 @@ fn record(field: &str, value: &str) {
 }
 
 impl Flow<'_> {
-    fn type_base(&self) -> &str {
-        self.settings.store.config().problem_type_base()
+    fn problems(&self) -> &Problems {
+        &self.settings.problems
     }
 
     fn problem(&self, problem: Problem) -> Response {
@@ -282,17 +300,17 @@ impl Flow<'_> {
     }
 
     fn internal_error(&self) -> Response {
-        self.problem(Problem::internal_error(self.type_base()))
+        self.problem(self.problems().internal_error())
     }
 
     /// The answer to a failure of the store: 503 for the database, 500 otherwise.
     fn server_error(&self, error: &Error) -> Response {
         tracing::error!(%error, "idempotency store failed");
         match error {
-            Error::Database(_) => self.problem(Problem::service_unavailable(
-                self.type_base(),
-                self.settings.store.config().retry_after(),
-            )),
+            Error::Database(_) => self.problem(
+                self.problems()
+                    .service_unavailable(self.settings.store.config().retry_after()),
+            ),
             _ => self.internal_error(),
         }
     }
@@ -303,7 +321,7 @@ impl Flow<'_> {
         S::Future: Send + 'static,
     {
         let settings = self.settings;
-        let type_base = self.type_base();
+        let problems = self.problems();
         let mut keys = request.headers().get_all(&settings.key_header).iter();
         let raw_key = match (keys.next(), keys.next()) {
             (None, _) if !settings.key_required => {
@@ -312,34 +330,26 @@ impl Flow<'_> {
             }
             (None, _) => None,
             (Some(_), Some(_)) => {
-                return self.problem(Problem::key_invalid(
-                    type_base,
-                    &settings.key_header_display,
-                    &"the header appears more than once; send exactly one key",
-                ));
+                return self.problem(
+                    problems
+                        .key_invalid(&"the header appears more than once; send exactly one key"),
+                );
             }
             (Some(value), None) => Some(value.as_bytes()),
         };
         if request.body().size_hint().lower() > settings.body_limit as u64 {
             record("outcome", "too_large");
-            return self.problem(Problem::payload_too_large(type_base, settings.body_limit));
+            return self.problem(problems.payload_too_large(settings.body_limit));
         }
         let Some(raw_key) = raw_key else {
             record("outcome", "key_missing");
-            return self.problem(Problem::key_missing(
-                type_base,
-                &settings.key_header_display,
-            ));
+            return self.problem(problems.key_missing());
         };
         let key = match IdempotencyKey::parse_bytes(raw_key, settings.store.config().key_policy()) {
             Ok(key) => key,
             Err(reason) => {
                 record("outcome", "key_invalid");
-                return self.problem(Problem::key_invalid(
-                    type_base,
-                    &settings.key_header_display,
-                    &reason,
-                ));
+                return self.problem(problems.key_invalid(&reason));
             }
         };
         record("key", key.as_str());
@@ -349,7 +359,7 @@ impl Flow<'_> {
             Ok(scope) => scope,
             Err(rejection) => {
                 record("outcome", "scope_rejected");
-                return self.problem(rejection.into_problem(type_base));
+                return self.problem(rejection.into_problem(problems));
             }
         };
         record("scope", scope.as_str());
@@ -358,16 +368,15 @@ impl Flow<'_> {
             Ok(collected) => collected.to_bytes(),
             Err(error) if error.is::<LengthLimitError>() => {
                 record("outcome", "too_large");
-                return self.problem(Problem::payload_too_large(type_base, settings.body_limit));
+                return self.problem(problems.payload_too_large(settings.body_limit));
             }
             Err(error) => {
                 record("outcome", "body_unreadable");
                 tracing::debug!(%error, "the request body could not be read");
-                return self.problem(Problem::invalid_request(
-                    type_base,
-                    None,
-                    "The request body could not be read completely.",
-                ));
+                return self.problem(
+                    problems
+                        .invalid_request(None, "The request body could not be read completely."),
+                );
             }
         };
 
@@ -382,8 +391,8 @@ impl Flow<'_> {
                 });
             }
             Err(error) => {
-                return match error.problem(type_base) {
-                    Some(mut problem) => {
+                return match problems.for_error(&error) {
+                    Some(problem) => {
                         record(
                             "outcome",
                             if matches!(error, Error::Conflict { .. }) {
@@ -392,12 +401,6 @@ impl Flow<'_> {
                                 "in_flight"
                             },
                         );
-                        // The store's messages name the default header.
-                        if settings.key_header_display != IDEMPOTENCY_KEY_HEADER {
-                            problem.detail = problem
-                                .detail
-                                .replace(IDEMPOTENCY_KEY_HEADER, &settings.key_header_display);
-                        }
                         self.problem(problem)
                     }
                     None => self.server_error(&error),
@@ -405,7 +408,7 @@ impl Flow<'_> {
             }
         };
 
-        let handle = ClaimHandle::new(claim, type_base);
+        let handle = ClaimHandle::new(claim, Arc::clone(&settings.problems));
         parts.extensions.insert(handle.clone());
         let request = Request::from_parts(parts, Body::from(body));
         let answered = AssertUnwindSafe(call(inner, request)).catch_unwind().await;

@@ -124,12 +124,15 @@ mod tests {
 
     #[test]
     fn problem_response_has_type_and_retry_after() {
-        let problem = Problem::service_unavailable("/p/", std::time::Duration::from_millis(1500));
+        let problems = crate::Problems::new("/p/");
+        let problem = problems.service_unavailable(std::time::Duration::from_millis(1500));
         let response = problem.clone().into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[CONTENT_TYPE], "application/problem+json");
         assert_eq!(response.headers()[RETRY_AFTER], "2");
-        let odd = Problem::new("/p/", "x", 1000, "t", "d", "c", "a").into_response();
+        let odd = problems
+            .custom("x", 1000, "t", "d", "c", "a")
+            .into_response();
         assert_eq!(odd.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 

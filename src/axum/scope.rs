@@ -3,7 +3,7 @@
 use http::HeaderName;
 use http::request::Parts;
 
-use crate::problem::Problem;
+use crate::problem::{Problem, Problems};
 use crate::scope::{Scope, ScopeError};
 
 /// Why the application's scope function refused a request.
@@ -49,10 +49,10 @@ impl ScopeRejection {
     }
 
     /// The problem to answer with.
-    pub(crate) fn into_problem(self, type_base: &str) -> Problem {
+    pub(crate) fn into_problem(self, problems: &Problems) -> Problem {
         match self {
             Self::Invalid { reason, param } => {
-                let problem = Problem::scope_invalid(type_base, &reason);
+                let problem = problems.scope_invalid(&reason);
                 match param {
                     Some(param) => problem.with_param(param),
                     None => problem,
@@ -200,24 +200,17 @@ mod tests {
 
     #[test]
     fn rejections_become_problems() {
+        let problems = Problems::new("/p/");
         let problem = ScopeRejection::from(ScopeError::Empty)
             .with_param("X-Tenant")
-            .into_problem("/p/");
+            .into_problem(&problems);
         assert_eq!(problem.status, 400);
         assert_eq!(problem.code, "idempotency_scope_invalid");
         assert_eq!(problem.param.as_deref(), Some("X-Tenant"));
-        let own = Problem::new(
-            "/p/",
-            "unauthorized",
-            401,
-            "t",
-            "d",
-            "unauthorized",
-            "log_in",
-        );
+        let own = problems.custom("unauthorized", 401, "t", "d", "unauthorized", "log_in");
         let problem = ScopeRejection::from(own.clone())
             .with_param("x")
-            .into_problem("/p/");
+            .into_problem(&problems);
         assert_eq!(problem, own);
     }
 }
