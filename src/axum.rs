@@ -142,6 +142,8 @@ mod scope;
 
 pub use extract::{IdempotentTx, Rollback, RollbackOnReject};
 pub use layer::{Idempotency, IdempotencyLayer};
-pub use request_id::{REQUEST_ID_HEADER, RequestId, RequestIdLayer, RequestIdService};
+pub use request_id::{
+    MakeRequestIds, REQUEST_ID_HEADER, RequestId, RequestIdLayer, RequestIdService,
+};
 pub use response::IDEMPOTENT_REPLAYED_HEADER;
 pub use scope::{ScopeRejection, scope_from_header};

@@ -6,9 +6,11 @@ use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::FromRequestParts;
-use futures_core::future::BoxFuture;
 use http::request::Parts;
 use http::{HeaderName, HeaderValue};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestId, RequestId as TowerRequestId, SetRequestId,
+};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -86,25 +88,45 @@ impl RequestId {
         HeaderValue::from_str(&self.0).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
     }
 
-    /// The client's sane id from `header`, else a new one.
-    fn from_headers(headers: &http::HeaderMap, header: &HeaderName) -> Self {
+    /// The client's id from `header`, if it sent exactly one and it is sane.
+    fn from_client(headers: &http::HeaderMap, header: &HeaderName) -> Option<Self> {
         let mut values = headers.get_all(header).iter();
         match (values.next(), values.next()) {
             (Some(value), None) => Self::parse(value.as_bytes()),
             _ => None,
         }
-        .unwrap_or_else(Self::generate)
     }
 
-    /// The request's id: the one already in its extensions, else the client's sane one
-    /// from `header`, else a new one; stored in the extensions for later layers and
-    /// handlers.
+    /// The id an outer layer put into `extensions` (as tower-http's
+    /// [`RequestId`](TowerRequestId)), if it is sane.
+    pub(crate) fn assigned(extensions: &http::Extensions) -> Option<Self> {
+        extensions
+            .get::<TowerRequestId>()
+            .and_then(|id| Self::parse(id.header_value().as_bytes()))
+    }
+
+    /// The client's sane id from `header`, else a new one, stored in `extensions` for
+    /// later layers and handlers.
+    fn assign(
+        extensions: &mut http::Extensions,
+        headers: &http::HeaderMap,
+        header: &HeaderName,
+    ) -> Self {
+        let id = Self::from_client(headers, header).unwrap_or_else(Self::generate);
+        extensions.insert(TowerRequestId::new(id.header_value()));
+        id
+    }
+
+    /// The request's id: [assigned](Self::assigned) by an outer layer, else
+    /// [assigned now](Self::assign).
     pub(crate) fn of_request<B>(request: &mut http::Request<B>, header: &HeaderName) -> Self {
-        if let Some(id) = request.extensions().get::<RequestId>() {
-            return id.clone();
+        if let Some(id) = Self::assigned(request.extensions()) {
+            return id;
         }
-        let id = Self::from_headers(request.headers(), header);
-        request.extensions_mut().insert(id.clone());
+        let id = Self::from_client(request.headers(), header).unwrap_or_else(Self::generate);
+        request
+            .extensions_mut()
+            .insert(TowerRequestId::new(id.header_value()));
         id
     }
 }
@@ -128,17 +150,32 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestId {
     /// [`IdempotencyLayer`](super::IdempotencyLayer), the client's sane `X-Request-Id` or
     /// a new one.
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        if let Some(id) = parts.extensions.get::<RequestId>() {
-            return Ok(id.clone());
-        }
-        let id = Self::from_headers(&parts.headers, &REQUEST_ID_HEADER);
-        parts.extensions.insert(id.clone());
-        Ok(id)
+        Ok(Self::assigned(&parts.extensions).unwrap_or_else(|| {
+            Self::assign(&mut parts.extensions, &parts.headers, &REQUEST_ID_HEADER)
+        }))
+    }
+}
+
+/// Mints [`RequestId`]s for tower-http's
+/// [`SetRequestIdLayer`](tower_http::request_id::SetRequestIdLayer), for services that
+/// compose tower-http's request-id layers themselves.
+///
+/// tower-http keeps whatever id a client sent, sane or not; [`RequestIdLayer`] (which
+/// uses this) replaces an insane one first.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MakeRequestIds;
+
+impl MakeRequestId for MakeRequestIds {
+    fn make_request_id<B>(&mut self, _request: &http::Request<B>) -> Option<TowerRequestId> {
+        Some(TowerRequestId::new(RequestId::generate().header_value()))
     }
 }
 
 /// A layer that gives every request a [`RequestId`] and sets it as a response header
-/// (default `X-Request-Id`) on every response.
+/// (default `X-Request-Id`) on every response: tower-http's
+/// [`SetRequestId`](tower_http::request_id::SetRequestId) with [`MakeRequestIds`] and
+/// [`PropagateRequestId`](tower_http::request_id::PropagateRequestId), behind a step
+/// that drops a client's id unless it is sane (see [`RequestId`]).
 ///
 /// Put it outermost (`Router::layer`), so that every response of the service carries an
 /// id, including those of routes without idempotency; the
@@ -174,9 +211,11 @@ impl<S> Layer<S> for RequestIdLayer {
     type Service = RequestIdService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        let header = self.header.clone();
+        let propagate = PropagateRequestId::new(inner, header.clone());
         RequestIdService {
-            inner,
-            header: self.header.clone(),
+            inner: SetRequestId::new(propagate, header.clone(), MakeRequestIds),
+            header,
         }
     }
 }
@@ -184,32 +223,29 @@ impl<S> Layer<S> for RequestIdLayer {
 /// The service of [`RequestIdLayer`].
 #[derive(Debug, Clone)]
 pub struct RequestIdService<S> {
-    inner: S,
+    inner: SetRequestId<PropagateRequestId<S>, MakeRequestIds>,
     header: HeaderName,
 }
 
 impl<S, B, R> Service<http::Request<B>> for RequestIdService<S>
 where
     S: Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
 {
     type Response = http::Response<R>;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = <PropagateRequestId<S> as Service<http::Request<B>>>::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let id = RequestId::of_request(&mut request, &self.header);
-        let header = self.header.clone();
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let mut response = future.await?;
-            response.headers_mut().insert(header, id.header_value());
-            Ok(response)
-        })
+        // tower-http keeps any id the client sent: keep only a sane one, so that a new
+        // one is minted otherwise.
+        if RequestId::from_client(request.headers(), &self.header).is_none() {
+            request.headers_mut().remove(&self.header);
+        }
+        self.inner.call(request)
     }
 }
 
