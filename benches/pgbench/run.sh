@@ -2,8 +2,7 @@
 # Statement-level costs of a first request, with pgbench (docs/BENCHMARKS.md, "Where the
 # time goes"). Each script adds one of the crate's statements to the bare
 # `BEGIN; INSERT; COMMIT`; `first_request` is the whole first request as the crate sends
-# it, `first_request_plpgsql` the same through session 1's PL/pgSQL functions, and
-# `zero2prod` the hand-written shape of benches/throughput.rs. Every script runs with
+# it, and `zero2prod` the hand-written shape of benches/throughput.rs. Every script runs with
 # prepare.sql in front of it.
 #
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/scratch bash benches/pgbench/run.sh [seconds]
@@ -28,7 +27,7 @@ printf '%-22s %8s %14s %18s\n' script tps ratio_to_bare 'server_cpu_us/tx'
 bare_tps=
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-for script in bare lock lookup insert first_request first_request_plpgsql zero2prod; do
+for script in bare lock lookup insert first_request zero2prod; do
     cat "$here/prepare.sql" "$here/$script.sql" >"$scratch/$script.sql"
     psql -q "$DATABASE_URL" -c "TRUNCATE idempotency_keys, idem_z2p, payments" -c CHECKPOINT
     b0=$(busy)
