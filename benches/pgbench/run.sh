@@ -3,7 +3,7 @@
 # time goes"). Each script adds one of the crate's statements to the bare
 # `BEGIN; INSERT; COMMIT`; `first_request` is the whole first request as the crate sends
 # it, `first_request_plpgsql` the same through session 1's PL/pgSQL functions, and
-# `zero2prod` the hand-written shape of benches/throughput.rs. Every script runs with
+# `zero2prod` the hand-written shape of benches/throughput/paths.rs. Every script runs with
 # prepare.sql in front of it.
 #
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/scratch bash benches/pgbench/run.sh [seconds]
