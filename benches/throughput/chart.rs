@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::paths::Path;
 use crate::report::Row;
-use crate::server::Server;
+use crate::server::{Server, cores};
 
 pub fn draw(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -> Result<()> {
     use plotters::prelude::*;
@@ -49,7 +49,7 @@ pub fn draw(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -> 
         "Transactions per second (PostgreSQL {}, fsync {}, {} cores)",
         server.version.split_whitespace().nth(1).unwrap_or("?"),
         server.setting("fsync"),
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cores(),
     );
     let mut chart = ChartBuilder::on(&root)
         .caption(caption, ("sans-serif", 20))

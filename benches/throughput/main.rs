@@ -45,7 +45,7 @@ use serde_json::json;
 use crate::meters::Meter;
 use crate::paths::{Ctx, Path, grid, in_flight, sweeper};
 use crate::report::{Report, Results};
-use crate::server::{Database, describe_server, load_average, open_all, redact};
+use crate::server::{Database, cores, describe_server, load_average, open_all, redact};
 
 /// Measures every path of pg-idempotency against a bare transaction and the zero2prod
 /// shape, on real PostgreSQL.
@@ -166,10 +166,7 @@ async fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!(
-        "machine:  {} cores, load average {load_before}",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
+    println!("machine:  {} cores, load average {load_before}", cores());
     println!(
         "run:      {}clients {clients:?}, {rounds} rounds of {seconds} s slices, pool of {pool_size}{}",
         if args.quick { "quick, " } else { "" },

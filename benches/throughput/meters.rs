@@ -1,6 +1,7 @@
 //! What a slice costs: operations, wall time and latencies ([`Tally`]), CPU of this
 //! process and of the server's processes, and WAL written ([`Meter`], [`Cost`]).
 
+use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -36,6 +37,34 @@ impl Tally {
         self.latencies_us.sort_unstable();
         let rank = ((q * self.latencies_us.len() as f64).ceil() as usize).max(1);
         f64::from(self.latencies_us[rank.min(self.latencies_us.len()) - 1]) / 1000.0
+    }
+
+    /// The longest latency in milliseconds.
+    pub fn max_ms(&self) -> f64 {
+        self.latencies_us
+            .iter()
+            .copied()
+            .max()
+            .map_or(f64::NAN, |us| f64::from(us) / 1000.0)
+    }
+
+    /// CPU time of this process per operation, in microseconds.
+    pub fn client_us_per_op(&self, meter: &Meter) -> f64 {
+        meter.micros_per_op(self.cost.client_ticks, self.ops)
+    }
+
+    /// CPU time of the server per operation, in microseconds, if it is known.
+    pub fn server_us_per_op(&self, meter: &Meter) -> Option<f64> {
+        self.cost
+            .server_ticks
+            .map(|ticks| meter.micros_per_op(ticks, self.ops))
+    }
+
+    /// WAL written per operation, in bytes, if it is known.
+    pub fn wal_bytes_per_op(&self) -> Option<f64> {
+        self.cost
+            .wal_bytes
+            .map(|bytes| bytes as f64 / self.ops.max(1) as f64)
     }
 }
 
@@ -74,7 +103,7 @@ pub struct Meter {
 }
 
 /// A snapshot of the counters.
-pub struct Reading {
+struct Reading {
     client_ticks: u64,
     server_ticks: Option<u64>,
     wal_lsn: Option<u64>,
@@ -103,7 +132,19 @@ impl Meter {
         })
     }
 
-    pub async fn read(&self, pool: &PgPool) -> Reading {
+    /// Runs `work` (a slice) and charges it what the counters moved meanwhile.
+    pub async fn metered(
+        &self,
+        pool: &PgPool,
+        work: impl Future<Output = Result<Tally>>,
+    ) -> Result<Tally> {
+        let before = self.read(pool).await;
+        let mut tally = work.await?;
+        tally.cost = self.cost(&before, &self.read(pool).await);
+        Ok(tally)
+    }
+
+    async fn read(&self, pool: &PgPool) -> Reading {
         let wal_lsn = sqlx::query_scalar::<_, i64>(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
         )
@@ -121,7 +162,7 @@ impl Meter {
         }
     }
 
-    pub fn cost(&self, before: &Reading, after: &Reading) -> Cost {
+    fn cost(&self, before: &Reading, after: &Reading) -> Cost {
         Cost {
             slices: 1,
             client_ticks: after.client_ticks.saturating_sub(before.client_ticks),
@@ -136,7 +177,7 @@ impl Meter {
         }
     }
 
-    pub fn micros_per_op(&self, ticks: u64, ops: u64) -> f64 {
+    fn micros_per_op(&self, ticks: u64, ops: u64) -> f64 {
         ticks as f64 * 1e6 / self.ticks_per_second as f64 / ops.max(1) as f64
     }
 }

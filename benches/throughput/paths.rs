@@ -265,9 +265,9 @@ pub async fn grid(
             // follows the same one.
             for i in 0..paths.len() {
                 let path = paths[(i + round as usize) % paths.len()];
-                let before = meter.read(&ctx.pool).await;
-                let mut tally = slice(ctx, path, n, slice_len).await?;
-                tally.cost = meter.cost(&before, &meter.read(&ctx.pool).await);
+                let tally = meter
+                    .metered(&ctx.pool, slice(ctx, path, n, slice_len))
+                    .await?;
                 tallies.entry((path, n)).or_default().add(tally);
             }
         }
@@ -290,15 +290,9 @@ pub async fn grid(
                 p99_ms: tally.quantile_ms(0.99),
                 ratio_to_bare: tally.tps() / bare_tps,
                 ops: tally.ops,
-                client_us_per_op: meter.micros_per_op(tally.cost.client_ticks, tally.ops),
-                server_us_per_op: tally
-                    .cost
-                    .server_ticks
-                    .map(|ticks| meter.micros_per_op(ticks, tally.ops)),
-                wal_bytes_per_op: tally
-                    .cost
-                    .wal_bytes
-                    .map(|bytes| bytes as f64 / tally.ops.max(1) as f64),
+                client_us_per_op: tally.client_us_per_op(meter),
+                server_us_per_op: tally.server_us_per_op(meter),
+                wal_bytes_per_op: tally.wal_bytes_per_op(),
             });
         }
     }
@@ -374,6 +368,9 @@ pub async fn in_flight(ctx: &Arc<Ctx>, waits: &[Duration], reps: usize) -> Resul
     Ok(out)
 }
 
+/// Concurrent writers (path 3) while the sweeper runs or not.
+pub const SWEEP_WRITERS: usize = 16;
+
 /// Path 7.
 #[derive(Debug)]
 pub struct SweepResult {
@@ -385,6 +382,28 @@ pub struct SweepResult {
     pub with: Tally,
     pub with_deleted: u64,
     pub backlog_left: i64,
+}
+
+impl SweepResult {
+    /// Rows per second of the sweep alone.
+    pub fn alone_rows_per_s(&self) -> f64 {
+        self.alone_deleted as f64 / self.alone_secs
+    }
+
+    /// Rows per second that the default sweeper deleted beside the writers.
+    pub fn with_rows_per_s(&self) -> f64 {
+        self.with_deleted as f64 / self.with.wall.as_secs_f64()
+    }
+
+    /// The writers' TPS with the default sweeper, as a fraction of it without.
+    pub fn tps_kept(&self) -> f64 {
+        self.with.tps() / self.without.tps()
+    }
+
+    /// The writers' p99 with the default sweeper over their p99 without.
+    pub fn p99_ratio(&mut self) -> f64 {
+        self.with.quantile_ms(0.99) / self.without.quantile_ms(0.99)
+    }
 }
 
 /// Inserts `rows` expired keys in one statement.
@@ -454,19 +473,27 @@ pub async fn sweeper(
     let mut with_deleted = 0;
     for pair in 0..pairs {
         for sweeping in [pair % 2 == 1, pair % 2 == 0] {
-            let before = meter.read(pool).await;
             if sweeping {
-                let sweeper = Sweeper::spawn(
-                    pool.clone(),
-                    SweepOptions::default().with_interval(Duration::from_secs(1)),
-                );
-                let mut tally = slice(ctx, Path::FirstRequest, 16, slice_len).await?;
-                with_deleted += sweeper.stop().await;
-                tally.cost = meter.cost(&before, &meter.read(pool).await);
+                let tally = meter
+                    .metered(pool, async {
+                        let sweeper = Sweeper::spawn(
+                            pool.clone(),
+                            SweepOptions::default().with_interval(Duration::from_secs(1)),
+                        );
+                        let tally =
+                            slice(ctx, Path::FirstRequest, SWEEP_WRITERS, slice_len).await?;
+                        with_deleted += sweeper.stop().await;
+                        Ok(tally)
+                    })
+                    .await?;
                 with.add(tally);
             } else {
-                let mut tally = slice(ctx, Path::FirstRequest, 16, slice_len).await?;
-                tally.cost = meter.cost(&before, &meter.read(pool).await);
+                let tally = meter
+                    .metered(
+                        pool,
+                        slice(ctx, Path::FirstRequest, SWEEP_WRITERS, slice_len),
+                    )
+                    .await?;
                 without.add(tally);
             }
         }

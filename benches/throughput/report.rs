@@ -9,8 +9,8 @@ use anyhow::Result;
 use serde_json::{Value, json};
 
 use crate::meters::{Meter, Tally};
-use crate::paths::{InFlight, Path, SweepResult};
-use crate::server::Server;
+use crate::paths::{InFlight, Path, SWEEP_WRITERS, SweepResult};
+use crate::server::{Server, cores};
 
 /// What the sections measured (each empty if it did not run).
 pub struct Results {
@@ -71,7 +71,7 @@ impl Report {
                 "description": server.description,
                 "version": server.version,
                 "settings": server.settings.iter().cloned().collect::<BTreeMap<_, _>>(),
-                "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+                "cores": cores(),
             },
             "run": run,
             "results": self.results.rows.iter().map(Row::json).collect::<Vec<_>>(),
@@ -84,7 +84,6 @@ impl Report {
 
 /// Paths 1-5: a line per path and client count.
 fn write_table(out: &mut String, rows: &[Row], meter: &Meter) -> Result<()> {
-    let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
     writeln!(
         out,
         "{:<14} {:>7} {:>9} {:>8} {:>8} {:>14}   {:>13} {:>13} {:>9}",
@@ -109,8 +108,8 @@ fn write_table(out: &mut String, rows: &[Row], meter: &Meter) -> Result<()> {
             r.p99_ms,
             r.ratio_to_bare,
             r.client_us_per_op,
-            opt(r.server_us_per_op),
-            opt(r.wal_bytes_per_op),
+            whole_or_dash(r.server_us_per_op),
+            whole_or_dash(r.wal_bytes_per_op),
         )?;
     }
     writeln!(
@@ -130,16 +129,16 @@ fn write_in_flight(out: &mut String, flights: &mut [InFlight]) -> Result<Vec<Val
     let mut flight_json = Vec::new();
     for f in flights {
         let wait = ms(f.wait);
-        let (p50, p99) = (f.refused.quantile_ms(0.5), f.refused.quantile_ms(1.0));
-        let (r50, r99) = (
+        let (p50, max) = (f.refused.quantile_ms(0.5), f.refused.max_ms());
+        let (r50, r_max) = (
             f.replay_after_commit.quantile_ms(0.5),
-            f.replay_after_commit.quantile_ms(1.0),
+            f.replay_after_commit.max_ms(),
         );
         writeln!(
             out,
-            "in flight, wait {wait:.0} ms: InFlight after p50 {p50:.1} ms, max {p99:.1} ms \
-             (overshoot max {:.1} ms); holder done at {:.0} ms: replay {r50:.1} ms (max {r99:.1}) after its commit; {} runs",
-            p99 - wait,
+            "in flight, wait {wait:.0} ms: InFlight after p50 {p50:.1} ms, max {max:.1} ms \
+             (overshoot max {:.1} ms); holder done at {:.0} ms: replay {r50:.1} ms (max {r_max:.1}) after its commit; {} runs",
+            max - wait,
             wait / 2.0,
             f.refused.ops
         )?;
@@ -147,10 +146,10 @@ fn write_in_flight(out: &mut String, flights: &mut [InFlight]) -> Result<Vec<Val
             "wait_ms": wait,
             "runs": f.refused.ops,
             "in_flight_p50_ms": round(p50, 3),
-            "in_flight_max_ms": round(p99, 3),
-            "overshoot_max_ms": round(p99 - wait, 3),
+            "in_flight_max_ms": round(max, 3),
+            "overshoot_max_ms": round(max - wait, 3),
             "replay_after_commit_p50_ms": round(r50, 3),
-            "replay_after_commit_max_ms": round(r99, 3),
+            "replay_after_commit_max_ms": round(r_max, 3),
         }));
     }
     Ok(flight_json)
@@ -158,8 +157,7 @@ fn write_in_flight(out: &mut String, flights: &mut [InFlight]) -> Result<Vec<Val
 
 /// Path 7. Returns its JSON.
 fn write_sweeper(out: &mut String, s: &mut SweepResult, meter: &Meter) -> Result<Value> {
-    let rate = s.alone_deleted as f64 / s.alone_secs;
-    let with_secs = s.with.wall.as_secs_f64();
+    let rate = s.alone_rows_per_s();
     let (wo_p99, w_p99) = (s.without.quantile_ms(0.99), s.with.quantile_ms(0.99));
     let (wo_p50, w_p50) = (s.without.quantile_ms(0.5), s.with.quantile_ms(0.5));
     writeln!(
@@ -169,17 +167,15 @@ fn write_sweeper(out: &mut String, s: &mut SweepResult, meter: &Meter) -> Result
     )?;
     writeln!(
         out,
-        "writers (first_request, 16 clients), backlog of {} expired rows:",
+        "writers (first_request, {SWEEP_WRITERS} clients), backlog of {} expired rows:",
         s.rows
     )?;
     let per_op = |t: &Tally| {
-        let server = t.cost.server_ticks.map_or("-".to_owned(), |ticks| {
-            format!("{:.0}", meter.micros_per_op(ticks, t.ops))
-        });
-        let wal = t.cost.wal_bytes.map_or("-".to_owned(), |bytes| {
-            format!("{:.0}", bytes as f64 / t.ops.max(1) as f64)
-        });
-        format!("server cpu {server} us/op, wal {wal} B/op")
+        format!(
+            "server cpu {} us/op, wal {} B/op",
+            whole_or_dash(t.server_us_per_op(meter)),
+            whole_or_dash(t.wal_bytes_per_op())
+        )
     };
     writeln!(
         out,
@@ -192,10 +188,10 @@ fn write_sweeper(out: &mut String, s: &mut SweepResult, meter: &Meter) -> Result
         "  default sweeper: {:>6.0} tps  p50 {w_p50:.2} ms  p99 {w_p99:.2} ms  ({}; {:.0}% of TPS, p99 x {:.2}); it deleted {} rows = {:.0} rows/s, {} expired rows left",
         s.with.tps(),
         per_op(&s.with),
-        s.with.tps() / s.without.tps() * 100.0,
-        w_p99 / wo_p99,
+        s.tps_kept() * 100.0,
+        s.p99_ratio(),
         s.with_deleted,
-        s.with_deleted as f64 / with_secs,
+        s.with_rows_per_s(),
         s.backlog_left
     )?;
     Ok(json!({
@@ -203,12 +199,12 @@ fn write_sweeper(out: &mut String, s: &mut SweepResult, meter: &Meter) -> Result
         "alone_deleted": s.alone_deleted,
         "alone_secs": round(s.alone_secs, 3),
         "alone_rows_per_s": round(rate, 0),
-        "writers_clients": 16,
+        "writers_clients": SWEEP_WRITERS,
         "without_sweeper": { "tps": round(s.without.tps(), 1), "p50_ms": round(wo_p50, 3), "p99_ms": round(wo_p99, 3) },
         "with_sweeper": { "tps": round(s.with.tps(), 1), "p50_ms": round(w_p50, 3), "p99_ms": round(w_p99, 3),
-                          "deleted": s.with_deleted, "rows_per_s": round(s.with_deleted as f64 / with_secs, 0) },
-        "tps_kept": round(s.with.tps() / s.without.tps(), 3),
-        "p99_ratio": round(w_p99 / wo_p99, 3),
+                          "deleted": s.with_deleted, "rows_per_s": round(s.with_rows_per_s(), 0) },
+        "tps_kept": round(s.tps_kept(), 3),
+        "p99_ratio": round(s.p99_ratio(), 3),
     }))
 }
 
@@ -303,14 +299,8 @@ fn targets(rows: &[Row], in_flight: &[InFlight], sweep: Option<&mut SweepResult>
         });
     }
     for f in in_flight {
-        let wait_ms = f.wait.as_secs_f64() * 1000.0;
-        let max_ms = f
-            .refused
-            .latencies_us
-            .iter()
-            .copied()
-            .max()
-            .map_or(f64::NAN, |us| f64::from(us) / 1000.0);
+        let wait_ms = ms(f.wait);
+        let max_ms = f.refused.max_ms();
         out.push(Target {
             name: format!("in-flight answer within wait + 20 ms (wait {wait_ms:.0} ms)"),
             measured: format!("max {max_ms:.1} ms (+{:.1} ms)", max_ms - wait_ms),
@@ -318,19 +308,19 @@ fn targets(rows: &[Row], in_flight: &[InFlight], sweep: Option<&mut SweepResult>
         });
     }
     if let Some(sweep) = sweep {
-        let rate = sweep.alone_deleted as f64 / sweep.alone_secs;
+        let rate = sweep.alone_rows_per_s();
         out.push(Target {
             name: "sweeper alone >= 100,000 rows/s".into(),
             measured: format!("{rate:.0} rows/s"),
             met: rate >= 100_000.0,
         });
-        let kept = sweep.with.tps() / sweep.without.tps();
+        let kept = sweep.tps_kept();
         out.push(Target {
             name: "writers keep >= 90% TPS with the default sweeper".into(),
             measured: format!("{:.0}%", kept * 100.0),
             met: kept >= 0.90,
         });
-        let p99 = sweep.with.quantile_ms(0.99) / sweep.without.quantile_ms(0.99);
+        let p99 = sweep.p99_ratio();
         out.push(Target {
             name: "writers' p99 <= 1.5 x with the default sweeper".into(),
             measured: format!("{p99:.2} x"),
@@ -338,6 +328,11 @@ fn targets(rows: &[Row], in_flight: &[InFlight], sweep: Option<&mut SweepResult>
         });
     }
     out
+}
+
+/// A figure rounded to a whole number, or `-` if it is not known.
+fn whole_or_dash(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
 }
 
 fn ms(d: Duration) -> f64 {

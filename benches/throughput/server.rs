@@ -133,6 +133,11 @@ pub async fn open_all(pool: &PgPool, n: u32) -> Result<()> {
     Ok(())
 }
 
+/// Cores available to this process.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
