@@ -27,8 +27,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-mod common;
-use common::{Rng, assert_no_idle_transactions, cancel_after, expire};
+mod support;
+use support::{Rng, assert_no_idle_transactions, cancel_after, expire};
 
 const CONCURRENCY: usize = 16;
 

@@ -8,8 +8,8 @@ use pg_idempotency::{
     Begin, Error, IdempotencyKey, IdempotencyStore, Request, Scope, StoredResponse,
 };
 
-mod common;
-use common::{expire, expire_all};
+mod support;
+use support::{expire, expire_all};
 
 async fn store_one(
     store: &IdempotencyStore,

@@ -11,8 +11,8 @@ use pg_idempotency::{
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, PgPool};
 
-mod common;
-use common::{assert_no_idle_transactions, cancel_after, expire, expire_all};
+mod support;
+use support::{assert_no_idle_transactions, cancel_after, expire, expire_all};
 
 async fn setup() -> Result<PgPool> {
     let pool = pg_idempotency::testing::fresh_pool().await?;

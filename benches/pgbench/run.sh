@@ -2,7 +2,7 @@
 # Statement-level costs of a first request, with pgbench (docs/BENCHMARKS.md, "Where the
 # time goes"). Each script adds one of the crate's statements to the bare
 # `BEGIN; INSERT; COMMIT`; `first_request` is the whole first request as the crate sends
-# it, and `zero2prod` the hand-written shape of benches/throughput.rs. Every script runs with
+# it, and `zero2prod` the hand-written shape of benches/throughput/paths.rs. Every script runs with
 # prepare.sql in front of it.
 #
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/scratch bash benches/pgbench/run.sh [seconds]

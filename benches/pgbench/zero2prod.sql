@@ -1,4 +1,4 @@
--- The zero2prod shape (benches/throughput.rs, path 2): five round trips, the key row
+-- The zero2prod shape (benches/throughput/paths.rs, path 2): five round trips, the key row
 -- inserted, then updated with the response. pgbench runs it in simple protocol.
 BEGIN;
 INSERT INTO idem_z2p (scope, key, fingerprint_version, fingerprint, created_at, expires_at) VALUES ('acct_1', 'k:k', 1, '\x2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881', now(), now() + interval '24 hours') ON CONFLICT DO NOTHING;

@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests.
-#![allow(dead_code)] // each test binary uses its own subset
+//! Store and fault helpers: cancellation at a chosen await point, no transaction left
+//! idle, keys moved past their expiry, a seeded random generator.
 
 use std::future::Future;
 use std::pin::pin;

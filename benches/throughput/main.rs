@@ -1,0 +1,248 @@
+//! Throughput benchmark: every path of the store against a bare transaction and the
+//! zero2prod shape, on one pool and one database.
+//!
+//! ```text
+//! cargo bench --bench throughput                 # full run, writes docs/throughput.svg
+//! cargo bench --bench throughput -- --quick      # 16 clients, 200,000-row sweep, < 60 s
+//! cargo bench --bench throughput -- --json out.json --svg chart.svg
+//! ```
+//!
+//! Paths 1-5 run at each client count, interleaved (round after round, every path and
+//! client count gets a short slice), so drift of the machine hits all of them alike:
+//!
+//! 1. `bare`: `BEGIN; INSERT INTO payments ..; COMMIT`, the yardstick;
+//! 2. `zero2prod`: `BEGIN`, claim `INSERT .. ON CONFLICT DO NOTHING`, the business
+//!    insert, `UPDATE` with the response, `COMMIT`, written here by hand;
+//! 3. `first_request`: [`IdempotencyStore::begin`], the same business insert,
+//!    [`Claim::complete`](pg_idempotency::Claim::complete);
+//! 4. `replay`: keys that path 3 stored, same request again;
+//! 5. `conflict`: the same keys with another body.
+//!
+//! Then 6. `in flight`: how long a duplicate waits before [`Error::InFlight`], and
+//! 7. `sweeper`: rows per second on its own, and path 3 writers with and without the
+//! default [`Sweeper`].
+//!
+//! The server: `DATABASE_URL` (or `--database-url`) if set, else a throwaway local
+//! cluster with fsync on (`pg_idempotency::testing::LocalCluster`, from the installed
+//! PostgreSQL binaries). Every run creates a database of its own there and drops it at
+//! the end. The report names the server and its `fsync`.
+
+mod chart;
+mod meters;
+mod paths;
+mod report;
+mod server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use clap::Parser;
+use pg_idempotency::testing::{LocalCluster, LocalClusterOptions};
+use serde_json::json;
+
+use crate::meters::Meter;
+use crate::paths::{Ctx, Path, grid, in_flight, sweeper};
+use crate::report::{Report, Results};
+use crate::server::{Database, cores, describe_server, load_average, open_all, redact};
+
+/// Measures every path of pg-idempotency against a bare transaction and the zero2prod
+/// shape, on real PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "throughput")]
+struct Args {
+    /// Only the 16-client column, a 200,000-row sweep and short slices (under 60 s).
+    #[arg(long)]
+    quick: bool,
+    /// Seconds each path runs per client count and round (default 2, quick 1.2).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Interleaved rounds (default 5, quick 3).
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Client counts, comma-separated (default 1,4,16,64; quick 16).
+    #[arg(long, value_delimiter = ',')]
+    clients: Option<Vec<usize>>,
+    /// Expired rows for the sweeper (default 1,000,000; quick 200,000).
+    #[arg(long)]
+    sweep_rows: Option<i64>,
+    /// Seconds of writers each way, with and without the sweeper (default 20, quick 5).
+    #[arg(long)]
+    sweeper_seconds: Option<f64>,
+    /// Paths of the grid, comma-separated (default: all five; `bare` always runs, it is
+    /// the yardstick; `replay` and `conflict` need `first-request`).
+    #[arg(long, value_delimiter = ',')]
+    paths: Option<Vec<Path>>,
+    /// Sections to run, comma-separated, from `grid`, `in-flight`, `sweeper`.
+    #[arg(long, value_delimiter = ',', default_value = "grid,in-flight,sweeper")]
+    sections: Vec<Section>,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the TPS chart (SVG) to this file [default for a full run:
+    /// docs/throughput.svg; a quick run writes none unless asked].
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// PostgreSQL server to create the benchmark database on [default: a throwaway
+    /// local cluster with fsync on, from the installed PostgreSQL binaries].
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Whether the pool pings a connection before handing it out (sqlx's
+    /// `test_before_acquire`, on by default: one more round trip per transaction, for
+    /// every path alike).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ping_before_acquire: bool,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Grid,
+    InFlight,
+    Sweeper,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let total = Instant::now();
+    let clients = args.clients.clone().unwrap_or_else(|| {
+        if args.quick {
+            vec![16]
+        } else {
+            vec![1, 4, 16, 64]
+        }
+    });
+    let seconds = args.seconds.unwrap_or(if args.quick { 1.2 } else { 2.0 });
+    let rounds = args.rounds.unwrap_or(if args.quick { 3 } else { 5 });
+    let sweep_rows = args
+        .sweep_rows
+        .unwrap_or(if args.quick { 200_000 } else { 1_000_000 });
+    let sweeper_seconds = args
+        .sweeper_seconds
+        .unwrap_or(if args.quick { 5.0 } else { 20.0 });
+    let in_flight_reps = if args.quick { 5 } else { 20 };
+    let svg = args.svg.clone().or_else(|| {
+        (!args.quick && args.sections.contains(&Section::Grid))
+            .then(|| PathBuf::from("docs/throughput.svg"))
+    });
+
+    // 64 clients, plus the in-flight pair and the sweeper, plus headroom.
+    let max_clients = clients.iter().copied().max().unwrap_or(16).max(16);
+    let pool_size = u32::try_from(max_clients + 8)?;
+    // A throwaway cluster with fsync on, unless a server is named.
+    let mut cluster = None;
+    let (url, description) = match &args.database_url {
+        Some(url) => (url.clone(), format!("{} (DATABASE_URL)", redact(url))),
+        None => {
+            eprintln!("starting a throwaway PostgreSQL cluster (fsync on)");
+            let started = tokio::task::spawn_blocking(|| {
+                LocalCluster::start(LocalClusterOptions::default().fsync(true))
+            })
+            .await??;
+            let url = started.url();
+            cluster = Some(started);
+            (
+                url.clone(),
+                format!("{url} (throwaway local cluster, pg_idempotency::testing::LocalCluster)"),
+            )
+        }
+    };
+    let db = Database::create(&url, pool_size, args.ping_before_acquire).await?;
+    let pool = db.pool.clone();
+    let server = describe_server(&pool, description).await?;
+    let load_before = load_average();
+    println!("server:   {}", server.description);
+    println!("          {}", server.version);
+    println!(
+        "settings: {}",
+        server
+            .settings
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!("machine:  {} cores, load average {load_before}", cores());
+    println!(
+        "run:      {}clients {clients:?}, {rounds} rounds of {seconds} s slices, pool of {pool_size}{}",
+        if args.quick { "quick, " } else { "" },
+        if args.ping_before_acquire {
+            ""
+        } else {
+            " without ping before acquire"
+        }
+    );
+    println!();
+
+    let ctx = Arc::new(Ctx::new(pool.clone()));
+    open_all(&pool, pool_size).await?;
+    let meter = Meter::new(&pool).await?;
+
+    let mut rows = Vec::new();
+    if args.sections.contains(&Section::Grid) {
+        eprintln!("paths 1-5:");
+        let paths: Vec<Path> = Path::ALL
+            .into_iter()
+            .filter(|p| *p == Path::Bare || args.paths.as_ref().is_none_or(|only| only.contains(p)))
+            .collect();
+        if paths.contains(&Path::Replay) || paths.contains(&Path::Conflict) {
+            ensure!(
+                paths.contains(&Path::FirstRequest),
+                "replay and conflict need first-request"
+            );
+        }
+        rows = grid(&ctx, &meter, &paths, &clients, rounds, seconds).await?;
+    }
+    let mut flights = Vec::new();
+    if args.sections.contains(&Section::InFlight) {
+        eprintln!("path 6: in flight");
+        flights = in_flight(
+            &ctx,
+            &[Duration::from_millis(50), Duration::from_millis(200)],
+            in_flight_reps,
+        )
+        .await?;
+    }
+    let mut sweep = None;
+    if args.sections.contains(&Section::Sweeper) {
+        eprintln!("path 7: sweeper");
+        sweep = Some(sweeper(&ctx, &meter, sweep_rows, sweeper_seconds).await?);
+    }
+    let load_after = load_average();
+
+    let report = Report::new(
+        Results {
+            rows,
+            flights,
+            sweep,
+        },
+        &meter,
+        &load_before,
+        &load_after,
+        total,
+    )?;
+    print!("{}", report.text);
+
+    if let Some(file) = &args.json {
+        let run = json!({ "quick": args.quick, "clients": clients, "rounds": rounds, "slice_seconds": seconds });
+        let doc = report.json(&server, run);
+        std::fs::write(file, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", file.display()))?;
+        println!("wrote {}", file.display());
+    }
+    if let Some(file) = &svg {
+        if report.results.rows.is_empty() {
+            eprintln!("no chart: the grid did not run");
+        } else {
+            chart::draw(file, &report.results.rows, &clients, &server)?;
+            println!("wrote {}", file.display());
+        }
+    }
+    db.drop_now().await?;
+    drop(cluster);
+    Ok(())
+}

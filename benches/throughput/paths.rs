@@ -1,0 +1,515 @@
+//! The measured paths: 1-5 one operation each ([`bare`] .. [`conflict`]), run by
+//! [`slice`] under concurrent clients and interleaved by [`grid`]; 6, [`in_flight`];
+//! 7, [`sweeper`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail, ensure};
+use pg_idempotency::{
+    Begin, Config, Error, IdempotencyKey, IdempotencyStore, Request, Scope, StoredResponse,
+    SweepOptions, Sweeper,
+};
+use sqlx::PgPool;
+use sqlx::types::Json;
+
+use crate::meters::{Meter, Tally};
+use crate::report::Row;
+
+/// Paths 1-5, in the order of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Path {
+    Bare,
+    Zero2Prod,
+    FirstRequest,
+    Replay,
+    Conflict,
+}
+
+impl Path {
+    pub const ALL: [Path; 5] = [
+        Path::Bare,
+        Path::Zero2Prod,
+        Path::FirstRequest,
+        Path::Replay,
+        Path::Conflict,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Bare => "bare",
+            Path::Zero2Prod => "zero2prod",
+            Path::FirstRequest => "first_request",
+            Path::Replay => "replay",
+            Path::Conflict => "conflict",
+        }
+    }
+}
+
+const BODY: &[u8] = br#"{"amount":1000,"currency":"EUR"}"#;
+const OTHER_BODY: &[u8] = br#"{"amount":2000,"currency":"EUR"}"#;
+const ROUTE: &str = "/v1/payments";
+
+/// Everything the clients share: one pool, one database.
+pub struct Ctx {
+    pool: PgPool,
+    store: IdempotencyStore,
+    /// Keys that path 3 stored, for paths 4 and 5.
+    keys: Mutex<Arc<Vec<(Scope, IdempotencyKey)>>>,
+    cursor: AtomicUsize,
+}
+
+impl Ctx {
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            store: IdempotencyStore::new(pool.clone()),
+            pool,
+            keys: Mutex::new(Arc::new(Vec::new())),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    fn keys(&self) -> Arc<Vec<(Scope, IdempotencyKey)>> {
+        Arc::clone(&self.keys.lock().expect("keys lock"))
+    }
+
+    fn add_keys(&self, mut new: Vec<(Scope, IdempotencyKey)>) {
+        let mut keys = self.keys.lock().expect("keys lock");
+        let mut all = Vec::with_capacity(keys.len() + new.len());
+        all.extend(keys.iter().cloned());
+        all.append(&mut new);
+        *keys = Arc::new(all);
+    }
+}
+
+fn response(client: usize, n: u64) -> StoredResponse {
+    StoredResponse::new(
+        201,
+        format!(r#"{{"id":"pay_{client}_{n}","status":"paid","amount":1000,"currency":"EUR"}}"#),
+    )
+    .with_header("content-type", "application/json")
+}
+
+fn new_key() -> IdempotencyKey {
+    IdempotencyKey::from_uuid(uuid::Uuid::new_v4()).expect("a v4 UUID is a valid key")
+}
+
+/// Path 1: `BEGIN; INSERT; COMMIT`.
+async fn bare(ctx: &Ctx, account: &str) -> Result<()> {
+    let mut tx = ctx.pool.begin().await?;
+    sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
+        .bind(account)
+        .bind(1000_i64)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Path 2: what most users write by hand (zero2prod `src/idempotency`), with the same
+/// columns as `idempotency_keys`: five round trips, two row versions of the key.
+async fn zero2prod(ctx: &Ctx, scope: &Scope, client: usize, n: u64) -> Result<()> {
+    let key = new_key();
+    let fingerprint = Request::new("POST", ROUTE, BODY).fingerprint();
+    let mut tx = ctx.pool.begin().await?;
+    let claimed = sqlx::query(
+        "INSERT INTO idem_z2p (scope, key, fingerprint_version, fingerprint, created_at, expires_at)
+         VALUES ($1, $2, $3, $4, now(), now() + interval '24 hours')
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(scope.as_str())
+    .bind(key.as_str())
+    .bind(fingerprint.version())
+    .bind(&fingerprint.hash()[..])
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    ensure!(claimed == 1, "zero2prod: fresh key not claimed");
+    sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
+        .bind(scope.as_str())
+        .bind(1000_i64)
+        .execute(&mut *tx)
+        .await?;
+    let response = response(client, n);
+    sqlx::query(
+        "UPDATE idem_z2p SET status = $3, headers = $4, body = $5 WHERE scope = $1 AND key = $2",
+    )
+    .bind(scope.as_str())
+    .bind(key.as_str())
+    .bind(i16::try_from(response.status)?)
+    .bind(Json(&response.headers))
+    .bind(&response.body)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Path 3: claim, the business insert, complete. Returns the key it stored.
+async fn first_request(ctx: &Ctx, scope: &Scope, client: usize, n: u64) -> Result<IdempotencyKey> {
+    let key = new_key();
+    let request = Request::new("POST", ROUTE, BODY);
+    let Begin::Claimed(mut claim) = ctx.store.begin(scope, &key, &request).await? else {
+        bail!("first request: a fresh key replayed");
+    };
+    sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
+        .bind(scope.as_str())
+        .bind(1000_i64)
+        .execute(&mut claim)
+        .await?;
+    claim.complete(&response(client, n)).await?;
+    Ok(key)
+}
+
+/// Path 4: the same request again.
+async fn replay(ctx: &Ctx, scope: &Scope, key: &IdempotencyKey) -> Result<()> {
+    let request = Request::new("POST", ROUTE, BODY);
+    match ctx.store.begin(scope, key, &request).await? {
+        Begin::Replay(replay) => {
+            ensure!(replay.response.status == 201, "replay: wrong status");
+            Ok(())
+        }
+        Begin::Claimed(_) => bail!("replay: a stored key was claimed again"),
+    }
+}
+
+/// Path 5: the same key with another body.
+async fn conflict(ctx: &Ctx, scope: &Scope, key: &IdempotencyKey) -> Result<()> {
+    let request = Request::new("POST", ROUTE, OTHER_BODY);
+    match ctx.store.begin(scope, key, &request).await {
+        Err(Error::Conflict { .. }) => Ok(()),
+        Err(other) => Err(other.into()),
+        Ok(_) => bail!("conflict: another body was not refused"),
+    }
+}
+
+/// Runs `path` with `clients` concurrent clients for `duration`; TPS = ops / wall time.
+async fn slice(ctx: &Arc<Ctx>, path: Path, clients: usize, duration: Duration) -> Result<Tally> {
+    let keys = ctx.keys();
+    if matches!(path, Path::Replay | Path::Conflict) {
+        ensure!(!keys.is_empty(), "{}: no stored keys yet", path.name());
+    }
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::with_capacity(clients);
+    for client in 0..clients {
+        let ctx = Arc::clone(ctx);
+        let keys = Arc::clone(&keys);
+        tasks.push(tokio::spawn(async move {
+            let scope = Scope::new(format!("acct_{client}"))?;
+            let mut latencies = Vec::with_capacity(4096);
+            let mut stored = Vec::new();
+            let mut n = 0_u64;
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                match path {
+                    Path::Bare => bare(&ctx, scope.as_str()).await?,
+                    Path::Zero2Prod => zero2prod(&ctx, &scope, client, n).await?,
+                    Path::FirstRequest => {
+                        let key = first_request(&ctx, &scope, client, n).await?;
+                        stored.push((scope.clone(), key));
+                    }
+                    Path::Replay | Path::Conflict => {
+                        let at = ctx.cursor.fetch_add(1, Ordering::Relaxed) % keys.len();
+                        let (scope, key) = &keys[at];
+                        if path == Path::Replay {
+                            replay(&ctx, scope, key).await?;
+                        } else {
+                            conflict(&ctx, scope, key).await?;
+                        }
+                    }
+                }
+                latencies.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+                n += 1;
+            }
+            anyhow::Ok((latencies, stored))
+        }));
+    }
+    let mut tally = Tally::default();
+    let mut stored = Vec::new();
+    for task in tasks {
+        let (latencies, keys) = task.await??;
+        tally.ops += latencies.len() as u64;
+        tally.latencies_us.extend(latencies);
+        stored.extend(keys);
+    }
+    tally.wall = start.elapsed();
+    if !stored.is_empty() {
+        ctx.add_keys(stored);
+    }
+    Ok(tally)
+}
+
+/// Paths 1-5 at every client count, interleaved.
+pub async fn grid(
+    ctx: &Arc<Ctx>,
+    meter: &Meter,
+    paths: &[Path],
+    clients: &[usize],
+    rounds: u32,
+    seconds: f64,
+) -> Result<Vec<Row>> {
+    let slice_len = Duration::from_secs_f64(seconds);
+    // Warm up: statement caches of every connection, keys for paths 4 and 5.
+    let warm_clients = clients.iter().copied().max().unwrap_or(16);
+    for &path in paths {
+        slice(ctx, path, warm_clients, Duration::from_millis(400)).await?;
+    }
+    let mut tallies: BTreeMap<(Path, usize), Tally> = BTreeMap::new();
+    for round in 0..rounds {
+        let started = Instant::now();
+        for &n in clients {
+            // Rotate the order of the paths from round to round, so that no path always
+            // follows the same one.
+            for i in 0..paths.len() {
+                let path = paths[(i + round as usize) % paths.len()];
+                let tally = meter
+                    .metered(&ctx.pool, slice(ctx, path, n, slice_len))
+                    .await?;
+                tallies.entry((path, n)).or_default().add(tally);
+            }
+        }
+        eprintln!(
+            "  round {}/{rounds} done in {:.1} s",
+            round + 1,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let mut rows = Vec::new();
+    for &n in clients {
+        let bare_tps = tallies[&(Path::Bare, n)].tps();
+        for &path in paths {
+            let tally = tallies.get_mut(&(path, n)).expect("every cell ran");
+            rows.push(Row {
+                path,
+                clients: n,
+                tps: tally.tps(),
+                p50_ms: tally.quantile_ms(0.50),
+                p99_ms: tally.quantile_ms(0.99),
+                ratio_to_bare: tally.tps() / bare_tps,
+                ops: tally.ops,
+                client_us_per_op: tally.client_us_per_op(meter),
+                server_us_per_op: tally.server_us_per_op(meter),
+                wal_bytes_per_op: tally.wal_bytes_per_op(),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Path 6 at one configured wait.
+#[derive(Debug)]
+pub struct InFlight {
+    pub wait: Duration,
+    /// Time until `Error::InFlight` while the holder keeps the key.
+    pub refused: Tally,
+    /// Holder completes half-way through the wait: time from its commit until the
+    /// duplicate has its replay.
+    pub replay_after_commit: Tally,
+}
+
+pub async fn in_flight(ctx: &Arc<Ctx>, waits: &[Duration], reps: usize) -> Result<Vec<InFlight>> {
+    let scope = Scope::new("acct_in_flight")?;
+    let request = Request::new("POST", ROUTE, BODY);
+    let mut out = Vec::new();
+    for &wait in waits {
+        let waiter = IdempotencyStore::with_config(
+            ctx.pool.clone(),
+            Config::default().with_in_flight_wait(wait),
+        );
+        let mut refused = Tally::default();
+        let mut after_commit = Tally::default();
+        for _ in 0..reps {
+            // The holder keeps the key for longer than the wait.
+            let key = new_key();
+            let Begin::Claimed(holder) = ctx.store.begin(&scope, &key, &request).await? else {
+                bail!("in flight: fresh key replayed");
+            };
+            let t0 = Instant::now();
+            let answer = waiter.begin(&scope, &key, &request).await;
+            let elapsed = t0.elapsed();
+            ensure!(
+                matches!(answer, Err(Error::InFlight { .. })),
+                "in flight: expected Error::InFlight, got {answer:?}"
+            );
+            holder.abort().await?;
+            refused.latencies_us.push(elapsed.as_micros() as u32);
+            refused.ops += 1;
+
+            // The holder completes half-way through the wait.
+            let key = new_key();
+            let Begin::Claimed(holder) = ctx.store.begin(&scope, &key, &request).await? else {
+                bail!("in flight: fresh key replayed");
+            };
+            let release = tokio::spawn(async move {
+                tokio::time::sleep(wait / 2).await;
+                holder.complete(&response(0, 0)).await?;
+                anyhow::Ok(Instant::now())
+            });
+            let answer = waiter.begin(&scope, &key, &request).await;
+            let answered = Instant::now();
+            let committed = release.await??;
+            ensure!(
+                matches!(answer, Ok(Begin::Replay(_))),
+                "in flight: expected a replay after the holder completed, got {answer:?}"
+            );
+            let gap = answered.saturating_duration_since(committed);
+            after_commit.latencies_us.push(gap.as_micros() as u32);
+            after_commit.ops += 1;
+        }
+        out.push(InFlight {
+            wait,
+            refused,
+            replay_after_commit: after_commit,
+        });
+    }
+    Ok(out)
+}
+
+/// Concurrent writers (path 3) while the sweeper runs or not.
+pub const SWEEP_WRITERS: usize = 16;
+
+/// Path 7.
+#[derive(Debug)]
+pub struct SweepResult {
+    pub rows: i64,
+    pub fill_secs: f64,
+    pub alone_deleted: u64,
+    pub alone_secs: f64,
+    pub without: Tally,
+    pub with: Tally,
+    pub with_deleted: u64,
+    pub backlog_left: i64,
+}
+
+impl SweepResult {
+    /// Rows per second of the sweep alone.
+    pub fn alone_rows_per_s(&self) -> f64 {
+        self.alone_deleted as f64 / self.alone_secs
+    }
+
+    /// Rows per second that the default sweeper deleted beside the writers.
+    pub fn with_rows_per_s(&self) -> f64 {
+        self.with_deleted as f64 / self.with.wall.as_secs_f64()
+    }
+
+    /// The writers' TPS with the default sweeper, as a fraction of it without.
+    pub fn tps_kept(&self) -> f64 {
+        self.with.tps() / self.without.tps()
+    }
+
+    /// The writers' p99 with the default sweeper over their p99 without.
+    pub fn p99_ratio(&mut self) -> f64 {
+        self.with.quantile_ms(0.99) / self.without.quantile_ms(0.99)
+    }
+}
+
+/// Inserts `rows` expired keys in one statement.
+async fn fill_expired(pool: &PgPool, tag: &str, rows: i64) -> Result<f64> {
+    let t0 = Instant::now();
+    sqlx::query(
+        r#"INSERT INTO idempotency_keys
+               (scope, key, fingerprint_version, fingerprint, status, headers, body,
+                created_at, expires_at)
+           SELECT 'sweep_' || $1, 'expired-' || g, 1, sha256(g::text::bytea), 201,
+                  '[["content-type","application/json"]]'::jsonb,
+                  convert_to('{"id":"pay_' || g || '","status":"paid","amount":1000,"currency":"EUR"}', 'UTF8'),
+                  now() - interval '48 hours' + g * interval '1 ms',
+                  now() - interval '24 hours' + g * interval '1 ms'
+           FROM generate_series(1, $2::bigint) AS g"#,
+    )
+    .bind(tag)
+    .bind(rows)
+    .execute(pool)
+    .await?;
+    let secs = t0.elapsed().as_secs_f64();
+    // Start the measurements from a settled state: no checkpoint left over from the
+    // bulk insert, fresh statistics (as autovacuum would leave them).
+    checkpoint(pool).await;
+    sqlx::raw_sql("ANALYZE idempotency_keys")
+        .execute(pool)
+        .await?;
+    Ok(secs)
+}
+
+async fn checkpoint(pool: &PgPool) {
+    if let Err(error) = sqlx::raw_sql("CHECKPOINT").execute(pool).await {
+        eprintln!("  (CHECKPOINT not allowed: {error})");
+    }
+}
+
+pub async fn sweeper(
+    ctx: &Arc<Ctx>,
+    meter: &Meter,
+    rows: i64,
+    seconds_each_way: f64,
+) -> Result<SweepResult> {
+    let pool = &ctx.pool;
+    eprintln!("  inserting {rows} expired rows");
+    let fill_secs = fill_expired(pool, "alone", rows).await?;
+
+    eprintln!("  sweeping them alone (batches of 10,000, no pause)");
+    let options = SweepOptions::default()
+        .with_batch_size(10_000)
+        .with_pause(Duration::ZERO);
+    let t0 = Instant::now();
+    let alone_deleted = pg_idempotency::sweep(pool, &options).await?;
+    let alone_secs = t0.elapsed().as_secs_f64();
+    // What autovacuum would do next; the writers below start from a clean table.
+    sqlx::raw_sql("VACUUM idempotency_keys")
+        .execute(pool)
+        .await?;
+
+    eprintln!("  inserting a fresh backlog of {rows} expired rows");
+    fill_expired(pool, "backlog", rows).await?;
+
+    // Writers with and without the default sweeper, alternating in short slices.
+    let pairs = 4;
+    let slice_len = Duration::from_secs_f64(seconds_each_way / f64::from(pairs));
+    let mut without = Tally::default();
+    let mut with = Tally::default();
+    let mut with_deleted = 0;
+    for pair in 0..pairs {
+        for sweeping in [pair % 2 == 1, pair % 2 == 0] {
+            if sweeping {
+                let tally = meter
+                    .metered(pool, async {
+                        let sweeper = Sweeper::spawn(
+                            pool.clone(),
+                            SweepOptions::default().with_interval(Duration::from_secs(1)),
+                        );
+                        let tally =
+                            slice(ctx, Path::FirstRequest, SWEEP_WRITERS, slice_len).await?;
+                        with_deleted += sweeper.stop().await;
+                        Ok(tally)
+                    })
+                    .await?;
+                with.add(tally);
+            } else {
+                let tally = meter
+                    .metered(
+                        pool,
+                        slice(ctx, Path::FirstRequest, SWEEP_WRITERS, slice_len),
+                    )
+                    .await?;
+                without.add(tally);
+            }
+        }
+    }
+    let backlog_left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE expires_at <= now()")
+            .fetch_one(pool)
+            .await?;
+    Ok(SweepResult {
+        rows,
+        fill_secs,
+        alone_deleted,
+        alone_secs,
+        without,
+        with,
+        with_deleted,
+        backlog_left,
+    })
+}

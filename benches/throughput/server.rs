@@ -1,0 +1,145 @@
+//! What the run is measured on: the server, the benchmark's own database on it, the
+//! machine.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use pg_idempotency::testing::TestDatabase;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+/// What the run was measured on.
+#[derive(Debug)]
+pub struct Server {
+    pub description: String,
+    pub version: String,
+    pub settings: Vec<(String, String)>,
+}
+
+impl Server {
+    pub fn setting(&self, name: &str) -> &str {
+        self.settings
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("?", |(_, v)| v.as_str())
+    }
+}
+
+pub async fn describe_server(pool: &PgPool, description: String) -> Result<Server> {
+    let version: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(pool)
+        .await?;
+    let mut settings = Vec::new();
+    for name in [
+        "fsync",
+        "synchronous_commit",
+        "full_page_writes",
+        "wal_level",
+        "shared_buffers",
+        "max_wal_size",
+        "autovacuum",
+        "max_connections",
+    ] {
+        let value: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {name}")))
+            .fetch_one(pool)
+            .await?;
+        settings.push((name.to_owned(), value));
+    }
+    Ok(Server {
+        description,
+        version,
+        settings,
+    })
+}
+
+/// The URL with its password hidden.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// A database of our own on the server at `server_url` (a fresh one with the crate's
+/// migrations, from `pg_idempotency::testing`), the benchmark's tables, and a pool of
+/// `max_connections` opened up front.
+pub struct Database {
+    db: TestDatabase,
+    pub pool: PgPool,
+}
+
+impl Database {
+    pub async fn create(server_url: &str, max_connections: u32, ping: bool) -> Result<Self> {
+        let db = TestDatabase::create_on(server_url)
+            .await
+            .with_context(|| format!("creating a database on {}", redact(server_url)))?;
+        db.pool().close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(60))
+            .test_before_acquire(ping)
+            .connect(db.url())
+            .await?;
+        sqlx::raw_sql(
+            "CREATE TABLE payments (
+                 id      bigserial PRIMARY KEY,
+                 account text   NOT NULL,
+                 amount  bigint NOT NULL
+             );
+             -- The zero2prod shape's own table: the columns of idempotency_keys, the
+             -- response nullable until the UPDATE fills it in.
+             CREATE TABLE idem_z2p (
+                 scope               text        NOT NULL,
+                 key                 text        NOT NULL,
+                 fingerprint_version smallint    NOT NULL,
+                 fingerprint         bytea       NOT NULL,
+                 status              smallint,
+                 headers             jsonb,
+                 body                bytea,
+                 created_at          timestamptz NOT NULL DEFAULT now(),
+                 expires_at          timestamptz NOT NULL,
+                 PRIMARY KEY (scope, key)
+             );
+             CREATE INDEX idem_z2p_expires_at_idx ON idem_z2p (expires_at);",
+        )
+        .execute(&pool)
+        .await?;
+        Ok(Self { db, pool })
+    }
+
+    pub async fn drop_now(self) -> Result<()> {
+        self.pool.close().await;
+        self.db.close().await?;
+        Ok(())
+    }
+}
+
+/// Every connection opened and used once before anything is measured.
+pub async fn open_all(pool: &PgPool, n: u32) -> Result<()> {
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        conns.push(pool.acquire().await?);
+    }
+    for conn in &mut conns {
+        sqlx::raw_sql("SELECT 1").execute(&mut **conn).await?;
+    }
+    Ok(())
+}
+
+/// Cores available to this process.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".to_owned())
+}
