@@ -15,13 +15,13 @@
 //! use axum::routing::post;
 //! use axum::Router;
 //! use pg_idempotency::axum::{IdempotencyLayer, IdempotentTx, RequestId, Rollback, scope_from_header};
-//! use pg_idempotency::{IdempotencyStore, Problem};
+//! use pg_idempotency::{IdempotencyStore, Problems};
 //!
 //! async fn create_order(request_id: RequestId, mut tx: IdempotentTx, body: Bytes) -> Response {
 //!     // Validate before writing. `Rollback`: do not store this answer, keep the key free.
 //!     let Some(quantity) = std::str::from_utf8(&body).ok().and_then(|s| s.parse::<i32>().ok())
 //!     else {
-//!         let problem = Problem::invalid_request("/problems/", Some("quantity"), "Send a whole number.")
+//!         let problem = Problems::default().invalid_request(Some("quantity"), "Send a whole number.")
 //!             .with_request_id(request_id.as_str());
 //!         return (Rollback, problem).into_response();
 //!     };
@@ -102,9 +102,13 @@
 //!
 //! Problems are `application/problem+json` ([`Problem`](crate::Problem)) with exactly
 //! the fields `type`, `title`, `status`, `detail`, `code`, `advice_code`, `param` and
-//! `request_id`. Every response that passes the layer carries the request id in a header
-//! (default `X-Request-Id`; see [`RequestId`]); add [`RequestIdLayer`] around the whole
-//! router to give the other routes one as well.
+//! `request_id`, spelled by the layer's [`Problems`](crate::Problems) (type base
+//! [`with_problem_type_base`](IdempotencyLayer::with_problem_type_base), key header
+//! [`with_key_header`](IdempotencyLayer::with_key_header); handlers get the same with
+//! [`IdempotencyLayer::problems`]). Every response that passes the layer carries the
+//! request id in a header (default `X-Request-Id`; see [`RequestId`]); add
+//! [`RequestIdLayer`] (tower-http's request-id layers, with [`MakeRequestIds`]) around the
+//! whole router to give the other routes one as well.
 //!
 //! ## Replays
 //!
