@@ -202,7 +202,10 @@ fn discover(env: Env<'_>) -> Result<TestServer, TestServerError> {
         cluster: Option<LocalCluster>,
         how: String,
     ) -> Result<TestServer, TestServerError> {
-        eprintln!("pg-idempotency: {how}, {}", redact(&url));
+        // Written to stderr itself: `eprintln!` in a test would be captured, and shown only
+        // if that test fails.
+        let line = format!("pg-idempotency: {how}, {}\n", redact(&url));
+        let _ = io::Write::write_all(&mut io::stderr(), line.as_bytes());
         Ok(TestServer {
             url,
             source,
