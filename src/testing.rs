@@ -259,64 +259,46 @@ fn format_looked_at(places: &[String]) -> String {
     places.iter().map(|p| format!("\n  - {p}")).collect()
 }
 
-/// `url` with its database (path) replaced by `name`.
-fn with_database(url: &str, name: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let authority_start = scheme_end + 3;
-    let authority_end = url[authority_start..]
+/// `url` split into its scheme with `://`, its authority (user, password, host, port) and the
+/// rest (path, query, fragment); `None` without `://`.
+fn split_url(url: &str) -> Option<(&str, &str, &str)> {
+    let start = url.find("://")? + 3;
+    let end = url[start..]
         .find(['/', '?', '#'])
-        .map_or(url.len(), |i| authority_start + i);
-    let path_end = url[authority_end..]
-        .find(['?', '#'])
-        .map_or(url.len(), |i| authority_end + i);
-    format!(
-        "{}/{}{}",
-        &url[..authority_end],
-        percent_encode(name),
-        &url[path_end..]
-    )
+        .map_or(url.len(), |i| start + i);
+    Some((&url[..start], &url[start..end], &url[end..]))
 }
 
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// `url` with its database (path) replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let Some((scheme, authority, rest)) = split_url(url) else {
+        return url.to_owned();
+    };
+    let query = &rest[rest.find(['?', '#']).unwrap_or(rest.len())..];
+    let name: String = name
+        .bytes()
+        .map(
+            |b| match b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                true => char::from(b).to_string(),
+                false => format!("%{b:02X}"),
+            },
+        )
+        .collect();
+    format!("{scheme}{authority}/{name}{query}")
 }
 
 /// `url` with any password replaced by `***`, for logs and `Debug`.
 fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
+    let Some((scheme, authority, rest)) = split_url(url) else {
         return url.to_owned();
     };
-    let start = scheme_end + 3;
-    let authority_end = url[start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| start + i);
-    let authority = &url[start..authority_end];
-    match authority.rfind('@') {
-        Some(at) => match authority[..at].find(':') {
-            Some(colon) => format!(
-                "{}{}:***{}",
-                &url[..start],
-                &authority[..colon],
-                &url[start + at..]
-            ),
-            None => url.to_owned(),
-        },
+    let user_and_host = authority
+        .rsplit_once('@')
+        .and_then(|(userinfo, host)| Some((userinfo.split_once(':')?.0, host)));
+    match user_and_host {
+        Some((user, host)) => format!("{scheme}{user}:***@{host}{rest}"),
         None => url.to_owned(),
     }
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 async fn connect(url: &str) -> Result<PgConnection, TestServerError> {
@@ -362,7 +344,8 @@ impl TestDatabase {
     pub async fn create_on(server_url: &str) -> Result<TestDatabase, TestServerError> {
         let name = format!("pg_idempotency_test_{}", uuid::Uuid::new_v4().simple());
         let mut conn = connect(server_url).await?;
-        let create = format!("CREATE DATABASE {}", quote_ident(&name));
+        // The name is ours, of letters, digits and `_`: it needs no quoting.
+        let create = format!("CREATE DATABASE {name}");
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -372,7 +355,11 @@ impl TestDatabase {
             {
                 Ok(_) => break,
                 // 55006: someone is connected to template1 right now; it passes.
-                Err(e) if attempt < 20 && sql_state(&e).as_deref() == Some("55006") => {
+                Err(e)
+                    if attempt < 20
+                        && e.as_database_error().and_then(|d| d.code()).as_deref()
+                            == Some("55006") =>
+                {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(e.into()),
@@ -427,22 +414,13 @@ impl TestDatabase {
     async fn drop_database(&self) -> Result<(), TestServerError> {
         self.pool.close().await;
         let mut conn = connect(&self.server_url).await?;
-        let drop = format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_ident(&self.name)
-        );
+        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
         sqlx::raw_sql(AssertSqlSafe(drop))
             .execute(&mut conn)
             .await?;
         let _ = conn.close().await;
         Ok(())
     }
-}
-
-fn sql_state(e: &sqlx::Error) -> Option<String> {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .map(|c| c.into_owned())
 }
 
 /// A pool on a fresh database on [`TestServer::shared`], with this crate's migrations applied:
@@ -613,6 +591,11 @@ mod tests {
             "postgres://u:***@h:1/d"
         );
         assert_eq!(redact("postgres://u@h:1/d"), "postgres://u@h:1/d");
+        assert_eq!(
+            redact("postgresql://u:p@ss@h/d?sslmode=require"),
+            "postgresql://u:***@h/d?sslmode=require"
+        );
+        assert_eq!(redact("not a url"), "not a url");
     }
 
     #[test]
