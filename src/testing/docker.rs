@@ -283,4 +283,82 @@ mod tests {
         let why = start(&env_of(&[("PG_TEST_DOCKER", "off")])).unwrap_err();
         assert!(why.contains("PG_TEST_DOCKER=off"), "{why}");
     }
+
+    /// Run only by [`a_killed_process_leaves_no_container`], in a child process.
+    #[test]
+    #[ignore = "run in a child process by a_killed_process_leaves_no_container"]
+    fn child_holds_a_container() {
+        match start(&crate::testing::process_env) {
+            Ok(url) => println!("URL {url}"),
+            Err(why) => println!("NO DOCKER {why}"),
+        }
+        std::thread::sleep(Duration::from_secs(600));
+    }
+
+    /// Needs a Docker daemon and the image (skipped, with a note, without them): the container
+    /// is removed when the process that started it dies by SIGKILL.
+    #[test]
+    fn a_killed_process_leaves_no_container() {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "testing::docker::tests::child_holds_a_container"])
+            .args(["--ignored", "--nocapture"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let said = lines
+            .map_while(Result::ok)
+            .find(|l| l.starts_with("URL ") || l.starts_with("NO DOCKER "))
+            .unwrap_or_default();
+        let Some(url) = said.strip_prefix("URL ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("skipped: {said}");
+            return;
+        };
+        let port: u16 = url
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let docker = runtime.block_on(docker_client_instance()).unwrap();
+        let filters = HashMap::from([("label", vec![LABEL.to_owned()])]);
+        let list = ListContainersOptionsBuilder::new()
+            .filters(&filters)
+            .build();
+        let running = runtime
+            .block_on(docker.list_containers(Some(list)))
+            .unwrap();
+        let id = running
+            .into_iter()
+            .find(|c| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.public_port == Some(port))
+            })
+            .and_then(|c| c.id)
+            .expect("the container runs");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let t = Instant::now();
+        while runtime
+            .block_on(docker.inspect_container(&id, None))
+            .is_ok()
+        {
+            assert!(t.elapsed() < Duration::from_secs(30), "{id} still there");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        eprintln!("container of {url} gone {:?} after SIGKILL", t.elapsed());
+    }
 }
