@@ -1,23 +1,20 @@
 //! A real PostgreSQL server for tests, examples and benchmarks (cargo feature `testing`).
 //!
-//! [`TestServer::shared`] finds or starts one server per process, in this order:
+//! [`TestServer::shared`] finds or starts one server per process, in this order, and the first
+//! time it does, prints one line to stderr saying which server it chose (URL without password)
+//! and why it skipped the steps before:
 //!
 //! 1. **`DATABASE_URL`**, when set: that server is used as it is, and fresh databases are
 //!    created on it (the user in the URL needs `CREATEDB`).
-//! 2. **Docker**, when a daemon answers at `DOCKER_HOST` (or the default socket) within about
-//!    1.5 s: a `postgres:17-alpine` container through testcontainers, kept for the life of the
-//!    process and removed after it by a small watchdog process (which uses the `docker` CLI).
-//!    `PG_TEST_DOCKER=0` skips this step; `PG_TEST_IMAGE_TAG` picks another tag.
+//! 2. **Docker**, when a daemon answers testcontainers' own client within 2 s: a
+//!    `postgres:17-alpine` container, kept for the life of the process. The daemon removes it,
+//!    with its volume, when the process ends however it ends (even by `kill -9`); no `docker`
+//!    command-line tool is needed.
 //! 3. **Local binaries**: a throwaway cluster made with `initdb` in a fresh temporary directory,
 //!    listening on 127.0.0.1 only, on a free port, with its unix socket in that directory and
-//!    trust authentication for the user `postgres`. The binaries are taken from `PG_BIN` if set
-//!    (and then only from there), else `pg_config --bindir`, else the highest version under
-//!    `/usr/lib/postgresql/*/bin`, `/usr/pgsql-*/bin`, `/opt/homebrew/opt/postgresql@*/bin`,
-//!    `/usr/local/opt/postgresql@*/bin` or `/usr/local/pgsql/bin` (`PG_SEARCH_DIRS`, a
-//!    `:`-separated list, replaces that list), else `initdb` on `PATH`. As root, the server
-//!    runs as `PG_TEST_USER` or `nobody`, because PostgreSQL refuses to run as root. A watchdog
-//!    process stops the server and removes the directory when the test process ends, however
-//!    it ends.
+//!    trust authentication for the user `postgres`. As root, the server runs as an
+//!    unprivileged user, because PostgreSQL refuses to run as root. A watchdog process stops
+//!    the server and removes the directory when the test process ends, however it ends.
 //! 4. Otherwise [`TestServerError::NoPostgres`], which says how to get PostgreSQL and where it
 //!    looked.
 //!
@@ -27,6 +24,22 @@
 //!
 //! Nothing in the process-wide state is bound to a tokio runtime, so every `#[tokio::test]`,
 //! each with its own runtime, may use it at once.
+//!
+//! # Environment variables
+//!
+//! An empty value counts as unset.
+//!
+//! | Variable | Effect |
+//! |---|---|
+//! | `DATABASE_URL` | Use this `postgres://` server (step 1). |
+//! | `PG_TEST_DOCKER` | `0`, `false`, `no` or `off` skips Docker (step 2). |
+//! | `PG_TEST_IMAGE` | The whole image reference to run, such as `mirror.example:5000/library/postgres:17-alpine` (default `postgres:17-alpine`; without a tag, `latest`). It must behave like the official `postgres` image, version 13 or later. |
+//! | `PG_TEST_IMAGE_TAG` | Older, and ignored when `PG_TEST_IMAGE` is set: runs `postgres:<tag>`. |
+//! | `PG_TEST_PULL_TIMEOUT` | Seconds a pull of a missing image may take before Docker is given up (default 60). A present image is never pulled. |
+//! | `DOCKER_HOST`, `DOCKER_TLS_VERIFY`, `DOCKER_CERT_PATH`, `DOCKER_CONFIG`, `DOCKER_AUTH_CONFIG`, `DOCKER_DEFAULT_PLATFORM` | Read by testcontainers, as it documents: where the daemon is (else `/var/run/docker.sock`, then the rootless and Docker Desktop sockets under `$XDG_RUNTIME_DIR` and `~/.docker`), and the credentials and platform for pulls. |
+//! | `PG_BIN` | The directory of `initdb`, `pg_ctl` and `postgres` (step 3); when set, nothing else is searched. |
+//! | `PG_SEARCH_DIRS` | A `:`-separated list of directories to search for them, each with at most one `*`, the highest version winning; replaces `/usr/lib/postgresql/*/bin:/usr/pgsql-*/bin:/opt/homebrew/opt/postgresql@*/bin:/usr/local/opt/postgresql@*/bin:/usr/local/pgsql/bin`. Searched after `pg_config --bindir` and before `initdb` on `PATH`. |
+//! | `PG_TEST_USER` | The user the server runs as when the tests run as root (default `nobody`). |
 //!
 //! # Example
 //!
@@ -93,22 +106,13 @@ pub enum ServerSource {
     LocalCluster,
 }
 
-/// What keeps a server alive for as long as the [`TestServer`] exists.
-#[derive(Debug)]
-enum Keep {
-    /// Somebody else's server.
-    Nothing,
-    /// Read only through `Debug`; held for its drop and its watchdog.
-    Cluster(#[allow(dead_code)] LocalCluster),
-    /// Read only through `Debug`; held for its watchdog.
-    Container(#[allow(dead_code)] docker::Container),
-}
-
 /// A PostgreSQL server reachable by URL.
 pub struct TestServer {
     url: String,
     source: ServerSource,
-    keep: Keep,
+    /// A started local cluster, held for its drop and its watchdog. (A container is held by
+    /// the thread that started it.)
+    _cluster: Option<LocalCluster>,
 }
 
 impl std::fmt::Debug for TestServer {
@@ -116,44 +120,13 @@ impl std::fmt::Debug for TestServer {
         f.debug_struct("TestServer")
             .field("url", &redact(&self.url))
             .field("source", &self.source)
-            .field("keep", &self.keep)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
-/// The outcome of the one attempt per process to find or start the shared server.
-static SHARED: OnceLock<Result<TestServer, CachedFailure>> = OnceLock::new();
-
-/// A failed attempt, kept so later callers fail at once, in the same terms.
-#[derive(Debug)]
-enum CachedFailure {
-    NoPostgres { looked_at: String },
-    Other { message: String },
-}
-
-impl CachedFailure {
-    fn of(error: &TestServerError) -> Self {
-        match error {
-            TestServerError::NoPostgres { looked_at } => CachedFailure::NoPostgres {
-                looked_at: looked_at.clone(),
-            },
-            other => CachedFailure::Other {
-                message: other.to_string(),
-            },
-        }
-    }
-
-    fn replay(&self) -> TestServerError {
-        match self {
-            CachedFailure::NoPostgres { looked_at } => TestServerError::NoPostgres {
-                looked_at: looked_at.clone(),
-            },
-            CachedFailure::Other { message } => TestServerError::EarlierFailure {
-                message: message.clone(),
-            },
-        }
-    }
-}
+/// The outcome of the one attempt per process to find or start the shared server (an error
+/// kept as [`TestServerError::replay`] makes it).
+static SHARED: OnceLock<Result<TestServer, TestServerError>> = OnceLock::new();
 
 impl TestServer {
     /// The process-wide shared server: found or started by the first call, in the order
@@ -172,7 +145,7 @@ impl TestServer {
     /// [`TestServerError::EarlierFailure`], or `NoPostgres` again).
     pub async fn shared() -> Result<&'static TestServer, TestServerError> {
         if let Some(outcome) = SHARED.get() {
-            return outcome.as_ref().map_err(CachedFailure::replay);
+            return outcome.as_ref().map_err(TestServerError::replay);
         }
         if tokio::runtime::Handle::try_current().is_ok() {
             match tokio::task::spawn_blocking(init_shared).await {
@@ -210,62 +183,70 @@ fn init_shared() -> Result<&'static TestServer, TestServerError> {
     let mut first_error = None;
     let outcome = SHARED.get_or_init(|| {
         discover(&process_env).map_err(|e| {
-            let cached = CachedFailure::of(&e);
+            let kept = e.replay();
             first_error = Some(e);
-            cached
+            kept
         })
     });
-    if let Some(e) = first_error {
-        return Err(e);
+    match first_error {
+        Some(e) => Err(e),
+        None => outcome.as_ref().map_err(TestServerError::replay),
     }
-    outcome.as_ref().map_err(CachedFailure::replay)
 }
 
-/// Steps 1 to 4 of the module documentation.
+/// Steps 1 to 4 of the module documentation; says on stderr which server it chose, and why.
 fn discover(env: Env<'_>) -> Result<TestServer, TestServerError> {
+    fn found(
+        url: String,
+        source: ServerSource,
+        cluster: Option<LocalCluster>,
+        how: String,
+    ) -> Result<TestServer, TestServerError> {
+        // Written to stderr itself: `eprintln!` in a test would be captured, and shown only
+        // if that test fails.
+        let line = format!("pg-idempotency: {how}, {}\n", redact(&url));
+        let _ = io::Write::write_all(&mut io::stderr(), line.as_bytes());
+        Ok(TestServer {
+            url,
+            source,
+            _cluster: cluster,
+        })
+    }
     if let Some(url) = env("DATABASE_URL") {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(TestServerError::InvalidDatabaseUrl);
         }
-        tracing::debug!(url = %redact(&url), "tests use the server of DATABASE_URL");
-        return Ok(TestServer {
+        return found(
             url,
-            source: ServerSource::DatabaseUrl,
-            keep: Keep::Nothing,
-        });
+            ServerSource::DatabaseUrl,
+            None,
+            "tests use DATABASE_URL".into(),
+        );
     }
-    let mut looked_at = vec!["DATABASE_URL (not set)".to_owned()];
-
-    match docker::probe(env) {
-        docker::Probe::Answers { host } => match docker::start(env) {
-            Ok(container) => {
-                tracing::debug!(url = %container.url, id = %container.id, "tests use a postgres container");
-                return Ok(TestServer {
-                    url: container.url.clone(),
-                    source: ServerSource::Testcontainers,
-                    keep: Keep::Container(container),
-                });
-            }
-            Err(e) => {
-                tracing::warn!(%host, error = %e, "Docker answers, but the postgres container did not start; trying local binaries");
-                looked_at.push(format!(
-                    "Docker at {host} (answers, but the postgres container did not start: {e})"
-                ));
-            }
-        },
-        docker::Probe::No { looked_at: docker } => looked_at.push(docker),
-    }
-
+    let why_not_docker = match docker::start(env) {
+        Ok(url) => {
+            let (name, tag) = docker::image(env);
+            let how = format!("tests use a {name}:{tag} container");
+            return found(url, ServerSource::Testcontainers, None, how);
+        }
+        Err(why) => why,
+    };
     match local::find_binaries(env) {
         Ok(bin) => {
-            let cluster = LocalCluster::start_with_bin(env, bin, &LocalClusterOptions::default())?;
-            Ok(TestServer {
-                url: cluster.url(),
-                source: ServerSource::LocalCluster,
-                keep: Keep::Cluster(cluster),
-            })
+            let cluster = LocalCluster::start_with(env, bin, &LocalClusterOptions::default())?;
+            let how = format!(
+                "{why_not_docker}: tests use local binaries from {}",
+                cluster.bin.display()
+            );
+            found(
+                cluster.url(),
+                ServerSource::LocalCluster,
+                Some(cluster),
+                how,
+            )
         }
         Err(places) => {
+            let mut looked_at = vec!["DATABASE_URL (not set)".to_owned(), why_not_docker];
             looked_at.extend(places);
             Err(TestServerError::NoPostgres {
                 looked_at: format_looked_at(&looked_at),
@@ -278,64 +259,46 @@ fn format_looked_at(places: &[String]) -> String {
     places.iter().map(|p| format!("\n  - {p}")).collect()
 }
 
-/// `url` with its database (path) replaced by `name`.
-fn with_database(url: &str, name: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let authority_start = scheme_end + 3;
-    let authority_end = url[authority_start..]
+/// `url` split into its scheme with `://`, its authority (user, password, host, port) and the
+/// rest (path, query, fragment); `None` without `://`.
+fn split_url(url: &str) -> Option<(&str, &str, &str)> {
+    let start = url.find("://")? + 3;
+    let end = url[start..]
         .find(['/', '?', '#'])
-        .map_or(url.len(), |i| authority_start + i);
-    let path_end = url[authority_end..]
-        .find(['?', '#'])
-        .map_or(url.len(), |i| authority_end + i);
-    format!(
-        "{}/{}{}",
-        &url[..authority_end],
-        percent_encode(name),
-        &url[path_end..]
-    )
+        .map_or(url.len(), |i| start + i);
+    Some((&url[..start], &url[start..end], &url[end..]))
 }
 
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+/// `url` with its database (path) replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let Some((scheme, authority, rest)) = split_url(url) else {
+        return url.to_owned();
+    };
+    let query = &rest[rest.find(['?', '#']).unwrap_or(rest.len())..];
+    let name: String = name
+        .bytes()
+        .map(
+            |b| match b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                true => char::from(b).to_string(),
+                false => format!("%{b:02X}"),
+            },
+        )
+        .collect();
+    format!("{scheme}{authority}/{name}{query}")
 }
 
 /// `url` with any password replaced by `***`, for logs and `Debug`.
 fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
+    let Some((scheme, authority, rest)) = split_url(url) else {
         return url.to_owned();
     };
-    let start = scheme_end + 3;
-    let authority_end = url[start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| start + i);
-    let authority = &url[start..authority_end];
-    match authority.rfind('@') {
-        Some(at) => match authority[..at].find(':') {
-            Some(colon) => format!(
-                "{}{}:***{}",
-                &url[..start],
-                &authority[..colon],
-                &url[start + at..]
-            ),
-            None => url.to_owned(),
-        },
+    let user_and_host = authority
+        .rsplit_once('@')
+        .and_then(|(userinfo, host)| Some((userinfo.split_once(':')?.0, host)));
+    match user_and_host {
+        Some((user, host)) => format!("{scheme}{user}:***@{host}{rest}"),
         None => url.to_owned(),
     }
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 async fn connect(url: &str) -> Result<PgConnection, TestServerError> {
@@ -381,7 +344,8 @@ impl TestDatabase {
     pub async fn create_on(server_url: &str) -> Result<TestDatabase, TestServerError> {
         let name = format!("pg_idempotency_test_{}", uuid::Uuid::new_v4().simple());
         let mut conn = connect(server_url).await?;
-        let create = format!("CREATE DATABASE {}", quote_ident(&name));
+        // The name is ours, of letters, digits and `_`: it needs no quoting.
+        let create = format!("CREATE DATABASE {name}");
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -391,7 +355,11 @@ impl TestDatabase {
             {
                 Ok(_) => break,
                 // 55006: someone is connected to template1 right now; it passes.
-                Err(e) if attempt < 20 && sql_state(&e).as_deref() == Some("55006") => {
+                Err(e)
+                    if attempt < 20
+                        && e.as_database_error().and_then(|d| d.code()).as_deref()
+                            == Some("55006") =>
+                {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => return Err(e.into()),
@@ -446,22 +414,13 @@ impl TestDatabase {
     async fn drop_database(&self) -> Result<(), TestServerError> {
         self.pool.close().await;
         let mut conn = connect(&self.server_url).await?;
-        let drop = format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            quote_ident(&self.name)
-        );
+        let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
         sqlx::raw_sql(AssertSqlSafe(drop))
             .execute(&mut conn)
             .await?;
         let _ = conn.close().await;
         Ok(())
     }
-}
-
-fn sql_state(e: &sqlx::Error) -> Option<String> {
-    e.as_database_error()
-        .and_then(|d| d.code())
-        .map(|c| c.into_owned())
 }
 
 /// A pool on a fresh database on [`TestServer::shared`], with this crate's migrations applied:
@@ -564,6 +523,22 @@ pub enum TestServerError {
 }
 
 impl TestServerError {
+    /// This error again, for later callers of [`TestServer::shared`]: `NoPostgres` as it is,
+    /// anything else as [`TestServerError::EarlierFailure`].
+    fn replay(&self) -> TestServerError {
+        match self {
+            TestServerError::NoPostgres { looked_at } => TestServerError::NoPostgres {
+                looked_at: looked_at.clone(),
+            },
+            TestServerError::EarlierFailure { message } => TestServerError::EarlierFailure {
+                message: message.clone(),
+            },
+            other => TestServerError::EarlierFailure {
+                message: other.to_string(),
+            },
+        }
+    }
+
     fn io(context: impl Into<String>, source: io::Error) -> Self {
         TestServerError::Io {
             context: context.into(),
@@ -616,6 +591,11 @@ mod tests {
             "postgres://u:***@h:1/d"
         );
         assert_eq!(redact("postgres://u@h:1/d"), "postgres://u@h:1/d");
+        assert_eq!(
+            redact("postgresql://u:p@ss@h/d?sslmode=require"),
+            "postgresql://u:***@h/d?sslmode=require"
+        );
+        assert_eq!(redact("not a url"), "not a url");
     }
 
     #[test]
@@ -643,7 +623,7 @@ mod tests {
                 "/nonexistent/*/bin:/nonexistent/pgsql/bin",
             ),
             ("HOME", &home),
-            ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
+            ("PG_TEST_DOCKER", "0"),
         ]);
         let t = Instant::now();
         let err = discover(&env).unwrap_err();
@@ -797,5 +777,83 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// Run only by [`docker_that_cannot_work_falls_back_fast`], in a child process whose
+    /// `DOCKER_*` variables (read by testcontainers from the real environment) cannot work.
+    #[tokio::test]
+    #[ignore = "run in a child process by docker_that_cannot_work_falls_back_fast"]
+    async fn child_without_docker() {
+        let t = Instant::now();
+        let why = docker::start(&process_env).unwrap_err();
+        eprintln!("CHILD docker step, after {:?}: {why}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let has_binaries = local::find_binaries(&process_env).is_ok();
+        match TestServer::shared().await {
+            Ok(server) => assert_eq!(server.source(), ServerSource::LocalCluster),
+            Err(TestServerError::NoPostgres { looked_at }) if !has_binaries => {
+                assert!(looked_at.contains(&why), "{looked_at}");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn docker_that_cannot_work_falls_back_fast() {
+        let dir = tempfile::tempdir().unwrap();
+        // Listeners that never accept: the kernel completes the connection, nobody answers.
+        let silent_socket = dir.path().join("docker.sock");
+        let _unix = std::os::unix::net::UnixListener::bind(&silent_socket).unwrap();
+        let silent_tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let silent_tcp = format!("tcp://{}", silent_tcp.local_addr().unwrap());
+        let closed_tcp = format!("tcp://127.0.0.1:{closed_port}");
+        let silent_unix = format!("unix://{}", silent_socket.display());
+        let cases: [(&[(&str, &str)], &str); 5] = [
+            (&[("DOCKER_HOST", &silent_tcp)], "within 2 s"),
+            (&[("DOCKER_HOST", &silent_unix)], "within 2 s"),
+            (
+                &[("DOCKER_HOST", &closed_tcp)],
+                "no Docker daemon at tcp://",
+            ),
+            (
+                &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+                "no Docker daemon",
+            ),
+            // testcontainers panics on TLS without DOCKER_CERT_PATH; that must not hang.
+            (
+                &[("DOCKER_HOST", &closed_tcp), ("DOCKER_TLS_VERIFY", "1")],
+                "Docker not used",
+            ),
+        ];
+        for (vars, expected) in cases {
+            let t = Instant::now();
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "testing::tests::child_without_docker"])
+                .args(["--ignored", "--nocapture", "--test-threads=1"])
+                .env_remove("DATABASE_URL")
+                .env_remove("PG_TEST_DOCKER")
+                .envs(vars.iter().copied())
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            eprintln!("{vars:?} took {:?}:\n{stderr}", t.elapsed());
+            assert!(out.status.success(), "{vars:?}: {stderr}");
+            let step = stderr.lines().find(|l| l.starts_with("CHILD docker step"));
+            assert!(
+                step.is_some_and(|l| l.contains(expected)),
+                "{vars:?}: {stderr}"
+            );
+            if local::find_binaries(&process_env).is_ok() {
+                assert!(
+                    stderr.contains(": tests use local binaries from "),
+                    "{stderr}"
+                );
+            }
+        }
     }
 }
