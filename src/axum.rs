@@ -140,12 +140,14 @@
 
 mod extract;
 mod layer;
+mod phased;
 mod request_id;
 mod response;
 mod scope;
 
 pub use extract::{IdempotentTx, Rollback, RollbackOnReject};
 pub use layer::{Idempotency, IdempotencyLayer};
+pub use phased::PhasedRequest;
 pub use request_id::{
     MakeRequestIds, REQUEST_ID_HEADER, RequestId, RequestIdLayer, RequestIdService,
 };

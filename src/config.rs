@@ -29,11 +29,12 @@ pub struct Config {
     retry_after: Duration,
     store_policy: StorePolicy,
     key_policy: KeyPolicy,
+    lease: Duration,
 }
 
 impl Default for Config {
     /// 24-hour replay window, 2 s wait for an in-flight duplicate, a 1 s retry hint,
-    /// the default [`StorePolicy`], UUID v4 keys.
+    /// the default [`StorePolicy`], UUID v4 keys, 30 s leases for phased requests.
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(24 * 60 * 60),
@@ -41,6 +42,7 @@ impl Default for Config {
             retry_after: Duration::from_secs(1),
             store_policy: StorePolicy::default(),
             key_policy: KeyPolicy::default(),
+            lease: Duration::from_secs(30),
         }
     }
 }
@@ -85,6 +87,17 @@ impl Config {
         self
     }
 
+    /// How long the holder of a [phased request](crate::phased) keeps it without
+    /// recording progress (default 30 s; at least 1 ms). Each recorded step renews it.
+    /// Once it has run out, a retry or the [`Completer`](crate::phased::Completer) may
+    /// take the request over, and the old holder can record nothing more. Make it longer
+    /// than the slowest step, the external call's timeout included.
+    #[must_use]
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(1));
+        self
+    }
+
     /// The replay window.
     pub fn ttl(&self) -> Duration {
         self.ttl
@@ -108,5 +121,10 @@ impl Config {
     /// The key policy.
     pub fn key_policy(&self) -> KeyPolicy {
         self.key_policy
+    }
+
+    /// The lease of a phased request's holder.
+    pub fn lease(&self) -> Duration {
+        self.lease
     }
 }

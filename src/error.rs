@@ -71,6 +71,33 @@ pub enum Error {
     #[error("the stored row for an idempotency key is malformed: {0}")]
     MalformedRow(String),
 
+    /// The holder of a [phased request](crate::phased) lost it: its lease ran out and a
+    /// retry or the completer took the request over. The step in progress was rolled
+    /// back (or its result not recorded); the new holder carries on.
+    #[error(
+        "the phased request with key '{key}' in scope '{scope}' was taken over by another \
+         holder after this one's lease ran out; this holder must stop (make the lease longer \
+         than the slowest step)"
+    )]
+    LeaseLost {
+        /// The scope the key lives in.
+        scope: Scope,
+        /// The key.
+        key: IdempotencyKey,
+    },
+    /// A phased request's step was named twice in one run, or the request was started
+    /// by another operation than the one that resumes it: a bug in the application.
+    #[error("phased request misuse: {0}")]
+    PhaseMisuse(String),
+    /// A phased request's input or a step's output could not be converted to or from
+    /// JSON, in which form it is recorded.
+    #[error("the {what} of a phased request cannot be recorded as JSON: {source}")]
+    PhaseData {
+        /// What: `input`, or `output of step '<name>'`.
+        what: String,
+        /// The serde error.
+        source: serde_json::Error,
+    },
     /// The database failed.
     #[error(transparent)]
     Database(#[from] sqlx::Error),

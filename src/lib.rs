@@ -86,6 +86,7 @@ mod error;
 mod fingerprint;
 mod key;
 pub mod metrics;
+pub mod phased;
 mod problem;
 mod response;
 mod scope;

@@ -9,9 +9,9 @@ use tracing::Instrument;
 
 use crate::claim::{Claim, Completion};
 use crate::config::Config;
-use crate::db::TxConn;
+use crate::db::{StoredRow, TxConn};
 use crate::error::Error;
-use crate::fingerprint::Request;
+use crate::fingerprint::{Fingerprint, Request};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::metrics;
 use crate::response::StoredResponse;
@@ -83,6 +83,55 @@ impl Outcome {
     pub fn is_replay(&self) -> bool {
         matches!(self, Outcome::Replayed(_))
     }
+}
+
+/// What [`IdempotencyStore::lock_key`] found.
+pub(crate) enum Locked {
+    /// The key has a stored response for this same request.
+    Answered(Replay),
+    /// The transaction holds the key's advisory lock, and the key has no live row.
+    Held {
+        /// The transaction.
+        tx: TxConn,
+        /// The key has an expired row, which counts as unused.
+        expired_row: bool,
+    },
+}
+
+/// The answer a live stored row gives `request`: its replay if the request is the same,
+/// else [`Error::Conflict`].
+pub(crate) fn answer(
+    stored: StoredRow,
+    scope: &Scope,
+    key: &IdempotencyKey,
+    request: &Request<'_>,
+) -> Result<Replay, Error> {
+    if same_request(&stored.fingerprint, request)? {
+        Ok(Replay {
+            response: stored.response,
+            first_used_at: stored.created_at,
+        })
+    } else {
+        Err(Error::Conflict {
+            scope: scope.clone(),
+            key: key.clone(),
+            first_used_at: stored.created_at,
+        })
+    }
+}
+
+/// Whether `request` is the one `stored` fingerprints (hashed again at the stored
+/// version if another release wrote it).
+///
+/// # Errors
+///
+/// [`Error::UnknownFingerprintVersion`] for a version this build does not know.
+pub(crate) fn same_request(stored: &Fingerprint, request: &Request<'_>) -> Result<bool, Error> {
+    let version = stored.version();
+    request
+        .fingerprint_at(version)
+        .map(|ours| ours == *stored)
+        .ok_or(Error::UnknownFingerprintVersion { version })
 }
 
 impl IdempotencyStore {
@@ -172,7 +221,34 @@ impl IdempotencyStore {
         key: &IdempotencyKey,
         request: &Request<'_>,
     ) -> Result<Begin, Error> {
-        let fingerprint = request.fingerprint();
+        Ok(match self.lock_key(scope, key, request).await? {
+            Locked::Answered(replay) => Begin::Replay(replay),
+            Locked::Held { tx, expired_row } => Begin::Claimed(Claim::new(
+                tx,
+                scope.clone(),
+                key.clone(),
+                request.fingerprint(),
+                // An expired row is deleted when the response is stored.
+                expired_row,
+                Arc::clone(&self.config),
+            )),
+        })
+    }
+
+    /// Opens a transaction and takes the key's advisory lock, waiting for what is left of
+    /// the in-flight wait if another transaction holds it; then answers from the key's
+    /// live row if it has one (a replay, or [`Error::Conflict`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InFlight`] if the lock stayed taken and no live row appeared;
+    /// [`Error::Conflict`]; the store's server-side errors.
+    pub(crate) async fn lock_key(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        request: &Request<'_>,
+    ) -> Result<Locked, Error> {
         let mut tx = TxConn::new(self.pool.acquire().await?);
         let claiming = Instant::now();
         let mut found = tx.begin_claim(scope, key).await?;
@@ -190,49 +266,25 @@ impl IdempotencyStore {
             // A live row answers, whoever holds the lock: it cannot change until it expires.
             Some(row) if row.live => {
                 tx.rollback().await?;
-                let stored = row.decode()?;
-                // Hash the request again only if the row was written by another version.
-                let stored_version = stored.fingerprint.version();
-                let ours = if stored_version == fingerprint.version() {
-                    Some(fingerprint)
-                } else {
-                    request.fingerprint_at(stored_version)
-                };
-                let Some(ours) = ours else {
-                    return Err(Error::UnknownFingerprintVersion {
-                        version: stored_version,
-                    });
-                };
-                if ours == stored.fingerprint {
-                    Ok(Begin::Replay(Replay {
-                        response: stored.response,
-                        first_used_at: stored.created_at,
-                    }))
-                } else {
-                    Err(Error::Conflict {
-                        scope: scope.clone(),
-                        key: key.clone(),
-                        first_used_at: stored.created_at,
-                    })
-                }
+                answer(row.decode()?, scope, key, request).map(Locked::Answered)
             }
-            row if found.locked => Ok(Begin::Claimed(Claim::new(
+            row if found.locked => Ok(Locked::Held {
                 tx,
-                scope.clone(),
-                key.clone(),
-                fingerprint,
-                // An expired row is deleted when the response is stored.
-                row.is_some(),
-                Arc::clone(&self.config),
-            ))),
+                expired_row: row.is_some(),
+            }),
             _ => {
                 tx.rollback().await?;
-                Err(Error::InFlight {
-                    scope: scope.clone(),
-                    key: key.clone(),
-                    retry_after: self.config.retry_after(),
-                })
+                Err(self.in_flight(scope, key))
             }
+        }
+    }
+
+    /// [`Error::InFlight`] for this key, with the configured retry hint.
+    pub(crate) fn in_flight(&self, scope: &Scope, key: &IdempotencyKey) -> Error {
+        Error::InFlight {
+            scope: scope.clone(),
+            key: key.clone(),
+            retry_after: self.config.retry_after(),
         }
     }
 

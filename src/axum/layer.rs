@@ -21,6 +21,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use super::extract::{ClaimHandle, Rollback};
+use super::phased::PhasedHandle;
 use super::request_id::{REQUEST_ID_HEADER, RequestId};
 use super::response::{from_stored, to_stored};
 use super::scope::{ScopeRejection, title_case};
@@ -28,9 +29,11 @@ use crate::claim::{Claim, Completion};
 use crate::error::Error;
 use crate::fingerprint::Request as Fingerprinted;
 use crate::key::IdempotencyKey;
+use crate::phased::{PhasedBegin, PhasedClaim};
 use crate::problem::{Problem, Problems};
+use crate::response::StoredResponse;
 use crate::scope::Scope;
-use crate::store::{Begin, IdempotencyStore};
+use crate::store::{Begin, IdempotencyStore, Replay};
 
 type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
 
@@ -83,6 +86,8 @@ struct Settings {
     /// How problems are spelled: type base, and the key header as named there.
     problems: Arc<Problems>,
     key_required: bool,
+    /// Claims are phased requests ([`IdempotencyLayer::phased`]).
+    phased: bool,
     body_limit: usize,
     request_id_header: HeaderName,
 }
@@ -113,6 +118,7 @@ impl IdempotencyLayer {
                 problems: Arc::new(Problems::default()),
                 key_header,
                 key_required: true,
+                phased: false,
                 body_limit: Self::DEFAULT_BODY_LIMIT,
                 request_id_header: REQUEST_ID_HEADER,
             }),
@@ -136,6 +142,21 @@ impl IdempotencyLayer {
     #[must_use]
     pub fn required(self) -> Self {
         self.with(|s| s.key_required = true)
+    }
+
+    /// Makes the routes it wraps [phased requests](crate::phased): instead of a claim's
+    /// transaction, the handler gets a [`PhasedRequest`](super::PhasedRequest) and runs
+    /// an [`Operation`](crate::phased::Operation) with it, whose final step stores the
+    /// response. A handler that answers without running the operation (a validation
+    /// error, say) is treated as in the transactional mode: its response is stored unless
+    /// the store policy or a [`Rollback`](super::Rollback) marker says otherwise, in
+    /// which case the request is released.
+    ///
+    /// Duplicates that arrive while the request runs wait without holding a connection
+    /// (see [`IdempotencyStore::begin_phased`]).
+    #[must_use]
+    pub fn phased(self) -> Self {
+        self.with(|s| s.phased = true)
     }
 
     /// Reads the key from `header` instead of `Idempotency-Key`; problems name it in
@@ -192,6 +213,7 @@ impl fmt::Debug for IdempotencyLayer {
         f.debug_struct("IdempotencyLayer")
             .field("key_header", &s.key_header)
             .field("key_required", &s.key_required)
+            .field("phased", &s.phased)
             .field("body_limit", &s.body_limit)
             .field("request_id_header", &s.request_id_header)
             .finish_non_exhaustive()
@@ -381,31 +403,17 @@ impl Flow<'_> {
         };
 
         let fingerprinted = Fingerprinted::new(parts.method.as_str(), self.route, &body);
+        if settings.phased {
+            let begun = settings
+                .store
+                .begin_phased(&scope, &key, &fingerprinted)
+                .await;
+            return self.run_phased(inner, parts, body, begun).await;
+        }
         let claim = match settings.store.begin(&scope, &key, &fingerprinted).await {
             Ok(Begin::Claimed(claim)) => claim,
-            Ok(Begin::Replay(replay)) => {
-                record("outcome", "replayed");
-                return from_stored(&replay.response, true).unwrap_or_else(|reason| {
-                    tracing::error!(%reason, "a stored response cannot be replayed");
-                    self.internal_error()
-                });
-            }
-            Err(error) => {
-                return match problems.for_error(&error) {
-                    Some(problem) => {
-                        record(
-                            "outcome",
-                            if matches!(error, Error::Conflict { .. }) {
-                                "conflict"
-                            } else {
-                                "in_flight"
-                            },
-                        );
-                        self.problem(problem)
-                    }
-                    None => self.server_error(&error),
-                };
-            }
+            Ok(Begin::Replay(replay)) => return self.replay(&replay),
+            Err(error) => return self.refused(&error),
         };
 
         let handle = ClaimHandle::new(claim, Arc::clone(&settings.problems));
@@ -431,51 +439,155 @@ impl Flow<'_> {
         }
     }
 
+    /// A stored response, replayed.
+    fn replay(&self, replay: &Replay) -> Response {
+        record("outcome", "replayed");
+        from_stored(&replay.response, true).unwrap_or_else(|reason| {
+            tracing::error!(%reason, "a stored response cannot be replayed");
+            self.internal_error()
+        })
+    }
+
+    /// The answer when the store refused to begin: a conflict or in-flight problem, or a
+    /// server error.
+    fn refused(&self, error: &Error) -> Response {
+        match self.problems().for_error(error) {
+            Some(problem) => {
+                record(
+                    "outcome",
+                    if matches!(error, Error::Conflict { .. }) {
+                        "conflict"
+                    } else {
+                        "in_flight"
+                    },
+                );
+                self.problem(problem)
+            }
+            None => self.server_error(error),
+        }
+    }
+
+    /// A phased request: take it, let the handler run its operation, and answer for the
+    /// handler if it did not.
+    async fn run_phased<S>(
+        &self,
+        inner: S,
+        mut parts: Parts,
+        body: Bytes,
+        begun: Result<PhasedBegin, Error>,
+    ) -> Response
+    where
+        S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let settings = self.settings;
+        let claim = match begun {
+            Ok(PhasedBegin::Held(claim)) => claim,
+            Ok(PhasedBegin::Replay(replay)) => return self.replay(&replay),
+            Err(error) => return self.refused(&error),
+        };
+        let handle = PhasedHandle::new(claim, Arc::clone(&settings.problems));
+        parts.extensions.insert(handle.clone());
+        let request = Request::from_parts(parts, Body::from(body));
+        let answered = AssertUnwindSafe(call(inner, request)).catch_unwind().await;
+        match (handle.take(), answered) {
+            // The handler ran the operation, which stored its response or released the
+            // request.
+            (None, Ok(response)) => {
+                record("outcome", "phased");
+                response
+            }
+            (Some(claim), Ok(response)) => match self.storable(response).await {
+                Storable::Store(stored, response) => match claim.finish(&stored).await {
+                    Ok(Completion::Stored) => self.stored(&stored),
+                    Ok(_) => {
+                        record("outcome", "not_kept");
+                        response
+                    }
+                    Err(error) => {
+                        record("outcome", "complete_failed");
+                        self.server_error(&error)
+                    }
+                },
+                Storable::Not(response) => {
+                    release(claim).await;
+                    response
+                }
+            },
+            (claim, Err(_panic)) => {
+                record("outcome", "panicked");
+                tracing::error!("the handler of a phased request panicked");
+                if let Some(claim) = claim {
+                    release(claim).await;
+                }
+                self.internal_error()
+            }
+        }
+    }
+
     /// Stores the handler's response and commits, or rolls back.
     async fn complete(&self, claim: Claim, response: Response) -> Response {
+        match self.storable(response).await {
+            Storable::Store(stored, response) => match claim.complete(&stored).await {
+                Ok(Completion::Stored) => self.stored(&stored),
+                Ok(_) => {
+                    record("outcome", "not_kept");
+                    response
+                }
+                Err(error) => {
+                    record("outcome", "complete_failed");
+                    self.server_error(&error)
+                }
+            },
+            Storable::Not(response) => {
+                abort(claim).await;
+                response
+            }
+        }
+    }
+
+    /// The handler's response in the form it would be stored in, or the answer to send
+    /// without storing anything (marked [`Rollback`], or a body that failed).
+    async fn storable(&self, response: Response) -> Storable {
         let (parts, body) = response.into_parts();
         if parts.extensions.get::<Rollback>().is_some() {
             record("outcome", "rolled_back");
-            abort(claim).await;
-            return Response::from_parts(parts, body);
+            return Storable::Not(Response::from_parts(parts, body));
         }
         let body: Bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(error) => {
                 record("outcome", "response_body_failed");
                 tracing::error!(%error, "the handler's response body failed; rolled back");
-                abort(claim).await;
-                return self.internal_error();
+                return Storable::Not(self.internal_error());
             }
         };
-        let stored = match to_stored(&parts, &body, &self.settings.request_id_header) {
-            Ok(stored) => stored,
+        match to_stored(&parts, &body, &self.settings.request_id_header) {
+            Ok(stored) => Storable::Store(stored, Response::from_parts(parts, Body::from(body))),
             Err(reason) => {
                 record("outcome", "unstorable");
                 tracing::error!(%reason, "the handler's response cannot be stored; rolled back");
-                abort(claim).await;
-                return self.internal_error();
-            }
-        };
-        match claim.complete(&stored).await {
-            // Sent exactly as it will be replayed.
-            Ok(Completion::Stored) => {
-                record("outcome", "stored");
-                from_stored(&stored, false).unwrap_or_else(|reason| {
-                    tracing::error!(%reason, "a stored response cannot be sent");
-                    self.internal_error()
-                })
-            }
-            Ok(_) => {
-                record("outcome", "not_kept");
-                Response::from_parts(parts, Body::from(body))
-            }
-            Err(error) => {
-                record("outcome", "complete_failed");
-                self.server_error(&error)
+                Storable::Not(self.internal_error())
             }
         }
     }
+
+    /// A response that was just stored, sent exactly as it will be replayed.
+    fn stored(&self, stored: &StoredResponse) -> Response {
+        record("outcome", "stored");
+        from_stored(stored, false).unwrap_or_else(|reason| {
+            tracing::error!(%reason, "a stored response cannot be sent");
+            self.internal_error()
+        })
+    }
+}
+
+/// What [`Flow::storable`] made of a handler's response.
+enum Storable {
+    /// Store this; send the response if it is not kept.
+    Store(StoredResponse, Response),
+    /// Send this, store nothing.
+    Not(Response),
 }
 
 async fn call<S>(mut inner: S, request: Request) -> Response
@@ -485,6 +597,12 @@ where
     match inner.call(request).await {
         Ok(response) => response,
         Err(never) => match never {},
+    }
+}
+
+async fn release(claim: PhasedClaim) {
+    if let Err(error) = claim.release().await {
+        tracing::warn!(%error, "releasing a phased request failed; its lease will run out");
     }
 }
 

@@ -152,6 +152,25 @@ pub(crate) struct KeyRow<'a> {
     pub replace_expired: bool,
 }
 
+/// `before`, then deletes the key's row if it has expired (it counts as unused, and a new
+/// row is about to take its place).
+fn delete_expired_row(before: Statement, scope: &Scope, key: &IdempotencyKey) -> Statement {
+    before
+        .sql("DELETE FROM idempotency_keys WHERE scope = ")
+        .text(scope.as_str())
+        .sql(" AND key = ")
+        .text(key.as_str())
+        .sql(" AND expires_at <= now()")
+}
+
+/// Waits for the key's advisory lock, then deletes the key's expired row if any.
+fn lock_and_clear(scope: &Scope, key: &IdempotencyKey) -> Statement {
+    let lock = Statement::new("SELECT pg_advisory_xact_lock(", 160)
+        .int(lock_id(scope, key))
+        .sql("); ");
+    delete_expired_row(lock, scope, key)
+}
+
 /// Optionally deletes the expired row, stores the response (see [`INSERT`]), then
 /// `COMMIT`s.
 fn store_and_commit(row: &KeyRow<'_>) -> Statement {
@@ -161,11 +180,7 @@ fn store_and_commit(row: &KeyRow<'_>) -> Statement {
     let ttl_ms = i64::try_from(row.ttl.as_millis()).unwrap_or(i64::MAX);
     let extra = 160 + 4 * (scope.len() + key.len()) + 2 * (headers.len() + response.body.len());
     let delete = if row.replace_expired {
-        Statement::new("DELETE FROM idempotency_keys WHERE scope = ", extra)
-            .text(scope)
-            .sql(" AND key = ")
-            .text(key)
-            .sql(" AND expires_at <= now(); ")
+        delete_expired_row(Statement::new("", extra), row.scope, row.key).sql("; ")
     } else {
         Statement::new("", extra)
     };
@@ -246,6 +261,19 @@ impl TxConn {
         key: &IdempotencyKey,
     ) -> Result<Found, Error> {
         Found::from_rows(self.run(wait_and_lookup(wait_ms, scope, key)).await?)
+    }
+
+    /// Inside the transaction that is about to store a key's row by other means (a phased
+    /// request's final step): waits for the key's advisory lock, so that no claim or
+    /// takeover of the key runs between here and `COMMIT`, and deletes the key's expired
+    /// row, which the new row replaces. One round trip.
+    pub(crate) async fn lock_key_and_clear_expired(
+        &mut self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+    ) -> Result<(), sqlx::Error> {
+        self.run(lock_and_clear(scope, key)).await?;
+        Ok(())
     }
 
     /// Stores the key row and commits the transaction with it, in one round trip, and
@@ -444,6 +472,21 @@ mod tests {
             &format!(
                 "DELETE FROM idempotency_keys WHERE scope = E'' AND key = E'' \
                  AND expires_at <= now(); {insert}"
+            ),
+        );
+    }
+
+    #[test]
+    fn the_final_lock_spells_scope_and_key_as_literals() {
+        let scope = Scope::new(SCOPE).unwrap();
+        let key = IdempotencyKey::parse(KEY, KeyPolicy::Opaque).unwrap();
+        let lock = lock_id(&scope, &key);
+        assert_spells(
+            &lock_and_clear(&scope, &key),
+            &[SCOPE.as_bytes(), KEY.as_bytes()],
+            &format!(
+                "SELECT pg_advisory_xact_lock({lock}); DELETE FROM idempotency_keys \
+                 WHERE scope = E'' AND key = E'' AND expires_at <= now()"
             ),
         );
     }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Postgres};
+use sqlx::{PgConnection, PgPool, Postgres};
 use tracing::Instrument;
 
 use super::statement::Statement;
@@ -72,6 +72,18 @@ impl TxConn {
         Ok(())
     }
 
+    /// Takes a connection from `pool` and opens a transaction on it.
+    pub(crate) async fn begin(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        let mut tx = Self::new(pool.acquire().await?);
+        tx.run(Statement::new("BEGIN", 0)).await?;
+        Ok(tx)
+    }
+
+    /// Commits and returns the connection to the pool.
+    pub(crate) async fn commit(&mut self) -> Result<(), sqlx::Error> {
+        self.finish(Statement::new("COMMIT", 0)).await
+    }
+
     /// Rolls back and returns the connection to the pool.
     pub(crate) async fn rollback(&mut self) -> Result<(), sqlx::Error> {
         self.finish(Statement::new("ROLLBACK", 0)).await
@@ -108,3 +120,72 @@ impl Drop for TxConn {
         }
     }
 }
+
+/// Implements [`sqlx::Executor`] for `&mut $ty`, a type whose `tx` field is the
+/// [`TxConn`] its statements run in: `query.execute(&mut value)`.
+macro_rules! executor_over_tx {
+    ($ty:ty) => {
+        impl<'c> ::sqlx::Executor<'c> for &'c mut $ty {
+            type Database = ::sqlx::Postgres;
+
+            fn fetch_many<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> ::futures_core::stream::BoxStream<
+                'e,
+                Result<
+                    ::sqlx::Either<::sqlx::postgres::PgQueryResult, ::sqlx::postgres::PgRow>,
+                    ::sqlx::Error,
+                >,
+            >
+            where
+                'c: 'e,
+                E: 'q + ::sqlx::Execute<'q, ::sqlx::Postgres>,
+            {
+                ::sqlx::Executor::fetch_many(self.tx.conn(), query)
+            }
+
+            fn fetch_optional<'e, 'q: 'e, E>(
+                self,
+                query: E,
+            ) -> ::futures_core::future::BoxFuture<
+                'e,
+                Result<Option<::sqlx::postgres::PgRow>, ::sqlx::Error>,
+            >
+            where
+                'c: 'e,
+                E: 'q + ::sqlx::Execute<'q, ::sqlx::Postgres>,
+            {
+                ::sqlx::Executor::fetch_optional(self.tx.conn(), query)
+            }
+
+            fn prepare_with<'e>(
+                self,
+                sql: ::sqlx::SqlStr,
+                parameters: &'e [::sqlx::postgres::PgTypeInfo],
+            ) -> ::futures_core::future::BoxFuture<
+                'e,
+                Result<::sqlx::postgres::PgStatement, ::sqlx::Error>,
+            >
+            where
+                'c: 'e,
+            {
+                ::sqlx::Executor::prepare_with(self.tx.conn(), sql, parameters)
+            }
+
+            fn describe<'e>(
+                self,
+                sql: ::sqlx::SqlStr,
+            ) -> ::futures_core::future::BoxFuture<
+                'e,
+                Result<::sqlx::Describe<::sqlx::Postgres>, ::sqlx::Error>,
+            >
+            where
+                'c: 'e,
+            {
+                ::sqlx::Executor::describe(self.tx.conn(), sql)
+            }
+        }
+    };
+}
+pub(crate) use executor_over_tx;

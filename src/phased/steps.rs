@@ -1,0 +1,381 @@
+//! The steps of a phased request: local, foreign and final.
+
+use std::fmt;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::claim::Lease;
+use crate::db::{TxConn, executor_over_tx};
+use crate::error::Error;
+use crate::key::IdempotencyKey;
+use crate::response::StoredResponse;
+use crate::scope::Scope;
+
+/// The tracing target of the events that mark a phased request's boundaries (`step`
+/// and `boundary` fields: `before_commit`, `after_commit`, `before_call`, `after_call`),
+/// for observability and for fault injection in tests.
+const BOUNDARY_TARGET: &str = "pg_idempotency::phased::boundary";
+
+/// The downstream idempotency key of step `step` of the request `(scope, key)`: the same
+/// on every attempt, different for every step, scope and key, and spelled as a UUID v4
+/// (so that a service that accepts only UUID v4 keys, as this crate does by default,
+/// accepts it). 122 bits of SHA-256 over the three.
+pub fn downstream_key(scope: &Scope, key: &IdempotencyKey, step: &str) -> Uuid {
+    let mut hasher = Sha256::new();
+    hasher.update(b"pg-idempotency/downstream\0");
+    for part in [scope.as_str(), key.as_str(), step] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
+}
+
+/// The steps of one run of a phased request, handed to [`Operation::run`](super::Operation::run).
+///
+/// Steps are named; a name must be unique within the operation and stable across
+/// releases, since it keys the recorded output (and the downstream key). A step whose
+/// output is recorded returns it without running.
+pub struct Steps {
+    lease: Lease,
+    progress: Map<String, Value>,
+    /// The steps this run has passed, to catch a name used twice.
+    passed: Vec<String>,
+}
+
+/// The final step's transaction, or a local step's: run the step's writes through it
+/// (`query.execute(&mut *tx)`); the step commits it together with its output.
+pub struct StepTx {
+    tx: TxConn,
+}
+
+executor_over_tx!(StepTx);
+
+impl fmt::Debug for StepTx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepTx").finish_non_exhaustive()
+    }
+}
+
+/// The end of a phased request, made only by [`Steps::finish`]: its response, and
+/// whether it was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub struct Finished {
+    response: StoredResponse,
+    stored: bool,
+}
+
+impl Finished {
+    /// The response.
+    pub fn response(&self) -> &StoredResponse {
+        &self.response
+    }
+
+    /// The response, by value.
+    pub fn into_response(self) -> StoredResponse {
+        self.response
+    }
+
+    /// Whether the response was stored (else the store policy does not keep its status,
+    /// and the request is still in progress, released for a retry or the completer).
+    pub fn is_stored(&self) -> bool {
+        self.stored
+    }
+}
+
+/// Marks a boundary of a step (see [`BOUNDARY_TARGET`]).
+fn boundary(step: &str, boundary: &'static str) {
+    tracing::debug!(target: BOUNDARY_TARGET, step, boundary, "phased request boundary");
+}
+
+fn phase_data(what: impl Into<String>) -> impl FnOnce(serde_json::Error) -> Error {
+    let what = what.into();
+    move |source| Error::PhaseData { what, source }
+}
+
+impl Steps {
+    pub(super) fn new(lease: Lease, progress: Map<String, Value>) -> Self {
+        Self {
+            lease,
+            progress,
+            passed: Vec::new(),
+        }
+    }
+
+    /// The scope of the request.
+    pub fn scope(&self) -> &Scope {
+        &self.lease.scope
+    }
+
+    /// The request's key.
+    pub fn key(&self) -> &IdempotencyKey {
+        &self.lease.key
+    }
+
+    /// The downstream key of step `step` of this request (see [`downstream_key`]).
+    pub fn downstream_key(&self, step: &str) -> Uuid {
+        downstream_key(&self.lease.scope, &self.lease.key, step)
+    }
+
+    /// Passes step `name`: its recorded output, if it has one.
+    fn pass<T: DeserializeOwned>(&mut self, name: &str) -> Result<Option<T>, Error> {
+        if self.passed.iter().any(|passed| passed == name) {
+            return Err(Error::PhaseMisuse(format!(
+                "step '{name}' appears twice in one operation; give every step its own name"
+            )));
+        }
+        self.passed.push(name.to_owned());
+        self.progress
+            .get(name)
+            .map(|recorded| {
+                T::deserialize(recorded).map_err(phase_data(format!("output of step '{name}'")))
+            })
+            .transpose()
+    }
+
+    /// A local step: runs `step` in a transaction of its own and commits its writes
+    /// together with its output, which later runs of the request get back without
+    /// running it. If the step fails, its writes roll back and the error is returned.
+    ///
+    /// # Errors
+    ///
+    /// The step's error; [`Error::LeaseLost`] (its writes rolled back),
+    /// [`Error::PhaseData`], [`Error::PhaseMisuse`], [`Error::Database`] (converted).
+    /// After a database error around `COMMIT` the step may or may not be recorded; a
+    /// retry finds out and either skips or runs it.
+    pub async fn local<T, E, F>(&mut self, name: &str, step: F) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: AsyncFnOnce(&mut StepTx) -> Result<T, E>,
+    {
+        if let Some(recorded) = self.pass(name)? {
+            return Ok(recorded);
+        }
+        let span = tracing::info_span!("idempotency.step", step = name, kind = "local");
+        async move {
+            let mut tx = StepTx {
+                tx: TxConn::begin(self.lease.store.pool())
+                    .await
+                    .map_err(Error::from)?,
+            };
+            let output = match step(&mut tx).await {
+                Ok(output) => output,
+                Err(error) => {
+                    tx.rollback().await;
+                    return Err(error);
+                }
+            };
+            let recorded = match serde_json::to_value(&output) {
+                Ok(recorded) => recorded,
+                Err(source) => {
+                    tx.rollback().await;
+                    return Err(phase_data(format!("output of step '{name}'"))(source).into());
+                }
+            };
+            if let Err(error) = self.lease.record(tx.tx.conn(), name, &recorded).await {
+                tx.rollback().await;
+                return Err(error.into());
+            }
+            boundary(name, "before_commit");
+            tx.tx.commit().await.map_err(Error::from)?;
+            boundary(name, "after_commit");
+            self.progress.insert(name.to_owned(), recorded);
+            Ok(output)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// A foreign step: an external call, made outside any transaction with this step's
+    /// [downstream key](Self::downstream_key), which the other system must use to dedupe
+    /// repeated calls. Its output is recorded as soon as it returns; later runs of the
+    /// request get it back without calling again.
+    ///
+    /// A crash after the call and before the record makes the next holder call again,
+    /// with the same downstream key: the other system answers the first call's result.
+    ///
+    /// # Errors
+    ///
+    /// The call's error (nothing recorded: the next run calls again);
+    /// [`Error::LeaseLost`] (before the call: no call is made), [`Error::PhaseData`],
+    /// [`Error::PhaseMisuse`], [`Error::Database`] (converted).
+    pub async fn foreign<T, E, F>(&mut self, name: &str, call: F) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        F: AsyncFnOnce(Uuid) -> Result<T, E>,
+    {
+        if let Some(recorded) = self.pass(name)? {
+            return Ok(recorded);
+        }
+        let downstream = self.downstream_key(name);
+        let span = tracing::info_span!(
+            "idempotency.step",
+            step = name,
+            kind = "foreign",
+            downstream_key = %downstream
+        );
+        async move {
+            self.lease.renew().await?;
+            boundary(name, "before_call");
+            let output = call(downstream).await?;
+            boundary(name, "after_call");
+            let recorded = serde_json::to_value(&output)
+                .map_err(phase_data(format!("output of step '{name}'")))?;
+            self.lease
+                .record(self.lease.store.pool(), name, &recorded)
+                .await?;
+            self.progress.insert(name.to_owned(), recorded);
+            Ok(output)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The final step: runs `step` in a transaction of its own and stores the response it
+    /// returns with the key, committing both together; retries then replay it.
+    ///
+    /// A response the [`StorePolicy`](crate::StorePolicy) does not keep rolls back this
+    /// step's writes (the earlier steps stay recorded) and releases the request, so that
+    /// a retry or the completer resumes it.
+    ///
+    /// # Errors
+    ///
+    /// The step's error (its writes rolled back); [`Error::InvalidStatus`],
+    /// [`Error::LeaseLost`], [`Error::Database`] (converted). After a database error
+    /// around `COMMIT` the response may or may not be stored; a retry replays it or runs
+    /// the final step again.
+    pub async fn finish<E, F>(&mut self, step: F) -> Result<Finished, E>
+    where
+        E: From<Error>,
+        F: AsyncFnOnce(&mut StepTx) -> Result<StoredResponse, E>,
+    {
+        let span = tracing::info_span!(
+            "idempotency.step",
+            step = "finish",
+            kind = "final",
+            status = tracing::field::Empty
+        );
+        async move {
+            let mut tx = StepTx {
+                tx: TxConn::begin(self.lease.store.pool())
+                    .await
+                    .map_err(Error::from)?,
+            };
+            let response = match step(&mut tx).await {
+                Ok(response) => response,
+                Err(error) => {
+                    tx.rollback().await;
+                    return Err(error);
+                }
+            };
+            tracing::Span::current().record("status", response.status);
+            if !(100..=599).contains(&response.status) {
+                tx.rollback().await;
+                return Err(Error::InvalidStatus(response.status).into());
+            }
+            if !self
+                .lease
+                .store
+                .config()
+                .store_policy()
+                .stores(response.status)
+            {
+                tx.rollback().await;
+                self.lease.release().await?;
+                return Ok(Finished {
+                    response,
+                    stored: false,
+                });
+            }
+            let stored = async {
+                tx.tx
+                    .lock_key_and_clear_expired(&self.lease.scope, &self.lease.key)
+                    .await?;
+                self.lease.store(tx.tx.conn(), &response).await
+            }
+            .await;
+            if let Err(error) = stored {
+                tx.rollback().await;
+                return Err(error.into());
+            }
+            boundary("finish", "before_commit");
+            tx.tx.commit().await.map_err(Error::from)?;
+            boundary("finish", "after_commit");
+            Ok(Finished {
+                response,
+                stored: true,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// After the operation failed: ends the lease now, so that a retry or the completer
+    /// can resume the request at once. Best effort: otherwise the lease runs out.
+    pub(super) async fn release_after_error(&self) {
+        if let Err(error) = self.lease.release().await {
+            tracing::warn!(%error, "releasing a failed phased request failed; its lease will run out");
+        }
+    }
+}
+
+impl StepTx {
+    /// Rolls back; a failure closes the connection, which rolls back all the same.
+    async fn rollback(&mut self) {
+        if let Err(error) = self.tx.rollback().await {
+            tracing::warn!(%error, "rolling back a step failed; its connection was closed");
+        }
+    }
+}
+
+impl fmt::Debug for Steps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Steps")
+            .field("scope", &self.lease.scope)
+            .field("key", &self.lease.key)
+            .field("recorded", &self.progress.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KeyPolicy;
+
+    #[test]
+    fn downstream_keys_are_stable_uuid_v4_and_separate_their_parts() {
+        let scope = Scope::new("acct_1").unwrap();
+        let key =
+            IdempotencyKey::parse("6f1c1f0e-8d2a-4f55-9a3e-1b2c3d4e5f60", KeyPolicy::default())
+                .unwrap();
+        let a = downstream_key(&scope, &key, "charge");
+        assert_eq!(a, downstream_key(&scope, &key, "charge"));
+        assert_eq!(a.get_version_num(), 4);
+        assert_eq!(a.get_variant(), uuid::Variant::RFC4122);
+        assert!(IdempotencyKey::parse(&a.to_string(), KeyPolicy::default()).is_ok());
+        assert_ne!(a, downstream_key(&scope, &key, "refund"));
+        let other_scope = Scope::new("acct_2").unwrap();
+        assert_ne!(a, downstream_key(&other_scope, &key, "charge"));
+        // Lengths are part of the hash: moving bytes between parts changes the key.
+        let (ab, c) = (
+            Scope::new("ab").unwrap(),
+            IdempotencyKey::parse("c", KeyPolicy::Opaque).unwrap(),
+        );
+        let (a_, bc) = (
+            Scope::new("a").unwrap(),
+            IdempotencyKey::parse("bc", KeyPolicy::Opaque).unwrap(),
+        );
+        assert_ne!(downstream_key(&ab, &c, "s"), downstream_key(&a_, &bc, "s"));
+    }
+}

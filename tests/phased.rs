@@ -1,0 +1,529 @@
+//! Phased requests against a real PostgreSQL: steps, resumption, leases and fencing,
+//! concurrent duplicates, the completer, cancellation, expiry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use pg_idempotency::phased::{
+    Completer, CompleterOptions, Finished, Operation, PhasedBegin, Steps, downstream_key,
+};
+use pg_idempotency::{
+    Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Request, Scope, StoredResponse,
+};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+mod support;
+use support::{assert_no_idle_transactions, cancel_after};
+
+/// A card processor in memory: dedupes by the downstream key, counts every call.
+#[derive(Default)]
+struct Processor {
+    calls: AtomicUsize,
+    charges: Mutex<HashMap<Uuid, String>>,
+    /// Calls that fail before charging, from the first on.
+    failures_left: AtomicUsize,
+}
+
+impl Processor {
+    fn charge(&self, key: Uuid) -> Result<String, Error> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self
+            .failures_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(Error::PhaseMisuse("the processor is down (test)".into()));
+        }
+        let mut charges = self.charges.lock().unwrap();
+        let next = charges.len();
+        Ok(charges
+            .entry(key)
+            .or_insert_with(|| format!("ch_{next}"))
+            .clone())
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn distinct_keys(&self) -> usize {
+        self.charges.lock().unwrap().len()
+    }
+}
+
+/// The charge operation: record the charge, call the processor, record its answer and
+/// answer 201; `final_status` lets a test make the final answer one that is not kept.
+struct Charge {
+    processor: Arc<Processor>,
+    final_status: Mutex<u16>,
+    /// How long the foreign call takes.
+    call_delay: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct ChargeInput {
+    amount: i64,
+}
+
+impl Charge {
+    fn new(processor: Arc<Processor>) -> Self {
+        Self {
+            processor,
+            final_status: Mutex::new(201),
+            call_delay: Duration::ZERO,
+        }
+    }
+}
+
+impl Operation for Charge {
+    const NAME: &'static str = "charge";
+    type Input = ChargeInput;
+    type Error = Error;
+
+    async fn run(&self, input: &ChargeInput, steps: &mut Steps) -> Result<Finished, Error> {
+        let account = steps.scope().to_string();
+        let id: i64 = steps
+            .local("record_charge", async |tx| {
+                Ok::<_, Error>(
+                    sqlx::query_scalar(
+                        "INSERT INTO charges (account, amount) VALUES ($1, $2) RETURNING id",
+                    )
+                    .bind(&account)
+                    .bind(input.amount)
+                    .fetch_one(&mut *tx)
+                    .await?,
+                )
+            })
+            .await?;
+        let processor_id: String = steps
+            .foreign("call_processor", async |key| {
+                tokio::time::sleep(self.call_delay).await;
+                self.processor.charge(key)
+            })
+            .await?;
+        let status = *self.final_status.lock().unwrap();
+        steps
+            .finish(async |tx| {
+                sqlx::query("UPDATE charges SET processor_id = $1 WHERE id = $2")
+                    .bind(&processor_id)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok::<_, Error>(
+                    StoredResponse::new(
+                        status,
+                        format!(r#"{{"id":{id},"processor_id":"{processor_id}"}}"#),
+                    )
+                    .with_header("content-type", "application/json"),
+                )
+            })
+            .await
+    }
+}
+
+async fn setup() -> Result<PgPool> {
+    let pool = pg_idempotency::testing::fresh_pool().await?;
+    sqlx::raw_sql(
+        "CREATE TABLE charges (
+            id bigserial PRIMARY KEY,
+            account text NOT NULL,
+            amount bigint NOT NULL,
+            processor_id text
+        )",
+    )
+    .execute(&pool)
+    .await?;
+    Ok(pool)
+}
+
+fn new_key() -> IdempotencyKey {
+    IdempotencyKey::from_uuid(Uuid::new_v4()).expect("v4")
+}
+
+fn scope() -> Scope {
+    Scope::new("acct_1").expect("valid scope")
+}
+
+fn request(body: &[u8]) -> Request<'_> {
+    Request::new("POST", "/v1/charges", body)
+}
+
+const BODY: &[u8] = br#"{"amount":1000}"#;
+const INPUT: ChargeInput = ChargeInput { amount: 1000 };
+
+async fn charges(pool: &PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM charges")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// The charges' processor ids, all set.
+async fn processor_ids(pool: &PgPool) -> Result<Vec<String>> {
+    let ids: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT processor_id FROM charges ORDER BY id")
+            .fetch_all(pool)
+            .await?;
+    ids.into_iter()
+        .map(|id| id.context("a charge without the processor's answer"))
+        .collect()
+}
+
+async fn requests_in_progress(pool: &PgPool) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT count(*) FROM idempotency_requests")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+#[tokio::test]
+async fn runs_once_replays_and_refuses_another_body() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let processor = Arc::new(Processor::default());
+    let charge = Charge::new(Arc::clone(&processor));
+    let (scope, key) = (scope(), new_key());
+
+    let first = store
+        .run_phased(&scope, &key, &request(BODY), &charge, INPUT)
+        .await?;
+    let Outcome::Executed {
+        response,
+        stored: true,
+    } = &first
+    else {
+        bail!("not executed and stored: {first:?}")
+    };
+    ensure!(response.status == 201);
+    ensure!(
+        requests_in_progress(&pool).await? == 0,
+        "the request row stays"
+    );
+
+    let again = store
+        .run_phased(&scope, &key, &request(BODY), &charge, INPUT)
+        .await?;
+    ensure!(again.is_replay() && again.response() == response);
+    ensure!(processor.calls() == 1 && charges(&pool).await? == 1);
+    ensure!(
+        processor
+            .charges
+            .lock()
+            .unwrap()
+            .contains_key(&downstream_key(&scope, &key, "call_processor"))
+    );
+
+    let other = store
+        .run_phased(&scope, &key, &request(br#"{"amount":2}"#), &charge, INPUT)
+        .await;
+    ensure!(matches!(other, Err(Error::Conflict { .. })), "{other:?}");
+    // A transactional request with the same key sees the phased response too.
+    let transactional = store.begin(&scope, &key, &request(BODY)).await?;
+    ensure!(matches!(transactional, pg_idempotency::Begin::Replay(_)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retry_resumes_after_the_last_recorded_step() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let processor = Arc::new(Processor::default());
+    processor.failures_left.store(1, Ordering::SeqCst);
+    let charge = Charge::new(Arc::clone(&processor));
+    let (scope, key) = (scope(), new_key());
+
+    // The processor fails: the charge stays recorded, the request is released.
+    let failed = store
+        .run_phased(&scope, &key, &request(BODY), &charge, INPUT)
+        .await;
+    ensure!(failed.is_err(), "{failed:?}");
+    ensure!(charges(&pool).await? == 1 && requests_in_progress(&pool).await? == 1);
+
+    // The retry resumes at the foreign step: no second charge row.
+    let PhasedBegin::Held(claim) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
+        bail!("the released request was not taken at once")
+    };
+    ensure!(claim.attempt() == 2 && claim.recovery_point() == Some("record_charge"));
+    let outcome = claim.run(&charge, INPUT).await?;
+    ensure!(matches!(outcome, Outcome::Executed { stored: true, .. }));
+    ensure!(charges(&pool).await? == 1, "the local step ran twice");
+    ensure!(processor.calls() == 2 && processor.distinct_keys() == 1);
+    ensure!(processor_ids(&pool).await? == ["ch_0"]);
+    assert_no_idle_transactions(&pool).await
+}
+
+#[tokio::test]
+async fn a_holder_whose_lease_was_taken_over_records_nothing() -> Result<()> {
+    let pool = setup().await?;
+    let config = Config::default()
+        .with_lease(Duration::from_millis(200))
+        .with_in_flight_wait(Duration::ZERO);
+    let store = IdempotencyStore::with_config(pool.clone(), config);
+    let processor = Arc::new(Processor::default());
+    let mut slow = Charge::new(Arc::clone(&processor));
+    // The old holder's external call outlives its lease.
+    slow.call_delay = Duration::from_millis(600);
+    let fast = Charge::new(Arc::clone(&processor));
+    let (scope, key) = (scope(), new_key());
+
+    let PhasedBegin::Held(old) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
+        bail!("fresh key")
+    };
+    let old = tokio::spawn(async move { old.run(&slow, INPUT).await });
+    // While the lease runs, a duplicate is in flight.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let early = store.begin_phased(&scope, &key, &request(BODY)).await;
+    ensure!(matches!(early, Err(Error::InFlight { .. })), "{early:?}");
+
+    // After it, a retry takes over and finishes; the old holder then cannot record.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let PhasedBegin::Held(new) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
+        bail!("the lease did not run out")
+    };
+    ensure!(new.attempt() == 2);
+    let finished = new.run(&fast, INPUT).await?;
+    ensure!(matches!(finished, Outcome::Executed { stored: true, .. }));
+    let old = old.await?;
+    ensure!(matches!(old, Err(Error::LeaseLost { .. })), "{old:?}");
+
+    ensure!(charges(&pool).await? == 1);
+    ensure!(
+        processor.distinct_keys() == 1,
+        "one downstream key per charge"
+    );
+    let replay = store
+        .run_phased(&scope, &key, &request(BODY), &fast, INPUT)
+        .await?;
+    ensure!(replay.is_replay() && replay.response() == finished.response());
+    assert_no_idle_transactions(&pool).await
+}
+
+#[tokio::test]
+async fn sixty_four_concurrent_duplicates_run_once() -> Result<()> {
+    let pool = setup().await?;
+    let config = Config::default().with_in_flight_wait(Duration::from_secs(5));
+    let store = IdempotencyStore::with_config(pool.clone(), config);
+    let processor = Arc::new(Processor::default());
+    let mut charge = Charge::new(Arc::clone(&processor));
+    charge.call_delay = Duration::from_millis(300);
+    let charge = Arc::new(charge);
+    let (scope, key) = (scope(), new_key());
+
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (store, charge, scope, key) = (
+                store.clone(),
+                Arc::clone(&charge),
+                scope.clone(),
+                key.clone(),
+            );
+            tokio::spawn(async move {
+                store
+                    .run_phased(&scope, &key, &request(BODY), &*charge, INPUT)
+                    .await
+            })
+        })
+        .collect();
+    let (mut executed, mut replayed, mut in_flight) = (0, 0, 0);
+    let mut responses = Vec::new();
+    for task in tasks {
+        match task.await? {
+            Ok(Outcome::Replayed(replay)) => {
+                replayed += 1;
+                responses.push(replay.response);
+            }
+            Ok(outcome) => {
+                executed += 1;
+                responses.push(outcome.into_response());
+            }
+            Err(Error::InFlight { .. }) => in_flight += 1,
+            Err(error) => bail!("{error}"),
+        }
+    }
+    ensure!(
+        executed == 1,
+        "{executed} executed, {replayed} replayed, {in_flight} in flight"
+    );
+    ensure!(responses.windows(2).all(|pair| pair[0] == pair[1]));
+    ensure!(charges(&pool).await? == 1 && processor.calls() == 1);
+    assert_no_idle_transactions(&pool).await
+}
+
+#[tokio::test]
+async fn the_completer_finishes_abandoned_requests_and_frees_unstarted_ones() -> Result<()> {
+    let pool = setup().await?;
+    let config = Config::default().with_lease(Duration::from_millis(100));
+    let store = IdempotencyStore::with_config(pool.clone(), config);
+    let processor = Arc::new(Processor::default());
+    let charge = Arc::new(Charge::new(Arc::clone(&processor)));
+    let scope = scope();
+
+    // Abandoned after its first step: the holder vanished (its future dropped) during the
+    // external call.
+    let abandoned = new_key();
+    let PhasedBegin::Held(claim) = store
+        .begin_phased(&scope, &abandoned, &request(BODY))
+        .await?
+    else {
+        bail!("fresh key")
+    };
+    let mut slow = Charge::new(Arc::clone(&processor));
+    slow.call_delay = Duration::from_secs(60);
+    let vanished = tokio::time::timeout(Duration::from_millis(300), claim.run(&slow, INPUT)).await;
+    ensure!(vanished.is_err(), "the holder should have been cut off");
+    ensure!(processor.calls() == 0 && charges(&pool).await? == 1);
+
+    // Taken, never started: nothing was done, so the completer frees the key.
+    let unstarted = new_key();
+    let PhasedBegin::Held(idle) = store
+        .begin_phased(&scope, &unstarted, &request(BODY))
+        .await?
+    else {
+        bail!("fresh key")
+    };
+    drop(idle);
+
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let completer = Completer::new(store.clone()).register(Arc::clone(&charge));
+    let pass = completer.complete_abandoned().await?;
+    ensure!(
+        pass.completed == 1 && pass.forgotten == 1 && pass.failed == 0,
+        "{pass:?}"
+    );
+    ensure!(requests_in_progress(&pool).await? == 0);
+    ensure!(charges(&pool).await? == 1 && processor_ids(&pool).await? == ["ch_0"]);
+
+    // The client's retry replays the completer's response; the freed key runs fresh.
+    let replay = store
+        .run_phased(&scope, &abandoned, &request(BODY), &*charge, INPUT)
+        .await?;
+    ensure!(replay.is_replay() && replay.response().status == 201);
+    let fresh = store
+        .run_phased(&scope, &unstarted, &request(BODY), &*charge, INPUT)
+        .await?;
+    ensure!(!fresh.is_replay());
+
+    // The background completer stops cleanly.
+    let task = Completer::new(store.clone())
+        .register(charge)
+        .with_options(CompleterOptions::default().with_interval(Duration::from_millis(10)))
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let total = tokio::time::timeout(Duration::from_secs(5), task.stop()).await?;
+    ensure!(total.completed == 0, "{total:?}");
+    assert_no_idle_transactions(&pool).await
+}
+
+#[tokio::test]
+async fn a_final_status_that_is_not_kept_leaves_the_request_to_resume() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let processor = Arc::new(Processor::default());
+    let charge = Charge::new(Arc::clone(&processor));
+    *charge.final_status.lock().unwrap() = 503;
+    let (scope, key) = (scope(), new_key());
+
+    let first = store
+        .run_phased(&scope, &key, &request(BODY), &charge, INPUT)
+        .await?;
+    ensure!(
+        matches!(first, Outcome::Executed { stored: false, .. }),
+        "{first:?}"
+    );
+    ensure!(requests_in_progress(&pool).await? == 1);
+    ensure!(
+        processor_ids(&pool).await.is_err(),
+        "the final step's write rolled back"
+    );
+
+    *charge.final_status.lock().unwrap() = 201;
+    let second = store
+        .run_phased(&scope, &key, &request(BODY), &charge, INPUT)
+        .await?;
+    ensure!(matches!(second, Outcome::Executed { stored: true, .. }));
+    ensure!(charges(&pool).await? == 1 && processor.calls() == 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn cancelled_at_every_await_point_nothing_is_duplicated_or_stuck() -> Result<()> {
+    let pool = setup().await?;
+    let config = Config::default().with_lease(Duration::from_millis(50));
+    let store = IdempotencyStore::with_config(pool.clone(), config);
+    let processor = Arc::new(Processor::default());
+    let charge = Charge::new(Arc::clone(&processor));
+    let scope = scope();
+    let mut cancelled = 0;
+    for polls in 1.. {
+        let key = new_key();
+        let body = request(BODY);
+        let run = store.run_phased(&scope, &key, &body, &charge, INPUT);
+        let finished = cancel_after(run, polls).await;
+        assert_no_idle_transactions(&pool).await?;
+        if finished.is_some() {
+            break;
+        }
+        cancelled += 1;
+        // The retry (after the lease) finishes the request exactly once.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let outcome = store
+            .run_phased(&scope, &key, &request(BODY), &charge, INPUT)
+            .await?;
+        ensure!(outcome.response().status == 201, "{outcome:?}");
+    }
+    ensure!(cancelled > 5, "only {cancelled} await points");
+    let total = i64::try_from(cancelled + 1)?;
+    ensure!(charges(&pool).await? == total, "charges: one per key");
+    ensure!(processor.distinct_keys() == cancelled + 1);
+    ensure!(processor_ids(&pool).await?.len() == cancelled + 1);
+    ensure!(requests_in_progress(&pool).await? == 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn abandoned_requests_expire_and_are_swept() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let charge = Charge::new(Arc::new(Processor::default()));
+    let (scope, key) = (scope(), new_key());
+    let PhasedBegin::Held(claim) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
+        bail!("fresh key")
+    };
+    drop(claim);
+    sqlx::query(
+        "UPDATE idempotency_requests SET leased_until = now() - interval '1 day',
+         created_at = now() - interval '2 days', expires_at = now() - interval '1 day'",
+    )
+    .execute(&pool)
+    .await?;
+    // Past its replay window the key counts as unused, even with another body.
+    let other = store
+        .run_phased(
+            &scope,
+            &key,
+            &request(br#"{"amount":7}"#),
+            &charge,
+            ChargeInput { amount: 7 },
+        )
+        .await?;
+    ensure!(!other.is_replay());
+
+    let stale = new_key();
+    let PhasedBegin::Held(claim) = store.begin_phased(&scope, &stale, &request(BODY)).await? else {
+        bail!("fresh key")
+    };
+    drop(claim);
+    sqlx::query("UPDATE idempotency_requests SET expires_at = now() - interval '1 s'")
+        .execute(&pool)
+        .await?;
+    let swept = pg_idempotency::delete_expired(&pool, 1000).await?;
+    ensure!(swept == 1, "{swept}");
+    ensure!(requests_in_progress(&pool).await? == 0);
+    Ok(())
+}
