@@ -7,12 +7,12 @@
 #[allow(dead_code)]
 #[path = "../examples/payments/app.rs"]
 mod app;
+#[path = "../examples/processor/fake.rs"]
+mod fake_processor;
 mod support;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::OnceLock;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -20,16 +20,25 @@ use pg_idempotency::testing::TestDatabase;
 use pg_idempotency::{Config, IdempotencyStore};
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use support::{Answer, Server, client, is_generated_request_id, new_key, parse_raw, raw, raw_post};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use support::{
+    Answer, Server, client, example_binary, is_generated_request_id, new_key, parse_raw, raw,
+    raw_post, spawn_example, stop_with,
+};
 
 const PAY: &str = "/v1/payments";
 
-/// A fresh database with the demo's schema, and the demo served on it.
+/// A fresh database with the demo's schema, and the demo served on it (with the fake
+/// card processor, in-process).
 struct Demo {
     db: TestDatabase,
     pool: PgPool,
     server: Server,
+    processor: Server,
+}
+
+/// The demo's router on `store`, charging through `processor`.
+fn demo_router(store: IdempotencyStore, processor: &Server) -> axum::Router {
+    app::router(store, Arc::new(app::Charges::new(&processor.url(""))))
 }
 
 impl Demo {
@@ -41,12 +50,15 @@ impl Demo {
         let db = TestDatabase::create().await?;
         let pool = app::connect(db.url()).await?;
         app::prepare(&pool).await?;
-        let server = Server::start(app::router(IdempotencyStore::with_config(
-            pool.clone(),
-            config,
-        )))
-        .await?;
-        Ok(Self { db, pool, server })
+        let processor = Server::start(fake_processor::router(Duration::ZERO)).await?;
+        let store = IdempotencyStore::with_config(pool.clone(), config);
+        let server = Server::start(demo_router(store, &processor)).await?;
+        Ok(Self {
+            db,
+            pool,
+            server,
+            processor,
+        })
     }
 
     async fn post(&self, key: Option<&str>, account: Option<&str>, body: &str) -> Result<Answer> {
@@ -94,6 +106,7 @@ impl Demo {
 
     async fn stop(self) -> Result<()> {
         self.server.stop().await?;
+        self.processor.stop().await?;
         self.pool.close().await;
         self.db.close().await?;
         Ok(())
@@ -618,7 +631,12 @@ async fn a_replay_survives_a_restart() -> Result<()> {
     let key = new_key();
     let first = demo.post(Some(&key), Some("acct_r"), EUR_1000).await?;
     check_created(&first, "acct_r", 1000, "EUR")?;
-    let Demo { db, pool, server } = demo;
+    let Demo {
+        db,
+        pool,
+        server,
+        processor,
+    } = demo;
     let old = server.addr;
     server.stop().await?;
     pool.close().await;
@@ -630,8 +648,14 @@ async fn a_replay_survives_a_restart() -> Result<()> {
     // A new process: a new pool, store and router on the same database.
     let pool = app::connect(db.url()).await?;
     app::prepare(&pool).await?;
-    let server = Server::start(app::router(IdempotencyStore::new(pool.clone()))).await?;
-    let demo = Demo { db, pool, server };
+    let server =
+        Server::start(demo_router(IdempotencyStore::new(pool.clone()), &processor)).await?;
+    let demo = Demo {
+        db,
+        pool,
+        server,
+        processor,
+    };
     let replay = demo.post(Some(&key), Some("acct_r"), EUR_1000).await?;
     ensure!(
         replay.status == 201 && replay.body == first.body,
@@ -737,117 +761,15 @@ async fn hostile_requests_never_break_the_server() -> Result<()> {
 
 // ---- the compiled example -------------------------------------------------------------
 
-/// The example binary. `cargo test` has built it already (it builds examples); running
-/// `cargo build --example payments` once more is then a quick no-op, and makes sure that
-/// a `cargo test --test http_demo` never runs a stale binary.
-fn payments_binary() -> Result<PathBuf> {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| build_payments().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-fn build_payments() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    // target/<profile>/deps/http_demo-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("no target directory")?;
-    let mut build = std::process::Command::new(env!("CARGO"));
-    build
-        .args([
-            "build",
-            "--quiet",
-            "--example",
-            "payments",
-            "--manifest-path",
-        ])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"));
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    // The variables cargo sets for this test crate: build scripts that track them (ring's
-    // tracks CARGO_MANIFEST_DIR) would otherwise see a change and rebuild.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if name.starts_with("CARGO_PKG_")
-            || name.starts_with("CARGO_BIN_EXE_")
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_MANIFEST_LINKS",
-                "CARGO_CRATE_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "CARGO_RUSTC_CURRENT_DIR",
-                "OUT_DIR",
-            ]
-            .contains(&name.as_ref())
-        {
-            build.env_remove(name.as_ref());
-        }
-    }
-    let status = build.status()?;
-    ensure!(status.success(), "building the payments example failed");
-    let binary = profile_dir
-        .join("examples")
-        .join(format!("payments{}", std::env::consts::EXE_SUFFIX));
-    ensure!(binary.exists(), "no {}", binary.display());
-    Ok(binary)
-}
-
-/// The example, started with `args`; returns the child and the port it printed.
-async fn spawn_payments(
-    args: &[&str],
-) -> Result<(
-    tokio::process::Child,
-    u16,
-    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-)> {
-    let mut child = tokio::process::Command::new(payments_binary()?)
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .context("no line on stdout in 60 s")??
-        .context("stdout closed")?;
-    let port = line
-        .strip_prefix("listening on http://127.0.0.1:")
-        .with_context(|| format!("unexpected line {line:?}"))?
-        .parse()?;
-    Ok((child, port, lines))
-}
-
-async fn stop_with(
-    child: &mut tokio::process::Child,
-    signal: &str,
-) -> Result<std::process::ExitStatus> {
-    let pid = child.id().context("no pid")?;
-    let killed = tokio::process::Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .await?;
-    ensure!(killed.success());
-    tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .context("did not stop within 30 s")?
-        .map_err(Into::into)
-}
-
 #[tokio::test]
 async fn binary_serves_prints_its_port_and_stops_on_sigterm() -> Result<()> {
     let db = TestDatabase::create().await?;
-    let (mut child, port, mut stdout) =
-        spawn_payments(&["--port", "0", "--database-url", db.url(), "--ttl-secs", "1"]).await?;
+    let (mut child, port, mut stdout) = spawn_example(
+        "payments",
+        &[],
+        &["--port", "0", "--database-url", db.url(), "--ttl-secs", "1"],
+    )
+    .await?;
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
 
     let health = Answer::of(client().get(url("/healthz")).send().await?).await?;
@@ -897,7 +819,12 @@ async fn binary_serves_prints_its_port_and_stops_on_sigterm() -> Result<()> {
 #[tokio::test]
 async fn binary_stops_on_sigint_and_restarts_on_the_same_database() -> Result<()> {
     let db = TestDatabase::create().await?;
-    let (mut child, port, _) = spawn_payments(&["--port", "0", "--database-url", db.url()]).await?;
+    let (mut child, port, _) = spawn_example(
+        "payments",
+        &[],
+        &["--port", "0", "--database-url", db.url()],
+    )
+    .await?;
     let key = new_key();
     let post = |port: u16| {
         client()
@@ -911,7 +838,12 @@ async fn binary_stops_on_sigint_and_restarts_on_the_same_database() -> Result<()
     check_created(&created, "acct_restart", 1000, "EUR")?;
     ensure!(stop_with(&mut child, "-INT").await?.success());
 
-    let (mut child, port, _) = spawn_payments(&["--port", "0", "--database-url", db.url()]).await?;
+    let (mut child, port, _) = spawn_example(
+        "payments",
+        &[],
+        &["--port", "0", "--database-url", db.url()],
+    )
+    .await?;
     let replay = Answer::of(post(port).await?).await?;
     ensure!(replay.body == created.body && replay.header("idempotent-replayed") == Some("true"));
     ensure!(stop_with(&mut child, "-TERM").await?.success());
@@ -922,7 +854,7 @@ async fn binary_stops_on_sigint_and_restarts_on_the_same_database() -> Result<()
 #[tokio::test]
 async fn binary_refuses_bad_flags() -> Result<()> {
     for args in [&["--ttl-secs", "0"][..], &["--port", "70000"], &["--nope"]] {
-        let output = tokio::process::Command::new(payments_binary()?)
+        let output = tokio::process::Command::new(example_binary("payments")?)
             .args(args)
             .env_remove("DATABASE_URL")
             .output()
@@ -1157,8 +1089,12 @@ async fn hostile_inputs_get_their_status_and_change_nothing() -> Result<()> {
 #[tokio::test]
 async fn binary_killed_mid_request_then_restarted_makes_one_payment() -> Result<()> {
     let db = TestDatabase::create().await?;
-    let (mut child, port, _stdout) =
-        spawn_payments(&["--port", "0", "--database-url", db.url()]).await?;
+    let (mut child, port, _stdout) = spawn_example(
+        "payments",
+        &[],
+        &["--port", "0", "--database-url", db.url()],
+    )
+    .await?;
     let key = new_key();
     let slow = r#"{"amount":1000,"currency":"EUR","delay_ms":3000}"#;
     let url = format!("http://127.0.0.1:{port}{PAY}");
@@ -1199,8 +1135,12 @@ async fn binary_killed_mid_request_then_restarted_makes_one_payment() -> Result<
 
     // Started again on the same database, the retry runs fresh (the killed transaction
     // rolled back with its connection) and pays exactly once; the next retry replays.
-    let (mut child, port, _stdout) =
-        spawn_payments(&["--port", "0", "--database-url", db.url()]).await?;
+    let (mut child, port, _stdout) = spawn_example(
+        "payments",
+        &[],
+        &["--port", "0", "--database-url", db.url()],
+    )
+    .await?;
     let url = format!("http://127.0.0.1:{port}{PAY}");
     let mut first = None;
     for _ in 0..100 {

@@ -622,6 +622,7 @@ async fn our_migrations_and_the_applications_coexist_in_either_order() -> Result
             "_pg_idempotency_migrations",
             "_sqlx_migrations",
             "idempotency_keys",
+            "idempotency_requests",
             "orders"
         ]
     );

@@ -1,6 +1,12 @@
 //! The payments service: schema, router and handlers. `main.rs` runs it; the HTTP tests
-//! (`tests/http_demo.rs`) include this file to run the same router in-process.
+//! (`tests/http_demo.rs`, `tests/phased_demo.rs`) include this file to run the same router
+//! in-process.
+//!
+//! Payments are transactional (one transaction per request); charges are phased requests
+//! (`pg_idempotency::phased`): the charge is recorded, the card processor is called with a
+//! downstream key outside any transaction, and its answer is recorded with the response.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -12,9 +18,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, SecondsFormat, Utc};
 use pg_idempotency::axum::{
-    IdempotencyLayer, IdempotentTx, RequestId, RequestIdLayer, Rollback, scope_from_header,
+    IdempotencyLayer, IdempotentTx, PhasedRequest, RequestId, RequestIdLayer, Rollback,
+    scope_from_header,
 };
-use pg_idempotency::{IdempotencyStore, Problem, Problems, Scope};
+use pg_idempotency::phased::{Finished, Operation, Steps};
+use pg_idempotency::{IdempotencyStore, Problem, Problems, Scope, StoredResponse};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -44,7 +52,7 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
     anyhow::Context::context(pool, "connecting to PostgreSQL")
 }
 
-/// Applies the idempotency migrations and creates the `payments` table.
+/// Applies the idempotency migrations and creates the `payments` and `charges` tables.
 pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
     pg_idempotency::migrate(pool).await?;
     sqlx::raw_sql(
@@ -55,16 +63,146 @@ pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
             currency   text NOT NULL,
             created_at timestamptz NOT NULL DEFAULT now()
         );
-        CREATE INDEX IF NOT EXISTS payments_account_idx ON payments (account);",
+        CREATE INDEX IF NOT EXISTS payments_account_idx ON payments (account);
+        CREATE TABLE IF NOT EXISTS charges (
+            id                  uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            account             text NOT NULL,
+            amount              bigint NOT NULL CHECK (amount > 0),
+            currency            text NOT NULL,
+            status              text NOT NULL DEFAULT 'pending',
+            processor_charge_id text,
+            created_at          timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX IF NOT EXISTS charges_account_idx ON charges (account);",
     )
     .execute(pool)
     .await?;
     Ok(())
 }
 
+/// The card processor the charges call: `POST {url}/charge` with the downstream key as
+/// its `Idempotency-Key` (the fake one: `cargo run --example processor`).
+#[derive(Clone)]
+pub struct Charges {
+    processor_url: String,
+    http: reqwest::Client,
+}
+
+impl Charges {
+    /// Charges through the processor at `processor_url` (`http://127.0.0.1:3001`).
+    pub fn new(processor_url: &str) -> Self {
+        Self {
+            processor_url: processor_url.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("an HTTP client"),
+        }
+    }
+
+    /// Asks the processor for a charge; the same `downstream_key` always gets the same
+    /// charge id.
+    async fn call_processor(
+        &self,
+        downstream_key: uuid::Uuid,
+        charge: &ChargeInput,
+    ) -> anyhow::Result<String> {
+        let body = serde_json::json!({ "amount": charge.amount, "currency": charge.currency });
+        let response = self
+            .http
+            .post(format!("{}/charge", self.processor_url))
+            .header("idempotency-key", downstream_key.to_string())
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "the processor answered {}",
+            response.status()
+        );
+        let answer: Value = serde_json::from_slice(&response.bytes().await?)?;
+        answer["charge_id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("the processor's answer has no charge_id"))
+    }
+}
+
+/// What a charge records before its first step: everything its steps need, so that the
+/// completer can finish it without the client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChargeInput {
+    account: String,
+    amount: i64,
+    currency: String,
+}
+
+/// The charge row as the first step recorded it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Recorded {
+    id: String,
+    created_at: String,
+}
+
+impl Operation for Charges {
+    const NAME: &'static str = "demo.charge";
+    type Input = ChargeInput;
+    type Error = anyhow::Error;
+
+    async fn run(&self, input: &ChargeInput, steps: &mut Steps) -> anyhow::Result<Finished> {
+        let charge: Recorded = steps
+            .local("record_charge", async |tx| {
+                let (id, created_at): (String, DateTime<Utc>) = sqlx::query_as(
+                    "INSERT INTO charges (account, amount, currency) VALUES ($1, $2, $3)
+                     RETURNING id::text, created_at",
+                )
+                .bind(&input.account)
+                .bind(input.amount)
+                .bind(&input.currency)
+                .fetch_one(&mut *tx)
+                .await?;
+                let created_at = created_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+                Ok::<_, anyhow::Error>(Recorded { id, created_at })
+            })
+            .await?;
+        let processor_charge_id: String = steps
+            .foreign("call_processor", async |downstream_key| {
+                self.call_processor(downstream_key, input).await
+            })
+            .await?;
+        steps
+            .finish(async |tx| {
+                sqlx::query(
+                    "UPDATE charges SET status = 'succeeded', processor_charge_id = $1
+                     WHERE id = $2::uuid",
+                )
+                .bind(&processor_charge_id)
+                .bind(&charge.id)
+                .execute(&mut *tx)
+                .await?;
+                let body = serde_json::json!({
+                    "id": charge.id,
+                    "account": input.account,
+                    "amount": input.amount,
+                    "currency": input.currency,
+                    "status": "succeeded",
+                    "processor_charge_id": processor_charge_id,
+                    "created_at": charge.created_at,
+                });
+                Ok::<_, anyhow::Error>(
+                    StoredResponse::new(201, body.to_string())
+                        .with_header("content-type", "application/json"),
+                )
+            })
+            .await
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     store: IdempotencyStore,
+    charges: Arc<Charges>,
     /// Spelled like the idempotency layer's problems.
     problems: Problems,
 }
@@ -75,9 +213,10 @@ impl AppState {
     }
 }
 
-/// The service: `POST /v1/payments` (idempotent), `GET /v1/payments/count`,
-/// `GET /healthz`; every response has an `X-Request-Id`, every error is a problem.
-pub fn router(store: IdempotencyStore) -> Router {
+/// The service: `POST /v1/payments` (idempotent), `POST /v1/charges` (idempotent,
+/// phased), `GET /v1/payments/count`, `GET /v1/charges/count`, `GET /healthz`; every
+/// response has an `X-Request-Id`, every error is a problem.
+pub fn router(store: IdempotencyStore, charges: Arc<Charges>) -> Router {
     let default_account = Scope::new(DEFAULT_ACCOUNT).expect("a valid scope");
     let idempotency = IdempotencyLayer::new(
         store.clone(),
@@ -91,13 +230,22 @@ pub fn router(store: IdempotencyStore) -> Router {
     Router::new()
         .route(
             "/v1/payments",
-            post(create_payment).route_layer(idempotency),
+            post(create_payment).route_layer(idempotency.clone()),
+        )
+        .route(
+            "/v1/charges",
+            post(create_charge).route_layer(idempotency.phased()),
         )
         .route("/v1/payments/count", get(count_payments))
+        .route("/v1/charges/count", get(count_charges))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(AppState { store, problems })
+        .with_state(AppState {
+            store,
+            charges,
+            problems,
+        })
         .layer(RequestIdLayer::new())
 }
 
@@ -112,9 +260,15 @@ struct NewPayment {
 /// What is wrong with a body: the field at fault (if any) and a message.
 type Invalid = (Option<String>, String);
 
-/// Validates the body. Unknown fields are refused (a typo such as `"ammount"` must not
-/// pass unnoticed in a payments API); `delay_ms: null` counts as absent.
-fn parse_payment(body: &[u8]) -> Result<NewPayment, Invalid> {
+/// The fields of a payment body.
+const PAYMENT_FIELDS: &[&str] = &["amount", "currency", "delay_ms"];
+/// The fields of a charge body.
+const CHARGE_FIELDS: &[&str] = &["amount", "currency"];
+
+/// Validates the body, whose fields may be those in `accepted`. Unknown fields are
+/// refused (a typo such as `"ammount"` must not pass unnoticed in a payments API);
+/// `delay_ms: null` counts as absent.
+fn parse_payment(body: &[u8], accepted: &[&str]) -> Result<NewPayment, Invalid> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| (None, format!("The body is not valid JSON: {e}.")))?;
     let Value::Object(fields) = value else {
@@ -164,10 +318,10 @@ fn parse_payment(body: &[u8]) -> Result<NewPayment, Invalid> {
             )
         })?,
     };
-    if let Some(unknown) = unknown_field(&fields) {
+    if let Some(unknown) = unknown_field(&fields, accepted) {
         return Err((
             Some(unknown),
-            "Unknown field: only amount, currency and delay_ms are accepted.".to_owned(),
+            format!("Unknown field: only {} are accepted.", accepted.join(", ")),
         ));
     }
     Ok(NewPayment {
@@ -209,11 +363,11 @@ fn duplicate_field(body: &[u8]) -> Option<String> {
         .map(|name| name.chars().take(64).collect())
 }
 
-/// The first field that is not one of ours (its name cut to 64 characters).
-fn unknown_field(fields: &Map<String, Value>) -> Option<String> {
+/// The first field that is not in `accepted` (its name cut to 64 characters).
+fn unknown_field(fields: &Map<String, Value>, accepted: &[&str]) -> Option<String> {
     fields
         .keys()
-        .find(|k| !matches!(k.as_str(), "amount" | "currency" | "delay_ms"))
+        .find(|k| !accepted.contains(&k.as_str()))
         .map(|k| k.chars().take(64).collect())
 }
 
@@ -233,7 +387,7 @@ async fn create_payment(
     mut tx: IdempotentTx,
     body: Bytes,
 ) -> Response {
-    let payment = match parse_payment(&body) {
+    let payment = match parse_payment(&body, PAYMENT_FIELDS) {
         Ok(payment) => payment,
         // Nothing written: roll back, keep the key free for a corrected retry.
         Err((param, detail)) => {
@@ -278,15 +432,85 @@ async fn create_payment(
     (StatusCode::CREATED, axum::Json(body)).into_response()
 }
 
+/// `POST /v1/charges`: a phased request. Nothing is written for an invalid body (the key
+/// stays free); a failed step answers 503 and the charge resumes on a retry (or in the
+/// completer) after its last recorded step.
+async fn create_charge(
+    State(state): State<AppState>,
+    request_id: RequestId,
+    phased: PhasedRequest,
+    body: Bytes,
+) -> Response {
+    let charge = match parse_payment(&body, CHARGE_FIELDS) {
+        Ok(charge) => charge,
+        Err((param, detail)) => {
+            let problem = state.problem(&request_id, |problems| {
+                problems.invalid_request(param.as_deref(), detail)
+            });
+            return (Rollback, problem).into_response();
+        }
+    };
+    let input = ChargeInput {
+        account: phased.scope().to_string(),
+        amount: charge.amount,
+        currency: charge.currency,
+    };
+    match phased.run(&*state.charges, input).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::warn!(error = %format!("{error:#}"), "a charge stopped; a retry resumes it");
+            let retry = state.store.config().retry_after();
+            state
+                .problem(&request_id, |problems| problems.service_unavailable(retry))
+                .into_response()
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct CountQuery {
     account: Option<String>,
 }
 
+/// A table `GET /v1/{table}/count` counts rows of.
+#[derive(Clone, Copy)]
+enum Counted {
+    Payments,
+    Charges,
+}
+
+impl Counted {
+    fn sql(self, by_account: bool) -> &'static str {
+        match (self, by_account) {
+            (Self::Payments, false) => "SELECT count(*) FROM payments",
+            (Self::Payments, true) => "SELECT count(*) FROM payments WHERE account = $1",
+            (Self::Charges, false) => "SELECT count(*) FROM charges",
+            (Self::Charges, true) => "SELECT count(*) FROM charges WHERE account = $1",
+        }
+    }
+}
+
 async fn count_payments(
+    state: State<AppState>,
+    request_id: RequestId,
+    query: Result<Query<CountQuery>, QueryRejection>,
+) -> Response {
+    count(state, request_id, query, Counted::Payments).await
+}
+
+async fn count_charges(
+    state: State<AppState>,
+    request_id: RequestId,
+    query: Result<Query<CountQuery>, QueryRejection>,
+) -> Response {
+    count(state, request_id, query, Counted::Charges).await
+}
+
+async fn count(
     State(state): State<AppState>,
     request_id: RequestId,
     query: Result<Query<CountQuery>, QueryRejection>,
+    table: Counted,
 ) -> Response {
     let invalid = |detail: String| {
         state
@@ -307,13 +531,9 @@ async fn count_payments(
     };
     let pool = state.store.pool();
     let count: Result<i64, sqlx::Error> = match &account {
-        None => {
-            sqlx::query_scalar("SELECT count(*) FROM payments")
-                .fetch_one(pool)
-                .await
-        }
+        None => sqlx::query_scalar(table.sql(false)).fetch_one(pool).await,
         Some(account) => {
-            sqlx::query_scalar("SELECT count(*) FROM payments WHERE account = $1")
+            sqlx::query_scalar(table.sql(true))
                 .bind(account.as_str())
                 .fetch_one(pool)
                 .await
@@ -322,7 +542,7 @@ async fn count_payments(
     match count {
         Ok(count) => axum::Json(serde_json::json!({ "count": count })).into_response(),
         Err(error) => {
-            tracing::error!(%error, "counting payments failed");
+            tracing::error!(%error, "counting rows failed");
             let retry = state.store.config().retry_after();
             state
                 .problem(&request_id, |problems| problems.service_unavailable(retry))

@@ -1,7 +1,9 @@
-//! The payments demo: an HTTP service whose `POST /v1/payments` is exactly-once.
+//! The payments demo: an HTTP service whose `POST /v1/payments` and `POST /v1/charges`
+//! are exactly-once.
 //!
 //! ```text
-//! cargo run --example payments [-- --port 3000 --database-url URL --ttl-secs 86400]
+//! cargo run --example payments [-- --port 3000 --database-url URL --ttl-secs 86400
+//!                                  --processor-url URL --lease-secs 30]
 //! ```
 //!
 //! Uses `--database-url`, else `DATABASE_URL`, else a throwaway PostgreSQL (testcontainers
@@ -15,10 +17,25 @@
 //!   (optional, default `default`) and `{"amount": 1000, "currency": "EUR",
 //!   "delay_ms": 0}` → `201 {"id","account","amount","currency","created_at"}`;
 //!   a retry replays it with `Idempotent-Replayed: true`.
-//! - `GET /v1/payments/count[?account=X]` → `{"count": N}`.
+//! - `POST /v1/charges`, same headers, `{"amount": 1000, "currency": "EUR"}` → `201
+//!   {"id","account","amount","currency","status","processor_charge_id","created_at"}`:
+//!   a phased request that records the charge, calls the card processor with a
+//!   downstream key, and records its answer. The processor is `--processor-url` (the fake
+//!   one: `cargo run --example processor`); without the flag the demo starts the fake one
+//!   itself, in-process. A background completer finishes charges whose client went away.
+//! - `GET /v1/payments/count[?account=X]`, `GET /v1/charges/count[?account=X]` →
+//!   `{"count": N}`.
 //! - `GET /healthz` → 200 once the database answers.
+//!
+//! Fault injection, for the tests: with `PAYMENTS_PAUSE_AT=<step>:<boundary>` (e.g.
+//! `call_processor:after_call`) the service prints `paused at <step>:<boundary>` on stdout
+//! when a charge reaches that boundary and stops there, for `PAYMENTS_PAUSE_SECS` seconds
+//! (default: until it is killed).
 
 mod app;
+#[path = "../processor/fake.rs"]
+mod fake_processor;
+mod pause;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -26,9 +43,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use pg_idempotency::phased::{Completer, CompleterOptions};
 use pg_idempotency::testing::TestDatabase;
 use pg_idempotency::{Config, IdempotencyStore, SweepOptions, Sweeper};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// An exactly-once payments API over PostgreSQL (pg-idempotency + axum).
 #[derive(Debug, Parser)]
@@ -43,15 +63,26 @@ struct Args {
     /// How long a stored response is replayed, in seconds.
     #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     ttl_secs: u64,
+    /// The card processor's base URL; without it a fake processor is started in-process.
+    #[arg(long)]
+    processor_url: Option<String>,
+    /// How long a charge's holder keeps it without progress before a retry or the
+    /// completer may take it over, in seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    lease_secs: u64,
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
         )
-        .with_writer(std::io::stderr)
+        .with(pause::from_env()?)
         .init();
     let args = Args::parse();
 
@@ -67,9 +98,28 @@ async fn main() -> Result<()> {
     };
     app::prepare(&pool).await?;
 
-    let config = Config::default().with_ttl(Duration::from_secs(args.ttl_secs));
+    let processor_url = match args.processor_url {
+        Some(url) => url,
+        None => {
+            let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            tracing::info!(%url, "no --processor-url: serving a fake card processor in-process");
+            let router = fake_processor::router(Duration::ZERO);
+            tokio::spawn(async move { axum::serve(listener, router).await });
+            url
+        }
+    };
+    let charges = std::sync::Arc::new(app::Charges::new(&processor_url));
+
+    let config = Config::default()
+        .with_ttl(Duration::from_secs(args.ttl_secs))
+        .with_lease(Duration::from_secs(args.lease_secs));
     let store = IdempotencyStore::with_config(pool.clone(), config);
     let sweeper = Sweeper::spawn(pool.clone(), SweepOptions::default());
+    let completer = Completer::new(store.clone())
+        .register(charges.clone())
+        .with_options(CompleterOptions::default().with_interval(Duration::from_secs(1)))
+        .spawn();
 
     let listener =
         tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, args.port)))
@@ -80,17 +130,18 @@ async fn main() -> Result<()> {
     println!("listening on http://{address}");
     std::io::stdout().flush()?;
 
-    let served = axum::serve(listener, app::router(store))
+    let served = axum::serve(listener, app::router(store, charges))
         .with_graceful_shutdown(shutdown_signal())
         .await;
 
     let swept = sweeper.stop().await;
+    let completed = completer.stop().await;
     pool.close().await;
     if let Some(database) = throwaway {
         database.close().await?;
     }
     served.context("serving HTTP")?;
-    tracing::info!(swept, "stopped");
+    tracing::info!(swept, completed = completed.completed, "stopped");
     Ok(())
 }
 

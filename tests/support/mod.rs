@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: [`db`] for the store and the fault suite,
-//! [`http`] for the HTTP tests. Both are re-exported: `use support::{expire, Server}`.
+//! [`http`] for the HTTP tests,
+//! [`process`] for the examples run as processes. Both are re-exported: `use support::{expire, Server}`.
 
 // Cargo builds every tests/*.rs as a binary of its own, with its own copy of this module,
 // and each uses a subset (the store tests no HTTP helper, the HTTP tests no store helper):
@@ -8,6 +9,7 @@
 
 mod db;
 mod http;
+mod process;
 
 #[allow(unused_imports)] // see above
-pub use {db::*, http::*};
+pub use {db::*, http::*, process::*};

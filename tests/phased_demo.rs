@@ -1,0 +1,350 @@
+//! The payments demo's phased charges (`POST /v1/charges`) against their contract: over
+//! HTTP in-process, and as real processes (the demo and the fake card processor, each its
+//! own process) killed with SIGKILL at every boundary of a charge, or paused with SIGSTOP
+//! past their lease.
+
+#[allow(dead_code)]
+#[path = "../examples/payments/app.rs"]
+mod app;
+#[path = "../examples/processor/fake.rs"]
+mod fake_processor;
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use pg_idempotency::phased::downstream_key;
+use pg_idempotency::testing::TestDatabase;
+use pg_idempotency::{Config, IdempotencyKey, IdempotencyStore, Scope};
+use serde_json::Value;
+use sqlx::PgPool;
+use support::{Answer, Server, client, new_key, signal, spawn_example, stop_with};
+
+const CHARGES: &str = "/v1/charges";
+const BODY: &str = r#"{"amount":1500,"currency":"EUR"}"#;
+
+async fn post_charge(base: &str, key: &str, account: &str, body: &str) -> Result<Answer> {
+    Answer::of(
+        client()
+            .post(format!("{base}{CHARGES}"))
+            .header("Idempotency-Key", key)
+            .header("X-Account-Id", account)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await?,
+    )
+    .await
+}
+
+async fn get_json(url: &str) -> Result<Value> {
+    let answer = Answer::of(client().get(url).send().await?).await?;
+    ensure!(answer.status == 200, "GET {url}: {answer:?}");
+    answer.json()
+}
+
+/// The charge the processor made for the downstream key of `(account, key)`.
+async fn processor_charge(processor: &str, account: &str, key: &str) -> Result<Option<String>> {
+    let downstream = downstream_key(
+        &Scope::new(account)?,
+        &IdempotencyKey::parse(key, Default::default())?,
+        "call_processor",
+    );
+    let answer = Answer::of(
+        client()
+            .get(format!("{processor}/charges/{downstream}"))
+            .send()
+            .await?,
+    )
+    .await?;
+    match answer.status {
+        404 => Ok(None),
+        200 => Ok(answer.json()?["charge_id"].as_str().map(str::to_owned)),
+        other => bail!("the processor answered {other}"),
+    }
+}
+
+/// The account's charges: (status, processor charge id).
+async fn charges_of(pool: &PgPool, account: &str) -> Result<Vec<(String, Option<String>)>> {
+    Ok(sqlx::query_as(
+        "SELECT status, processor_charge_id FROM charges WHERE account = $1 ORDER BY created_at",
+    )
+    .bind(account)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// After the request is finished: one charge for the account, succeeded, with the
+/// processor's answer for the request's downstream key; the answer replays.
+async fn check_exactly_once(
+    pool: &PgPool,
+    demo: &str,
+    processor: &str,
+    account: &str,
+    key: &str,
+    first: &Answer,
+) -> Result<()> {
+    ensure!(first.status == 201, "{first:?}");
+    let charges = charges_of(pool, account).await?;
+    ensure!(charges.len() == 1, "{} charges: {charges:?}", charges.len());
+    let made = processor_charge(processor, account, key)
+        .await?
+        .context("the processor never saw the downstream key")?;
+    ensure!(
+        charges[0] == ("succeeded".to_owned(), Some(made.clone())),
+        "recorded {charges:?}, the processor made {made}"
+    );
+    let body = first.json()?;
+    ensure!(body["processor_charge_id"] == made.as_str(), "{body}");
+    let replay = post_charge(demo, key, account, BODY).await?;
+    ensure!(
+        replay.status == 201
+            && replay.header("idempotent-replayed") == Some("true")
+            && replay.body == first.body,
+        "{replay:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn charges_run_once_replay_conflict_and_count() -> Result<()> {
+    let db = TestDatabase::create().await?;
+    let pool = app::connect(db.url()).await?;
+    app::prepare(&pool).await?;
+    let processor = Server::start(fake_processor::router(Duration::ZERO)).await?;
+    let charges = Arc::new(app::Charges::new(&processor.url("")));
+    let store = IdempotencyStore::with_config(pool.clone(), Config::default());
+    let server = Server::start(app::router(store, charges)).await?;
+    let (base, processor_url) = (server.url(""), processor.url(""));
+
+    let key = new_key();
+    let first = post_charge(&base, &key, "acct_1", BODY).await?;
+    check_exactly_once(&pool, &base, &processor_url, "acct_1", &key, &first).await?;
+    let json = first.json()?;
+    ensure!(json["account"] == "acct_1" && json["amount"] == 1500 && json["currency"] == "EUR");
+
+    let conflict = post_charge(&base, &key, "acct_1", r#"{"amount":1,"currency":"EUR"}"#).await?;
+    ensure!(conflict.status == 409, "{conflict:?}");
+    ensure!(conflict.json()?["code"] == "idempotency_conflict");
+
+    // An invalid body writes nothing and leaves the key free for the corrected request.
+    let fixed = new_key();
+    let invalid = post_charge(&base, &fixed, "acct_2", r#"{"amount":1,"delay_ms":5}"#).await?;
+    ensure!(invalid.status == 400, "{invalid:?}");
+    let after = post_charge(&base, &fixed, "acct_2", BODY).await?;
+    ensure!(after.status == 201 && after.header("idempotent-replayed").is_none());
+
+    let all = get_json(&server.url("/v1/charges/count")).await?;
+    let one = get_json(&server.url("/v1/charges/count?account=acct_2")).await?;
+    ensure!(all["count"] == 2 && one["count"] == 1, "{all} {one}");
+    let stats = get_json(&processor.url("/stats")).await?;
+    ensure!(
+        stats["calls"] == 2 && stats["distinct_keys"] == 2,
+        "{stats}"
+    );
+
+    server.stop().await?;
+    processor.stop().await?;
+    pool.close().await;
+    db.close().await?;
+    Ok(())
+}
+
+/// Every boundary of a charge: the local step's commit (before, after), the external
+/// call (before, after, before its result is recorded), the final step's commit.
+const BOUNDARIES: [&str; 6] = [
+    "record_charge:before_commit",
+    "record_charge:after_commit",
+    "call_processor:before_call",
+    "call_processor:after_call",
+    "finish:before_commit",
+    "finish:after_commit",
+];
+
+/// Who finishes the charge after the kill.
+#[derive(Debug, Clone, Copy)]
+enum Finisher {
+    /// The client retries.
+    Retry,
+    /// The client never comes back; the restarted service's completer finishes it.
+    Completer,
+}
+
+/// The demo as a process on `db`, charging through `processor`, with a 1 s lease.
+async fn spawn_demo(
+    db: &TestDatabase,
+    processor: &str,
+    env: &[(&str, &str)],
+) -> Result<(tokio::process::Child, String, support::Stdout)> {
+    let (child, port, stdout) = spawn_example(
+        "payments",
+        env,
+        &[
+            "--port",
+            "0",
+            "--database-url",
+            db.url(),
+            "--processor-url",
+            processor,
+            "--lease-secs",
+            "1",
+        ],
+    )
+    .await?;
+    Ok((child, format!("http://127.0.0.1:{port}"), stdout))
+}
+
+/// Reads `stdout` until the demo says it paused at `boundary`.
+async fn paused_at(stdout: &mut support::Stdout, boundary: &str) -> Result<()> {
+    let expected = format!("paused at {boundary}");
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = stdout.next_line().await? {
+            if line == expected {
+                return Ok(());
+            }
+        }
+        bail!("the demo exited before {expected}")
+    })
+    .await
+    .with_context(|| format!("never {expected}"))?
+}
+
+/// Retries until the charge is answered 201 (409 while the dead holder's lease runs).
+async fn retry_until_created(demo: &str, key: &str, account: &str) -> Result<Answer> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = post_charge(demo, key, account, BODY).await?;
+        match answer.status {
+            201 => return Ok(answer),
+            409 | 503 if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ => bail!("unexpected answer {answer:?}"),
+        }
+    }
+}
+
+/// Waits until the completer has stored the charge's response.
+async fn completed_by_the_completer(pool: &PgPool, key: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $1)")
+                .bind(key)
+                .fetch_one(pool)
+                .await?;
+        if stored {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the completer never finished {key}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigkill_at_every_boundary_then_retry_or_completer_charges_once() -> Result<()> {
+    let db = TestDatabase::create().await?;
+    let (mut processor_child, processor_port, _processor_out) =
+        spawn_example("processor", &[], &["--port", "0"]).await?;
+    let processor = format!("http://127.0.0.1:{processor_port}");
+    let mut charges = 0;
+    for boundary in BOUNDARIES {
+        for finisher in [Finisher::Retry, Finisher::Completer] {
+            let (key, account) = (new_key(), format!("acct_{charges}"));
+            let context = format!("killed at {boundary}, finished by {finisher:?}");
+            let (mut doomed, url, mut stdout) =
+                spawn_demo(&db, &processor, &[("PAYMENTS_PAUSE_AT", boundary)]).await?;
+            let request = tokio::spawn({
+                let (url, key, account) = (url.clone(), key.clone(), account.clone());
+                async move { post_charge(&url, &key, &account, BODY).await }
+            });
+            paused_at(&mut stdout, boundary)
+                .await
+                .context(context.clone())?;
+            ensure!(!stop_with(&mut doomed, "-KILL").await?.success());
+            ensure!(
+                request.await?.is_err(),
+                "{context}: the killed request got an answer"
+            );
+
+            let (mut demo, url, _stdout) = spawn_demo(&db, &processor, &[]).await?;
+            let first = match finisher {
+                Finisher::Retry => retry_until_created(&url, &key, &account).await,
+                Finisher::Completer => {
+                    completed_by_the_completer(db.pool(), &key).await?;
+                    let replay = post_charge(&url, &key, &account, BODY).await?;
+                    ensure!(
+                        replay.header("idempotent-replayed") == Some("true"),
+                        "{replay:?}"
+                    );
+                    Ok(replay)
+                }
+            }
+            .context(context.clone())?;
+            check_exactly_once(db.pool(), &url, &processor, &account, &key, &first)
+                .await
+                .context(context.clone())?;
+            charges += 1;
+            let stats = get_json(&format!("{processor}/stats")).await?;
+            ensure!(
+                stats["distinct_keys"] == charges,
+                "{context}: one downstream key per charge: {stats}"
+            );
+            stop_with(&mut demo, "-TERM").await?;
+        }
+    }
+    stop_with(&mut processor_child, "-KILL").await?;
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_holder_paused_past_its_lease_cannot_commit_after_the_takeover() -> Result<()> {
+    let db = TestDatabase::create().await?;
+    let (mut processor_child, processor_port, _processor_out) =
+        spawn_example("processor", &[], &["--port", "0"]).await?;
+    let processor = format!("http://127.0.0.1:{processor_port}");
+    let (key, account) = (new_key(), "acct_paused".to_owned());
+
+    // The holder stops after the processor answered, before it records the answer.
+    let boundary = "call_processor:after_call";
+    let (mut paused, paused_url, mut stdout) = spawn_demo(
+        &db,
+        &processor,
+        &[
+            ("PAYMENTS_PAUSE_AT", boundary),
+            ("PAYMENTS_PAUSE_SECS", "2"),
+        ],
+    )
+    .await?;
+    let request = tokio::spawn({
+        let (url, key, account) = (paused_url.clone(), key.clone(), account.clone());
+        async move { post_charge(&url, &key, &account, BODY).await }
+    });
+    paused_at(&mut stdout, boundary).await?;
+    signal(&paused, "-STOP").await?;
+
+    // Past the 1 s lease, a second instance takes over and finishes the charge.
+    let (mut taker, url, _stdout) = spawn_demo(&db, &processor, &[]).await?;
+    let first = retry_until_created(&url, &key, &account).await?;
+    check_exactly_once(db.pool(), &url, &processor, &account, &key, &first).await?;
+
+    // Resumed, the old holder cannot record anything: its client gets a 5xx, not a
+    // second charge.
+    signal(&paused, "-CONT").await?;
+    let late = tokio::time::timeout(Duration::from_secs(30), request).await???;
+    ensure!(late.status == 503, "the old holder answered {late:?}");
+    check_exactly_once(db.pool(), &paused_url, &processor, &account, &key, &first).await?;
+    let stats = get_json(&format!("{processor}/stats")).await?;
+    ensure!(stats["distinct_keys"] == 1, "{stats}");
+
+    stop_with(&mut paused, "-TERM").await?;
+    stop_with(&mut taker, "-TERM").await?;
+    stop_with(&mut processor_child, "-KILL").await?;
+    db.close().await?;
+    Ok(())
+}
