@@ -151,6 +151,60 @@ async fn charges_run_once_replay_conflict_and_count() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test]
+async fn sixty_four_concurrent_duplicates_charge_once() -> Result<()> {
+    let db = TestDatabase::create().await?;
+    let pool = app::connect(db.url()).await?;
+    app::prepare(&pool).await?;
+    // A slow processor: the duplicates arrive while the first charge is in its call.
+    let processor = Server::start(fake_processor::router(Duration::from_millis(500))).await?;
+    let charges = Arc::new(app::Charges::new(&processor.url("")));
+    let config = Config::default().with_in_flight_wait(Duration::from_secs(5));
+    let store = IdempotencyStore::with_config(pool.clone(), config);
+    let server = Server::start(app::router(store, charges)).await?;
+    let base = server.url("");
+    let key = new_key();
+
+    let requests: Vec<_> = (0..64)
+        .map(|_| {
+            let (base, key) = (base.clone(), key.clone());
+            tokio::spawn(async move { post_charge(&base, &key, "acct_dup", BODY).await })
+        })
+        .collect();
+    let (mut fresh, mut replayed, mut in_flight) = (Vec::new(), 0, 0);
+    for request in requests {
+        let answer = request.await??;
+        match (answer.status, answer.header("idempotent-replayed")) {
+            (201, None) => fresh.push(answer),
+            (201, Some("true")) => replayed += 1,
+            (409, _) if answer.json()?["code"] == "idempotency_key_in_use" => in_flight += 1,
+            _ => bail!("unexpected {answer:?}"),
+        }
+    }
+    ensure!(
+        fresh.len() == 1,
+        "{} ran, {replayed} replayed, {in_flight} in flight",
+        fresh.len()
+    );
+    check_exactly_once(
+        &pool,
+        &base,
+        &processor.url(""),
+        "acct_dup",
+        &key,
+        &fresh[0],
+    )
+    .await?;
+    let stats = get_json(&processor.url("/stats")).await?;
+    ensure!(stats["calls"] == 1, "{stats}");
+
+    server.stop().await?;
+    processor.stop().await?;
+    pool.close().await;
+    db.close().await?;
+    Ok(())
+}
+
 /// Every boundary of a charge: the local step's commit (before, after), the external
 /// call (before, after, before its result is recorded), the final step's commit.
 const BOUNDARIES: [&str; 6] = [

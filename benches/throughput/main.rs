@@ -7,7 +7,7 @@
 //! cargo bench --bench throughput -- --json out.json --svg chart.svg
 //! ```
 //!
-//! Paths 1-5 run at each client count, interleaved (round after round, every path and
+//! Paths 1-6 run at each client count, interleaved (round after round, every path and
 //! client count gets a short slice), so drift of the machine hits all of them alike:
 //!
 //! 1. `bare`: `BEGIN; INSERT INTO payments ..; COMMIT`, the yardstick;
@@ -16,10 +16,14 @@
 //! 3. `first_request`: [`IdempotencyStore::begin`], the same business insert,
 //!    [`Claim::complete`](pg_idempotency::Claim::complete);
 //! 4. `replay`: keys that path 3 stored, same request again;
-//! 5. `conflict`: the same keys with another body.
+//! 5. `conflict`: the same keys with another body;
+//! 6. `phased`: a [phased request](pg_idempotency::phased): a local step (the same
+//!    business insert), one call to the fake card processor (`examples/processor`, served
+//!    in this process, over loopback HTTP) with the downstream key, and the final step
+//!    (records the processor's answer, stores the response).
 //!
-//! Then 6. `in flight`: how long a duplicate waits before [`Error::InFlight`], and
-//! 7. `sweeper`: rows per second on its own, and path 3 writers with and without the
+//! Then 7. `in flight`: how long a duplicate waits before [`Error::InFlight`], and
+//! 8. `sweeper`: rows per second on its own, and path 3 writers with and without the
 //! default [`Sweeper`].
 //!
 //! The server: `DATABASE_URL` (or `--database-url`) if set, else a throwaway local
@@ -28,6 +32,8 @@
 //! the end. The report names the server and its `fsync`.
 
 mod chart;
+#[path = "../../examples/processor/fake.rs"]
+mod fake_processor;
 mod meters;
 mod paths;
 mod report;
@@ -70,7 +76,7 @@ struct Args {
     /// Seconds of writers each way, with and without the sweeper (default 20, quick 5).
     #[arg(long)]
     sweeper_seconds: Option<f64>,
-    /// Paths of the grid, comma-separated (default: all five; `bare` always runs, it is
+    /// Paths of the grid, comma-separated (default: all six; `bare` always runs, it is
     /// the yardstick; `replay` and `conflict` need `first-request`).
     #[arg(long, value_delimiter = ',')]
     paths: Option<Vec<Path>>,
@@ -178,13 +184,19 @@ async fn main() -> Result<()> {
     );
     println!();
 
-    let ctx = Arc::new(Ctx::new(pool.clone()));
+    // The fake card processor of the phased path, on loopback.
+    let processor = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let processor_url = format!("http://{}", processor.local_addr()?);
+    tokio::spawn(
+        async move { axum::serve(processor, fake_processor::router(Duration::ZERO)).await },
+    );
+    let ctx = Arc::new(Ctx::new(pool.clone(), processor_url));
     open_all(&pool, pool_size).await?;
     let meter = Meter::new(&pool).await?;
 
     let mut rows = Vec::new();
     if args.sections.contains(&Section::Grid) {
-        eprintln!("paths 1-5:");
+        eprintln!("paths 1-6:");
         let paths: Vec<Path> = Path::ALL
             .into_iter()
             .filter(|p| *p == Path::Bare || args.paths.as_ref().is_none_or(|only| only.contains(p)))
@@ -199,7 +211,7 @@ async fn main() -> Result<()> {
     }
     let mut flights = Vec::new();
     if args.sections.contains(&Section::InFlight) {
-        eprintln!("path 6: in flight");
+        eprintln!("path 7: in flight");
         flights = in_flight(
             &ctx,
             &[Duration::from_millis(50), Duration::from_millis(200)],
@@ -209,7 +221,7 @@ async fn main() -> Result<()> {
     }
     let mut sweep = None;
     if args.sections.contains(&Section::Sweeper) {
-        eprintln!("path 7: sweeper");
+        eprintln!("path 8: sweeper");
         sweep = Some(sweeper(&ctx, &meter, sweep_rows, sweeper_seconds).await?);
     }
     let load_after = load_average();

@@ -1,6 +1,6 @@
-//! The measured paths: 1-5 one operation each ([`bare`] .. [`conflict`]), run by
-//! [`slice`] under concurrent clients and interleaved by [`grid`]; 6, [`in_flight`];
-//! 7, [`sweeper`].
+//! The measured paths: 1-6 one operation each ([`bare`] .. [`phased`]), run by
+//! [`slice`] under concurrent clients and interleaved by [`grid`]; 7, [`in_flight`];
+//! 8, [`sweeper`].
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
+use pg_idempotency::phased::{Finished, Operation, Steps};
 use pg_idempotency::{
-    Begin, Config, Error, IdempotencyKey, IdempotencyStore, Request, Scope, StoredResponse,
-    SweepOptions, Sweeper,
+    Begin, Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Request, Scope,
+    StoredResponse, SweepOptions, Sweeper,
 };
 use sqlx::PgPool;
 use sqlx::types::Json;
@@ -18,7 +19,7 @@ use sqlx::types::Json;
 use crate::meters::{Meter, Tally};
 use crate::report::Row;
 
-/// Paths 1-5, in the order of the table.
+/// Paths 1-6, in the order of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Path {
     Bare,
@@ -26,15 +27,17 @@ pub enum Path {
     FirstRequest,
     Replay,
     Conflict,
+    Phased,
 }
 
 impl Path {
-    pub const ALL: [Path; 5] = [
+    pub const ALL: [Path; 6] = [
         Path::Bare,
         Path::Zero2Prod,
         Path::FirstRequest,
         Path::Replay,
         Path::Conflict,
+        Path::Phased,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Path {
             Path::FirstRequest => "first_request",
             Path::Replay => "replay",
             Path::Conflict => "conflict",
+            Path::Phased => "phased",
         }
     }
 }
@@ -56,15 +60,23 @@ const ROUTE: &str = "/v1/payments";
 pub struct Ctx {
     pool: PgPool,
     store: IdempotencyStore,
+    /// The phased path's operation, calling the fake card processor.
+    charge: Charge,
     /// Keys that path 3 stored, for paths 4 and 5.
     keys: Mutex<Arc<Vec<(Scope, IdempotencyKey)>>>,
     cursor: AtomicUsize,
 }
 
 impl Ctx {
-    pub fn new(pool: PgPool) -> Self {
+    /// The paths on `pool`; the phased one calls the fake card processor at
+    /// `processor_url`.
+    pub fn new(pool: PgPool, processor_url: String) -> Self {
         Self {
             store: IdempotencyStore::new(pool.clone()),
+            charge: Charge {
+                http: reqwest::Client::new(),
+                url: format!("{processor_url}/charge"),
+            },
             pool,
             keys: Mutex::new(Arc::new(Vec::new())),
             cursor: AtomicUsize::new(0),
@@ -185,6 +197,78 @@ async fn conflict(ctx: &Ctx, scope: &Scope, key: &IdempotencyKey) -> Result<()> 
     }
 }
 
+/// The phased path's operation: a local step (the payment), one call to the card
+/// processor with the downstream key, and the final step (records the processor's
+/// answer, stores the response).
+struct Charge {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Operation for Charge {
+    const NAME: &'static str = "bench.charge";
+    type Input = i64;
+    type Error = anyhow::Error;
+
+    async fn run(&self, amount: &i64, steps: &mut Steps) -> Result<Finished> {
+        let account = steps.scope().to_string();
+        let id: i64 = steps
+            .local("record_payment", async |tx| {
+                let id = sqlx::query_scalar(
+                    "INSERT INTO payments (account, amount) VALUES ($1, $2) RETURNING id",
+                )
+                .bind(&account)
+                .bind(amount)
+                .fetch_one(&mut *tx)
+                .await?;
+                anyhow::Ok(id)
+            })
+            .await?;
+        let charge_id: String = steps
+            .foreign("call_processor", async |downstream_key| {
+                let answer = self
+                    .http
+                    .post(&self.url)
+                    .header("idempotency-key", downstream_key.to_string())
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .bytes()
+                    .await?;
+                let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+                answer["charge_id"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| anyhow::anyhow!("no charge_id"))
+            })
+            .await?;
+        steps
+            .finish(async |tx| {
+                sqlx::query("UPDATE payments SET processor_charge_id = $1 WHERE id = $2")
+                    .bind(&charge_id)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                anyhow::Ok(response(0, u64::try_from(id)?))
+            })
+            .await
+    }
+}
+
+/// Path 6: a phased request (see [`Charge`]).
+async fn phased(ctx: &Ctx, scope: &Scope) -> Result<()> {
+    let request = Request::new("POST", "/v1/charges", BODY);
+    let outcome = ctx
+        .store
+        .run_phased(scope, &new_key(), &request, &ctx.charge, 1000)
+        .await?;
+    ensure!(
+        matches!(outcome, Outcome::Executed { stored: true, .. }),
+        "phased: {outcome:?}"
+    );
+    Ok(())
+}
+
 /// Runs `path` with `clients` concurrent clients for `duration`; TPS = ops / wall time.
 async fn slice(ctx: &Arc<Ctx>, path: Path, clients: usize, duration: Duration) -> Result<Tally> {
     let keys = ctx.keys();
@@ -206,6 +290,7 @@ async fn slice(ctx: &Arc<Ctx>, path: Path, clients: usize, duration: Duration) -
                 let t0 = Instant::now();
                 match path {
                     Path::Bare => bare(&ctx, scope.as_str()).await?,
+                    Path::Phased => phased(&ctx, &scope).await?,
                     Path::Zero2Prod => zero2prod(&ctx, &scope, client, n).await?,
                     Path::FirstRequest => {
                         let key = first_request(&ctx, &scope, client, n).await?;
@@ -242,7 +327,7 @@ async fn slice(ctx: &Arc<Ctx>, path: Path, clients: usize, duration: Duration) -
     Ok(tally)
 }
 
-/// Paths 1-5 at every client count, interleaved.
+/// Paths 1-6 at every client count, interleaved.
 pub async fn grid(
     ctx: &Arc<Ctx>,
     meter: &Meter,
@@ -299,7 +384,7 @@ pub async fn grid(
     Ok(rows)
 }
 
-/// Path 6 at one configured wait.
+/// Path 7 at one configured wait.
 #[derive(Debug)]
 pub struct InFlight {
     pub wait: Duration,
@@ -371,7 +456,7 @@ pub async fn in_flight(ctx: &Arc<Ctx>, waits: &[Duration], reps: usize) -> Resul
 /// Concurrent writers (path 3) while the sweeper runs or not.
 pub const SWEEP_WRITERS: usize = 16;
 
-/// Path 7.
+/// Path 8.
 #[derive(Debug)]
 pub struct SweepResult {
     pub rows: i64,

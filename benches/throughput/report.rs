@@ -82,7 +82,7 @@ impl Report {
     }
 }
 
-/// Paths 1-5: a line per path and client count.
+/// Paths 1-6: a line per path and client count.
 fn write_table(out: &mut String, rows: &[Row], meter: &Meter) -> Result<()> {
     writeln!(
         out,
@@ -124,7 +124,7 @@ fn write_table(out: &mut String, rows: &[Row], meter: &Meter) -> Result<()> {
     Ok(())
 }
 
-/// Path 6: a line per wait. Returns their JSON.
+/// Path 7: a line per wait. Returns their JSON.
 fn write_in_flight(out: &mut String, flights: &mut [InFlight]) -> Result<Vec<Value>> {
     let mut flight_json = Vec::new();
     for f in flights {
@@ -155,7 +155,7 @@ fn write_in_flight(out: &mut String, flights: &mut [InFlight]) -> Result<Vec<Val
     Ok(flight_json)
 }
 
-/// Path 7. Returns its JSON.
+/// Path 8. Returns its JSON.
 fn write_sweeper(out: &mut String, s: &mut SweepResult, meter: &Meter) -> Result<Value> {
     let rate = s.alone_rows_per_s();
     let (wo_p99, w_p99) = (s.without.quantile_ms(0.99), s.with.quantile_ms(0.99));

@@ -91,7 +91,9 @@ impl Database {
             "CREATE TABLE payments (
                  id      bigserial PRIMARY KEY,
                  account text   NOT NULL,
-                 amount  bigint NOT NULL
+                 amount  bigint NOT NULL,
+                 -- The phased path records the card processor's answer here.
+                 processor_charge_id text
              );
              -- The zero2prod shape's own table: the columns of idempotency_keys, the
              -- response nullable until the UPDATE fills it in.
