@@ -98,6 +98,8 @@
 //! | same key, another method, route or body | 409 | `idempotency_conflict` |
 //! | same key still being processed | 409 + `Retry-After` | `idempotency_key_in_use` |
 //! | database unreachable or failing | 503 + `Retry-After` | `service_unavailable` |
+//! | connection broke around `COMMIT`, verified that nothing was committed | 503 | `request_not_committed` |
+//! | connection broke around `COMMIT`, outcome unknown after the wait | 503 + `Retry-After` | `service_unavailable` |
 //! | handler panicked, other server failures | 500 | `internal_error` |
 //!
 //! Problems are `application/problem+json` ([`Problem`](crate::Problem)) with exactly
@@ -118,6 +120,17 @@
 //! from those two headers. Hop-by-hop headers are not stored; a `Date` is added when the
 //! handler set none, so a replay carries the date of the original, as an HTTP cache
 //! would.
+//!
+//! ## A lost reply to `COMMIT`
+//!
+//! When the database connection breaks while the response is being committed, the layer
+//! does not guess: the store finds out on another connection (waiting at most
+//! [`Config::commit_resolution_wait`](crate::Config::commit_resolution_wait) for the old
+//! transaction to end, see [`CommitOutcome`](crate::CommitOutcome)). If the write is
+//! stored, the client gets the stored response, as if nothing had happened; if nothing
+//! was committed, a 503 `request_not_committed` problem that says so (retry at once);
+//! only if the old backend still held the key when the wait passed, the 503
+//! `service_unavailable` with `Retry-After`.
 //!
 //! ## Routing
 //!

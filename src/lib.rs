@@ -94,7 +94,7 @@ mod sweeper;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use claim::{Claim, Completion};
+pub use claim::{Claim, CommitOutcome, Completion};
 pub use config::Config;
 pub use db::prepare_connection;
 pub use error::Error;

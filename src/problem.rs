@@ -322,6 +322,27 @@ impl Problems {
     }
 }
 
+impl Problems {
+    /// 503 `request_not_committed`: the connection to the database broke while the
+    /// request was being committed, and the server then verified that nothing was
+    /// committed ([`CommitOutcome::NotStored`](crate::CommitOutcome::NotStored)). The
+    /// client may retry with the same key at once, so there is no `Retry-After`.
+    pub fn not_committed(&self) -> Problem {
+        self.custom(
+            "request-not-committed",
+            503,
+            "Request not completed",
+            format!(
+                "The server lost its database connection while completing this request and \
+                 verified that nothing was done. Retry the request; the same {} is safe.",
+                self.key_header
+            ),
+            "request_not_committed",
+            "retry_request",
+        )
+    }
+}
+
 /// Whole seconds for `Retry-After`, at least one.
 fn retry_after_seconds(retry_after: Duration) -> u64 {
     (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1)

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tracing::Instrument;
 
-use crate::claim::{Claim, Completion};
+use crate::claim::{Claim, CommitOutcome, Completion};
 use crate::config::Config;
 use crate::db::TxConn;
 use crate::error::Error;
@@ -218,6 +218,7 @@ impl IdempotencyStore {
             }
             row if found.locked => Ok(Begin::Claimed(Claim::new(
                 tx,
+                self.pool.clone(),
                 scope.clone(),
                 key.clone(),
                 fingerprint,
@@ -267,7 +268,9 @@ impl IdempotencyStore {
     /// # Errors
     ///
     /// Everything [`begin`](Self::begin) and [`Claim::complete`] return, converted into
-    /// `E`, and the errors of `business`.
+    /// `E`, and the errors of `business`; except an [`Error::CommitInterrupted`] whose
+    /// outcome is [`CommitOutcome::Stored`], which is an [`Outcome::Executed`] with the
+    /// stored response.
     pub async fn run<F, E>(
         &self,
         scope: &Scope,
@@ -292,7 +295,20 @@ impl IdempotencyStore {
                 return Err(error);
             }
         };
-        let stored = claim.complete(&response).await? == Completion::Stored;
-        Ok(Outcome::Executed { response, stored })
+        match claim.complete(&response).await {
+            Ok(completion) => Ok(Outcome::Executed {
+                response,
+                stored: completion == Completion::Stored,
+            }),
+            // The reply to COMMIT was lost, but the store found the response stored.
+            Err(Error::CommitInterrupted {
+                outcome: CommitOutcome::Stored(replay),
+                ..
+            }) => Ok(Outcome::Executed {
+                response: replay.response,
+                stored: true,
+            }),
+            Err(error) => Err(error.into()),
+        }
     }
 }

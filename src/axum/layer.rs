@@ -24,11 +24,12 @@ use super::extract::{ClaimHandle, Rollback};
 use super::request_id::{REQUEST_ID_HEADER, RequestId};
 use super::response::{from_stored, to_stored};
 use super::scope::{ScopeRejection, title_case};
-use crate::claim::{Claim, Completion};
+use crate::claim::{Claim, CommitOutcome, Completion};
 use crate::error::Error;
 use crate::fingerprint::Request as Fingerprinted;
 use crate::key::IdempotencyKey;
 use crate::problem::{Problem, Problems};
+use crate::response::StoredResponse;
 use crate::scope::Scope;
 use crate::store::{Begin, IdempotencyStore};
 
@@ -303,11 +304,19 @@ impl Flow<'_> {
         self.problem(self.problems().internal_error())
     }
 
+    /// A stored response as sent, marked `Idempotent-Replayed` when `replayed`.
+    fn send_stored(&self, response: &StoredResponse, replayed: bool) -> Response {
+        from_stored(response, replayed).unwrap_or_else(|reason| {
+            tracing::error!(%reason, "a stored response cannot be sent");
+            self.internal_error()
+        })
+    }
+
     /// The answer to a failure of the store: 503 for the database, 500 otherwise.
     fn server_error(&self, error: &Error) -> Response {
         tracing::error!(%error, "idempotency store failed");
         match error {
-            Error::Database(_) => self.problem(
+            Error::Database(_) | Error::CommitInterrupted { .. } => self.problem(
                 self.problems()
                     .service_unavailable(self.settings.store.config().retry_after()),
             ),
@@ -385,10 +394,7 @@ impl Flow<'_> {
             Ok(Begin::Claimed(claim)) => claim,
             Ok(Begin::Replay(replay)) => {
                 record("outcome", "replayed");
-                return from_stored(&replay.response, true).unwrap_or_else(|reason| {
-                    tracing::error!(%reason, "a stored response cannot be replayed");
-                    self.internal_error()
-                });
+                return self.send_stored(&replay.response, true);
             }
             Err(error) => {
                 return match problems.for_error(&error) {
@@ -461,14 +467,27 @@ impl Flow<'_> {
             // Sent exactly as it will be replayed.
             Ok(Completion::Stored) => {
                 record("outcome", "stored");
-                from_stored(&stored, false).unwrap_or_else(|reason| {
-                    tracing::error!(%reason, "a stored response cannot be sent");
-                    self.internal_error()
-                })
+                self.send_stored(&stored, false)
             }
             Ok(_) => {
                 record("outcome", "not_kept");
                 Response::from_parts(parts, Body::from(body))
+            }
+            // The reply to COMMIT was lost; the store found out what happened.
+            Err(Error::CommitInterrupted {
+                outcome: CommitOutcome::Stored(replay),
+                ..
+            }) => {
+                record("outcome", "stored_after_lost_commit");
+                // Another identical request's response if this one rolled back: a replay.
+                self.send_stored(&replay.response, replay.response != stored)
+            }
+            Err(Error::CommitInterrupted {
+                outcome: CommitOutcome::NotStored,
+                ..
+            }) => {
+                record("outcome", "not_committed");
+                self.problem(self.problems().not_committed())
             }
             Err(error) => {
                 record("outcome", "complete_failed");

@@ -214,8 +214,38 @@ impl TxConn {
         scope: &Scope,
         key: &IdempotencyKey,
     ) -> Result<Found, Error> {
+        self.begin_and_lookup(|| try_lock_and_lookup(scope, key))
+            .await
+    }
+
+    /// After a claim's connection broke around `COMMIT`, on a new connection: prepares
+    /// the hot path's statements if the connection lacks them (one round trip, so that
+    /// the wait is not repeated after a failed `EXECUTE`), then opens a transaction,
+    /// waits at most `wait_ms` for the key's advisory lock and reads the key's row, in
+    /// one more round trip.
+    ///
+    /// The lock is held by the old transaction until it ends, and a transaction that
+    /// commits is visible to new snapshots before it releases its locks: once the lock is
+    /// taken, the row says whether the old transaction committed.
+    pub(crate) async fn begin_resolution(
+        &mut self,
+        wait_ms: i32,
+        scope: &Scope,
+        key: &IdempotencyKey,
+    ) -> Result<Found, Error> {
+        prepare_connection(self.conn()).await?;
+        self.begin_and_lookup(|| wait_and_lookup(wait_ms, scope, key))
+            .await
+    }
+
+    /// `BEGIN`, then `lock_and_lookup()`, preparing the hot path's statements first if
+    /// the connection lacks them.
+    async fn begin_and_lookup(
+        &mut self,
+        lock_and_lookup: impl Fn() -> Statement,
+    ) -> Result<Found, Error> {
         let begin = Statement::new("BEGIN; ", 0);
-        let rows = match self.run(begin.then(try_lock_and_lookup(scope, key))).await {
+        let rows = match self.run(begin.then(lock_and_lookup())).await {
             Err(error) if is_unprepared(&error) => {
                 let find = Statement::new(
                     "ROLLBACK; BEGIN; SELECT name FROM pg_prepared_statements \
@@ -229,7 +259,7 @@ impl TxConn {
                     .map(|row| row.try_get(0))
                     .collect::<Result<_, _>>()?;
                 tracing::debug!("preparing the hot-path statements on this connection");
-                self.run(prepare_missing(&present).then(try_lock_and_lookup(scope, key)))
+                self.run(prepare_missing(&present).then(lock_and_lookup()))
                     .await?
             }
             rows => rows?,
