@@ -68,6 +68,17 @@
 //! committed in one round trip, or both are rolled back. A handler therefore never
 //! commits, and cannot forget to.
 //!
+//! ## The key field
+//!
+//! The IETF draft (draft-ietf-httpapi-idempotency-key-header) sends the key as a
+//! Structured Field String, `Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"`;
+//! many clients send it bare. The layer accepts both as the same key, under either
+//! [`KeyPolicy`](crate::KeyPolicy): the quotes are removed and `\"` and `\\` unescaped
+//! before the policy judges the key. A quoted key that is malformed (no closing quote,
+//! another escape, a byte outside printable ASCII, parameters such as `;a=1`, or anything
+//! after it) is refused with a 400 `idempotency_key_invalid` that says which. More than
+//! one key (two header lines, or a list in one) is refused too.
+//!
 //! ## Which responses are stored
 //!
 //! Every response the [`StorePolicy`](crate::StorePolicy) keeps (by default all but
@@ -91,7 +102,7 @@
 //! | situation | status | `code` |
 //! |---|---|---|
 //! | no key on a route that requires one | 400 | `idempotency_key_missing` |
-//! | key malformed (key policy), or sent twice | 400 | `idempotency_key_invalid` |
+//! | key malformed (key policy, or a malformed quoted key), or sent twice | 400 | `idempotency_key_invalid` |
 //! | scope function refused the request | 400 | `idempotency_scope_invalid` (or the application's problem) |
 //! | body over the limit (default 1 MiB) | 413 | `payload_too_large` |
 //! | body unreadable (client broke off) | 400 | `invalid_request` |
@@ -152,6 +163,7 @@
 //! [`MatchedPath`]: ::axum::extract::MatchedPath
 
 mod extract;
+mod key_field;
 mod layer;
 mod request_id;
 mod response;

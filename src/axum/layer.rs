@@ -5,6 +5,7 @@ use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
@@ -21,13 +22,14 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use super::extract::{ClaimHandle, Rollback};
+use super::key_field::parse_key_field;
 use super::request_id::{REQUEST_ID_HEADER, RequestId};
 use super::response::{from_stored, to_stored};
 use super::scope::{ScopeRejection, title_case};
 use crate::claim::{Claim, CommitOutcome, Completion};
 use crate::error::Error;
 use crate::fingerprint::Request as Fingerprinted;
-use crate::key::IdempotencyKey;
+use crate::key::KeyPolicy;
 use crate::problem::{Problem, Problems};
 use crate::response::StoredResponse;
 use crate::scope::Scope;
@@ -42,11 +44,12 @@ type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
 /// 1. assigns a [`RequestId`](super::RequestId) (kept if an outer layer already did);
 /// 2. answers 413 `payload_too_large` if the body declares more than the
 ///    [body limit](Self::with_body_limit);
-/// 3. reads the key header (default `Idempotency-Key`): absent → 400
+/// 3. reads the key header (default `Idempotency-Key`), a quoted Structured Field
+///    String or the bare key ([the key field](super#the-key-field)): absent → 400
 ///    `idempotency_key_missing`, or, on a route where the key is
 ///    [optional](Self::optional), a plain pass-through to the handler with no claim;
-///    sent twice or not valid under the store's [`KeyPolicy`](crate::KeyPolicy) → 400
-///    `idempotency_key_invalid`;
+///    sent twice, malformed, or not valid under the store's
+///    [`KeyPolicy`](crate::KeyPolicy) → 400 `idempotency_key_invalid`;
 /// 4. asks the application's scope function for the [`Scope`] (its rejection → 400
 ///    `idempotency_scope_invalid` or the application's own problem);
 /// 5. buffers the body up to the limit (over it → 413, unreadable → 400
@@ -181,7 +184,37 @@ impl IdempotencyLayer {
         self.with(|s| s.request_id_header = header)
     }
 
-    /// The store.
+    /// Replays this route's responses for `ttl` instead of the store's
+    /// [TTL](crate::Config::with_ttl). The store's pool is shared: routes with their own
+    /// settings need no second store or pool.
+    #[must_use]
+    pub fn with_ttl(self, ttl: Duration) -> Self {
+        self.with(|s| s.store = s.store.reconfigured(|config| config.with_ttl(ttl)))
+    }
+
+    /// Accepts keys under `policy` on this route instead of the store's
+    /// [key policy](crate::Config::with_key_policy).
+    #[must_use]
+    pub fn with_key_policy(self, policy: KeyPolicy) -> Self {
+        self.with(|s| {
+            s.store = s
+                .store
+                .reconfigured(|config| config.with_key_policy(policy))
+        })
+    }
+
+    /// Lets a duplicate on this route wait `wait` for the request holding its key, instead
+    /// of the store's [in-flight wait](crate::Config::with_in_flight_wait).
+    #[must_use]
+    pub fn with_in_flight_wait(self, wait: Duration) -> Self {
+        self.with(|s| {
+            s.store = s
+                .store
+                .reconfigured(|config| config.with_in_flight_wait(wait))
+        })
+    }
+
+    /// The store, with this layer's settings (see [`with_ttl`](Self::with_ttl)).
     pub fn store(&self) -> &IdempotencyStore {
         &self.settings.store
     }
@@ -195,6 +228,7 @@ impl fmt::Debug for IdempotencyLayer {
             .field("key_required", &s.key_required)
             .field("body_limit", &s.body_limit)
             .field("request_id_header", &s.request_id_header)
+            .field("config", s.store.config())
             .finish_non_exhaustive()
     }
 }
@@ -354,7 +388,7 @@ impl Flow<'_> {
             record("outcome", "key_missing");
             return self.problem(problems.key_missing());
         };
-        let key = match IdempotencyKey::parse_bytes(raw_key, settings.store.config().key_policy()) {
+        let key = match parse_key_field(raw_key, settings.store.config().key_policy()) {
             Ok(key) => key,
             Err(reason) => {
                 record("outcome", "key_invalid");
