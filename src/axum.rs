@@ -126,11 +126,18 @@
 //! ## Replays
 //!
 //! A replay has the stored status, headers (in order, duplicates kept) and body bytes,
-//! plus `Idempotent-Replayed: true` and the current request's id header. The first
-//! answer is sent from the stored form too, so the two are byte for byte the same apart
-//! from those two headers. Hop-by-hop headers are not stored; a `Date` is added when the
-//! handler set none, so a replay carries the date of the original, as an HTTP cache
-//! would.
+//! plus `Idempotent-Replayed: true`, the current request's own id header, and
+//! `Idempotent-Replay-Of` with the id of the request whose response it replays
+//! ([`IDEMPOTENT_REPLAY_OF_HEADER`]; absent for responses stored before provenance was).
+//! The first answer is sent from the stored form too, so the two are byte for byte the
+//! same apart from those headers. Hop-by-hop headers are not stored; a `Date` is added
+//! when the handler set none, so a replay carries the date of the original, as an HTTP
+//! cache would.
+//!
+//! The layer stores each response with its request's id and, when the request carries a
+//! well-formed W3C `traceparent`, that too ([`Provenance`](crate::Provenance)); a 409
+//! `idempotency_conflict` names the first request beside its time, and
+//! `pg-idempotency inspect` shows both.
 //!
 //! ## A lost reply to `COMMIT`
 //!
@@ -174,5 +181,5 @@ pub use layer::{Idempotency, IdempotencyLayer};
 pub use request_id::{
     MakeRequestIds, REQUEST_ID_HEADER, RequestId, RequestIdLayer, RequestIdService,
 };
-pub use response::IDEMPOTENT_REPLAYED_HEADER;
+pub use response::{IDEMPOTENT_REPLAY_OF_HEADER, IDEMPOTENT_REPLAYED_HEADER};
 pub use scope::{ScopeRejection, scope_from_header};

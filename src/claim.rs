@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
 use crate::metrics;
+use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 use crate::store::Replay;
@@ -49,6 +50,7 @@ pub struct Claim {
     /// The claim saw an expired row for the key, which `complete` replaces.
     replace_expired: bool,
     config: Arc<Config>,
+    provenance: Provenance,
 }
 
 /// What happened to a claim whose connection broke around `COMMIT`
@@ -119,6 +121,7 @@ impl Claim {
             fingerprint,
             replace_expired,
             config,
+            provenance: Provenance::default(),
         }
     }
 
@@ -135,6 +138,18 @@ impl Claim {
     /// The fingerprint of the request that holds the claim.
     pub fn fingerprint(&self) -> &Fingerprint {
         &self.fingerprint
+    }
+
+    /// Records which request holds the claim (its request id and `traceparent`), to be
+    /// stored with the response: replays and conflicts then name it, and
+    /// `pg-idempotency inspect` shows it. Nothing is stored without it.
+    pub fn set_provenance(&mut self, provenance: Provenance) {
+        self.provenance = provenance;
+    }
+
+    /// The request that holds the claim, as [set](Self::set_provenance).
+    pub fn provenance(&self) -> &Provenance {
+        &self.provenance
     }
 
     /// Stores `response` with the key and commits the business write with it, in one
@@ -183,6 +198,7 @@ impl Claim {
                 response,
                 ttl: self.config.ttl(),
                 replace_expired: self.replace_expired,
+                provenance: &self.provenance,
             };
             match self.tx.store_and_commit(&row).await {
                 Ok(Committed::Stored) => {}
@@ -197,6 +213,7 @@ impl Claim {
                         fingerprint,
                         replace_expired,
                         config,
+                        ..
                     } = self;
                     drop(tx);
                     tracing::warn!(%error, "the connection broke around COMMIT; resolving the outcome");
@@ -306,6 +323,7 @@ async fn resolve(pool: &PgPool, lookup: &Lookup<'_>, wait: Duration) -> CommitOu
                     CommitOutcome::Stored(Box::new(Replay {
                         response: stored.response,
                         first_used_at: stored.created_at,
+                        first_request: stored.provenance,
                     }))
                 }
                 // Another request's row: this claim's insert can never commit.

@@ -6,6 +6,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::claim::CommitOutcome;
 use crate::key::{IdempotencyKey, KeyError};
+use crate::provenance::Provenance;
 use crate::scope::{Scope, ScopeError};
 
 /// Everything that can go wrong in this crate.
@@ -29,6 +30,8 @@ pub enum Error {
         key: IdempotencyKey,
         /// When the key was first used (database clock).
         first_used_at: DateTime<Utc>,
+        /// The request that first used it (empty for rows stored without one).
+        first_request: Provenance,
     },
 
     /// Another request holding the key did not finish within the configured wait.

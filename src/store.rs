@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::fingerprint::Request;
 use crate::key::{IdempotencyKey, KeyError};
 use crate::metrics;
+use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 
@@ -44,6 +45,8 @@ pub struct Replay {
     pub response: StoredResponse,
     /// When the key was first used (database clock).
     pub first_used_at: DateTime<Utc>,
+    /// The request that produced the response (empty for rows stored without one).
+    pub first_request: Provenance,
 }
 
 /// What [`IdempotencyStore::run`] did.
@@ -232,12 +235,14 @@ impl IdempotencyStore {
                     Ok(Begin::Replay(Replay {
                         response: stored.response,
                         first_used_at: stored.created_at,
+                        first_request: stored.provenance,
                     }))
                 } else {
                     Err(Error::Conflict {
                         scope: scope.clone(),
                         key: key.clone(),
                         first_used_at: stored.created_at,
+                        first_request: stored.provenance,
                     })
                 }
             }

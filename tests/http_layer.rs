@@ -388,7 +388,14 @@ async fn replays_keep_header_order_duplicates_and_bytes() -> Result<()> {
         answer
             .headers
             .iter()
-            .filter(|(n, _)| *n != "x-request-id" && *n != "idempotent-replayed")
+            .filter(|(n, _)| {
+                ![
+                    "x-request-id",
+                    "idempotent-replayed",
+                    "idempotent-replay-of",
+                ]
+                .contains(&n.as_str())
+            })
             .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
             .collect()
     };
@@ -403,6 +410,10 @@ async fn replays_keep_header_order_duplicates_and_bytes() -> Result<()> {
     let multi: Vec<_> = replay.headers.get_all("x-multi").iter().collect();
     ensure!(multi == ["one", "two"]);
     ensure!(replay.headers["x-utf8"].as_bytes() == "naïve ✓".as_bytes());
+    // The replay has its own request id, and names the request it replays.
+    ensure!(first.header("idempotent-replay-of").is_none());
+    ensure!(replay.request_id()? != first.request_id()?);
+    ensure!(replay.header("idempotent-replay-of") == Some(first.request_id()?));
     app.stop().await
 }
 
@@ -675,5 +686,68 @@ async fn routes_override_ttl_key_policy_and_in_flight_wait() -> Result<()> {
     );
     ensure!(slow.await??.status == 201);
     ensure!(app.runs() == 3 && app.rows().await? == 3);
+    app.stop().await
+}
+
+/// Issue 11: the layer stores who produced a response (request id, traceparent); a
+/// conflict names the first request beside its time, and the store hands both back.
+#[tokio::test]
+async fn provenance_is_stored_and_named_in_conflicts() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let first = app
+        .post(
+            "/widgets/1",
+            Some(&key),
+            &[("traceparent", traceparent)],
+            "a",
+        )
+        .await?;
+    ensure!(first.status == 201);
+    let stored: (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT request_id, traceparent FROM idempotency_keys WHERE key = $1")
+            .bind(&key)
+            .fetch_one(app.db.pool())
+            .await?;
+    ensure!(
+        stored
+            == (
+                Some(first.request_id()?.to_owned()),
+                Some(traceparent.to_owned())
+            ),
+        "{stored:?}"
+    );
+
+    let other = app.post("/widgets/1", Some(&key), &[], "b").await?;
+    let problem = other.problem(409, "idempotency_conflict")?;
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    ensure!(
+        detail.contains(&format!(
+            " by request {} with a different request body",
+            first.request_id()?
+        )),
+        "{detail}"
+    );
+
+    // A malformed traceparent is not stored; the request id still is.
+    let key = new_key();
+    let second = app
+        .post(
+            "/widgets/1",
+            Some(&key),
+            &[("traceparent", "00-not-a-trace-01")],
+            "c",
+        )
+        .await?;
+    let stored: (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT request_id, traceparent FROM idempotency_keys WHERE key = $1")
+            .bind(&key)
+            .fetch_one(app.db.pool())
+            .await?;
+    ensure!(
+        stored == (Some(second.request_id()?.to_owned()), None),
+        "{stored:?}"
+    );
     app.stop().await
 }

@@ -31,6 +31,7 @@ use crate::error::Error;
 use crate::fingerprint::Request as Fingerprinted;
 use crate::key::KeyPolicy;
 use crate::problem::{Problem, Problems};
+use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 use crate::store::{Begin, IdempotencyStore};
@@ -338,9 +339,9 @@ impl Flow<'_> {
         self.problem(self.problems().internal_error())
     }
 
-    /// A stored response as sent, marked `Idempotent-Replayed` when `replayed`.
-    fn send_stored(&self, response: &StoredResponse, replayed: bool) -> Response {
-        from_stored(response, replayed).unwrap_or_else(|reason| {
+    /// A stored response as sent; a replay of `replay_of`'s response when that is given.
+    fn send_stored(&self, response: &StoredResponse, replay_of: Option<&Provenance>) -> Response {
+        from_stored(response, replay_of).unwrap_or_else(|reason| {
             tracing::error!(%reason, "a stored response cannot be sent");
             self.internal_error()
         })
@@ -424,11 +425,11 @@ impl Flow<'_> {
         };
 
         let fingerprinted = Fingerprinted::new(parts.method.as_str(), self.route, &body);
-        let claim = match settings.store.begin(&scope, &key, &fingerprinted).await {
+        let mut claim = match settings.store.begin(&scope, &key, &fingerprinted).await {
             Ok(Begin::Claimed(claim)) => claim,
             Ok(Begin::Replay(replay)) => {
                 record("outcome", "replayed");
-                return self.send_stored(&replay.response, true);
+                return self.send_stored(&replay.response, Some(&replay.first_request));
             }
             Err(error) => {
                 return match problems.for_error(&error) {
@@ -448,6 +449,11 @@ impl Flow<'_> {
             }
         };
 
+        let provenance = Provenance::new(self.request_id.as_str());
+        claim.set_provenance(match traceparent(&parts.headers) {
+            Some(traceparent) => provenance.with_traceparent(traceparent),
+            None => provenance,
+        });
         let handle = ClaimHandle::new(claim, Arc::clone(&settings.problems));
         parts.extensions.insert(handle.clone());
         let request = Request::from_parts(parts, Body::from(body));
@@ -501,7 +507,7 @@ impl Flow<'_> {
             // Sent exactly as it will be replayed.
             Ok(Completion::Stored) => {
                 record("outcome", "stored");
-                self.send_stored(&stored, false)
+                self.send_stored(&stored, None)
             }
             Ok(_) => {
                 record("outcome", "not_kept");
@@ -514,7 +520,8 @@ impl Flow<'_> {
             }) => {
                 record("outcome", "stored_after_lost_commit");
                 // Another identical request's response if this one rolled back: a replay.
-                self.send_stored(&replay.response, replay.response != stored)
+                let replay_of = (replay.response != stored).then_some(&replay.first_request);
+                self.send_stored(&replay.response, replay_of)
             }
             Err(Error::CommitInterrupted {
                 outcome: CommitOutcome::NotStored,
@@ -544,5 +551,64 @@ where
 async fn abort(claim: Claim) {
     if let Err(error) = claim.abort().await {
         tracing::warn!(%error, "rollback failed; the connection was closed, which rolls back");
+    }
+}
+
+/// The request's W3C `traceparent`, if it has exactly one that is well formed
+/// (`<version>-<trace id>-<parent id>-<flags>` in lower-case hex, 2-32-16-2 digits, version
+/// not `ff`, ids not all zeros); anything else is not stored.
+fn traceparent(headers: &http::HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all("traceparent").iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    let value = value.to_str().ok()?;
+    let fields: Vec<&str> = value.split('-').collect();
+    let [version, trace_id, parent_id, flags] = fields[..] else {
+        return None;
+    };
+    let hex = |field: &str, len: usize| {
+        field.len() == len
+            && field
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let zeros = |field: &str| field.bytes().all(|b| b == b'0');
+    (hex(version, 2)
+        && version != "ff"
+        && hex(trace_id, 32)
+        && !zeros(trace_id)
+        && hex(parent_id, 16)
+        && !zeros(parent_id)
+        && hex(flags, 2))
+    .then_some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_one_well_formed_traceparent_is_taken() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(traceparent(&headers), None);
+        headers.insert("traceparent", http::HeaderValue::from_static(good));
+        assert_eq!(traceparent(&headers), Some(good));
+        headers.append("traceparent", http::HeaderValue::from_static(good));
+        assert_eq!(traceparent(&headers), None, "two of them");
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "garbage",
+        ] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("traceparent", http::HeaderValue::from_static(bad));
+            assert_eq!(traceparent(&headers), None, "{bad}");
+        }
     }
 }
