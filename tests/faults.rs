@@ -1,6 +1,7 @@
 //! Exactly-once under faults: killed connections, a server crash and restart, replies to
-//! COMMIT lost on the wire, futures cancelled at random await points, and concurrent
-//! requests in two scopes. Every check counts rows.
+//! COMMIT lost on the wire (and, through the HTTP layer, COMMITs lost and a silent
+//! partition, resolved before answering), futures cancelled at random await points, and
+//! concurrent requests in two scopes. Every check counts rows.
 //!
 //! Bounded for CI by default; `FAULT_REQUESTS` (per phase, default 2000) and
 //! `CANCELLATIONS` (default 10000) make it a soak, `TEST_SEED` repeats a run:
@@ -628,7 +629,8 @@ async fn lost_commits_are_resolved_before_the_http_answer() -> Result<()> {
     .await?;
     let store = IdempotencyStore::new(pool_to(database.url(), Some(proxy.port)).await?);
     let server = Arc::new(support::Server::start(payments_app(store)).await?);
-    let requests = env_usize("FAULT_REQUESTS", 2000).min(300) as i64;
+    // Each request is answered once and checked one by one: a fifth of a phase.
+    let requests = (env_usize("FAULT_REQUESTS", 2000) / 5).max(100) as i64;
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
     for _ in 0..CONCURRENCY {
@@ -751,10 +753,9 @@ async fn an_unreachable_old_backend_leaves_the_outcome_unknown_within_the_bound(
         other => bail!("expected an unknown outcome, got {other:?}"),
     }
     eprintln!("store: unknown after {took:?} (bound {bound:?})");
-    ensure!(
-        took >= bound && took < bound + Duration::from_secs(1),
-        "resolution took {took:?}"
-    );
+    // The wait, plus at most a second for the resolving round trip itself.
+    let limit = bound + Duration::from_millis(1500);
+    ensure!(took >= bound && took < limit, "resolution took {took:?}");
     ensure!(
         held_in_transaction().await? == 1,
         "the old backend is not holding the key"
@@ -769,10 +770,7 @@ async fn an_unreachable_old_backend_leaves_the_outcome_unknown_within_the_bound(
     eprintln!("http: {} after {took:?}", answer.status);
     answer.problem(503, "service_unavailable")?;
     ensure!(answer.header("retry-after") == Some("1"));
-    ensure!(
-        took >= bound && took < bound + Duration::from_secs(2),
-        "took {took:?}"
-    );
+    ensure!(took >= bound && took < limit, "took {took:?}");
     ensure!(held_in_transaction().await? == 2);
 
     // The partition heals: the old backends roll back, and the keys are free.
