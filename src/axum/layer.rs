@@ -70,7 +70,15 @@ type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
 /// Steps 2 to 6 never run the handler and never consume the key. Every response carries
 /// the request id header (default `X-Request-Id`), and every problem the layer writes
 /// has the same id in `request_id`. Database failures are answered with a 503 problem
-/// (`Retry-After` included); other server-side failures with a 500 problem.
+/// (`Retry-After` included); other server-side failures with a 500 problem. When the
+/// connection breaks around the `COMMIT` of step 7, the answer waits for the store to
+/// find out what happened ([`CommitOutcome`](crate::CommitOutcome)): the stored response,
+/// a 503 `request_not_committed` when nothing was committed, or the 503 with
+/// `Retry-After` when that stays unknown.
+///
+/// [`with_ttl`](Self::with_ttl), [`with_key_policy`](Self::with_key_policy) and
+/// [`with_in_flight_wait`](Self::with_in_flight_wait) give one route settings of its
+/// own over the same store and pool.
 ///
 /// Apply it per route with `route_layer`, which runs after routing (so the fingerprint
 /// uses the route template) and leaves 404 and 405 answers alone:
