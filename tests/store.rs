@@ -766,14 +766,14 @@ async fn a_connection_that_lost_its_prepared_statements_prepares_them_again() ->
         .fetch_all(&single)
         .await?)
     };
-    let both = vec!["pgidem_insert_v1".to_owned(), "pgidem_lookup_v1".to_owned()];
+    let both = vec!["pgidem_insert_v2".to_owned(), "pgidem_lookup_v2".to_owned()];
     assert!(prepared().await?.is_empty());
 
     let mut keys = Vec::new();
     for lost in [
         "",
-        "DEALLOCATE pgidem_lookup_v1",
-        "DEALLOCATE pgidem_lookup_v1; DEALLOCATE pgidem_insert_v1",
+        "DEALLOCATE pgidem_lookup_v2",
+        "DEALLOCATE pgidem_lookup_v2; DEALLOCATE pgidem_insert_v2",
     ] {
         if !lost.is_empty() {
             sqlx::raw_sql(AssertSqlSafe(lost)).execute(&single).await?;
@@ -820,7 +820,7 @@ async fn after_connect_prepares_the_statements_unless_the_table_is_missing() -> 
     let single = with_hook(options.clone()).await?;
     assert_eq!(
         prepared(&single).await?,
-        ["pgidem_insert_v1", "pgidem_lookup_v1"]
+        ["pgidem_insert_v2", "pgidem_lookup_v2"]
     );
     let store = IdempotencyStore::new(single.clone());
     let Outcome::Executed { stored: true, .. } =
