@@ -19,6 +19,8 @@ CREATE TABLE idempotency_requests (
     lease_token         bigint      NOT NULL,
     leased_until        timestamptz NOT NULL,
     attempts            integer     NOT NULL DEFAULT 1,
+    request_id          text,
+    traceparent         text,
     created_at          timestamptz NOT NULL DEFAULT now(),
     expires_at          timestamptz NOT NULL,
     PRIMARY KEY (scope, key)
@@ -47,6 +49,11 @@ COMMENT ON COLUMN idempotency_requests.leased_until IS
     'take the request over.';
 COMMENT ON COLUMN idempotency_requests.attempts IS
     'How many holders have taken the request (1 + takeovers).';
+COMMENT ON COLUMN idempotency_requests.request_id IS
+    'Request id of the request that started the operation (NULL if unknown); stored with '
+    'the response, whoever finishes the request.';
+COMMENT ON COLUMN idempotency_requests.traceparent IS
+    'W3C traceparent of the request that started the operation, when it had one.';
 COMMENT ON COLUMN idempotency_requests.created_at IS
     'When the key was first used (database clock).';
 COMMENT ON COLUMN idempotency_requests.expires_at IS

@@ -8,6 +8,7 @@ use sqlx::PgExecutor;
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
+use crate::provenance::Provenance;
 use crate::scope::Scope;
 
 /// The state of the `idempotency_keys` table.
@@ -81,6 +82,9 @@ pub struct KeyInfo {
     pub expires_at: DateTime<Utc>,
     /// Whether `expires_at` has passed (database clock): the key counts as unused.
     pub expired: bool,
+    /// The request that produced the stored response (empty for rows stored without
+    /// provenance).
+    pub first_request: Provenance,
 }
 
 /// Reads what is stored for `(scope, key)`; `None` if nothing is (a request that is still
@@ -103,7 +107,8 @@ pub async fn inspect<'e>(
                octet_length(body)::bigint                   AS "body_bytes!",
                CASE WHEN $3 THEN body END                   AS body,
                created_at, expires_at,
-               expires_at <= now()                          AS "expired!"
+               expires_at <= now()                          AS "expired!",
+               request_id, traceparent
         FROM idempotency_keys
         WHERE scope = $1 AND key = $2
         "#,
@@ -126,6 +131,10 @@ pub async fn inspect<'e>(
         created_at: row.created_at,
         expires_at: row.expires_at,
         expired: row.expired,
+        first_request: Provenance {
+            request_id: row.request_id,
+            traceparent: row.traceparent,
+        },
     }))
 }
 

@@ -68,6 +68,17 @@
 //! committed in one round trip, or both are rolled back. A handler therefore never
 //! commits, and cannot forget to.
 //!
+//! ## The key field
+//!
+//! The IETF draft (draft-ietf-httpapi-idempotency-key-header) sends the key as a
+//! Structured Field String, `Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"`;
+//! many clients send it bare. The layer accepts both as the same key, under either
+//! [`KeyPolicy`](crate::KeyPolicy): the quotes are removed and `\"` and `\\` unescaped
+//! before the policy judges the key. A quoted key that is malformed (no closing quote,
+//! another escape, a byte outside printable ASCII, parameters such as `;a=1`, or anything
+//! after it) is refused with a 400 `idempotency_key_invalid` that says which. More than
+//! one key (two header lines, or a list in one) is refused too.
+//!
 //! ## Which responses are stored
 //!
 //! Every response the [`StorePolicy`](crate::StorePolicy) keeps (by default all but
@@ -91,13 +102,15 @@
 //! | situation | status | `code` |
 //! |---|---|---|
 //! | no key on a route that requires one | 400 | `idempotency_key_missing` |
-//! | key malformed (key policy), or sent twice | 400 | `idempotency_key_invalid` |
+//! | key malformed (key policy, or a malformed quoted key), or sent twice | 400 | `idempotency_key_invalid` |
 //! | scope function refused the request | 400 | `idempotency_scope_invalid` (or the application's problem) |
 //! | body over the limit (default 1 MiB) | 413 | `payload_too_large` |
 //! | body unreadable (client broke off) | 400 | `invalid_request` |
 //! | same key, another method, route or body | 409 | `idempotency_conflict` |
 //! | same key still being processed | 409 + `Retry-After` | `idempotency_key_in_use` |
 //! | database unreachable or failing | 503 + `Retry-After` | `service_unavailable` |
+//! | connection broke around `COMMIT`, verified that nothing was committed | 503 | `request_not_committed` |
+//! | connection broke around `COMMIT`, outcome unknown after the wait | 503 + `Retry-After` | `service_unavailable` |
 //! | handler panicked, other server failures | 500 | `internal_error` |
 //!
 //! Problems are `application/problem+json` ([`Problem`](crate::Problem)) with exactly
@@ -113,11 +126,29 @@
 //! ## Replays
 //!
 //! A replay has the stored status, headers (in order, duplicates kept) and body bytes,
-//! plus `Idempotent-Replayed: true` and the current request's id header. The first
-//! answer is sent from the stored form too, so the two are byte for byte the same apart
-//! from those two headers. Hop-by-hop headers are not stored; a `Date` is added when the
-//! handler set none, so a replay carries the date of the original, as an HTTP cache
-//! would.
+//! plus `Idempotent-Replayed: true`, the current request's own id header, and
+//! `Idempotent-Replay-Of` with the id of the request whose response it replays
+//! ([`IDEMPOTENT_REPLAY_OF_HEADER`]; absent for responses stored before provenance was).
+//! The first answer is sent from the stored form too, so the two are byte for byte the
+//! same apart from those headers. Hop-by-hop headers are not stored; a `Date` is added
+//! when the handler set none, so a replay carries the date of the original, as an HTTP
+//! cache would.
+//!
+//! The layer stores each response with its request's id and, when the request carries a
+//! well-formed W3C `traceparent`, that too ([`Provenance`](crate::Provenance)); a 409
+//! `idempotency_conflict` names the first request beside its time, and
+//! `pg-idempotency inspect` shows both.
+//!
+//! ## A lost reply to `COMMIT`
+//!
+//! When the database connection breaks while the response is being committed, the layer
+//! does not guess: the store finds out on another connection (waiting at most
+//! [`Config::commit_resolution_wait`](crate::Config::commit_resolution_wait) for the old
+//! transaction to end, see [`CommitOutcome`](crate::CommitOutcome)). If the write is
+//! stored, the client gets the stored response, as if nothing had happened; if nothing
+//! was committed, a 503 `request_not_committed` problem that says so (retry at once);
+//! only if the old backend still held the key when the wait passed, the 503
+//! `service_unavailable` with `Retry-After`.
 //!
 //! ## Routing
 //!
@@ -139,6 +170,7 @@
 //! [`MatchedPath`]: ::axum::extract::MatchedPath
 
 mod extract;
+mod key_field;
 mod layer;
 mod phased;
 mod request_id;
@@ -151,5 +183,5 @@ pub use phased::PhasedRequest;
 pub use request_id::{
     MakeRequestIds, REQUEST_ID_HEADER, RequestId, RequestIdLayer, RequestIdService,
 };
-pub use response::IDEMPOTENT_REPLAYED_HEADER;
+pub use response::{IDEMPOTENT_REPLAY_OF_HEADER, IDEMPOTENT_REPLAYED_HEADER};
 pub use scope::{ScopeRejection, scope_from_header};

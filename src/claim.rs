@@ -2,8 +2,9 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use sqlx::PgPool;
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -12,8 +13,10 @@ use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
 use crate::metrics;
+use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
+use crate::store::Replay;
 
 /// A claimed idempotency key and the open transaction that holds it.
 ///
@@ -36,13 +39,55 @@ use crate::scope::Scope;
 #[must_use = "dropping a claim rolls back its transaction; call `complete`"]
 pub struct Claim {
     tx: TxConn,
+    /// For [`resolve`]: another connection after this one broke around `COMMIT`.
+    pool: PgPool,
     scope: Scope,
     key: IdempotencyKey,
     fingerprint: Fingerprint,
     /// The claim saw an expired row for the key, which `complete` replaces.
     replace_expired: bool,
     config: Arc<Config>,
+    provenance: Provenance,
 }
+
+/// What happened to a claim whose connection broke around `COMMIT`
+/// ([`Error::CommitInterrupted`]), as found out on another connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommitOutcome {
+    /// The business write and the response are committed: answer with this response.
+    ///
+    /// It is the one this claim stored; or, if this claim's transaction rolled back and
+    /// another request with the same key and the same request completed before the store
+    /// looked, that request's, which is what a retry would replay.
+    Stored(Box<Replay>),
+    /// Nothing of this claim was committed: the business write rolled back and the key
+    /// is free (unless another request has taken it since). The request can be retried
+    /// with the same key.
+    NotStored,
+    /// The old transaction still held the key's lock when
+    /// [`Config::commit_resolution_wait`] passed: its backend cannot be reached or is still
+    /// committing. A retry with the same key later answers with the stored response or
+    /// runs afresh.
+    Unknown,
+}
+
+impl fmt::Display for CommitOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CommitOutcome::Stored(_) => "it was committed and its response is stored",
+            CommitOutcome::NotStored => "nothing was committed and the key is free",
+            CommitOutcome::Unknown => {
+                "whether it was committed is unknown: the old transaction still held the key \
+                 when the resolution wait passed"
+            }
+        })
+    }
+}
+
+/// At most this much is added to [`Config::commit_resolution_wait`] for the resolving
+/// round trip itself.
+const RESOLUTION_SLACK: Duration = Duration::from_secs(1);
 
 /// What [`Claim::complete`] did with the response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +103,7 @@ pub enum Completion {
 impl Claim {
     pub(crate) fn new(
         tx: TxConn,
+        pool: PgPool,
         scope: Scope,
         key: IdempotencyKey,
         fingerprint: Fingerprint,
@@ -66,11 +112,13 @@ impl Claim {
     ) -> Self {
         Self {
             tx,
+            pool,
             scope,
             key,
             fingerprint,
             replace_expired,
             config,
+            provenance: Provenance::default(),
         }
     }
 
@@ -89,6 +137,18 @@ impl Claim {
         &self.fingerprint
     }
 
+    /// Records which request holds the claim (its request id and `traceparent`), to be
+    /// stored with the response: replays and conflicts then name it, and
+    /// `pg-idempotency inspect` shows it. Nothing is stored without it.
+    pub fn set_provenance(&mut self, provenance: Provenance) {
+        self.provenance = provenance;
+    }
+
+    /// The request that holds the claim, as [set](Self::set_provenance).
+    pub fn provenance(&self) -> &Provenance {
+        &self.provenance
+    }
+
     /// Stores `response` with the key and commits the business write with it, in one
     /// round trip; or, if the store policy does not keep `response.status`, rolls both
     /// back and frees the key.
@@ -98,10 +158,14 @@ impl Claim {
     /// [`Error::InvalidStatus`] (the transaction is rolled back); [`Error::InFlight`] if
     /// another request stored a response for this key first without waiting for this
     /// claim (possible only when the advisory lock is not shared, see
-    /// `docs/OPERATIONS.md`; rolled back, a retry replays); or [`Error::Database`].
-    /// After a database error the outcome may be unknown (the connection broke around
-    /// `COMMIT`): retrying the request with the same key is always safe and answers with
-    /// either the stored response or a fresh run.
+    /// `docs/OPERATIONS.md`; rolled back, a retry replays);
+    /// [`Error::CommitInterrupted`] when the connection broke around `COMMIT`: the
+    /// store then found out on another connection, waiting at most
+    /// [`Config::commit_resolution_wait`], whether the write is stored (with the stored
+    /// response), not stored, or, only when that wait passed, unknown; or
+    /// [`Error::Database`] when the server refused the statement (nothing was stored).
+    /// Retrying the request with the same key is always safe: it answers with the stored
+    /// response or runs afresh.
     pub async fn complete(mut self, response: &StoredResponse) -> Result<Completion, Error> {
         let span = tracing::info_span!(
             "idempotency.complete",
@@ -131,13 +195,45 @@ impl Claim {
                 response,
                 ttl: self.config.ttl(),
                 replace_expired: self.replace_expired,
+                provenance: &self.provenance,
             };
-            match self.tx.store_and_commit(&row).await? {
-                Committed::Stored => {}
+            match self.tx.store_and_commit(&row).await {
+                Ok(Committed::Stored) => {}
+                Err(error) if connection_broke(&error) => {
+                    // The COMMIT may or may not have happened. Close this connection (its
+                    // backend rolls back if it did not commit yet), then look.
+                    let Claim {
+                        tx,
+                        pool,
+                        scope,
+                        key,
+                        fingerprint,
+                        replace_expired,
+                        config,
+                        ..
+                    } = self;
+                    drop(tx);
+                    tracing::warn!(%error, "the connection broke around COMMIT; resolving the outcome");
+                    let lookup = Lookup {
+                        scope: &scope,
+                        key: &key,
+                        fingerprint: &fingerprint,
+                        replace_expired,
+                    };
+                    let outcome = resolve(&pool, &lookup, config.commit_resolution_wait()).await;
+                    metrics::time(metrics::COMPLETE_SECONDS, started.elapsed());
+                    return Err(Error::CommitInterrupted {
+                        scope,
+                        key,
+                        outcome,
+                        source: error,
+                    });
+                }
+                Err(error) => return Err(error.into()),
                 // Another request with this key committed first without sharing our lock
                 // (see docs/OPERATIONS.md); everything was rolled back, and a retry
                 // replays the winner's response.
-                Committed::KeyTaken => {
+                Ok(Committed::KeyTaken) => {
                     return Err(Error::InFlight {
                         scope: self.scope.clone(),
                         key: self.key.clone(),
@@ -164,6 +260,98 @@ impl Claim {
         self.tx.rollback().await?;
         Ok(())
     }
+}
+
+/// Whether `error` leaves the outcome of a `COMMIT` sent with it unknown: the connection
+/// failed (I/O, protocol, TLS), or the server ended the session (SQLSTATE class 57,
+/// operator intervention, or 08, connection exception), possibly right after committing.
+/// Any other database error means the server refused a statement, which rolls the
+/// transaction back.
+fn connection_broke(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(error) => error
+            .code()
+            .is_some_and(|code| code.starts_with("57") || code.starts_with("08")),
+        _ => true,
+    }
+}
+
+/// What [`resolve`] looks for.
+struct Lookup<'a> {
+    scope: &'a Scope,
+    key: &'a IdempotencyKey,
+    fingerprint: &'a Fingerprint,
+    /// The claim replaced an expired row, which is still there if it rolled back.
+    replace_expired: bool,
+}
+
+/// Finds out, on another connection, whether a claim whose connection broke around
+/// `COMMIT` is stored, waiting at most `wait` (plus [`RESOLUTION_SLACK`] for the round
+/// trip) for the old transaction to end.
+async fn resolve(pool: &PgPool, lookup: &Lookup<'_>, wait: Duration) -> CommitOutcome {
+    let span = tracing::info_span!(
+        "idempotency.resolve_commit",
+        outcome = tracing::field::Empty
+    );
+    async move {
+        let started = Instant::now();
+        let attempt = async {
+            let mut tx = TxConn::new(pool.acquire().await?);
+            let remaining = wait.saturating_sub(started.elapsed());
+            let wait_ms = i32::try_from(remaining.as_millis()).unwrap_or(i32::MAX);
+            let found = tx
+                .begin_resolution(wait_ms, lookup.scope, lookup.key)
+                .await?;
+            tx.rollback().await?;
+            let row = found
+                .row
+                .map(|row| (row.live, row.decode()))
+                .and_then(|(live, decoded)| match decoded {
+                    // An expired row is ours only if the claim found none (a TTL shorter
+                    // than this wait); otherwise it may be the one the claim replaced.
+                    Ok(stored) if live || !lookup.replace_expired => Some(Ok(stored)),
+                    Ok(_) => None,
+                    Err(error) => Some(Err(error)),
+                });
+            Ok::<_, Error>(match (row.transpose()?, found.locked) {
+                // A committed row with this request's fingerprint: this claim's, or an
+                // identical request's that ran after it rolled back.
+                (Some(stored), _) if stored.fingerprint == *lookup.fingerprint => {
+                    CommitOutcome::Stored(Box::new(Replay {
+                        response: stored.response,
+                        first_used_at: stored.created_at,
+                        first_request: stored.provenance,
+                    }))
+                }
+                // Another request's row: this claim's insert can never commit.
+                (Some(_), _) => CommitOutcome::NotStored,
+                // The old transaction has ended and left no row.
+                (None, true) => CommitOutcome::NotStored,
+                (None, false) => CommitOutcome::Unknown,
+            })
+        };
+        let outcome = match tokio::time::timeout(wait + RESOLUTION_SLACK, attempt).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "the commit outcome could not be resolved");
+                CommitOutcome::Unknown
+            }
+            Err(_) => {
+                tracing::warn!("the commit outcome could not be resolved in time");
+                CommitOutcome::Unknown
+            }
+        };
+        let name = match &outcome {
+            CommitOutcome::Stored(_) => "stored",
+            CommitOutcome::NotStored => "not_stored",
+            CommitOutcome::Unknown => "unknown",
+        };
+        tracing::Span::current().record("outcome", name);
+        metrics::count_labeled(metrics::COMMIT_RESOLUTIONS, "outcome", name);
+        outcome
+    }
+    .instrument(span)
+    .await
 }
 
 impl fmt::Debug for Claim {

@@ -27,6 +27,7 @@ pub struct Config {
     ttl: Duration,
     in_flight_wait: Duration,
     retry_after: Duration,
+    commit_resolution_wait: Duration,
     store_policy: StorePolicy,
     key_policy: KeyPolicy,
     lease: Duration,
@@ -34,12 +35,14 @@ pub struct Config {
 
 impl Default for Config {
     /// 24-hour replay window, 2 s wait for an in-flight duplicate, a 1 s retry hint,
-    /// the default [`StorePolicy`], UUID v4 keys, 30 s leases for phased requests.
+    /// 5 s to resolve an interrupted commit, the default [`StorePolicy`], UUID v4 keys,
+    /// 30 s leases for phased requests.
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(24 * 60 * 60),
             in_flight_wait: Duration::from_secs(2),
             retry_after: Duration::from_secs(1),
+            commit_resolution_wait: Duration::from_secs(5),
             store_policy: StorePolicy::default(),
             key_policy: KeyPolicy::default(),
             lease: Duration::from_secs(30),
@@ -70,6 +73,23 @@ impl Config {
     #[must_use]
     pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
         self.retry_after = retry_after;
+        self
+    }
+
+    /// How long [`Claim::complete`](crate::Claim::complete) may spend finding out what
+    /// happened when the connection broke around `COMMIT` (default 5 s).
+    ///
+    /// On another connection it waits, at most this long, for the key's advisory lock:
+    /// the lock is free once the old transaction has ended (committed, or rolled back
+    /// because its backend saw the connection close), and then the key's row tells. Only
+    /// when the old backend still holds the lock after this wait (it cannot be reached
+    /// and has not noticed yet) is the outcome
+    /// [unknown](crate::CommitOutcome::Unknown). The wait covers taking a connection
+    /// from the pool too; one more round trip at most, and never more than a second,
+    /// is added to it. Zero gives up at once unless the lock is free.
+    #[must_use]
+    pub fn with_commit_resolution_wait(mut self, wait: Duration) -> Self {
+        self.commit_resolution_wait = wait;
         self
     }
 
@@ -111,6 +131,11 @@ impl Config {
     /// The retry hint given with an in-flight answer.
     pub fn retry_after(&self) -> Duration {
         self.retry_after
+    }
+
+    /// The bounded wait for the outcome of an interrupted commit.
+    pub fn commit_resolution_wait(&self) -> Duration {
+        self.commit_resolution_wait
     }
 
     /// The store policy.

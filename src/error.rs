@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
+use crate::claim::CommitOutcome;
 use crate::key::{IdempotencyKey, KeyError};
+use crate::provenance::Provenance;
 use crate::scope::{Scope, ScopeError};
 
 /// Everything that can go wrong in this crate.
@@ -28,6 +30,8 @@ pub enum Error {
         key: IdempotencyKey,
         /// When the key was first used (database clock).
         first_used_at: DateTime<Utc>,
+        /// The request that first used it (empty for rows stored without one).
+        first_request: Provenance,
     },
 
     /// Another request holding the key did not finish within the configured wait.
@@ -42,6 +46,25 @@ pub enum Error {
         key: IdempotencyKey,
         /// How long the client should wait before retrying.
         retry_after: Duration,
+    },
+
+    /// The connection broke around `COMMIT` in [`Claim::complete`](crate::Claim::complete)
+    /// (the reply was lost, or the server ended the session): the store then found out on
+    /// another connection, within
+    /// [`Config::commit_resolution_wait`](crate::Config::commit_resolution_wait), what had
+    /// happened. `outcome` says whether the business write and its response are stored,
+    /// were rolled back, or (only when the wait passed) is unknown.
+    #[error("the connection broke while committing key '{key}' in scope '{scope}'; {outcome}")]
+    CommitInterrupted {
+        /// The scope the key lives in.
+        scope: Scope,
+        /// The key.
+        key: IdempotencyKey,
+        /// What the store found out.
+        outcome: CommitOutcome,
+        /// How the connection broke.
+        #[source]
+        source: sqlx::Error,
     },
 
     /// The key is not acceptable under the key policy.

@@ -88,6 +88,7 @@ mod key;
 pub mod metrics;
 pub mod phased;
 mod problem;
+mod provenance;
 mod response;
 mod scope;
 mod store;
@@ -95,13 +96,14 @@ mod sweeper;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use claim::{Claim, Completion};
+pub use claim::{Claim, CommitOutcome, Completion};
 pub use config::Config;
 pub use db::prepare_connection;
 pub use error::Error;
 pub use fingerprint::{Fingerprint, Request};
 pub use key::{IdempotencyKey, KeyError, KeyPolicy};
 pub use problem::{IDEMPOTENCY_KEY_HEADER, Problem, Problems};
+pub use provenance::Provenance;
 pub use response::{StorePolicy, StoredResponse};
 pub use scope::{Scope, ScopeError};
 pub use store::{Begin, IdempotencyStore, Outcome, Replay};

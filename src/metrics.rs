@@ -8,6 +8,7 @@
 //! | `pg_idempotency_conflicts_total` | counter | keys reused with another request (409) |
 //! | `pg_idempotency_in_flight_total` | counter | duplicates that gave up waiting (409 + Retry-After) |
 //! | `pg_idempotency_policy_rollbacks_total` | counter | responses the store policy did not keep (rolled back, key freed) |
+//! | `pg_idempotency_commit_resolutions_total` | counter | commits whose connection broke, by what the store found out (`outcome`: `stored`, `not_stored`, `unknown`) |
 //! | `pg_idempotency_swept_rows_total` | counter | expired rows deleted by sweeps |
 //! | `pg_idempotency_claim_seconds` | histogram | latency of `begin` (claim, replay or refusal) |
 //! | `pg_idempotency_complete_seconds` | histogram | latency of `complete` (store + commit) |
@@ -25,6 +26,8 @@ pub const CONFLICTS: &str = "pg_idempotency_conflicts_total";
 pub const IN_FLIGHT: &str = "pg_idempotency_in_flight_total";
 /// Responses the store policy did not keep.
 pub const POLICY_ROLLBACKS: &str = "pg_idempotency_policy_rollbacks_total";
+/// Commits whose connection broke, resolved on another connection; label `outcome`.
+pub const COMMIT_RESOLUTIONS: &str = "pg_idempotency_commit_resolutions_total";
 /// Expired rows deleted by sweeps.
 pub const SWEPT_ROWS: &str = "pg_idempotency_swept_rows_total";
 /// Latency of `begin`, in seconds.
@@ -36,6 +39,10 @@ pub const RESPONSE_BYTES: &str = "pg_idempotency_response_bytes";
 
 pub(crate) fn count(name: &'static str, n: u64) {
     metrics::counter!(name).increment(n);
+}
+
+pub(crate) fn count_labeled(name: &'static str, label: &'static str, value: &'static str) {
+    metrics::counter!(name, label => value).increment(1);
 }
 
 pub(crate) fn time(name: &'static str, elapsed: Duration) {

@@ -24,7 +24,7 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
 /// let key: IdempotencyKey = "550e8400-e29b-41d4-a716-446655440000".parse().unwrap();
 /// let at = "2026-05-14T14:32:01Z".parse().unwrap();
 /// let problem = Problems::new("https://zyins.isaapi.com/errors/")
-///     .conflict(&key, at)
+///     .conflict(&key, at, None)
 ///     .with_request_id("req_01HZK2N5GQR9T8X4B6FJW3Y1AS");
 /// assert_eq!(problem.status, 409);
 /// assert_eq!(
@@ -169,8 +169,11 @@ impl Problems {
     pub fn for_error(&self, error: &Error) -> Option<Problem> {
         match error {
             Error::Conflict {
-                key, first_used_at, ..
-            } => Some(self.conflict(key, *first_used_at)),
+                key,
+                first_used_at,
+                first_request,
+                ..
+            } => Some(self.conflict(key, *first_used_at, first_request.request_id.as_deref())),
             Error::InFlight {
                 key, retry_after, ..
             } => Some(self.in_flight(key, *retry_after)),
@@ -180,14 +183,23 @@ impl Problems {
         }
     }
 
-    /// 409 `idempotency_conflict`: the key was used with a different request body.
-    pub fn conflict(&self, key: &IdempotencyKey, first_used_at: DateTime<Utc>) -> Problem {
+    /// 409 `idempotency_conflict`: the key was used with a different request body, at
+    /// `first_used_at`, by the request with id `first_request_id` when it is known.
+    pub fn conflict(
+        &self,
+        key: &IdempotencyKey,
+        first_used_at: DateTime<Utc>,
+        first_request_id: Option<&str>,
+    ) -> Problem {
+        let by = first_request_id
+            .map(|id| format!(" by request {id}"))
+            .unwrap_or_default();
         self.custom(
             "idempotency-conflict",
             409,
             "Idempotency key reused with different body",
             format!(
-                "{} '{key}' was used at {} with a different request body.",
+                "{} '{key}' was used at {}{by} with a different request body.",
                 self.key_header,
                 first_used_at.to_rfc3339_opts(SecondsFormat::Secs, true)
             ),
@@ -322,6 +334,27 @@ impl Problems {
     }
 }
 
+impl Problems {
+    /// 503 `request_not_committed`: the connection to the database broke while the
+    /// request was being committed, and the server then verified that nothing was
+    /// committed ([`CommitOutcome::NotStored`](crate::CommitOutcome::NotStored)). The
+    /// client may retry with the same key at once, so there is no `Retry-After`.
+    pub fn not_committed(&self) -> Problem {
+        self.custom(
+            "request-not-committed",
+            503,
+            "Request not completed",
+            format!(
+                "The server lost its database connection while completing this request and \
+                 verified that nothing was done. Retry the request; the same {} is safe.",
+                self.key_header
+            ),
+            "request_not_committed",
+            "retry_request",
+        )
+    }
+}
+
 /// Whole seconds for `Retry-After`, at least one.
 fn retry_after_seconds(retry_after: Duration) -> u64 {
     (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1)
@@ -336,10 +369,21 @@ mod tests {
     }
 
     #[test]
+    fn conflict_names_the_first_request_beside_its_time() {
+        let at = "2026-05-14T14:32:01Z".parse().unwrap();
+        let problem = Problems::default().conflict(&key(), at, Some("req_FIRST"));
+        assert_eq!(
+            problem.detail,
+            "Idempotency-Key '550e8400-e29b-41d4-a716-446655440000' was used at \
+             2026-05-14T14:32:01Z by request req_FIRST with a different request body."
+        );
+    }
+
+    #[test]
     fn conflict_matches_the_seed_example() {
         let at = "2026-05-14T14:32:01Z".parse().unwrap();
         let problem = Problems::new("https://zyins.isaapi.com/errors/")
-            .conflict(&key(), at)
+            .conflict(&key(), at, None)
             .with_request_id("req_01HZK2N5GQR9T8X4B6FJW3Y1AS");
         let json: serde_json::Value = serde_json::from_slice(&problem.to_json()).unwrap();
         assert_eq!(

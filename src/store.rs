@@ -7,13 +7,14 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tracing::Instrument;
 
-use crate::claim::{Claim, Completion};
+use crate::claim::{Claim, CommitOutcome, Completion};
 use crate::config::Config;
 use crate::db::{StoredRow, TxConn};
 use crate::error::Error;
 use crate::fingerprint::{Fingerprint, Request};
 use crate::key::{IdempotencyKey, KeyError};
 use crate::metrics;
+use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 
@@ -44,6 +45,8 @@ pub struct Replay {
     pub response: StoredResponse,
     /// When the key was first used (database clock).
     pub first_used_at: DateTime<Utc>,
+    /// The request that produced the response (empty for rows stored without one).
+    pub first_request: Provenance,
 }
 
 /// What [`IdempotencyStore::run`] did.
@@ -110,12 +113,14 @@ pub(crate) fn answer(
         Ok(Replay {
             response: stored.response,
             first_used_at: stored.created_at,
+            first_request: stored.provenance,
         })
     } else {
         Err(Error::Conflict {
             scope: scope.clone(),
             key: key.clone(),
             first_used_at: stored.created_at,
+            first_request: stored.provenance,
         })
     }
 }
@@ -145,6 +150,31 @@ impl IdempotencyStore {
         Self {
             pool,
             config: Arc::new(config),
+        }
+    }
+
+    /// The same store, sharing this one's pool, with its configuration changed by
+    /// `change`: the settings of one route (TTL, key policy, in-flight wait, ...) in a
+    /// service whose routes differ. Cheap: no second pool, no new connection.
+    ///
+    /// ```no_run
+    /// # fn demo(store: pg_idempotency::IdempotencyStore) {
+    /// use std::time::Duration;
+    /// use pg_idempotency::KeyPolicy;
+    ///
+    /// let exports = store.reconfigured(|config| {
+    ///     config
+    ///         .with_ttl(Duration::from_secs(7 * 24 * 3600))
+    ///         .with_key_policy(KeyPolicy::Opaque)
+    /// });
+    /// assert_eq!(exports.config().ttl(), Duration::from_secs(604_800));
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn reconfigured(&self, change: impl FnOnce(Config) -> Config) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            config: Arc::new(change((*self.config).clone())),
         }
     }
 
@@ -225,6 +255,7 @@ impl IdempotencyStore {
             Locked::Answered(replay) => Begin::Replay(replay),
             Locked::Held { tx, expired_row } => Begin::Claimed(Claim::new(
                 tx,
+                self.pool.clone(),
                 scope.clone(),
                 key.clone(),
                 request.fingerprint(),
@@ -319,7 +350,9 @@ impl IdempotencyStore {
     /// # Errors
     ///
     /// Everything [`begin`](Self::begin) and [`Claim::complete`] return, converted into
-    /// `E`, and the errors of `business`.
+    /// `E`, and the errors of `business`; except an [`Error::CommitInterrupted`] whose
+    /// outcome is [`CommitOutcome::Stored`], which is an [`Outcome::Executed`] with the
+    /// stored response.
     pub async fn run<F, E>(
         &self,
         scope: &Scope,
@@ -344,7 +377,20 @@ impl IdempotencyStore {
                 return Err(error);
             }
         };
-        let stored = claim.complete(&response).await? == Completion::Stored;
-        Ok(Outcome::Executed { response, stored })
+        match claim.complete(&response).await {
+            Ok(completion) => Ok(Outcome::Executed {
+                response,
+                stored: completion == Completion::Stored,
+            }),
+            // The reply to COMMIT was lost, but the store found the response stored.
+            Err(Error::CommitInterrupted {
+                outcome: CommitOutcome::Stored(replay),
+                ..
+            }) => Ok(Outcome::Executed {
+                response: replay.response,
+                stored: true,
+            }),
+            Err(error) => Err(error.into()),
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Exactly-once under faults: killed connections, a server crash and restart, replies to
-//! COMMIT lost on the wire, futures cancelled at random await points, and concurrent
-//! requests in two scopes. Every check counts rows.
+//! COMMIT lost on the wire (and, through the HTTP layer, COMMITs lost and a silent
+//! partition, resolved before answering), futures cancelled at random await points, and
+//! concurrent requests in two scopes. Every check counts rows.
 //!
 //! Bounded for CI by default; `FAULT_REQUESTS` (per phase, default 2000) and
 //! `CANCELLATIONS` (default 10000) make it a soak, `TEST_SEED` repeats a run:
@@ -280,16 +281,51 @@ async fn exactly_once_across_a_server_crash_and_restart() -> Result<()> {
     verify(&direct, &store, &acked).await
 }
 
-/// A TCP proxy that forwards everything, except that after a client message containing
-/// `COMMIT` it may drop the server's reply and close the connection: the commit happened,
-/// the client cannot know.
-async fn lossy_proxy(upstream: SocketAddr, drop_chance: f64) -> Result<(u16, Arc<AtomicU64>)> {
+/// What [`lossy_proxy`] does to a client message containing `COMMIT`, when it strikes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Forward it, then drop the server's reply and close both connections: the commit
+    /// happened, the client cannot know.
+    LoseReply,
+    /// Drop it and close both connections: the server never sees the COMMIT, and rolls
+    /// back when it sees the connection close.
+    LoseCommit,
+    /// Drop it, close the client's side, and keep the server's side open and silent
+    /// (until [`Proxy::heal`]): the old backend stays idle in its transaction, holding the
+    /// key, and cannot be reached.
+    Partition,
+}
+
+/// A TCP proxy in front of PostgreSQL that strikes messages containing `COMMIT`.
+struct Proxy {
+    port: u16,
+    /// How often each fault struck, in the order of `faults`.
+    struck: Arc<Vec<AtomicU64>>,
+    /// The server sides of partitioned connections, held open.
+    held: Arc<std::sync::Mutex<Vec<tokio::net::tcp::OwnedWriteHalf>>>,
+}
+
+impl Proxy {
+    fn struck(&self, fault: usize) -> u64 {
+        self.struck[fault].load(Ordering::Relaxed)
+    }
+
+    /// Closes the partitioned server connections: their backends roll back.
+    fn heal(&self) {
+        self.held.lock().expect("not poisoned").clear();
+    }
+}
+
+/// A [`Proxy`] that strikes each message containing `COMMIT` with probability
+/// `chance`, with one of `faults` picked at random.
+async fn lossy_proxy(upstream: SocketAddr, chance: f64, faults: &'static [Fault]) -> Result<Proxy> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
-    let dropped = Arc::new(AtomicU64::new(0));
+    let struck: Arc<Vec<AtomicU64>> = Arc::new(faults.iter().map(|_| AtomicU64::new(0)).collect());
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut rng = Rng::from_env("lossy_proxy");
     let seeds: Vec<u64> = (0..100_000).map(|_| rng.next()).collect();
-    let counter = Arc::clone(&dropped);
+    let (counters, holder) = (Arc::clone(&struck), Arc::clone(&held));
     tokio::spawn(async move {
         for seed in seeds {
             let Ok((client, _)) = listener.accept().await else {
@@ -298,25 +334,29 @@ async fn lossy_proxy(upstream: SocketAddr, drop_chance: f64) -> Result<(u16, Arc
             let Ok(server) = TcpStream::connect(upstream).await else {
                 continue;
             };
-            tokio::spawn(relay(
-                client,
-                server,
-                Rng::seeded(seed),
-                drop_chance,
-                Arc::clone(&counter),
-            ));
+            let strike = Strike {
+                rng: Rng::seeded(seed),
+                chance,
+                faults,
+                struck: Arc::clone(&counters),
+                held: Arc::clone(&holder),
+            };
+            tokio::spawn(relay(client, server, strike));
         }
     });
-    Ok((port, dropped))
+    Ok(Proxy { port, struck, held })
 }
 
-async fn relay(
-    client: TcpStream,
-    server: TcpStream,
-    mut rng: Rng,
-    drop_chance: f64,
-    dropped: Arc<AtomicU64>,
-) {
+/// How one relayed connection strikes.
+struct Strike {
+    rng: Rng,
+    chance: f64,
+    faults: &'static [Fault],
+    struck: Arc<Vec<AtomicU64>>,
+    held: Arc<std::sync::Mutex<Vec<tokio::net::tcp::OwnedWriteHalf>>>,
+}
+
+async fn relay(client: TcpStream, server: TcpStream, mut strike: Strike) {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let armed = Arc::new(AtomicBool::new(false));
@@ -328,8 +368,17 @@ async fn relay(
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            if buf[..n].windows(6).any(|w| w == b"COMMIT") && rng.chance(drop_chance) {
-                arm.store(true, Ordering::SeqCst);
+            if buf[..n].windows(6).any(|w| w == b"COMMIT") && strike.rng.chance(strike.chance) {
+                let pick = strike.rng.below(strike.faults.len() as u64) as usize;
+                strike.struck[pick].fetch_add(1, Ordering::Relaxed);
+                match strike.faults[pick] {
+                    Fault::LoseReply => arm.store(true, Ordering::SeqCst),
+                    Fault::LoseCommit => return,
+                    Fault::Partition => {
+                        strike.held.lock().expect("not poisoned").push(server_write);
+                        return;
+                    }
+                }
             }
             if server_write.write_all(&buf[..n]).await.is_err() {
                 return;
@@ -344,7 +393,6 @@ async fn relay(
                 Ok(n) => n,
             };
             if armed.load(Ordering::SeqCst) {
-                dropped.fetch_add(1, Ordering::Relaxed);
                 return; // the reply to COMMIT is lost; both connections close
             }
             if client_write.write_all(&buf[..n]).await.is_err() {
@@ -362,11 +410,11 @@ async fn relay(
 async fn exactly_once_when_replies_to_commit_are_lost() -> Result<()> {
     let (cluster, database) = own_cluster().await?;
     let upstream: SocketAddr = format!("127.0.0.1:{}", cluster.port()).parse()?;
-    let (proxy_port, dropped) = lossy_proxy(upstream, 0.1).await?;
-    let store = IdempotencyStore::new(pool_to(database.url(), Some(proxy_port)).await?);
+    let proxy = lossy_proxy(upstream, 0.1, &[Fault::LoseReply]).await?;
+    let store = IdempotencyStore::new(pool_to(database.url(), Some(proxy.port)).await?);
     let requests = env_usize("FAULT_REQUESTS", 2000);
     let acked = load(&store, 0, requests, Arc::new(AtomicUsize::new(0))).await?;
-    let dropped = dropped.load(Ordering::Relaxed);
+    let dropped = proxy.struck(0);
     eprintln!("dropped {dropped} replies to COMMIT during {requests} requests");
     ensure!(dropped > 0, "the fault never fired");
     verify(database.pool(), &store, &acked).await
@@ -516,4 +564,236 @@ async fn one_key_in_two_scopes_under_concurrency_never_crosses() -> Result<()> {
         "{executed:?}"
     );
     Ok(())
+}
+
+/// The database server behind a test database, for a proxy in front of it.
+fn server_of(database: &TestDatabase) -> Result<SocketAddr> {
+    let options = PgConnectOptions::from_str(database.url())?;
+    let host = if options.get_host() == "localhost" {
+        "127.0.0.1"
+    } else {
+        options.get_host()
+    };
+    Ok(format!("{host}:{}", options.get_port()).parse()?)
+}
+
+/// A payments service behind the idempotency layer: one business row per request,
+/// answered 201 with the row's id.
+fn payments_app(store: IdempotencyStore) -> axum::Router {
+    use axum::response::IntoResponse;
+    use pg_idempotency::axum::{IdempotencyLayer, IdempotentTx};
+
+    async fn pay(mut tx: IdempotentTx, body: axum::body::Bytes) -> axum::response::Response {
+        let n: i64 = std::str::from_utf8(&body)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .expect("the body is a request number");
+        let id: i64 =
+            sqlx::query_scalar("INSERT INTO payments (request_no) VALUES ($1) RETURNING id")
+                .bind(n)
+                .fetch_one(&mut *tx)
+                .await
+                .expect("insert");
+        (axum::http::StatusCode::CREATED, format!("payment {id}")).into_response()
+    }
+    let layer = IdempotencyLayer::new(store, |_: &http::request::Parts| Scope::new("http"));
+    axum::Router::new().route("/pay", axum::routing::post(pay).route_layer(layer))
+}
+
+/// Sends one request with its key, once.
+async fn pay_once(server: &support::Server, key: &str, n: i64) -> Result<support::Answer> {
+    let response = support::client()
+        .post(server.url("/pay"))
+        .header("idempotency-key", key)
+        .body(n.to_string())
+        .send()
+        .await?;
+    support::Answer::of(response).await
+}
+
+/// Issue 11: with COMMITs struck on the wire (the reply lost after the commit, or the
+/// COMMIT itself lost), each request sent once: every committed write is answered with
+/// its stored 2xx, every 2xx is committed and stored, nothing is duplicated, and a lost
+/// COMMIT is answered 503 `request_not_committed`, never with an unknown outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_commits_are_resolved_before_the_http_answer() -> Result<()> {
+    let database = TestDatabase::create().await?;
+    sqlx::raw_sql("CREATE TABLE payments (id bigserial PRIMARY KEY, request_no bigint NOT NULL)")
+        .execute(database.pool())
+        .await?;
+    let proxy = lossy_proxy(
+        server_of(&database)?,
+        0.2,
+        &[Fault::LoseReply, Fault::LoseCommit],
+    )
+    .await?;
+    let store = IdempotencyStore::new(pool_to(database.url(), Some(proxy.port)).await?);
+    let server = Arc::new(support::Server::start(payments_app(store)).await?);
+    // Each request is answered once and checked one by one: a fifth of a phase.
+    let requests = (env_usize("FAULT_REQUESTS", 2000) / 5).max(100) as i64;
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (server, next) = (Arc::clone(&server), Arc::clone(&next));
+        workers.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed) as i64;
+                if n >= requests {
+                    return Ok::<_, anyhow::Error>(answers);
+                }
+                let key = new_key().into_string();
+                answers.push((n, key.clone(), pay_once(&server, &key, n).await?));
+            }
+        }));
+    }
+    let mut answers = Vec::new();
+    for worker in workers {
+        answers.extend(worker.await??);
+    }
+    let (lost_replies, lost_commits) = (proxy.struck(0), proxy.struck(1));
+    eprintln!(
+        "{requests} requests: {lost_replies} replies to COMMIT lost, {lost_commits} COMMITs lost"
+    );
+    ensure!(lost_replies > 0 && lost_commits > 0, "a fault never struck");
+
+    let direct = database.pool();
+    let (mut created, mut not_committed) = (0, 0);
+    for (n, key, answer) in &answers {
+        let payments: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM payments WHERE request_no = $1")
+                .bind(n)
+                .fetch_one(direct)
+                .await?;
+        let stored: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT body FROM idempotency_keys WHERE scope = 'http' AND key = $1",
+        )
+        .bind(key)
+        .fetch_optional(direct)
+        .await?;
+        ensure!(payments <= 1, "request {n} paid {payments} times");
+        match answer.status {
+            201 => {
+                created += 1;
+                ensure!(payments == 1, "request {n} answered 201 but not committed");
+                ensure!(
+                    stored.as_deref() == Some(&answer.body[..]),
+                    "request {n} answered {:?}, stored {stored:?}",
+                    String::from_utf8_lossy(&answer.body)
+                );
+            }
+            _ => {
+                not_committed += 1;
+                ensure!(
+                    payments == 0 && stored.is_none(),
+                    "request {n} committed but answered {}",
+                    answer.status
+                );
+                let problem = answer.problem(503, "request_not_committed")?;
+                ensure!(answer.header("retry-after").is_none());
+                ensure!(
+                    problem["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("nothing was done"))
+                );
+            }
+        }
+    }
+    ensure!(
+        not_committed == lost_commits && created == requests as u64 - lost_commits,
+        "{created} created, {not_committed} not committed, {lost_commits} COMMITs lost"
+    );
+    assert_no_idle_transactions(direct).await
+}
+
+/// Issue 11: when the old backend cannot be reached (the client's side of the connection
+/// closes, the server's stays open and silent, the COMMIT never arrives), the resolution
+/// gives up after its bound: `CommitOutcome::Unknown` from the store, the 503 with
+/// `Retry-After` from the HTTP layer. Once the partition heals, the key is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_old_backend_leaves_the_outcome_unknown_within_the_bound() -> Result<()> {
+    let database = TestDatabase::create().await?;
+    sqlx::raw_sql("CREATE TABLE payments (id bigserial PRIMARY KEY, request_no bigint NOT NULL)")
+        .execute(database.pool())
+        .await?;
+    let proxy = lossy_proxy(server_of(&database)?, 1.0, &[Fault::Partition]).await?;
+    let bound = Duration::from_millis(1500);
+    let store = IdempotencyStore::with_config(
+        pool_to(database.url(), Some(proxy.port)).await?,
+        Config::default().with_commit_resolution_wait(bound),
+    );
+    let held_in_transaction = async || -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND state = 'idle in transaction'",
+        )
+        .fetch_one(database.pool())
+        .await?)
+    };
+
+    // The store.
+    let (scope, key) = (Scope::new("http")?, new_key());
+    let Begin::Claimed(mut claim) = store
+        .begin(&scope, &key, &Request::new("POST", "/pay", b"1"))
+        .await?
+    else {
+        bail!("a new key replayed");
+    };
+    sqlx::query("INSERT INTO payments (request_no) VALUES (1)")
+        .execute(&mut claim)
+        .await?;
+    let started = Instant::now();
+    let completed = claim.complete(&StoredResponse::new(201, "paid")).await;
+    let took = started.elapsed();
+    match completed {
+        Err(Error::CommitInterrupted {
+            outcome: pg_idempotency::CommitOutcome::Unknown,
+            ..
+        }) => {}
+        other => bail!("expected an unknown outcome, got {other:?}"),
+    }
+    eprintln!("store: unknown after {took:?} (bound {bound:?})");
+    // The wait, plus at most a second for the resolving round trip itself.
+    let limit = bound + Duration::from_millis(1500);
+    ensure!(took >= bound && took < limit, "resolution took {took:?}");
+    ensure!(
+        held_in_transaction().await? == 1,
+        "the old backend is not holding the key"
+    );
+
+    // The HTTP layer.
+    let server = support::Server::start(payments_app(store.clone())).await?;
+    let http_key = new_key().into_string();
+    let started = Instant::now();
+    let answer = pay_once(&server, &http_key, 2).await?;
+    let took = started.elapsed();
+    eprintln!("http: {} after {took:?}", answer.status);
+    answer.problem(503, "service_unavailable")?;
+    ensure!(answer.header("retry-after") == Some("1"));
+    ensure!(took >= bound && took < limit, "took {took:?}");
+    ensure!(held_in_transaction().await? == 2);
+
+    // The partition heals: the old backends roll back, and the keys are free.
+    proxy.heal();
+    assert_no_idle_transactions(database.pool()).await?;
+    let direct = IdempotencyStore::new(database.pool().clone());
+    let outcome = direct
+        .run(
+            &scope,
+            &key,
+            &Request::new("POST", "/pay", b"1"),
+            async |claim| {
+                sqlx::query("INSERT INTO payments (request_no) VALUES (1)")
+                    .execute(&mut *claim)
+                    .await?;
+                Ok::<_, Error>(StoredResponse::new(201, "paid"))
+            },
+        )
+        .await?;
+    ensure!(!outcome.is_replay());
+    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM payments")
+        .fetch_one(database.pool())
+        .await?;
+    ensure!(payments == 1, "{payments} payments");
+    server.stop().await
 }

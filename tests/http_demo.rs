@@ -227,11 +227,23 @@ async fn replay_bytes_equal_the_original() -> Result<()> {
     ensure!(header(&second, "x-request-id") == [b"x-request-id: client-second".to_vec()]);
     ensure!(header(&first, "idempotent-replayed").is_empty());
     ensure!(header(&second, "idempotent-replayed") == [b"idempotent-replayed: true".to_vec()]);
+    // The replay names the request it replays; its own id stays its own.
+    ensure!(header(&first, "idempotent-replay-of").is_empty());
+    ensure!(
+        header(&second, "idempotent-replay-of") == [b"idempotent-replay-of: client-first".to_vec()]
+    );
     let rest = |answer: &support::RawAnswer| -> Vec<Vec<u8>> {
         answer
             .lines
             .iter()
-            .filter(|(n, _)| n != "x-request-id" && n != "idempotent-replayed")
+            .filter(|(n, _)| {
+                ![
+                    "x-request-id",
+                    "idempotent-replayed",
+                    "idempotent-replay-of",
+                ]
+                .contains(&n.as_str())
+            })
             .map(|(_, l)| l.clone())
             .collect()
     };

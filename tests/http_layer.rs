@@ -6,6 +6,7 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use axum::Router;
@@ -19,7 +20,7 @@ use pg_idempotency::axum::{
     scope_from_header,
 };
 use pg_idempotency::testing::TestDatabase;
-use pg_idempotency::{IdempotencyStore, Problems, Scope};
+use pg_idempotency::{IdempotencyStore, KeyPolicy, Problems, Scope};
 use sqlx::PgPool;
 use support::{Answer, Server, client, is_generated_request_id, new_key};
 
@@ -30,7 +31,7 @@ struct AppState {
 }
 
 /// Writes a row in the claim's transaction, then answers as the request's headers say:
-/// `x-status`, `x-rollback`, `x-panic`, `x-binary-header`, `x-rich`.
+/// `x-sleep-ms`, `x-status`, `x-rollback`, `x-panic`, `x-binary-header`, `x-rich`.
 async fn widget(
     State(state): State<AppState>,
     mut tx: IdempotentTx,
@@ -43,6 +44,12 @@ async fn widget(
         .execute(&mut *tx)
         .await
         .expect("insert");
+    if let Some(ms) = headers
+        .get("x-sleep-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     if headers.contains_key("x-panic") {
         panic!("the handler panics after writing");
     }
@@ -155,6 +162,17 @@ fn router(store: IdempotencyStore, runs: Arc<AtomicUsize>) -> Router {
             post(optional).route_layer(layer.clone().optional()),
         )
         .route("/custom", post(widget).route_layer(custom))
+        // Per-route settings over the same store and pool.
+        .route(
+            "/opaque",
+            post(widget).route_layer(
+                layer
+                    .clone()
+                    .with_key_policy(KeyPolicy::Opaque)
+                    .with_ttl(Duration::from_secs(3600))
+                    .with_in_flight_wait(Duration::ZERO),
+            ),
+        )
         .route("/json", post(json).route_layer(layer.clone()))
         .route("/misused", post(misused))
         .with_state(AppState {
@@ -370,7 +388,14 @@ async fn replays_keep_header_order_duplicates_and_bytes() -> Result<()> {
         answer
             .headers
             .iter()
-            .filter(|(n, _)| *n != "x-request-id" && *n != "idempotent-replayed")
+            .filter(|(n, _)| {
+                ![
+                    "x-request-id",
+                    "idempotent-replayed",
+                    "idempotent-replay-of",
+                ]
+                .contains(&n.as_str())
+            })
             .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
             .collect()
     };
@@ -385,6 +410,10 @@ async fn replays_keep_header_order_duplicates_and_bytes() -> Result<()> {
     let multi: Vec<_> = replay.headers.get_all("x-multi").iter().collect();
     ensure!(multi == ["one", "two"]);
     ensure!(replay.headers["x-utf8"].as_bytes() == "naïve ✓".as_bytes());
+    // The replay has its own request id, and names the request it replays.
+    ensure!(first.header("idempotent-replay-of").is_none());
+    ensure!(replay.request_id()? != first.request_id()?);
+    ensure!(replay.header("idempotent-replay-of") == Some(first.request_id()?));
     app.stop().await
 }
 
@@ -551,4 +580,174 @@ async fn a_database_outage_is_a_503_problem() -> Result<()> {
     server.stop().await?;
     db.close().await?;
     Ok(())
+}
+
+/// Issue 11: the draft's key syntax, a Structured Field String, and the bare key are one
+/// key, under both key policies; a malformed quoted key is refused with the reason.
+#[tokio::test]
+async fn the_quoted_key_and_the_bare_key_are_one_key() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let quoted = format!("\"{key}\"");
+    let first = app.post("/widgets/1", Some(&quoted), &[], "a").await?;
+    ensure!(first.status == 201, "{first:?}");
+    let bare = app.post("/widgets/1", Some(&key), &[], "a").await?;
+    ensure!(bare.header("idempotent-replayed") == Some("true") && bare.body == first.body);
+    let upper = format!("\"{}\"", key.to_uppercase());
+    let again = app.post("/widgets/1", Some(&upper), &[], "a").await?;
+    ensure!(again.header("idempotent-replayed") == Some("true"));
+
+    let opaque = app.post("/opaque", Some("tok-1"), &[], "b").await?;
+    ensure!(opaque.status == 201, "{opaque:?}");
+    let quoted = app.post("/opaque", Some("\"tok-1\""), &[], "b").await?;
+    ensure!(quoted.header("idempotent-replayed") == Some("true") && quoted.body == opaque.body);
+    ensure!(app.runs() == 2 && app.rows().await? == 2);
+
+    for (path, raw, says) in [
+        ("/widgets/1", format!("\"{key}"), "no closing '\"'"),
+        ("/widgets/1", format!("\"{key}\";a=1"), "parameters"),
+        ("/opaque", "\"a\\qb\"".to_owned(), "backslash before 'q'"),
+        ("/opaque", "\"a\", \"b\"".to_owned(), "exactly one key"),
+        ("/widgets/1", format!("\"{key}\" x"), "followed by 'x'"),
+    ] {
+        let answer = app.post(path, Some(&raw), &[], "a").await?;
+        let problem = answer.problem(400, "idempotency_key_invalid")?;
+        let detail = problem["detail"].as_str().unwrap_or_default();
+        ensure!(detail.contains(says), "{raw}: {detail}");
+    }
+    // Two header lines stay refused, even when they spell the same key.
+    let request = client()
+        .post(app.server.url("/widgets/1"))
+        .header("Idempotency-Key", format!("\"{key}\""))
+        .header("Idempotency-Key", key.clone())
+        .body("a");
+    let twice = Answer::of(request.send().await?).await?;
+    let problem = twice.problem(400, "idempotency_key_invalid")?;
+    ensure!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("more than once")
+    );
+    ensure!(app.runs() == 2 && app.rows().await? == 2);
+    app.stop().await
+}
+
+/// Issue 11: a layer overrides the TTL, key policy and in-flight wait of the store it
+/// wraps; the other routes keep the store's.
+#[tokio::test]
+async fn routes_override_ttl_key_policy_and_in_flight_wait() -> Result<()> {
+    let app = App::start().await?;
+    // Key policy: an opaque key only where the route allows it.
+    app.post("/widgets/1", Some("tok-2"), &[], "a")
+        .await?
+        .problem(400, "idempotency_key_invalid")?;
+    ensure!(app.post("/opaque", Some("tok-2"), &[], "a").await?.status == 201);
+
+    // TTL: one hour on /opaque, the store's 24 hours elsewhere (database clock).
+    ensure!(
+        app.post("/widgets/1", Some(&new_key()), &[], "a")
+            .await?
+            .status
+            == 201
+    );
+    let ttls: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT key, extract(epoch FROM expires_at - created_at)::float8
+         FROM idempotency_keys ORDER BY key = 'tok-2' DESC",
+    )
+    .fetch_all(app.db.pool())
+    .await?;
+    ensure!(
+        ttls.len() == 2 && ttls[0].1 == 3600.0 && ttls[1].1 == 86_400.0,
+        "{ttls:?}"
+    );
+
+    // In-flight wait: zero on /opaque, so a duplicate is refused at once instead of
+    // waiting the store's 2 s for the replay.
+    let slow = {
+        let url = app.server.url("/opaque");
+        tokio::spawn(async move {
+            let request = client()
+                .post(url)
+                .header("Idempotency-Key", "tok-3")
+                .header("x-sleep-ms", "1500")
+                .body("c");
+            Answer::of(request.send().await?).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let duplicate = app.post("/opaque", Some("tok-3"), &[], "c").await?;
+    let took = started.elapsed();
+    duplicate.problem(409, "idempotency_key_in_use")?;
+    ensure!(
+        took < Duration::from_millis(700),
+        "the duplicate waited {took:?}"
+    );
+    ensure!(slow.await??.status == 201);
+    ensure!(app.runs() == 3 && app.rows().await? == 3);
+    app.stop().await
+}
+
+/// Issue 11: the layer stores who produced a response (request id, traceparent); a
+/// conflict names the first request beside its time, and the store hands both back.
+#[tokio::test]
+async fn provenance_is_stored_and_named_in_conflicts() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let first = app
+        .post(
+            "/widgets/1",
+            Some(&key),
+            &[("traceparent", traceparent)],
+            "a",
+        )
+        .await?;
+    ensure!(first.status == 201);
+    let stored: (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT request_id, traceparent FROM idempotency_keys WHERE key = $1")
+            .bind(&key)
+            .fetch_one(app.db.pool())
+            .await?;
+    ensure!(
+        stored
+            == (
+                Some(first.request_id()?.to_owned()),
+                Some(traceparent.to_owned())
+            ),
+        "{stored:?}"
+    );
+
+    let other = app.post("/widgets/1", Some(&key), &[], "b").await?;
+    let problem = other.problem(409, "idempotency_conflict")?;
+    let detail = problem["detail"].as_str().unwrap_or_default();
+    ensure!(
+        detail.contains(&format!(
+            " by request {} with a different request body",
+            first.request_id()?
+        )),
+        "{detail}"
+    );
+
+    // A malformed traceparent is not stored; the request id still is.
+    let key = new_key();
+    let second = app
+        .post(
+            "/widgets/1",
+            Some(&key),
+            &[("traceparent", "00-not-a-trace-01")],
+            "c",
+        )
+        .await?;
+    let stored: (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT request_id, traceparent FROM idempotency_keys WHERE key = $1")
+            .bind(&key)
+            .fetch_one(app.db.pool())
+            .await?;
+    ensure!(
+        stored == (Some(second.request_id()?.to_owned()), None),
+        "{stored:?}"
+    );
+    app.stop().await
 }

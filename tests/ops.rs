@@ -5,11 +5,13 @@ use std::process::Output;
 use anyhow::{Result, bail};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use pg_idempotency::{
-    Begin, Error, IdempotencyKey, IdempotencyStore, Request, Scope, StoredResponse,
+    Begin, Error, IdempotencyKey, IdempotencyStore, Provenance, Request, Scope, StoredResponse,
 };
 
 mod support;
 use support::{expire, expire_all};
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 async fn store_one(
     store: &IdempotencyStore,
@@ -17,12 +19,13 @@ async fn store_one(
     key: &IdempotencyKey,
     body: &[u8],
 ) -> Result<()> {
-    let Begin::Claimed(claim) = store
+    let Begin::Claimed(mut claim) = store
         .begin(scope, key, &Request::new("POST", "/x", body))
         .await?
     else {
         bail!("expected a claim")
     };
+    claim.set_provenance(Provenance::new("req_OPS").with_traceparent(TRACEPARENT));
     claim
         .complete(&StoredResponse::new(201, "secret-response-body"))
         .await?;
@@ -84,6 +87,11 @@ async fn the_command_line_tool_migrates_inspects_forgets_and_sweeps() -> Result<
     let text = stdout(&inspect);
     assert!(
         text.contains("status:       201") && text.contains("body size:    20 bytes"),
+        "{text}"
+    );
+    assert!(
+        text.contains("request id:   req_OPS")
+            && text.contains(&format!("traceparent:  {TRACEPARENT}")),
         "{text}"
     );
     assert!(

@@ -767,14 +767,14 @@ async fn a_connection_that_lost_its_prepared_statements_prepares_them_again() ->
         .fetch_all(&single)
         .await?)
     };
-    let both = vec!["pgidem_insert_v1".to_owned(), "pgidem_lookup_v1".to_owned()];
+    let both = vec!["pgidem_insert_v2".to_owned(), "pgidem_lookup_v2".to_owned()];
     assert!(prepared().await?.is_empty());
 
     let mut keys = Vec::new();
     for lost in [
         "",
-        "DEALLOCATE pgidem_lookup_v1",
-        "DEALLOCATE pgidem_lookup_v1; DEALLOCATE pgidem_insert_v1",
+        "DEALLOCATE pgidem_lookup_v2",
+        "DEALLOCATE pgidem_lookup_v2; DEALLOCATE pgidem_insert_v2",
     ] {
         if !lost.is_empty() {
             sqlx::raw_sql(AssertSqlSafe(lost)).execute(&single).await?;
@@ -821,7 +821,7 @@ async fn after_connect_prepares_the_statements_unless_the_table_is_missing() -> 
     let single = with_hook(options.clone()).await?;
     assert_eq!(
         prepared(&single).await?,
-        ["pgidem_insert_v1", "pgidem_lookup_v1"]
+        ["pgidem_insert_v2", "pgidem_lookup_v2"]
     );
     let store = IdempotencyStore::new(single.clone());
     let Outcome::Executed { stored: true, .. } =
@@ -833,5 +833,69 @@ async fn after_connect_prepares_the_statements_unless_the_table_is_missing() -> 
     // A search path without the table: as before the migrations ran.
     let unmigrated = with_hook(options.options([("search_path", "pgidem_nothing_here")])).await?;
     assert!(prepared(&unmigrated).await?.is_empty());
+    Ok(())
+}
+
+/// Issue 11: the request that produced a response comes back with its replays and
+/// conflicts; and a row a 0.1.0 node stores during a rolling deploy (its
+/// `pgidem_insert_v1`, on the migrated table, without provenance) replays on a new node.
+#[tokio::test]
+async fn provenance_comes_back_and_rows_of_0_1_0_nodes_still_replay() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let (acct, key) = (scope("acct_p"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    let Begin::Claimed(mut claim) = store.begin(&acct, &key, &request).await? else {
+        bail!("a new key replayed");
+    };
+    let first = pg_idempotency::Provenance::new("req_FIRST").with_traceparent("00-ab-cd-01");
+    claim.set_provenance(first.clone());
+    claim.complete(&StoredResponse::new(201, "ok")).await?;
+    let Begin::Replay(replay) = store.begin(&acct, &key, &request).await? else {
+        bail!("a stored key was claimed again");
+    };
+    assert_eq!(replay.first_request, first);
+    let Err(Error::Conflict { first_request, .. }) = store
+        .begin(
+            &acct,
+            &key,
+            &Request::new("POST", "/v1/payments", b"{\"a\":1}"),
+        )
+        .await
+    else {
+        bail!("another body did not conflict");
+    };
+    assert_eq!(first_request, first);
+
+    // What a 0.1.0 node runs, word for word.
+    let old_key = new_key();
+    let mut conn = pool.acquire().await?;
+    sqlx::raw_sql(
+        "PREPARE pgidem_insert_v1(text, text, smallint, bytea, smallint, jsonb, bytea, bigint) AS \
+         INSERT INTO idempotency_keys \
+         (scope, key, fingerprint_version, fingerprint, status, headers, body, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8 * interval '1 millisecond')",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let fingerprint = request.fingerprint();
+    let hash: String = fingerprint
+        .hash()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "EXECUTE pgidem_insert_v1('{}', '{}', {}, '\\x{hash}', 201, '[]', 'old', 86400000)",
+        acct.as_str(),
+        old_key.as_str(),
+        fingerprint.version(),
+    )))
+    .execute(&mut *conn)
+    .await?;
+    let Begin::Replay(old) = store.begin(&acct, &old_key, &request).await? else {
+        bail!("the 0.1.0 row was not replayed");
+    };
+    assert_eq!(old.response.body, b"old");
+    assert_eq!(old.first_request, pg_idempotency::Provenance::default());
     Ok(())
 }

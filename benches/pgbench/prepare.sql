@@ -3,7 +3,7 @@
 -- prepared once per connection.
 \set k random(1, 1000000000000)
 \if :prepared = 0
-PREPARE pgidem_lookup_v1(text, text) AS SELECT fingerprint_version, encode(fingerprint, 'hex'), status, headers, encode(body, 'hex'), (extract(epoch FROM created_at) * 1000000)::bigint, expires_at > now() FROM idempotency_keys WHERE scope = $1 AND key = $2;
-PREPARE pgidem_insert_v1(text, text, smallint, bytea, smallint, jsonb, bytea, bigint) AS INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, headers, body, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8 * interval '1 millisecond');
+PREPARE pgidem_lookup_v2(text, text) AS SELECT fingerprint_version, encode(fingerprint, 'hex'), status, headers, encode(body, 'hex'), (extract(epoch FROM created_at) * 1000000)::bigint, expires_at > now(), request_id, traceparent FROM idempotency_keys WHERE scope = $1 AND key = $2;
+PREPARE pgidem_insert_v2(text, text, smallint, bytea, smallint, jsonb, bytea, bigint, text, text) AS INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, headers, body, created_at, expires_at, request_id, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8 * interval '1 millisecond', $9, $10);
 \set prepared 1
 \endif

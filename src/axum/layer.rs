@@ -5,6 +5,7 @@ use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
@@ -21,16 +22,18 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use super::extract::{ClaimHandle, Rollback};
+use super::key_field::parse_key_field;
 use super::phased::PhasedHandle;
 use super::request_id::{REQUEST_ID_HEADER, RequestId};
 use super::response::{from_stored, to_stored};
 use super::scope::{ScopeRejection, title_case};
-use crate::claim::{Claim, Completion};
+use crate::claim::{Claim, CommitOutcome, Completion};
 use crate::error::Error;
 use crate::fingerprint::Request as Fingerprinted;
-use crate::key::IdempotencyKey;
+use crate::key::KeyPolicy;
 use crate::phased::{PhasedBegin, PhasedClaim};
 use crate::problem::{Problem, Problems};
+use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 use crate::store::{Begin, IdempotencyStore, Replay};
@@ -44,11 +47,12 @@ type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
 /// 1. assigns a [`RequestId`](super::RequestId) (kept if an outer layer already did);
 /// 2. answers 413 `payload_too_large` if the body declares more than the
 ///    [body limit](Self::with_body_limit);
-/// 3. reads the key header (default `Idempotency-Key`): absent → 400
+/// 3. reads the key header (default `Idempotency-Key`), a quoted Structured Field
+///    String or the bare key ([the key field](super#the-key-field)): absent → 400
 ///    `idempotency_key_missing`, or, on a route where the key is
 ///    [optional](Self::optional), a plain pass-through to the handler with no claim;
-///    sent twice or not valid under the store's [`KeyPolicy`](crate::KeyPolicy) → 400
-///    `idempotency_key_invalid`;
+///    sent twice, malformed, or not valid under the store's
+///    [`KeyPolicy`](crate::KeyPolicy) → 400 `idempotency_key_invalid`;
 /// 4. asks the application's scope function for the [`Scope`] (its rejection → 400
 ///    `idempotency_scope_invalid` or the application's own problem);
 /// 5. buffers the body up to the limit (over it → 413, unreadable → 400
@@ -68,7 +72,15 @@ type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
 /// Steps 2 to 6 never run the handler and never consume the key. Every response carries
 /// the request id header (default `X-Request-Id`), and every problem the layer writes
 /// has the same id in `request_id`. Database failures are answered with a 503 problem
-/// (`Retry-After` included); other server-side failures with a 500 problem.
+/// (`Retry-After` included); other server-side failures with a 500 problem. When the
+/// connection breaks around the `COMMIT` of step 7, the answer waits for the store to
+/// find out what happened ([`CommitOutcome`](crate::CommitOutcome)): the stored response,
+/// a 503 `request_not_committed` when nothing was committed, or the 503 with
+/// `Retry-After` when that stays unknown.
+///
+/// [`with_ttl`](Self::with_ttl), [`with_key_policy`](Self::with_key_policy) and
+/// [`with_in_flight_wait`](Self::with_in_flight_wait) give one route settings of its
+/// own over the same store and pool.
 ///
 /// Apply it per route with `route_layer`, which runs after routing (so the fingerprint
 /// uses the route template) and leaves 404 and 405 answers alone:
@@ -201,7 +213,37 @@ impl IdempotencyLayer {
         self.with(|s| s.request_id_header = header)
     }
 
-    /// The store.
+    /// Replays this route's responses for `ttl` instead of the store's
+    /// [TTL](crate::Config::with_ttl). The store's pool is shared: routes with their own
+    /// settings need no second store or pool.
+    #[must_use]
+    pub fn with_ttl(self, ttl: Duration) -> Self {
+        self.with(|s| s.store = s.store.reconfigured(|config| config.with_ttl(ttl)))
+    }
+
+    /// Accepts keys under `policy` on this route instead of the store's
+    /// [key policy](crate::Config::with_key_policy).
+    #[must_use]
+    pub fn with_key_policy(self, policy: KeyPolicy) -> Self {
+        self.with(|s| {
+            s.store = s
+                .store
+                .reconfigured(|config| config.with_key_policy(policy))
+        })
+    }
+
+    /// Lets a duplicate on this route wait `wait` for the request holding its key, instead
+    /// of the store's [in-flight wait](crate::Config::with_in_flight_wait).
+    #[must_use]
+    pub fn with_in_flight_wait(self, wait: Duration) -> Self {
+        self.with(|s| {
+            s.store = s
+                .store
+                .reconfigured(|config| config.with_in_flight_wait(wait))
+        })
+    }
+
+    /// The store, with this layer's settings (see [`with_ttl`](Self::with_ttl)).
     pub fn store(&self) -> &IdempotencyStore {
         &self.settings.store
     }
@@ -216,6 +258,7 @@ impl fmt::Debug for IdempotencyLayer {
             .field("phased", &s.phased)
             .field("body_limit", &s.body_limit)
             .field("request_id_header", &s.request_id_header)
+            .field("config", s.store.config())
             .finish_non_exhaustive()
     }
 }
@@ -325,11 +368,19 @@ impl Flow<'_> {
         self.problem(self.problems().internal_error())
     }
 
+    /// A stored response as sent; a replay of `replay_of`'s response when that is given.
+    fn send_stored(&self, response: &StoredResponse, replay_of: Option<&Provenance>) -> Response {
+        from_stored(response, replay_of).unwrap_or_else(|reason| {
+            tracing::error!(%reason, "a stored response cannot be sent");
+            self.internal_error()
+        })
+    }
+
     /// The answer to a failure of the store: 503 for the database, 500 otherwise.
     fn server_error(&self, error: &Error) -> Response {
         tracing::error!(%error, "idempotency store failed");
         match error {
-            Error::Database(_) => self.problem(
+            Error::Database(_) | Error::CommitInterrupted { .. } => self.problem(
                 self.problems()
                     .service_unavailable(self.settings.store.config().retry_after()),
             ),
@@ -367,7 +418,7 @@ impl Flow<'_> {
             record("outcome", "key_missing");
             return self.problem(problems.key_missing());
         };
-        let key = match IdempotencyKey::parse_bytes(raw_key, settings.store.config().key_policy()) {
+        let key = match parse_key_field(raw_key, settings.store.config().key_policy()) {
             Ok(key) => key,
             Err(reason) => {
                 record("outcome", "key_invalid");
@@ -403,19 +454,24 @@ impl Flow<'_> {
         };
 
         let fingerprinted = Fingerprinted::new(parts.method.as_str(), self.route, &body);
+        let provenance = Provenance::new(self.request_id.as_str());
+        let provenance = match traceparent(&parts.headers) {
+            Some(traceparent) => provenance.with_traceparent(traceparent),
+            None => provenance,
+        };
         if settings.phased {
             let begun = settings
                 .store
                 .begin_phased(&scope, &key, &fingerprinted)
                 .await;
-            return self.run_phased(inner, parts, body, begun).await;
+            return self.run_phased(inner, parts, body, begun, provenance).await;
         }
-        let claim = match settings.store.begin(&scope, &key, &fingerprinted).await {
+        let mut claim = match settings.store.begin(&scope, &key, &fingerprinted).await {
             Ok(Begin::Claimed(claim)) => claim,
             Ok(Begin::Replay(replay)) => return self.replay(&replay),
             Err(error) => return self.refused(&error),
         };
-
+        claim.set_provenance(provenance);
         let handle = ClaimHandle::new(claim, Arc::clone(&settings.problems));
         parts.extensions.insert(handle.clone());
         let request = Request::from_parts(parts, Body::from(body));
@@ -442,10 +498,7 @@ impl Flow<'_> {
     /// A stored response, replayed.
     fn replay(&self, replay: &Replay) -> Response {
         record("outcome", "replayed");
-        from_stored(&replay.response, true).unwrap_or_else(|reason| {
-            tracing::error!(%reason, "a stored response cannot be replayed");
-            self.internal_error()
-        })
+        self.send_stored(&replay.response, Some(&replay.first_request))
     }
 
     /// The answer when the store refused to begin: a conflict or in-flight problem, or a
@@ -475,17 +528,19 @@ impl Flow<'_> {
         mut parts: Parts,
         body: Bytes,
         begun: Result<PhasedBegin, Error>,
+        provenance: Provenance,
     ) -> Response
     where
         S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
         S::Future: Send + 'static,
     {
         let settings = self.settings;
-        let claim = match begun {
+        let mut claim = match begun {
             Ok(PhasedBegin::Held(claim)) => claim,
             Ok(PhasedBegin::Replay(replay)) => return self.replay(&replay),
             Err(error) => return self.refused(&error),
         };
+        claim.set_provenance(provenance);
         let handle = PhasedHandle::new(claim, Arc::clone(&settings.problems));
         parts.extensions.insert(handle.clone());
         let request = Request::from_parts(parts, Body::from(body));
@@ -534,6 +589,23 @@ impl Flow<'_> {
                     record("outcome", "not_kept");
                     response
                 }
+                // The reply to COMMIT was lost; the store found out what happened.
+                Err(Error::CommitInterrupted {
+                    outcome: CommitOutcome::Stored(replay),
+                    ..
+                }) => {
+                    record("outcome", "stored_after_lost_commit");
+                    // Another identical request's response if this one rolled back: a replay.
+                    let replay_of = (replay.response != stored).then_some(&replay.first_request);
+                    self.send_stored(&replay.response, replay_of)
+                }
+                Err(Error::CommitInterrupted {
+                    outcome: CommitOutcome::NotStored,
+                    ..
+                }) => {
+                    record("outcome", "not_committed");
+                    self.problem(self.problems().not_committed())
+                }
                 Err(error) => {
                     record("outcome", "complete_failed");
                     self.server_error(&error)
@@ -575,10 +647,7 @@ impl Flow<'_> {
     /// A response that was just stored, sent exactly as it will be replayed.
     fn stored(&self, stored: &StoredResponse) -> Response {
         record("outcome", "stored");
-        from_stored(stored, false).unwrap_or_else(|reason| {
-            tracing::error!(%reason, "a stored response cannot be sent");
-            self.internal_error()
-        })
+        self.send_stored(stored, None)
     }
 }
 
@@ -609,5 +678,64 @@ async fn release(claim: PhasedClaim) {
 async fn abort(claim: Claim) {
     if let Err(error) = claim.abort().await {
         tracing::warn!(%error, "rollback failed; the connection was closed, which rolls back");
+    }
+}
+
+/// The request's W3C `traceparent`, if it has exactly one that is well formed
+/// (`<version>-<trace id>-<parent id>-<flags>` in lower-case hex, 2-32-16-2 digits, version
+/// not `ff`, ids not all zeros); anything else is not stored.
+fn traceparent(headers: &http::HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all("traceparent").iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    let value = value.to_str().ok()?;
+    let fields: Vec<&str> = value.split('-').collect();
+    let [version, trace_id, parent_id, flags] = fields[..] else {
+        return None;
+    };
+    let hex = |field: &str, len: usize| {
+        field.len() == len
+            && field
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let zeros = |field: &str| field.bytes().all(|b| b == b'0');
+    (hex(version, 2)
+        && version != "ff"
+        && hex(trace_id, 32)
+        && !zeros(trace_id)
+        && hex(parent_id, 16)
+        && !zeros(parent_id)
+        && hex(flags, 2))
+    .then_some(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_one_well_formed_traceparent_is_taken() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(traceparent(&headers), None);
+        headers.insert("traceparent", http::HeaderValue::from_static(good));
+        assert_eq!(traceparent(&headers), Some(good));
+        headers.append("traceparent", http::HeaderValue::from_static(good));
+        assert_eq!(traceparent(&headers), None, "two of them");
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "garbage",
+        ] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("traceparent", http::HeaderValue::from_static(bad));
+            assert_eq!(traceparent(&headers), None, "{bad}");
+        }
     }
 }

@@ -107,7 +107,7 @@ impl PhasedRequest {
         };
         let outcome = claim.run(operation, input).await?;
         Ok(
-            from_stored(outcome.response(), outcome.is_replay()).unwrap_or_else(|reason| {
+            from_stored(outcome.response(), None).unwrap_or_else(|reason| {
                 tracing::error!(%reason, "a phased request's response cannot be sent");
                 self.handle.problems.internal_error().into_response()
             }),

@@ -8,10 +8,16 @@ use http::response::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::problem::Problem;
+use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 
 /// `Idempotent-Replayed: true` marks a replayed response.
 pub const IDEMPOTENT_REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// `Idempotent-Replay-Of: <request id>` names the request whose stored response a replay
+/// carries (absent when the response was stored without a request id). The replay's own
+/// request id stays in the request id header.
+pub const IDEMPOTENT_REPLAY_OF_HEADER: HeaderName = HeaderName::from_static("idempotent-replay-of");
 
 /// Headers that describe one connection, never stored with a response.
 const HOP_BY_HOP: [HeaderName; 6] = [
@@ -54,7 +60,11 @@ pub(crate) fn to_stored(
 ) -> Result<StoredResponse, String> {
     let mut headers = Vec::with_capacity(parts.headers.len() + 1);
     for (name, value) in &parts.headers {
-        if name == skip || *name == IDEMPOTENT_REPLAYED_HEADER || HOP_BY_HOP.contains(name) {
+        if name == skip
+            || *name == IDEMPOTENT_REPLAYED_HEADER
+            || *name == IDEMPOTENT_REPLAY_OF_HEADER
+            || HOP_BY_HOP.contains(name)
+        {
             continue;
         }
         let value = std::str::from_utf8(value.as_bytes())
@@ -72,13 +82,17 @@ pub(crate) fn to_stored(
 }
 
 /// The HTTP response for a stored one: the same status, headers (in order) and body,
-/// plus `Idempotent-Replayed: true` when `replayed`.
+/// plus, when it is a replay of the response `replay_of` produced,
+/// `Idempotent-Replayed: true` and `Idempotent-Replay-Of` with that request's id.
 ///
 /// # Errors
 ///
 /// The status is not a valid HTTP status (the row was not written by this layer).
 /// Headers that are not valid HTTP are left out with a warning.
-pub(crate) fn from_stored(stored: &StoredResponse, replayed: bool) -> Result<Response, String> {
+pub(crate) fn from_stored(
+    stored: &StoredResponse,
+    replay_of: Option<&Provenance>,
+) -> Result<Response, String> {
     let status = StatusCode::from_u16(stored.status)
         .map_err(|_| format!("stored status {} is not an HTTP status", stored.status))?;
     let mut headers = HeaderMap::with_capacity(stored.headers.len() + 2);
@@ -96,8 +110,15 @@ pub(crate) fn from_stored(stored: &StoredResponse, replayed: bool) -> Result<Res
             ),
         }
     }
-    if replayed {
+    if let Some(first) = replay_of {
         headers.insert(IDEMPOTENT_REPLAYED_HEADER, HeaderValue::from_static("true"));
+        if let Some(id) = first
+            .request_id
+            .as_deref()
+            .and_then(|id| HeaderValue::from_str(id).ok())
+        {
+            headers.insert(IDEMPOTENT_REPLAY_OF_HEADER, id);
+        }
     }
     let mut response = Response::new(Body::from(stored.body.clone()));
     *response.status_mut() = status;
@@ -154,14 +175,14 @@ mod tests {
             ["content-type", "set-cookie", "set-cookie", "x-utf8", "date"]
         );
         assert_eq!(stored.status, 201);
-        let response = from_stored(&stored, true).unwrap();
+        let response = from_stored(&stored, Some(&Provenance::default())).unwrap();
         assert_eq!(response.status(), StatusCode::CREATED);
         let cookies: Vec<_> = response.headers().get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a=1", "b=2"]);
         assert_eq!(response.headers()["x-utf8"].as_bytes(), "é".as_bytes());
         assert_eq!(response.headers()[IDEMPOTENT_REPLAYED_HEADER], "true");
         // Replaying the replay's stored form gives the same headers.
-        let again = from_stored(&stored, false).unwrap();
+        let again = from_stored(&stored, None).unwrap();
         assert!(again.headers().get(IDEMPOTENT_REPLAYED_HEADER).is_none());
     }
 
@@ -177,12 +198,12 @@ mod tests {
     #[test]
     fn bad_stored_rows_never_panic() {
         let stored = StoredResponse::new(42, "x");
-        assert!(from_stored(&stored, true).is_err());
+        assert!(from_stored(&stored, Some(&Provenance::default())).is_err());
         let stored = StoredResponse::new(200, "x")
             .with_header("bad name", "v")
             .with_header("x-ok", "line\nbreak")
             .with_header("x-fine", "v");
-        let response = from_stored(&stored, false).unwrap();
+        let response = from_stored(&stored, None).unwrap();
         assert_eq!(response.headers().len(), 1);
     }
 
@@ -200,7 +221,7 @@ mod tests {
             body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
         ) {
             let stored = StoredResponse { status, headers, body };
-            if let Ok(response) = from_stored(&stored, true) {
+            if let Ok(response) = from_stored(&stored, Some(&Provenance::default())) {
                 proptest::prop_assert_eq!(response.status().as_u16(), status);
                 let parts = response.into_parts().0;
                 // What was sent can be stored again.

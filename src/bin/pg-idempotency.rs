@@ -251,6 +251,8 @@ fn print_key(scope: &Scope, key: &IdempotencyKey, info: &admin::KeyInfo, json: b
                 "created_at": info.created_at.to_rfc3339(),
                 "expires_at": info.expires_at.to_rfc3339(),
                 "expired": info.expired,
+                "request_id": info.first_request.request_id,
+                "traceparent": info.first_request.traceparent,
             })
         );
         return;
@@ -267,6 +269,10 @@ fn print_key(scope: &Scope, key: &IdempotencyKey, info: &admin::KeyInfo, json: b
         info.expires_at.to_rfc3339(),
         if info.expired { " (expired)" } else { "" }
     );
+    let request_id = info.first_request.request_id.as_deref();
+    let traceparent = info.first_request.traceparent.as_deref();
+    println!("request id:   {}", request_id.unwrap_or("-"));
+    println!("traceparent:  {}", traceparent.unwrap_or("-"));
     if let Some(body) = body {
         println!("body:\n{body}");
     }

@@ -26,6 +26,7 @@ use super::tx::TxConn;
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
+use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 
@@ -44,31 +45,39 @@ struct Prepared {
 
 /// The key's row, if any, read back by [`FoundRow::decode`]: `fingerprint_version,
 /// fingerprint (hex), status, headers (jsonb), body (hex), created_at (µs since the
-/// epoch), live (not expired)`. Bytes come back as hex and the time as microseconds, so
+/// epoch), live (not expired), request_id, traceparent`. Bytes come back as hex and the time as microseconds, so
 /// that the client reads them from a simple query whatever `bytea_output` and `DateStyle`
 /// say. The parameters are `text`, so the comparison uses the column's collation and the
 /// primary key.
+///
+/// v2 (issue 11) adds `request_id, traceparent` at the end. A node still running v1
+/// prepares and runs the v1 text, which stays valid on the migrated table: old and new
+/// nodes can serve side by side during a rolling deploy.
 const LOOKUP: Prepared = Prepared {
-    name: "pgidem_lookup_v1",
-    prepare: "PREPARE pgidem_lookup_v1(text, text) AS \
+    name: "pgidem_lookup_v2",
+    prepare: "PREPARE pgidem_lookup_v2(text, text) AS \
               SELECT fingerprint_version, encode(fingerprint, 'hex'), status, headers, \
               encode(body, 'hex'), (extract(epoch FROM created_at) * 1000000)::bigint, \
-              expires_at > now() \
+              expires_at > now(), request_id, traceparent \
               FROM idempotency_keys WHERE scope = $1 AND key = $2",
-    execute: "EXECUTE pgidem_lookup_v1(",
+    execute: "EXECUTE pgidem_lookup_v2(",
 };
 
 /// Stores a completed request. A plain `INSERT`: if a row is in the way, it fails with a
 /// unique violation on [`KEY_CONSTRAINT`], and the server skips the `COMMIT` behind it.
+///
+/// v2 (issue 11) also stores the provenance, `request_id` and `traceparent` ($9, $10);
+/// v1 nodes keep inserting without them (see [`LOOKUP`]).
 const INSERT: Prepared = Prepared {
-    name: "pgidem_insert_v1",
-    prepare: "PREPARE pgidem_insert_v1(text, text, smallint, bytea, smallint, jsonb, bytea, \
-              bigint) AS \
+    name: "pgidem_insert_v2",
+    prepare: "PREPARE pgidem_insert_v2(text, text, smallint, bytea, smallint, jsonb, bytea, \
+              bigint, text, text) AS \
               INSERT INTO idempotency_keys \
               (scope, key, fingerprint_version, fingerprint, status, headers, body, \
-              created_at, expires_at) \
-              VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8 * interval '1 millisecond')",
-    execute: "EXECUTE pgidem_insert_v1(",
+              created_at, expires_at, request_id, traceparent) \
+              VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8 * interval '1 millisecond', \
+              $9, $10)",
+    execute: "EXECUTE pgidem_insert_v2(",
 };
 
 /// Every prepared statement of the hot path.
@@ -111,7 +120,7 @@ fn lock_id(scope: &Scope, key: &IdempotencyKey) -> i64 {
     i64::from_be_bytes(first)
 }
 
-/// `EXECUTE pgidem_lookup_v1(scope, key)`, behind `lock` (a statement that yields one
+/// `EXECUTE pgidem_lookup_v2(scope, key)`, behind `lock` (a statement that yields one
 /// boolean row: whether the key's advisory lock is held).
 fn lookup(lock: Statement, scope: &Scope, key: &IdempotencyKey) -> Statement {
     lock.sql("; ")
@@ -150,6 +159,7 @@ pub(crate) struct KeyRow<'a> {
     pub ttl: Duration,
     /// The claim saw an expired row for the key: delete it first.
     pub replace_expired: bool,
+    pub provenance: &'a Provenance,
 }
 
 /// `before`, then deletes the key's row if it has expired (it counts as unused, and a new
@@ -178,7 +188,11 @@ fn store_and_commit(row: &KeyRow<'_>) -> Statement {
     // Serializing strings into a String cannot fail.
     let headers = serde_json::to_string(&response.headers).unwrap_or_default();
     let ttl_ms = i64::try_from(row.ttl.as_millis()).unwrap_or(i64::MAX);
-    let extra = 160 + 4 * (scope.len() + key.len()) + 2 * (headers.len() + response.body.len());
+    let provenance = [&row.provenance.request_id, &row.provenance.traceparent]
+        .map(|value| value.as_ref().map_or(0, String::len));
+    let extra = 180
+        + 4 * (scope.len() + key.len() + provenance[0] + provenance[1])
+        + 2 * (headers.len() + response.body.len());
     let delete = if row.replace_expired {
         delete_expired_row(Statement::new("", extra), row.scope, row.key).sql("; ")
     } else {
@@ -201,6 +215,10 @@ fn store_and_commit(row: &KeyRow<'_>) -> Statement {
         .bytea(&response.body)
         .sql(", ")
         .int(ttl_ms)
+        .sql(", ")
+        .nullable_text(row.provenance.request_id.as_deref())
+        .sql(", ")
+        .nullable_text(row.provenance.traceparent.as_deref())
         .sql("); COMMIT")
 }
 
@@ -229,8 +247,38 @@ impl TxConn {
         scope: &Scope,
         key: &IdempotencyKey,
     ) -> Result<Found, Error> {
+        self.begin_and_lookup(|| try_lock_and_lookup(scope, key))
+            .await
+    }
+
+    /// After a claim's connection broke around `COMMIT`, on a new connection: prepares
+    /// the hot path's statements if the connection lacks them (one round trip, so that
+    /// the wait is not repeated after a failed `EXECUTE`), then opens a transaction,
+    /// waits at most `wait_ms` for the key's advisory lock and reads the key's row, in
+    /// one more round trip.
+    ///
+    /// The lock is held by the old transaction until it ends, and a transaction that
+    /// commits is visible to new snapshots before it releases its locks: once the lock is
+    /// taken, the row says whether the old transaction committed.
+    pub(crate) async fn begin_resolution(
+        &mut self,
+        wait_ms: i32,
+        scope: &Scope,
+        key: &IdempotencyKey,
+    ) -> Result<Found, Error> {
+        prepare_connection(self.conn()).await?;
+        self.begin_and_lookup(|| wait_and_lookup(wait_ms, scope, key))
+            .await
+    }
+
+    /// `BEGIN`, then `lock_and_lookup()`, preparing the hot path's statements first if
+    /// the connection lacks them.
+    async fn begin_and_lookup(
+        &mut self,
+        lock_and_lookup: impl Fn() -> Statement,
+    ) -> Result<Found, Error> {
         let begin = Statement::new("BEGIN; ", 0);
-        let rows = match self.run(begin.then(try_lock_and_lookup(scope, key))).await {
+        let rows = match self.run(begin.then(lock_and_lookup())).await {
             Err(error) if is_unprepared(&error) => {
                 let find = Statement::new(
                     "ROLLBACK; BEGIN; SELECT name FROM pg_prepared_statements \
@@ -244,7 +292,7 @@ impl TxConn {
                     .map(|row| row.try_get(0))
                     .collect::<Result<_, _>>()?;
                 tracing::debug!("preparing the hot-path statements on this connection");
-                self.run(prepare_missing(&present).then(try_lock_and_lookup(scope, key)))
+                self.run(prepare_missing(&present).then(lock_and_lookup()))
                     .await?
             }
             rows => rows?,
@@ -303,7 +351,7 @@ impl TxConn {
 /// [`PgPoolOptions::after_connect`](sqlx::postgres::PgPoolOptions::after_connect).
 ///
 /// Optional: without it, a connection's first claim prepares them itself, after the
-/// server has answered (and logged) `prepared statement "pgidem_lookup_v1" does not exist`
+/// server has answered (and logged) `prepared statement "pgidem_lookup_v2" does not exist`
 /// once. With it, that error never appears. Does nothing while the migrations have not
 /// created `idempotency_keys` yet, so a pool that runs them can still connect.
 ///
@@ -378,6 +426,7 @@ pub(crate) struct StoredRow {
     pub fingerprint: Fingerprint,
     pub response: StoredResponse,
     pub created_at: DateTime<Utc>,
+    pub provenance: Provenance,
 }
 
 impl FoundRow {
@@ -403,6 +452,10 @@ impl FoundRow {
                 body,
             },
             created_at,
+            provenance: Provenance {
+                request_id: row.try_get(7)?,
+                traceparent: row.try_get(8)?,
+            },
         })
     }
 }
@@ -428,14 +481,14 @@ mod tests {
             &try_lock_and_lookup(&scope, &key),
             &[scope_bytes, key_bytes],
             &format!(
-                "SELECT pg_try_advisory_xact_lock({lock}); EXECUTE pgidem_lookup_v1(E'', E'')"
+                "SELECT pg_try_advisory_xact_lock({lock}); EXECUTE pgidem_lookup_v2(E'', E'')"
             ),
         );
         assert_spells(
             &wait_and_lookup(2000, &scope, &key),
             &[scope_bytes, key_bytes],
             &format!(
-                "SELECT idempotency_wait_lock({lock}, 2000); EXECUTE pgidem_lookup_v1(E'', E'')"
+                "SELECT idempotency_wait_lock({lock}, 2000); EXECUTE pgidem_lookup_v2(E'', E'')"
             ),
         );
     }
@@ -459,10 +512,27 @@ mod tests {
             response: &response,
             ttl: Duration::from_secs(86_400),
             replace_expired: false,
+            provenance: &Provenance::default(),
         };
-        let insert = "EXECUTE pgidem_insert_v1(E'', E'', 1, E'', 201, E'', E'', 86400000); COMMIT";
+        let insert = "EXECUTE pgidem_insert_v2(E'', E'', 1, E'', 201, E'', E'', 86400000, NULL, NULL); COMMIT";
         let values: [&[u8]; 5] = [b"acct'1", b"k\\", &[0xab; 32], headers.as_bytes(), &body];
         assert_spells(&store_and_commit(&row), &values, insert);
+
+        let traced = Provenance::new(HOSTILE).with_traceparent("00-ab-cd-01");
+        let with_provenance = KeyRow {
+            provenance: &traced,
+            ..row
+        };
+        let traced_values: Vec<&[u8]> = values
+            .iter()
+            .copied()
+            .chain([HOSTILE.as_bytes(), b"00-ab-cd-01"])
+            .collect();
+        assert_spells(
+            &store_and_commit(&with_provenance),
+            &traced_values,
+            "EXECUTE pgidem_insert_v2(E'', E'', 1, E'', 201, E'', E'', 86400000, E'', E''); COMMIT",
+        );
 
         row.replace_expired = true;
         let replacing: Vec<&[u8]> = values[..2].iter().chain(&values).copied().collect();
@@ -496,20 +566,20 @@ mod tests {
         let all = prepare_missing(&[]);
         assert!(
             all.as_str()
-                .starts_with("PREPARE pgidem_lookup_v1(text, text) AS SELECT ")
+                .starts_with("PREPARE pgidem_lookup_v2(text, text) AS SELECT ")
         );
         assert!(
             all.as_str()
-                .contains("; PREPARE pgidem_insert_v1(text, text, smallint, ")
+                .contains("; PREPARE pgidem_insert_v2(text, text, smallint, ")
         );
         assert!(all.as_str().ends_with("; "));
         assert_eq!(all.as_str().matches("PREPARE ").count(), 2);
 
-        let insert_only = prepare_missing(&["pgidem_lookup_v1".to_owned()]);
+        let insert_only = prepare_missing(&["pgidem_lookup_v2".to_owned()]);
         assert!(
             insert_only
                 .as_str()
-                .starts_with("PREPARE pgidem_insert_v1(")
+                .starts_with("PREPARE pgidem_insert_v2(")
         );
         assert_eq!(insert_only.as_str().matches("PREPARE ").count(), 1);
 

@@ -61,6 +61,14 @@ impl Statement {
         self
     }
 
+    /// Appends `value` as a text literal, or `NULL`.
+    pub(super) fn nullable_text(self, value: Option<&str>) -> Self {
+        match value {
+            Some(value) => self.text(value),
+            None => self.sql("NULL"),
+        }
+    }
+
     /// Appends `value` as a bytea literal.
     pub(super) fn bytea(mut self, value: &[u8]) -> Self {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";

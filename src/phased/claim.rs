@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::fingerprint::{Fingerprint, Request};
 use crate::key::IdempotencyKey;
 use crate::metrics;
+use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 use crate::store::{IdempotencyStore, Locked, Outcome, Replay, same_request};
@@ -67,6 +68,9 @@ pub(super) struct Lease {
     pub scope: Scope,
     pub key: IdempotencyKey,
     pub token: i64,
+    /// The request this holder serves: recorded when it starts the operation, stored
+    /// with the response if no earlier request started it.
+    pub provenance: Provenance,
 }
 
 /// Who takes a request: a client's request (which may also be answered from a stored
@@ -187,8 +191,9 @@ impl IdempotencyStore {
             Taker::Completer => TxConn::begin(self.pool()).await?,
         };
         let row = sqlx::query!(
-            r#"SELECT fingerprint_version, fingerprint, operation, created_at,
-                      leased_until > now() AS "held!", expires_at > now() AS "live!"
+            r#"SELECT fingerprint_version, fingerprint, operation, created_at, request_id,
+                      traceparent, leased_until > now() AS "held!",
+                      expires_at > now() AS "live!"
                FROM idempotency_requests WHERE scope = $1 AND key = $2
                FOR UPDATE NOWAIT"#,
             scope.as_str(),
@@ -219,6 +224,10 @@ impl IdempotencyStore {
                         scope: scope.clone(),
                         key: key.clone(),
                         first_used_at: row.created_at,
+                        first_request: Provenance {
+                            request_id: row.request_id,
+                            traceparent: row.traceparent,
+                        },
                     });
                 }
                 Some(take_over(&mut tx, scope, key, lease_ms).await?)
@@ -276,6 +285,7 @@ impl IdempotencyStore {
                 scope: scope.clone(),
                 key: key.clone(),
                 token,
+                provenance: Provenance::default(),
             },
             taken,
         }))
@@ -346,6 +356,13 @@ impl PhasedClaim {
     /// Which holder this is: 1 for the first, more after takeovers.
     pub fn attempt(&self) -> u32 {
         u32::try_from(self.taken.attempts).unwrap_or(0)
+    }
+
+    /// Says which request this holder serves (its request id, and W3C `traceparent`):
+    /// recorded when it starts the operation, and stored with the response, which
+    /// replays then name. The HTTP layer sets it.
+    pub fn set_provenance(&mut self, provenance: Provenance) {
+        self.lease.provenance = provenance;
     }
 
     /// The last step whose result is recorded, if any: where this holder resumes.
@@ -486,7 +503,7 @@ impl Lease {
     async fn start(&self, operation: &str, input: &Value) -> Result<(), Error> {
         let updated = sqlx::query!(
             r#"UPDATE idempotency_requests
-               SET operation = $4, input = $5,
+               SET operation = $4, input = $5, request_id = $7, traceparent = $8,
                    leased_until = now() + $6::bigint * interval '1 millisecond'
                WHERE scope = $1 AND key = $2 AND lease_token = $3"#,
             self.scope.as_str(),
@@ -495,6 +512,8 @@ impl Lease {
             operation,
             input,
             self.lease_ms(),
+            self.provenance.request_id.as_deref(),
+            self.provenance.traceparent.as_deref(),
         )
         .execute(self.store.pool())
         .await?;
@@ -562,12 +581,12 @@ impl Lease {
                    DELETE FROM idempotency_requests
                    WHERE scope = $1 AND key = $2 AND lease_token = $3
                    RETURNING scope, key, fingerprint_version, fingerprint, created_at,
-                             expires_at)
+                             expires_at, request_id, traceparent)
                INSERT INTO idempotency_keys
                  (scope, key, fingerprint_version, fingerprint, status, headers, body,
-                  created_at, expires_at)
+                  created_at, expires_at, request_id, traceparent)
                SELECT scope, key, fingerprint_version, fingerprint, $4, $5, $6, created_at,
-                      expires_at
+                      expires_at, coalesce(request_id, $7), coalesce(traceparent, $8)
                FROM finished"#,
             self.scope.as_str(),
             self.key.as_str(),
@@ -575,6 +594,8 @@ impl Lease {
             i16::try_from(response.status).map_err(|_| Error::InvalidStatus(response.status))?,
             headers,
             response.body.as_slice(),
+            self.provenance.request_id.as_deref(),
+            self.provenance.traceparent.as_deref(),
         )
         .execute(executor)
         .await?;
