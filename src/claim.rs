@@ -267,7 +267,7 @@ impl Claim {
 /// operator intervention, or 08, connection exception), possibly right after committing.
 /// Any other database error means the server refused a statement, which rolls the
 /// transaction back.
-fn connection_broke(error: &sqlx::Error) -> bool {
+pub(crate) fn connection_broke(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(error) => error
             .code()
@@ -277,18 +277,18 @@ fn connection_broke(error: &sqlx::Error) -> bool {
 }
 
 /// What [`resolve`] looks for.
-struct Lookup<'a> {
-    scope: &'a Scope,
-    key: &'a IdempotencyKey,
-    fingerprint: &'a Fingerprint,
+pub(crate) struct Lookup<'a> {
+    pub scope: &'a Scope,
+    pub key: &'a IdempotencyKey,
+    pub fingerprint: &'a Fingerprint,
     /// The claim replaced an expired row, which is still there if it rolled back.
-    replace_expired: bool,
+    pub replace_expired: bool,
 }
 
 /// Finds out, on another connection, whether a claim whose connection broke around
 /// `COMMIT` is stored, waiting at most `wait` (plus [`RESOLUTION_SLACK`] for the round
 /// trip) for the old transaction to end.
-async fn resolve(pool: &PgPool, lookup: &Lookup<'_>, wait: Duration) -> CommitOutcome {
+pub(crate) async fn resolve(pool: &PgPool, lookup: &Lookup<'_>, wait: Duration) -> CommitOutcome {
     let span = tracing::info_span!(
         "idempotency.resolve_commit",
         outcome = tracing::field::Empty

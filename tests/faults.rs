@@ -797,3 +797,118 @@ async fn an_unreachable_old_backend_leaves_the_outcome_unknown_within_the_bound(
     ensure!(payments == 1, "{payments} payments");
     server.stop().await
 }
+
+/// A phased request for the fault suite: a local step (one business row) and the final
+/// step (stores the row's id).
+struct Recorded;
+
+impl pg_idempotency::phased::Operation for Recorded {
+    const NAME: &'static str = "faults.recorded";
+    type Input = i64;
+    type Error = Error;
+
+    async fn run(
+        &self,
+        n: &i64,
+        steps: &mut pg_idempotency::phased::Steps,
+    ) -> Result<pg_idempotency::phased::Finished, Error> {
+        let id: i64 = steps
+            .local("insert", async |tx| {
+                Ok::<_, Error>(
+                    sqlx::query_scalar(
+                        "INSERT INTO payments (request_no) VALUES ($1) RETURNING id",
+                    )
+                    .bind(n)
+                    .fetch_one(&mut *tx)
+                    .await?,
+                )
+            })
+            .await?;
+        steps
+            .finish(async |_tx| Ok::<_, Error>(StoredResponse::new(201, format!("payment {id}"))))
+            .await
+    }
+}
+
+/// Phased requests with COMMITs struck on the wire (local steps' and final steps'): every
+/// request answered as stored has its response stored; one that is not answered so has no
+/// stored response (it is still in progress) and its retry finishes it; no request writes
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn phased_requests_answer_lost_commits_truthfully() -> Result<()> {
+    let database = TestDatabase::create().await?;
+    sqlx::raw_sql("CREATE TABLE payments (id bigserial PRIMARY KEY, request_no bigint NOT NULL)")
+        .execute(database.pool())
+        .await?;
+    let proxy = lossy_proxy(
+        server_of(&database)?,
+        0.2,
+        &[Fault::LoseReply, Fault::LoseCommit],
+    )
+    .await?;
+    let config = Config::default().with_lease(Duration::from_millis(200));
+    let lossy = IdempotencyStore::with_config(
+        pool_to(database.url(), Some(proxy.port)).await?,
+        config.clone(),
+    );
+    let scope = Scope::new("phased")?;
+    let requests = (env_usize("FAULT_REQUESTS", 2000) / 5).max(100) as i64;
+    let mut answers = Vec::new();
+    for n in 0..requests {
+        let key = new_key();
+        let request = Request::new("POST", "/charge", b"");
+        let answer = lossy.run_phased(&scope, &key, &request, &Recorded, n).await;
+        answers.push((n, key, answer));
+    }
+    let (lost_replies, lost_commits) = (proxy.struck(0), proxy.struck(1));
+    eprintln!(
+        "{requests} phased requests: {lost_replies} replies to COMMIT lost, {lost_commits} COMMITs lost"
+    );
+    ensure!(lost_replies > 0 && lost_commits > 0, "a fault never struck");
+
+    let direct = IdempotencyStore::with_config(database.pool().clone(), config);
+    let (mut stored_answers, mut unfinished) = (0, 0);
+    for (n, key, answer) in answers {
+        let stored: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT body FROM idempotency_keys WHERE scope = 'phased' AND key = $1",
+        )
+        .bind(key.as_str())
+        .fetch_optional(database.pool())
+        .await?;
+        match answer {
+            Ok(Outcome::Executed {
+                response,
+                stored: true,
+            }) => {
+                stored_answers += 1;
+                ensure!(
+                    stored.as_deref() == Some(&response.body[..]),
+                    "request {n} answered as stored, stored {stored:?}"
+                );
+            }
+            other => {
+                unfinished += 1;
+                ensure!(
+                    stored.is_none(),
+                    "request {n} is stored but answered {other:?}"
+                );
+                // The retry, after the lease, finishes it.
+                tokio::time::sleep(Duration::from_millis(210)).await;
+                let request = Request::new("POST", "/charge", b"");
+                let retried = direct
+                    .run_phased(&scope, &key, &request, &Recorded, n)
+                    .await?;
+                ensure!(retried.response().status == 201, "{retried:?}");
+            }
+        }
+        let payments: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM payments WHERE request_no = $1")
+                .bind(n)
+                .fetch_one(database.pool())
+                .await?;
+        ensure!(payments == 1, "request {n} paid {payments} times");
+    }
+    eprintln!("{stored_answers} answered as stored, {unfinished} finished by their retry");
+    ensure!(stored_answers > 0 && unfinished > 0);
+    assert_no_idle_transactions(database.pool()).await
+}

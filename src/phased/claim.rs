@@ -68,6 +68,8 @@ pub(super) struct Lease {
     pub scope: Scope,
     pub key: IdempotencyKey,
     pub token: i64,
+    /// The request's fingerprint, to recognise its stored response.
+    pub fingerprint: Fingerprint,
     /// The request this holder serves: recorded when it starts the operation, stored
     /// with the response if no earlier request started it.
     pub provenance: Provenance,
@@ -211,13 +213,19 @@ impl IdempotencyStore {
         };
         let config = self.config();
         let lease_ms = millis(config.lease());
-        let taken = match (row, &taker) {
-            (Some(row), _) if row.live && row.held => None,
-            (Some(row), Taker::Client(request)) if row.live => {
-                let hash = <[u8; 32]>::try_from(row.fingerprint).map_err(|_| {
-                    Error::MalformedRow("a phased request's fingerprint is not 32 bytes".into())
-                })?;
-                let stored = Fingerprint::from_parts(row.fingerprint_version, hash);
+        let stored = row
+            .as_ref()
+            .map(|row| {
+                <[u8; 32]>::try_from(row.fingerprint.as_slice())
+                    .map(|hash| Fingerprint::from_parts(row.fingerprint_version, hash))
+                    .map_err(|_| {
+                        Error::MalformedRow("a phased request's fingerprint is not 32 bytes".into())
+                    })
+            })
+            .transpose()?;
+        let taken = match (row, stored, &taker) {
+            (Some(row), _, _) if row.live && row.held => None,
+            (Some(row), Some(stored), Taker::Client(request)) if row.live => {
                 if !same_request(&stored, request)? {
                     tx.rollback().await?;
                     return Err(Error::Conflict {
@@ -230,13 +238,13 @@ impl IdempotencyStore {
                         },
                     });
                 }
-                Some(take_over(&mut tx, scope, key, lease_ms).await?)
+                Some((stored, take_over(&mut tx, scope, key, lease_ms).await?))
             }
-            (Some(row), Taker::Completer) if row.live && row.operation.is_some() => {
-                Some(take_over(&mut tx, scope, key, lease_ms).await?)
+            (Some(row), Some(stored), Taker::Completer) if row.live && row.operation.is_some() => {
+                Some((stored, take_over(&mut tx, scope, key, lease_ms).await?))
             }
             // New, or abandoned past its replay window (it counts as unused).
-            (_, Taker::Client(request)) => {
+            (_, _, Taker::Client(request)) => {
                 let fingerprint = request.fingerprint();
                 let token = sqlx::query_scalar!(
                     r#"INSERT INTO idempotency_requests AS r
@@ -249,7 +257,8 @@ impl IdempotencyStore {
                          fingerprint = excluded.fingerprint, operation = NULL, input = NULL,
                          recovery_point = NULL, progress = '{}',
                          lease_token = r.lease_token + 1, leased_until = excluded.leased_until,
-                         attempts = 1, created_at = now(), expires_at = excluded.expires_at
+                         attempts = 1, request_id = NULL, traceparent = NULL,
+                         created_at = now(), expires_at = excluded.expires_at
                        RETURNING lease_token"#,
                     scope.as_str(),
                     key.as_str(),
@@ -260,21 +269,19 @@ impl IdempotencyStore {
                 )
                 .fetch_one(tx.conn())
                 .await?;
-                Some((
-                    token,
-                    Taken {
-                        operation: None,
-                        input: None,
-                        progress: Map::new(),
-                        recovery_point: None,
-                        attempts: 1,
-                    },
-                ))
+                let taken = Taken {
+                    operation: None,
+                    input: None,
+                    progress: Map::new(),
+                    recovery_point: None,
+                    attempts: 1,
+                };
+                Some((fingerprint, (token, taken)))
             }
             // The completer leaves gone, expired and never-started requests alone.
-            (_, Taker::Completer) => None,
+            (_, _, Taker::Completer) => None,
         };
-        let Some((token, taken)) = taken else {
+        let Some((fingerprint, (token, taken))) = taken else {
             tx.rollback().await?;
             return Ok(Take::Busy);
         };
@@ -285,6 +292,7 @@ impl IdempotencyStore {
                 scope: scope.clone(),
                 key: key.clone(),
                 token,
+                fingerprint,
                 provenance: Provenance::default(),
             },
             taken,

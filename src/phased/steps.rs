@@ -10,6 +10,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::claim::Lease;
+use crate::claim::{CommitOutcome, Lookup, connection_broke, resolve};
 use crate::db::{TxConn, executor_over_tx};
 use crate::error::Error;
 use crate::key::IdempotencyKey;
@@ -309,7 +310,14 @@ impl Steps {
                 return Err(error.into());
             }
             boundary("finish", "before_commit");
-            tx.tx.commit().await.map_err(Error::from)?;
+            match tx.tx.commit().await {
+                Ok(()) => {}
+                Err(error) if connection_broke(&error) => {
+                    drop(tx);
+                    return self.resolve_commit(error).await;
+                }
+                Err(error) => return Err(Error::from(error).into()),
+            }
             boundary("finish", "after_commit");
             Ok(Finished {
                 response,
@@ -318,6 +326,41 @@ impl Steps {
         }
         .instrument(span)
         .await
+    }
+
+    /// The connection broke around the final step's `COMMIT`: finds out on another
+    /// connection whether the response is stored (as [`Claim::complete`](crate::Claim::complete)
+    /// does), so that the answer is never less true than what the database knows.
+    async fn resolve_commit<E: From<Error>>(&self, source: sqlx::Error) -> Result<Finished, E> {
+        tracing::warn!(error = %source, "the connection broke around a phased request's final COMMIT; resolving the outcome");
+        let lookup = Lookup {
+            scope: &self.lease.scope,
+            key: &self.lease.key,
+            fingerprint: &self.lease.fingerprint,
+            // The final step deletes an expired row it finds: one that is still there is
+            // never this request's.
+            replace_expired: true,
+        };
+        let config = self.lease.store.config();
+        match resolve(
+            self.lease.store.pool(),
+            &lookup,
+            config.commit_resolution_wait(),
+        )
+        .await
+        {
+            CommitOutcome::Stored(replay) => Ok(Finished {
+                response: replay.response,
+                stored: true,
+            }),
+            outcome => Err(Error::CommitInterrupted {
+                scope: self.lease.scope.clone(),
+                key: self.lease.key.clone(),
+                outcome,
+                source,
+            }
+            .into()),
+        }
     }
 
     /// After the operation failed: ends the lease now, so that a retry or the completer
