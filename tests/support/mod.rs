@@ -1,13 +1,15 @@
 //! Helpers shared by the integration tests: [`db`] for the store and the fault suite,
-//! [`http`] for the HTTP tests. Both are re-exported: `use support::{expire, Server}`.
+//! [`http`] for the HTTP tests, [`citus`] for the tests that need a Citus coordinator.
+//! All are re-exported: `use support::{expire, Server, CitusSchema}`.
 
 // Cargo builds every tests/*.rs as a binary of its own, with its own copy of this module,
 // and each uses a subset (the store tests no HTTP helper, the HTTP tests no store helper):
 // what one binary leaves unused, helpers and the other half's re-export, would warn there.
 #![allow(dead_code)]
 
+mod citus;
 mod db;
 mod http;
 
 #[allow(unused_imports)] // see above
-pub use {db::*, http::*};
+pub use {citus::*, db::*, http::*};

@@ -1,0 +1,220 @@
+//! The crate on a Citus cluster, with `idempotency_keys` distributed by scope: the
+//! store's flow, the sweeper, and the command-line tool. Runs when
+//! `PG_IDEMPOTENCY_CITUS_URL` names a coordinator database (docs/OPERATIONS.md,
+//! "Citus"); prints why and passes otherwise. The payments demo on distributed tables
+//! is in `tests/http_demo.rs`.
+
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::{Result, bail, ensure};
+use pg_idempotency::{
+    Begin, Completion, Config, Error, IdempotencyKey, IdempotencyStore, Request, Scope,
+    StoredResponse,
+};
+
+mod support;
+use support::{CitusSchema, check_sweep_contract, expire_all};
+
+fn new_key() -> IdempotencyKey {
+    IdempotencyKey::from_uuid(uuid::Uuid::new_v4()).expect("v4")
+}
+
+async fn cli(url: &str, args: &[&str]) -> Result<Output> {
+    Ok(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pg-idempotency"))
+            .args(args)
+            .env("DATABASE_URL", url)
+            .output()
+            .await?,
+    )
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn the_store_claims_replays_and_serialises_duplicates_on_distributed_keys() -> Result<()> {
+    let Some(citus) = CitusSchema::create("citus store").await? else {
+        return Ok(());
+    };
+    let pool = citus.pool();
+    let store = IdempotencyStore::with_config(
+        pool.clone(),
+        Config::default().with_in_flight_wait(Duration::from_secs(20)),
+    );
+    sqlx::query("CREATE TABLE ledger (scope text NOT NULL, note text NOT NULL)")
+        .execute(pool)
+        .await?;
+    pg_idempotency::admin::colocate(pool, "ledger", "scope").await?;
+
+    // Keys in many scopes, so on many shards: each claim, business write and key row
+    // commit together on the scope's worker.
+    for n in 0..40 {
+        let scope = Scope::new(format!("tenant-{n}"))?;
+        let key = new_key();
+        let body = format!("{{\"n\":{n}}}");
+        let request = Request::new("POST", "/ledger", body.as_bytes());
+        let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
+            bail!("a fresh key must be claimed");
+        };
+        sqlx::query("INSERT INTO ledger VALUES ($1, 'entry')")
+            .bind(scope.as_str())
+            .execute(&mut claim)
+            .await?;
+        ensure!(claim.complete(&StoredResponse::new(201, "done")).await? == Completion::Stored);
+        let Begin::Replay(replay) = store.begin(&scope, &key, &request).await? else {
+            bail!("a retry must replay");
+        };
+        ensure!(replay.response.status == 201);
+        let other = Request::new("POST", "/ledger", b"{}");
+        ensure!(matches!(
+            store.begin(&scope, &key, &other).await,
+            Err(Error::Conflict { .. })
+        ));
+    }
+    ensure!(citus.shard_count().await? > 1);
+    let spread: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT get_shard_id_for_distribution_column('idempotency_keys', scope))
+         FROM idempotency_keys",
+    )
+    .fetch_one(pool)
+    .await?;
+    ensure!(spread > 1, "the keys landed on {spread} shard(s)");
+
+    // 30 duplicates at once: one runs, the others wait for it and replay.
+    let (scope, key) = (Scope::new("race")?, new_key());
+    let mut racers = tokio::task::JoinSet::new();
+    for _ in 0..30 {
+        let (store, scope, key) = (store.clone(), scope.clone(), key.clone());
+        racers.spawn(async move {
+            let request = Request::new("POST", "/ledger", b"{}");
+            match store.begin(&scope, &key, &request).await? {
+                Begin::Claimed(mut claim) => {
+                    sqlx::query("INSERT INTO ledger VALUES ('race', 'once')")
+                        .execute(&mut claim)
+                        .await?;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    claim.complete(&StoredResponse::new(201, "once")).await?;
+                    Ok::<_, anyhow::Error>(true)
+                }
+                Begin::Replay(_) => Ok(false),
+            }
+        });
+    }
+    let mut claimed = 0;
+    while let Some(outcome) = racers.join_next().await {
+        claimed += usize::from(outcome??);
+    }
+    ensure!(claimed == 1, "{claimed} of 30 duplicates ran");
+    let effects: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger WHERE scope = 'race'")
+        .fetch_one(pool)
+        .await?;
+    ensure!(effects == 1, "{effects} business writes for one key");
+
+    // Expired keys count as unused: the next request runs fresh.
+    expire_all(pool).await?;
+    let request = Request::new("POST", "/ledger", b"{}");
+    ensure!(matches!(
+        store.begin(&scope, &key, &request).await?,
+        Begin::Claimed(_)
+    ));
+    citus.close().await
+}
+
+#[tokio::test]
+async fn the_sweeper_sweeps_every_shard_in_bounded_batches() -> Result<()> {
+    let Some(citus) = CitusSchema::create("citus sweeper").await? else {
+        return Ok(());
+    };
+    check_sweep_contract(citus.pool(), citus.shard_count().await?).await?;
+    citus.close().await
+}
+
+#[tokio::test]
+async fn the_command_line_tool_works_on_a_coordinator() -> Result<()> {
+    let Some(citus) = CitusSchema::create("citus cli").await? else {
+        return Ok(());
+    };
+    let url = citus.url();
+    let store = IdempotencyStore::new(citus.pool().clone());
+    let (scope, key) = (Scope::new("acct 7")?, new_key());
+    let Begin::Claimed(claim) = store
+        .begin(&scope, &key, &Request::new("POST", "/x", b"{}"))
+        .await?
+    else {
+        bail!("claim");
+    };
+    claim
+        .complete(&StoredResponse::new(201, "secret-response-body"))
+        .await?;
+
+    let again = cli(url, &["distribute"]).await?;
+    ensure!(again.status.code() == Some(0), "{again:?}");
+    ensure!(stdout(&again).contains("idempotency_keys: already distributed by scope"));
+    sqlx::query("CREATE TABLE orders (account text NOT NULL, id bigint NOT NULL, PRIMARY KEY (account, id))")
+        .execute(citus.pool())
+        .await?;
+    let colocated = cli(url, &["distribute", "--colocate", "orders:account"]).await?;
+    ensure!(colocated.status.code() == Some(0), "{colocated:?}");
+    ensure!(stdout(&colocated).contains("orders: distributed by account"));
+    ensure!(citus.colocated("orders", "account").await?);
+    let twice = cli(url, &["distribute", "--colocate", "orders:account"]).await?;
+    ensure!(stdout(&twice).contains("orders: already distributed by account"));
+    let wrong = cli(url, &["distribute", "--colocate", "orders:id"]).await?;
+    ensure!(wrong.status.code() == Some(1), "{wrong:?}");
+
+    let stats = cli(url, &["stats", "--json"]).await?;
+    ensure!(stats.status.code() == Some(0), "{stats:?}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&stats))?;
+    ensure!(json["rows"] == 1 && json["expired_rows"] == 0, "{json}");
+    ensure!(json["table_bytes"].as_i64() > Some(0) && json["index_bytes"].as_i64() > Some(0));
+
+    let (scope_arg, key_arg) = (scope.as_str(), key.as_str());
+    let inspect = cli(
+        url,
+        &[
+            "inspect",
+            "--scope",
+            scope_arg,
+            "--key",
+            key_arg,
+            "--show-body",
+        ],
+    )
+    .await?;
+    ensure!(inspect.status.code() == Some(0), "{inspect:?}");
+    ensure!(stdout(&inspect).contains("secret-response-body"));
+    let forgot = cli(
+        url,
+        &["forget", "--scope", scope_arg, "--key", key_arg, "--yes"],
+    )
+    .await?;
+    ensure!(forgot.status.code() == Some(0), "{forgot:?}");
+    let gone = cli(url, &["inspect", "--scope", scope_arg, "--key", key_arg]).await?;
+    ensure!(gone.status.code() == Some(3), "{gone:?}");
+
+    for n in 0..20 {
+        let scope = Scope::new(format!("s{n}"))?;
+        let Begin::Claimed(claim) = store
+            .begin(&scope, &new_key(), &Request::new("POST", "/x", b"{}"))
+            .await?
+        else {
+            bail!("claim");
+        };
+        claim.complete(&StoredResponse::new(201, "")).await?;
+    }
+    expire_all(citus.pool()).await?;
+    let swept = cli(url, &["sweep", "--batch", "2", "--pause", "1ms"]).await?;
+    ensure!(swept.status.code() == Some(0), "{swept:?}");
+    ensure!(
+        stdout(&swept).trim() == "deleted 20 expired keys",
+        "{}",
+        stdout(&swept)
+    );
+    let stats = cli(url, &["stats", "--json"]).await?;
+    let json: serde_json::Value = serde_json::from_str(&stdout(&stats))?;
+    ensure!(json["rows"] == 0, "{json}");
+    citus.close().await
+}
