@@ -44,18 +44,24 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
     anyhow::Context::context(pool, "connecting to PostgreSQL")
 }
 
-/// Applies the idempotency migrations and creates the `payments` table.
+/// Applies the idempotency migrations and creates the `payments` table. One statement
+/// per string: Citus refuses DDL on a distributed table inside a multi-statement string,
+/// and the demo must restart on a database whose tables an operator distributed
+/// (`pg-idempotency distribute --colocate payments:account`). The primary key starts
+/// with `account`, the tenant column, so that the table can be distributed by it (Citus
+/// wants the distribution column in every unique constraint), and it serves the
+/// per-account count.
 pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
     pg_idempotency::migrate(pool).await?;
-    sqlx::raw_sql(
+    sqlx::query(
         "CREATE TABLE IF NOT EXISTS payments (
-            id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            id         uuid NOT NULL DEFAULT gen_random_uuid(),
             account    text NOT NULL,
             amount     bigint NOT NULL CHECK (amount > 0),
             currency   text NOT NULL,
-            created_at timestamptz NOT NULL DEFAULT now()
-        );
-        CREATE INDEX IF NOT EXISTS payments_account_idx ON payments (account);",
+            created_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (account, id)
+        )",
     )
     .execute(pool)
     .await?;
