@@ -123,6 +123,72 @@ async fn the_store_claims_replays_and_serialises_duplicates_on_distributed_keys(
     citus.close().await
 }
 
+/// Clients of two nodes (the coordinator and a worker) take their advisory locks on
+/// different servers: a duplicate is not held back while the first request runs, but the
+/// unique key row still lets one of them commit; the other rolls back with its business
+/// write, and its retry replays.
+#[tokio::test]
+async fn duplicates_through_two_nodes_never_both_commit() -> Result<()> {
+    let Some(citus) = CitusSchema::create("citus two nodes").await? else {
+        return Ok(());
+    };
+    let first_node = IdempotencyStore::new(citus.pool().clone());
+    let worker = citus.worker_pool().await?;
+    let second_node = IdempotencyStore::with_config(
+        worker.clone(),
+        Config::default().with_in_flight_wait(Duration::from_secs(2)),
+    );
+    sqlx::query("CREATE TABLE ledger (scope text NOT NULL, note text NOT NULL)")
+        .execute(citus.pool())
+        .await?;
+    pg_idempotency::admin::colocate(citus.pool(), "ledger", "scope").await?;
+    let (scope, key) = (Scope::new("two-nodes")?, new_key());
+    let request = Request::new("POST", "/ledger", b"{}");
+    let write = async |claim: &mut pg_idempotency::Claim, note: &str| {
+        sqlx::query("INSERT INTO ledger VALUES ('two-nodes', $1)")
+            .bind(note)
+            .execute(claim)
+            .await
+    };
+
+    let Begin::Claimed(mut first) = first_node.begin(&scope, &key, &request).await? else {
+        bail!("the first request claims");
+    };
+    write(&mut first, "first").await?;
+    let started = std::time::Instant::now();
+    let second = second_node.begin(&scope, &key, &request).await?;
+    let waited = started.elapsed();
+    let Begin::Claimed(mut second) = second else {
+        bail!("a replay before anything committed");
+    };
+    eprintln!(
+        "the duplicate on the other node was claimed after {waited:?}: its lock is node-local"
+    );
+    write(&mut second, "second").await?;
+    ensure!(first.complete(&StoredResponse::new(201, "first")).await? == Completion::Stored);
+    // Its key row meets the first's: the transaction rolls back with its business write.
+    // Citus relays the worker's unique violation without the constraint's name, which
+    // the store needs to recognise its key (docs/OPERATIONS.md, "Citus"): the loser gets
+    // the database error (SQLSTATE 23505) there instead of `InFlight`.
+    let lost = second.complete(&StoredResponse::new(201, "second")).await;
+    let taken = match &lost {
+        Err(Error::InFlight { .. }) => true,
+        Err(Error::Database(sqlx::Error::Database(error))) => error.is_unique_violation(),
+        _ => false,
+    };
+    ensure!(taken, "the duplicate committed or failed otherwise: {lost:?}");
+    let Begin::Replay(replay) = second_node.begin(&scope, &key, &request).await? else {
+        bail!("the retry replays");
+    };
+    ensure!(replay.response.body == b"first");
+    let notes: Vec<String> = sqlx::query_scalar("SELECT note FROM ledger")
+        .fetch_all(citus.pool())
+        .await?;
+    ensure!(notes == ["first"], "{notes:?}");
+    worker.close().await;
+    citus.close().await
+}
+
 #[tokio::test]
 async fn the_sweeper_sweeps_every_shard_in_bounded_batches() -> Result<()> {
     let Some(citus) = CitusSchema::create("citus sweeper").await? else {

@@ -78,6 +78,26 @@ impl CitusSchema {
         &self.url
     }
 
+    /// A pool whose connections work in the schema through a worker instead of the
+    /// coordinator (Citus syncs its metadata to the workers, so they take queries too).
+    pub async fn worker_pool(&self) -> Result<PgPool> {
+        let (host, port): (String, i64) = sqlx::query_as(
+            "SELECT node_name, node_port FROM citus_get_active_worker_nodes()
+             ORDER BY node_name, node_port LIMIT 1",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let options = self
+            .url
+            .parse::<sqlx::postgres::PgConnectOptions>()?
+            .host(&host)
+            .port(u16::try_from(port)?);
+        Ok(PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?)
+    }
+
     /// How many shards `idempotency_keys` has.
     pub async fn shard_count(&self) -> Result<i64> {
         Ok(sqlx::query_scalar(
