@@ -23,6 +23,19 @@ impl CitusSchema {
     /// `None`, with the reason printed, when `PG_IDEMPOTENCY_CITUS_URL` is unset or
     /// empty; an error when it names something other than a coordinator with workers.
     pub async fn create(test: &str) -> Result<Option<Self>> {
+        let Some(schema) = Self::empty(test).await? else {
+            return Ok(None);
+        };
+        pg_idempotency::migrate(&schema.pool).await?;
+        ensure!(
+            pg_idempotency::admin::distribute(&schema.pool).await?,
+            "a fresh schema's table was already distributed"
+        );
+        Ok(Some(schema))
+    }
+
+    /// [`create`](Self::create) without the migrations and the distribution.
+    pub async fn empty(test: &str) -> Result<Option<Self>> {
         let base = match std::env::var(CITUS_URL) {
             Ok(url) if !url.is_empty() => url,
             _ => {
@@ -55,11 +68,6 @@ impl CitusSchema {
             .max_connections(32)
             .connect(&url)
             .await?;
-        pg_idempotency::migrate(&pool).await?;
-        ensure!(
-            pg_idempotency::admin::distribute(&pool).await?,
-            "a fresh schema's table was already distributed"
-        );
         Ok(Some(Self {
             admin,
             name,
