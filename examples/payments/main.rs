@@ -17,6 +17,10 @@
 //!   a retry replays it with `Idempotent-Replayed: true`.
 //! - `GET /v1/payments/count[?account=X]` → `{"count": N}`.
 //! - `GET /healthz` → 200 once the database answers.
+//!
+//! On a Citus coordinator: start it once (it creates its tables), run `pg-idempotency
+//! distribute --colocate payments:account`, and start it again; it then runs on the
+//! distributed tables (docs/OPERATIONS.md, "Citus").
 
 mod app;
 
