@@ -1,4 +1,5 @@
-//! Operator queries: table statistics, inspecting one key, and forgetting one.
+//! Operator queries: table statistics, inspecting one key, forgetting one, and
+//! distributing the table with Citus.
 //!
 //! The `pg-idempotency` command-line tool (feature `cli`) is built on these.
 
@@ -21,33 +22,40 @@ pub struct Stats {
     pub expired_rows: i64,
     /// `created_at` of the oldest row, if any.
     pub oldest_created_at: Option<DateTime<Utc>>,
-    /// Size of the table (heap and TOAST), in bytes.
+    /// Size of the table (heap and TOAST; on Citus, of all its shards), in bytes.
     pub table_bytes: i64,
     /// Size of its indexes, in bytes.
     pub index_bytes: i64,
-    /// Dead tuples according to the statistics collector (vacuum reclaims them).
+    /// Dead tuples according to the statistics collector (vacuum reclaims them; on Citus,
+    /// those of the workers, over all shards).
     pub dead_tuples: i64,
 }
 
 /// Counts rows (a full scan: meant for operators, not for a hot path) and reads sizes
-/// and dead tuples from the catalog.
+/// and dead tuples from the catalog, through `idempotency_storage()`, which adds them up
+/// over the shards when the table is distributed with Citus.
 ///
 /// # Errors
 ///
 /// [`Error::Database`].
 #[tracing::instrument(name = "idempotency.stats", skip_all)]
 pub async fn stats<'e>(executor: impl PgExecutor<'e>) -> Result<Stats, Error> {
+    // The counts are a subquery of their own: Citus refuses a catalog subquery beside an
+    // aggregate over a distributed table, and plans this one shard by shard.
     let row = sqlx::query!(
         r#"
         SELECT
-            count(*)                                                     AS "rows!",
-            count(*) FILTER (WHERE expires_at <= now())                  AS "expired_rows!",
-            min(created_at)                                              AS oldest_created_at,
-            pg_table_size('idempotency_keys'::regclass)                  AS "table_bytes!",
-            pg_indexes_size('idempotency_keys'::regclass)                AS "index_bytes!",
-            coalesce((SELECT n_dead_tup FROM pg_stat_user_tables
-                      WHERE relid = 'idempotency_keys'::regclass), 0)   AS "dead_tuples!"
-        FROM idempotency_keys
+            counted.rows                      AS "rows!",
+            counted.expired_rows              AS "expired_rows!",
+            counted.oldest_created_at,
+            storage.table_bytes               AS "table_bytes!",
+            storage.index_bytes               AS "index_bytes!",
+            storage.dead_tuples               AS "dead_tuples!"
+        FROM (SELECT count(*)                                    AS rows,
+                     count(*) FILTER (WHERE expires_at <= now()) AS expired_rows,
+                     min(created_at)                             AS oldest_created_at
+              FROM idempotency_keys) counted,
+             idempotency_storage() storage
         "#
     )
     .fetch_one(executor)
@@ -160,4 +168,52 @@ pub async fn forget<'e>(
     .await?
     .rows_affected();
     Ok(deleted > 0)
+}
+
+/// Distributes `idempotency_keys` by `scope` on Citus, and `idempotency_requests` (phased
+/// requests in progress) co-located with it (`idempotency_distribute()`): `true` if it
+/// did, `false` if the tables already were. Run it once, on the coordinator, before the
+/// tables grow: distributing copies their rows. Then co-locate the business tables with
+/// [`colocate`].
+///
+/// # Errors
+///
+/// [`Error::Database`]: the `citus` extension is not in the database (SQLSTATE 42704),
+/// or the table is already distributed another way (0A000).
+#[tracing::instrument(name = "idempotency.distribute", skip_all)]
+pub async fn distribute<'e>(executor: impl PgExecutor<'e>) -> Result<bool, Error> {
+    Ok(
+        sqlx::query_scalar!(r#"SELECT idempotency_distribute() AS "distributed!""#)
+            .fetch_one(executor)
+            .await?,
+    )
+}
+
+/// Distributes the business table `table` by its tenant column `column` on Citus,
+/// co-located with `idempotency_keys` (`idempotency_colocate()`): `true` if it did,
+/// `false` if it already was. A request's key row and its business rows then live on
+/// one worker, and its transaction stays on that worker.
+///
+/// `column` must hold the request's scope, with the scope's type (`text`). `table` is
+/// resolved like a name in SQL (`search_path`, `schema.table`, quoted identifiers): it
+/// is passed as a value, never spliced into SQL.
+///
+/// # Errors
+///
+/// [`Error::Database`]: `idempotency_keys` is not distributed yet (55000), the table
+/// does not exist (42P01), or it is distributed another way (0A000); Citus' own errors,
+/// e.g. a unique constraint without the tenant column.
+#[tracing::instrument(name = "idempotency.colocate", skip(executor))]
+pub async fn colocate<'e>(
+    executor: impl PgExecutor<'e>,
+    table: &str,
+    column: &str,
+) -> Result<bool, Error> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT idempotency_colocate($1::text::regclass, $2) AS "distributed!""#,
+        table,
+        column
+    )
+    .fetch_one(executor)
+    .await?)
 }

@@ -2,8 +2,10 @@
 //!
 //! Expired rows already count as unused (a new request replaces them atomically), so
 //! sweeping only reclaims space. Each batch is its own short statement: it deletes at
-//! most `batch_size` expired rows and skips rows that other transactions hold, so it
-//! never blocks a request and never holds locks for long.
+//! most `batch_size` expired rows per shard and skips rows that other transactions hold,
+//! so it never blocks a request and never holds locks for long. A plain table is one
+//! shard; when `idempotency_keys` is distributed with Citus, each shard's part of the
+//! batch runs and commits on its own worker (docs/OPERATIONS.md, "Citus").
 
 use std::time::Duration;
 
@@ -15,9 +17,11 @@ use crate::error::Error;
 use crate::metrics;
 use tracing::Instrument;
 
-/// Deletes one batch of at most `batch_size` expired rows (by the database clock) and
-/// returns how many it deleted. Runs `SELECT idempotency_sweep($1)`, the same function a
-/// scheduler such as pg_cron can call.
+/// Deletes one batch of at most `batch_size` expired rows (by the database clock) per
+/// shard and returns how many it deleted. Runs `SELECT idempotency_sweep($1)`, the same
+/// function a scheduler such as pg_cron can call. On plain PostgreSQL the table is one
+/// shard; on Citus every shard deletes its part in a transaction of its own on its
+/// worker, so a batch may delete up to `batch_size` times the shard count.
 ///
 /// # Errors
 ///
@@ -55,7 +59,7 @@ impl Default for SweepOptions {
 }
 
 impl SweepOptions {
-    /// Rows deleted per statement (default 1,000; at least 1).
+    /// Rows deleted per statement and shard (default 1,000; at least 1).
     #[must_use]
     pub fn with_batch_size(mut self, batch_size: u32) -> Self {
         self.batch_size = batch_size.max(1);
@@ -78,7 +82,7 @@ impl SweepOptions {
         self
     }
 
-    /// Rows deleted per statement.
+    /// Rows deleted per statement and shard.
     pub fn batch_size(&self) -> u32 {
         self.batch_size
     }
@@ -95,7 +99,8 @@ impl SweepOptions {
 }
 
 /// Deletes every expired row, batch by batch (pausing between batches), until a batch
-/// comes back short, and returns how many rows it deleted.
+/// comes back short (fewer than `batch_size` rows: then every shard's part was short),
+/// and returns how many rows it deleted.
 ///
 /// # Errors
 ///

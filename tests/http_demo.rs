@@ -21,8 +21,8 @@ use pg_idempotency::{Config, IdempotencyStore};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use support::{
-    Answer, Server, client, example_binary, is_generated_request_id, new_key, parse_raw, raw,
-    raw_post, spawn_example, stop_with,
+    Answer, CitusSchema, Server, client, example_binary, is_generated_request_id, new_key,
+    parse_raw, raw, raw_post, spawn_example, stop_with,
 };
 
 const PAY: &str = "/v1/payments";
@@ -861,6 +861,99 @@ async fn binary_stops_on_sigint_and_restarts_on_the_same_database() -> Result<()
     ensure!(stop_with(&mut child, "-TERM").await?.success());
     db.close().await?;
     Ok(())
+}
+
+/// On Citus (`PG_IDEMPOTENCY_CITUS_URL`, else skipped): the demo starts on a fresh
+/// database, an operator distributes its tables, and it restarts on the distributed
+/// tables and keeps its contract there.
+#[tokio::test]
+async fn binary_restarts_on_distributed_tables_and_keeps_its_contract() -> Result<()> {
+    let Some(citus) = CitusSchema::create("demo on citus").await? else {
+        return Ok(());
+    };
+    let args = ["--port", "0", "--database-url", citus.url()];
+    let (mut child, _, _) = spawn_example("payments", &[], &args).await?;
+    ensure!(stop_with(&mut child, "-TERM").await?.success());
+    for table in ["payments", "charges"] {
+        ensure!(pg_idempotency::admin::colocate(citus.pool(), table, "account").await?);
+        ensure!(citus.colocated(table, "account").await?);
+    }
+    ensure!(citus.colocated("idempotency_requests", "scope").await?);
+
+    let (mut child, port, _) = spawn_example("payments", &[], &args).await?;
+    let url = format!("http://127.0.0.1:{port}{PAY}");
+    let post = |key: &str, account: &str, body: &'static str| {
+        client()
+            .post(&url)
+            .header("Idempotency-Key", key)
+            .header("X-Account-Id", account)
+            .body(body)
+            .send()
+    };
+    let key = new_key();
+    let created = Answer::of(post(&key, "acct_a", EUR_1000).await?).await?;
+    check_created(&created, "acct_a", 1000, "EUR")?;
+    let replay = Answer::of(post(&key, "acct_a", EUR_1000).await?).await?;
+    ensure!(replay.body == created.body && replay.header("idempotent-replayed") == Some("true"));
+    let other = r#"{"amount":5,"currency":"EUR"}"#;
+    Answer::of(post(&key, "acct_a", other).await?)
+        .await?
+        .problem(409, "idempotency_conflict")?;
+    // The same key in another account is another payment.
+    check_created(
+        &Answer::of(post(&key, "acct_b", other).await?).await?,
+        "acct_b",
+        5,
+        "EUR",
+    )?;
+
+    // 20 duplicates at once: one payment, one body for all.
+    let key = new_key();
+    let slow = r#"{"amount":7,"currency":"EUR","delay_ms":300}"#;
+    let answers = futures_util::future::join_all((0..20).map(|_| post(&key, "acct_c", slow))).await;
+    let mut bodies = HashSet::new();
+    for answer in answers {
+        let answer = Answer::of(answer?).await?;
+        ensure!(answer.status == 201, "{answer:?}");
+        bodies.insert(answer.body);
+    }
+    ensure!(bodies.len() == 1, "{} different bodies", bodies.len());
+
+    let counts: Vec<(String, i64)> =
+        sqlx::query_as("SELECT account, count(*) FROM payments GROUP BY account ORDER BY account")
+            .fetch_all(citus.pool())
+            .await?;
+    ensure!(
+        counts
+            == [
+                ("acct_a".into(), 1),
+                ("acct_b".into(), 1),
+                ("acct_c".into(), 1)
+            ],
+        "{counts:?}"
+    );
+    let total = Answer::of(client().get(format!("{url}/count")).send().await?).await?;
+    ensure!(total.json()?["count"] == 3, "{total:?}");
+
+    // A phased charge on the distributed tables: its request row, key row and charge row
+    // live on one worker.
+    let charges = format!("http://127.0.0.1:{port}/v1/charges");
+    let charge = |key: String| {
+        client()
+            .post(&charges)
+            .header("Idempotency-Key", key)
+            .header("X-Account-Id", "acct_d")
+            .body(r#"{"amount":9,"currency":"EUR"}"#)
+            .send()
+    };
+    let key = new_key();
+    let charged = Answer::of(charge(key.clone()).await?).await?;
+    ensure!(charged.status == 201, "{charged:?}");
+    ensure!(charged.json()?["status"] == "succeeded", "{charged:?}");
+    let again = Answer::of(charge(key).await?).await?;
+    ensure!(again.body == charged.body && again.header("idempotent-replayed") == Some("true"));
+    ensure!(stop_with(&mut child, "-TERM").await?.success());
+    citus.close().await
 }
 
 #[tokio::test]

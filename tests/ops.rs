@@ -9,7 +9,7 @@ use pg_idempotency::{
 };
 
 mod support;
-use support::{expire, expire_all};
+use support::{check_sweep_contract, expire, expire_all};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -190,6 +190,34 @@ async fn the_sql_sweep_function_deletes_one_bounded_batch() -> Result<()> {
         .fetch_one(&pool)
         .await?;
     assert_eq!(left, 1, "the live row stays");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_sweeper_skips_held_rows_and_sweeps_the_rest() -> Result<()> {
+    let pool = pg_idempotency::testing::fresh_pool().await?;
+    check_sweep_contract(&pool, 1).await
+}
+
+#[tokio::test]
+async fn distribute_refuses_a_database_without_citus() -> Result<()> {
+    let database = pg_idempotency::testing::TestDatabase::create().await?;
+    let refused = cli(&database, &["distribute", "--colocate", "payments:account"]).await?;
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("the citus extension is not installed"),
+        "{stderr}"
+    );
+    let Err(Error::Database(sqlx::Error::Database(error))) =
+        pg_idempotency::admin::distribute(database.pool()).await
+    else {
+        bail!("distributing without Citus must fail");
+    };
+    assert_eq!(error.code().as_deref(), Some("42704"));
+    let usage = cli(&database, &["distribute", "--colocate", "payments"]).await?;
+    assert_eq!(usage.status.code(), Some(2), "TABLE:COLUMN is required");
+    database.close().await?;
     Ok(())
 }
 

@@ -53,27 +53,37 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
 }
 
 /// Applies the idempotency migrations and creates the `payments` and `charges` tables.
+/// One statement per string: Citus refuses DDL on a distributed table inside a
+/// multi-statement string, and the demo must restart on a database whose tables an
+/// operator distributed (`pg-idempotency distribute --colocate payments:account
+/// --colocate charges:account`). The primary keys start with `account`, the tenant
+/// column, so that the tables can be distributed by it (Citus wants the distribution
+/// column in every unique constraint), and they serve the per-account counts.
 pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
     pg_idempotency::migrate(pool).await?;
-    sqlx::raw_sql(
+    sqlx::query(
         "CREATE TABLE IF NOT EXISTS payments (
-            id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            id         uuid NOT NULL DEFAULT gen_random_uuid(),
             account    text NOT NULL,
             amount     bigint NOT NULL CHECK (amount > 0),
             currency   text NOT NULL,
-            created_at timestamptz NOT NULL DEFAULT now()
-        );
-        CREATE INDEX IF NOT EXISTS payments_account_idx ON payments (account);
-        CREATE TABLE IF NOT EXISTS charges (
-            id                  uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+            created_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (account, id)
+        )",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS charges (
+            id                  uuid NOT NULL DEFAULT gen_random_uuid(),
             account             text NOT NULL,
             amount              bigint NOT NULL CHECK (amount > 0),
             currency            text NOT NULL,
             status              text NOT NULL DEFAULT 'pending',
             processor_charge_id text,
-            created_at          timestamptz NOT NULL DEFAULT now()
-        );
-        CREATE INDEX IF NOT EXISTS charges_account_idx ON charges (account);",
+            created_at          timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (account, id)
+        )",
     )
     .execute(pool)
     .await?;
@@ -175,9 +185,10 @@ impl Operation for Charges {
             .finish(async |tx| {
                 sqlx::query(
                     "UPDATE charges SET status = 'succeeded', processor_charge_id = $1
-                     WHERE id = $2::uuid",
+                     WHERE account = $2 AND id = $3::uuid",
                 )
                 .bind(&processor_charge_id)
+                .bind(&input.account)
                 .bind(&charge.id)
                 .execute(&mut *tx)
                 .await?;

@@ -31,6 +31,10 @@
 //! `call_processor:after_call`) the service prints `paused at <step>:<boundary>` on stdout
 //! when a charge reaches that boundary and stops there, for `PAYMENTS_PAUSE_SECS` seconds
 //! (default: until it is killed).
+//!
+//! On a Citus coordinator: start it once (it creates its tables), run `pg-idempotency
+//! distribute --colocate payments:account`, and start it again; it then runs on the
+//! distributed tables (docs/OPERATIONS.md, "Citus").
 
 mod app;
 #[path = "../processor/fake.rs"]

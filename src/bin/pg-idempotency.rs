@@ -13,7 +13,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgPool};
 
 /// Operate the pg-idempotency key store: apply its migrations, sweep expired keys,
-/// look at the table, inspect or release one key.
+/// look at the table, inspect or release one key, distribute the table with Citus.
 #[derive(Debug, Parser)]
 #[command(name = "pg-idempotency", version)]
 struct Cli {
@@ -62,6 +62,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// On a Citus coordinator: distribute idempotency_keys by scope and co-locate business
+    /// tables with it (idempotent; run `migrate` first, and before the tables grow).
+    Distribute {
+        /// A business table to distribute by its tenant column (which holds the scope),
+        /// co-located with the keys; repeatable, e.g. --colocate payments:account.
+        #[arg(long, value_name = "TABLE:COLUMN", value_parser = parse_colocated)]
+        colocate: Vec<Colocated>,
+    },
     /// Release one key: the next request with it runs fresh. Needs --yes.
     Forget {
         /// The key's scope (tenant, account or principal).
@@ -74,6 +82,25 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// A business table and its tenant column, from `--colocate TABLE:COLUMN`.
+#[derive(Debug, Clone)]
+struct Colocated {
+    table: String,
+    column: String,
+}
+
+fn parse_colocated(value: &str) -> Result<Colocated, String> {
+    match value.rsplit_once(':') {
+        Some((table, column)) if !table.is_empty() && !column.is_empty() => Ok(Colocated {
+            table: table.to_owned(),
+            column: column.to_owned(),
+        }),
+        _ => Err(format!(
+            "expected TABLE:COLUMN, e.g. payments:account, not {value:?}"
+        )),
+    }
 }
 
 /// An outcome with its own exit code.
@@ -149,6 +176,7 @@ async fn run(cli: Cli) -> Result<Exit> {
             },
             _,
         ) => sweep(&pool, batch, pause, every).await?,
+        (Command::Distribute { colocate }, _) => distribute(&pool, &colocate).await?,
         (Command::Stats { json }, _) => print_stats(&admin::stats(&pool).await?, json),
         (
             Command::Inspect {
@@ -199,6 +227,22 @@ async fn sweep(pool: &PgPool, batch: u32, pause: Duration, every: Option<Duratio
     shutdown_signal().await?;
     let deleted = sweeper.stop().await;
     println!("deleted {deleted} expired keys");
+    Ok(())
+}
+
+async fn distribute(pool: &PgPool, colocate: &[Colocated]) -> Result<()> {
+    if admin::distribute(pool).await? {
+        println!("idempotency_keys: distributed by scope");
+    } else {
+        println!("idempotency_keys: already distributed by scope");
+    }
+    for Colocated { table, column } in colocate {
+        let done = admin::colocate(pool, table, column)
+            .await
+            .with_context(|| format!("co-locating {table} by {column}"))?;
+        let already = if done { "" } else { "already " };
+        println!("{table}: {already}distributed by {column}, co-located with idempotency_keys");
+    }
     Ok(())
 }
 

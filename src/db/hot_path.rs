@@ -333,11 +333,14 @@ impl TxConn {
         match self.finish(store_and_commit(row)).await {
             Ok(()) => Ok(Committed::Stored),
             // The insert met a live row; the rest of the string (the COMMIT) was skipped.
+            // Citus relays a worker's unique violation without the constraint's name: the
+            // key row's insert is then the only statement of the string that can raise it
+            // (a deferred unique constraint of a business table reports its own name).
             Err(sqlx::Error::Database(error))
                 if error.is_unique_violation()
                     && error
                         .constraint()
-                        .is_some_and(|name| name.starts_with(KEY_CONSTRAINT)) =>
+                        .is_none_or(|name| name.starts_with(KEY_CONSTRAINT)) =>
             {
                 self.rollback().await?;
                 Ok(Committed::KeyTaken)

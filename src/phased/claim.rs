@@ -247,18 +247,20 @@ impl IdempotencyStore {
             (_, _, Taker::Client(request)) => {
                 let fingerprint = request.fingerprint();
                 let token = sqlx::query_scalar!(
+                    // Only `excluded` and constants in DO UPDATE SET: Citus refuses
+                    // functions there on a distributed table.
                     r#"INSERT INTO idempotency_requests AS r
                          (scope, key, fingerprint_version, fingerprint, lease_token,
-                          leased_until, expires_at)
+                          leased_until, created_at, expires_at)
                        VALUES ($1, $2, $3, $4, 1, now() + $5::bigint * interval '1 millisecond',
-                               now() + $6::bigint * interval '1 millisecond')
+                               now(), now() + $6::bigint * interval '1 millisecond')
                        ON CONFLICT (scope, key) DO UPDATE SET
                          fingerprint_version = excluded.fingerprint_version,
                          fingerprint = excluded.fingerprint, operation = NULL, input = NULL,
                          recovery_point = NULL, progress = '{}',
                          lease_token = r.lease_token + 1, leased_until = excluded.leased_until,
                          attempts = 1, request_id = NULL, traceparent = NULL,
-                         created_at = now(), expires_at = excluded.expires_at
+                         created_at = excluded.created_at, expires_at = excluded.expires_at
                        RETURNING lease_token"#,
                     scope.as_str(),
                     key.as_str(),

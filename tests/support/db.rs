@@ -6,7 +6,7 @@ use std::pin::pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use sqlx::PgPool;
 
 /// Polls `future` at most `polls` times, then drops it: a cancellation at the
@@ -111,4 +111,79 @@ impl Rng {
     pub fn chance(&mut self, p: f64) -> bool {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
     }
+}
+
+/// The sweeper's contract on the `idempotency_keys` that `pool` sees, with `shards`
+/// shards (1 for a plain table): a batch deletes at most its size per shard, skips a row
+/// another transaction holds instead of waiting for it, leaves live rows alone, and the
+/// background sweeper deletes the rest and stops cleanly.
+pub async fn check_sweep_contract(pool: &PgPool, shards: i64) -> Result<()> {
+    use pg_idempotency::{SweepOptions, Sweeper, delete_expired, sweep};
+    // 64 scopes (spread over the shards) of 3 expired keys each, and one live key.
+    sqlx::query(
+        "INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status,
+                                       headers, body, created_at, expires_at)
+         SELECT 'scope-' || (i % 64), 'key-' || i, 1, '\\x00', 201, '[]', '',
+                now() - interval '2 days',
+                CASE WHEN i = 0 THEN now() + interval '1 day' ELSE now() - interval '1 day' END
+         FROM generate_series(0, 192) i",
+    )
+    .execute(pool)
+    .await?;
+    let count = |filter: &'static str| async move {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM idempotency_keys WHERE {filter}"
+        )))
+        .fetch_one(pool)
+        .await
+    };
+
+    let first = delete_expired(pool, 1).await?;
+    ensure!(
+        (1..=u64::try_from(shards)?).contains(&first),
+        "a batch of 1 deleted {first} rows over {shards} shard(s)"
+    );
+
+    let mut holder = pool.begin().await?;
+    let held: String = sqlx::query_scalar(
+        "SELECT key FROM idempotency_keys
+         WHERE scope = 'scope-1' AND expires_at <= now() LIMIT 1 FOR UPDATE",
+    )
+    .fetch_one(&mut *holder)
+    .await?;
+    let options = SweepOptions::default()
+        .with_batch_size(7)
+        .with_pause(Duration::ZERO);
+    let swept = tokio::time::timeout(Duration::from_secs(30), sweep(pool, &options))
+        .await
+        .context("the sweep waited for a row another transaction holds")??;
+    ensure!(swept == 192 - first - 1, "swept {swept} after {first}");
+    ensure!(
+        count("expires_at <= now()").await? == 1,
+        "only the held row is left"
+    );
+    ensure!(
+        count("expires_at > now()").await? == 1,
+        "the live row stays"
+    );
+    holder.commit().await?;
+
+    let sweeper = Sweeper::spawn(
+        pool.clone(),
+        options.with_interval(Duration::from_secs(3600)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count("expires_at <= now()").await? > 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "the sweeper left {held} in place"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(
+        sweeper.stop().await == 1,
+        "the sweeper deleted the held row, once"
+    );
+    ensure!(count("true").await? == 1, "the live row stays");
+    Ok(())
 }
