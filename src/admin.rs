@@ -4,7 +4,7 @@
 //! The `pg-idempotency` command-line tool (feature `cli`) is built on these.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgExecutor;
+use sqlx::{Acquire, PgExecutor, Postgres};
 
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
@@ -12,7 +12,8 @@ use crate::key::IdempotencyKey;
 use crate::provenance::Provenance;
 use crate::scope::Scope;
 
-/// The state of the `idempotency_keys` table.
+/// The state of the `idempotency_keys` table, and how many phased requests are in
+/// progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
@@ -29,9 +30,15 @@ pub struct Stats {
     /// Dead tuples according to the statistics collector (vacuum reclaims them; on Citus,
     /// those of the workers, over all shards).
     pub dead_tuples: i64,
+    /// [Phased requests](crate::phased) in progress (`idempotency_requests`), within their
+    /// replay window.
+    pub phased_in_progress: i64,
+    /// Of those, the ones whose holder's lease ran out: a retry or the completer will take
+    /// them over.
+    pub phased_abandoned: i64,
 }
 
-/// Counts rows (a full scan: meant for operators, not for a hot path) and reads sizes
+/// Counts rows (full scans: meant for operators, not for a hot path) and reads sizes
 /// and dead tuples from the catalog, through `idempotency_storage()`, which adds them up
 /// over the shards when the table is distributed with Citus.
 ///
@@ -39,7 +46,8 @@ pub struct Stats {
 ///
 /// [`Error::Database`].
 #[tracing::instrument(name = "idempotency.stats", skip_all)]
-pub async fn stats<'e>(executor: impl PgExecutor<'e>) -> Result<Stats, Error> {
+pub async fn stats<'a>(conn: impl Acquire<'a, Database = Postgres>) -> Result<Stats, Error> {
+    let mut conn = conn.acquire().await?;
     // The counts are a subquery of their own: Citus refuses a catalog subquery beside an
     // aggregate over a distributed table, and plans this one shard by shard.
     let row = sqlx::query!(
@@ -58,7 +66,16 @@ pub async fn stats<'e>(executor: impl PgExecutor<'e>) -> Result<Stats, Error> {
              idempotency_storage() storage
         "#
     )
-    .fetch_one(executor)
+    .fetch_one(&mut *conn)
+    .await?;
+    let phased = sqlx::query!(
+        r#"
+        SELECT count(*) FILTER (WHERE expires_at > now())                           AS "in_progress!",
+               count(*) FILTER (WHERE expires_at > now() AND leased_until <= now()) AS "abandoned!"
+        FROM idempotency_requests
+        "#
+    )
+    .fetch_one(&mut *conn)
     .await?;
     Ok(Stats {
         rows: row.rows,
@@ -67,6 +84,8 @@ pub async fn stats<'e>(executor: impl PgExecutor<'e>) -> Result<Stats, Error> {
         table_bytes: row.table_bytes,
         index_bytes: row.index_bytes,
         dead_tuples: row.dead_tuples,
+        phased_in_progress: phased.in_progress,
+        phased_abandoned: phased.abandoned,
     })
 }
 
@@ -95,8 +114,9 @@ pub struct KeyInfo {
     pub first_request: Provenance,
 }
 
-/// Reads what is stored for `(scope, key)`; `None` if nothing is (a request that is still
-/// running holds a lock, not a row, so it shows as `None` too).
+/// Reads what is stored for `(scope, key)`; `None` if nothing is (a transactional request
+/// that is still running holds a lock, not a row, so it shows as `None` too; a phased
+/// request in progress has a row of its own: [`inspect_request`]).
 ///
 /// # Errors
 ///
@@ -146,9 +166,86 @@ pub async fn inspect<'e>(
     }))
 }
 
+/// A [phased request](crate::phased) in progress, as [`inspect_request`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RequestInfo {
+    /// The request fingerprint.
+    pub fingerprint: Fingerprint,
+    /// The operation that started it (`None`: taken, never started).
+    pub operation: Option<String>,
+    /// The last step whose output is recorded.
+    pub recovery_point: Option<String>,
+    /// The names of the recorded steps.
+    pub recorded_steps: Vec<String>,
+    /// Holders so far (1 + takeovers).
+    pub attempts: i32,
+    /// When the holder's lease ends (database clock).
+    pub leased_until: DateTime<Utc>,
+    /// Whether the lease has run out: a retry or the completer may take the request over.
+    pub abandoned: bool,
+    /// When the key was first used (database clock).
+    pub created_at: DateTime<Utc>,
+    /// When the request stops counting (database clock).
+    pub expires_at: DateTime<Utc>,
+    /// Whether `expires_at` has passed: the key counts as unused.
+    pub expired: bool,
+    /// The request that started the operation.
+    pub first_request: Provenance,
+}
+
+/// Reads the phased request in progress with `(scope, key)`, if any.
+///
+/// # Errors
+///
+/// [`Error::Database`], or [`Error::MalformedRow`] for a row this crate did not write.
+#[tracing::instrument(name = "idempotency.inspect_request", skip_all, fields(scope = %scope, key = %key))]
+pub async fn inspect_request<'e>(
+    executor: impl PgExecutor<'e>,
+    scope: &Scope,
+    key: &IdempotencyKey,
+) -> Result<Option<RequestInfo>, Error> {
+    let row = sqlx::query!(
+        r#"
+        SELECT fingerprint_version, fingerprint, operation, recovery_point,
+               array(SELECT jsonb_object_keys(progress) ORDER BY 1) AS "recorded_steps!",
+               attempts, leased_until, leased_until <= now() AS "abandoned!",
+               created_at, expires_at, expires_at <= now() AS "expired!",
+               request_id, traceparent
+        FROM idempotency_requests
+        WHERE scope = $1 AND key = $2
+        "#,
+        scope.as_str(),
+        key.as_str(),
+    )
+    .fetch_optional(executor)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let hash = <[u8; 32]>::try_from(row.fingerprint)
+        .map_err(|_| Error::MalformedRow("fingerprint is not 32 bytes".to_owned()))?;
+    Ok(Some(RequestInfo {
+        fingerprint: Fingerprint::from_parts(row.fingerprint_version, hash),
+        operation: row.operation,
+        recovery_point: row.recovery_point,
+        recorded_steps: row.recorded_steps,
+        attempts: row.attempts,
+        leased_until: row.leased_until,
+        abandoned: row.abandoned,
+        created_at: row.created_at,
+        expires_at: row.expires_at,
+        expired: row.expired,
+        first_request: Provenance {
+            request_id: row.request_id,
+            traceparent: row.traceparent,
+        },
+    }))
+}
+
 /// Deletes what is stored for `(scope, key)`, so the next request with the key runs
-/// fresh. Returns whether there was a row. An operator's tool: a released key no longer
-/// protects against a duplicate of its request.
+/// fresh: its stored response, and a [phased request](crate::phased) in progress with it
+/// (whose recorded steps are then forgotten too: a holder still running it can record
+/// nothing more). Returns whether there was a row. An operator's tool: a released key no
+/// longer protects against a duplicate of its request.
 ///
 /// # Errors
 ///
@@ -159,14 +256,17 @@ pub async fn forget<'e>(
     scope: &Scope,
     key: &IdempotencyKey,
 ) -> Result<bool, Error> {
-    let deleted = sqlx::query!(
-        "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2",
+    let deleted = sqlx::query_scalar!(
+        r#"WITH request AS (
+               DELETE FROM idempotency_requests WHERE scope = $1 AND key = $2 RETURNING 1),
+           stored AS (
+               DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 RETURNING 1)
+           SELECT (SELECT count(*) FROM request) + (SELECT count(*) FROM stored) AS "deleted!""#,
         scope.as_str(),
         key.as_str()
     )
-    .execute(executor)
-    .await?
-    .rows_affected();
+    .fetch_one(executor)
+    .await?;
     Ok(deleted > 0)
 }
 

@@ -209,7 +209,10 @@ async fn a_distributed_0_1_0_table_takes_the_later_migrations() -> Result<()> {
     pg_idempotency::migrate(pool).await?;
     // The keys are distributed already; the phased requests' table, new, is distributed
     // beside them; then there is nothing left to do.
-    ensure!(pg_idempotency::admin::distribute(pool).await?, "requests not distributed");
+    ensure!(
+        pg_idempotency::admin::distribute(pool).await?,
+        "requests not distributed"
+    );
     ensure!(citus.colocated("idempotency_requests", "scope").await?);
     ensure!(
         !pg_idempotency::admin::distribute(pool).await?,
@@ -380,7 +383,10 @@ async fn phased_requests_run_resume_and_sweep_on_distributed_tables() -> Result<
         ensure!(again.is_replay() && again.response() == first.response());
         let other = Request::new("POST", "/notes", b"another");
         let conflict = store.begin_phased(&scope, &key, &other).await;
-        ensure!(matches!(conflict, Err(Error::Conflict { .. })), "{conflict:?}");
+        ensure!(
+            matches!(conflict, Err(Error::Conflict { .. })),
+            "{conflict:?}"
+        );
     }
     // Abandoned before its operation ran, and abandoned after it started (its holder
     // vanished before the final step): the completer frees the first and finishes the
@@ -429,7 +435,10 @@ async fn phased_requests_run_resume_and_sweep_on_distributed_tables() -> Result<
         .await?;
     expire_all(pool).await?;
     let swept = pg_idempotency::sweep(pool, &pg_idempotency::SweepOptions::default()).await?;
-    ensure!(swept == 12, "swept {swept}: 11 keys and 1 abandoned request");
+    ensure!(
+        swept == 12,
+        "swept {swept}: 11 keys and 1 abandoned request"
+    );
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_requests")
         .fetch_one(pool)
         .await?;

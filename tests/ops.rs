@@ -300,3 +300,75 @@ fn counters_and_histograms_move() -> Result<()> {
     assert_eq!(counter(RESPONSE_BYTES), 1, "one size per stored response");
     Ok(())
 }
+
+/// A phased request in progress shows in `stats` and `inspect` (its recorded steps and
+/// lease), and `forget` frees its key.
+#[tokio::test]
+async fn the_command_line_tool_shows_and_forgets_phased_requests() -> Result<()> {
+    use pg_idempotency::phased::PhasedBegin;
+
+    let database = pg_idempotency::testing::TestDatabase::create().await?;
+    let store = IdempotencyStore::new(database.pool().clone());
+    let (scope, key) = (Scope::new("acct_p")?, new_key());
+    let request = Request::new("POST", "/charges", b"{}");
+    let PhasedBegin::Held(mut claim) = store.begin_phased(&scope, &key, &request).await? else {
+        bail!("fresh key")
+    };
+    claim.set_provenance(Provenance::new("req_PHASED"));
+    drop(claim);
+    sqlx::query(
+        "UPDATE idempotency_requests SET operation = 'charge', recovery_point = 'record',
+                progress = '{\"record\": 1}', request_id = 'req_PHASED',
+                leased_until = now() - interval '1 s'",
+    )
+    .execute(database.pool())
+    .await?;
+
+    let stats = cli(&database, &["stats"]).await?;
+    if !stdout(&stats).contains("phased:        1 in progress, 1 abandoned") {
+        bail!("stats: {}", stdout(&stats));
+    }
+    let (scope_arg, key_arg) = (scope.as_str(), key.as_str());
+    let inspect = cli(
+        &database,
+        &["inspect", "--scope", scope_arg, "--key", key_arg],
+    )
+    .await?;
+    let text = stdout(&inspect);
+    for line in [
+        "phased request in progress",
+        "operation:       charge",
+        "recorded steps:  record",
+        "(ran out: a retry or the completer takes it over)",
+        "request id:      req_PHASED",
+    ] {
+        if !text.contains(line) {
+            bail!("inspect lacks {line:?}:\n{text}");
+        }
+    }
+    let forget = cli(
+        &database,
+        &["forget", "--scope", scope_arg, "--key", key_arg, "--yes"],
+    )
+    .await?;
+    if !forget.status.success() {
+        bail!("forget: {forget:?}");
+    }
+    let again = cli(
+        &database,
+        &["inspect", "--scope", scope_arg, "--key", key_arg],
+    )
+    .await?;
+    if again.status.success() {
+        bail!("still there: {}", stdout(&again));
+    }
+    // The key is free: a new request runs.
+    let PhasedBegin::Held(fresh) = store.begin_phased(&scope, &key, &request).await? else {
+        bail!("the forgotten key replayed")
+    };
+    if fresh.attempt() != 1 || fresh.recovery_point().is_some() {
+        bail!("not fresh: {fresh:?}");
+    }
+    database.close().await?;
+    Ok(())
+}

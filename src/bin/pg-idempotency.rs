@@ -184,17 +184,20 @@ async fn run(cli: Cli) -> Result<Exit> {
             },
             Some((scope, key)),
         ) => {
-            let Some(info) = admin::inspect(&pool, &scope, &key, show_body).await? else {
+            if let Some(info) = admin::inspect(&pool, &scope, &key, show_body).await? {
+                print_key(&scope, &key, &info, json);
+            } else if let Some(request) = admin::inspect_request(&pool, &scope, &key).await? {
+                print_request(&scope, &key, &request, json);
+            } else {
                 return Ok(Exit::NotFound(format!(
-                    "no stored response for key {key} in scope {scope}"
+                    "no stored response and no phased request in progress for key {key} in scope {scope}"
                 )));
-            };
-            print_key(&scope, &key, &info, json);
+            }
         }
         (Command::Forget { .. }, Some((scope, key))) => {
             if !admin::forget(&pool, &scope, &key).await? {
                 return Ok(Exit::NotFound(format!(
-                    "no stored response for key {key} in scope {scope}"
+                    "no stored response and no phased request in progress for key {key} in scope {scope}"
                 )));
             }
             println!("forgot key {key} in scope {scope}");
@@ -267,6 +270,8 @@ fn print_stats(stats: &admin::Stats, json: bool) {
                 "table_bytes": stats.table_bytes,
                 "index_bytes": stats.index_bytes,
                 "dead_tuples": stats.dead_tuples,
+                "phased_in_progress": stats.phased_in_progress,
+                "phased_abandoned": stats.phased_abandoned,
             })
         );
         return;
@@ -277,6 +282,67 @@ fn print_stats(stats: &admin::Stats, json: bool) {
     println!("table size:    {} bytes", stats.table_bytes);
     println!("index size:    {} bytes", stats.index_bytes);
     println!("dead tuples:   {}", stats.dead_tuples);
+    println!(
+        "phased:        {} in progress, {} abandoned (lease ran out)",
+        stats.phased_in_progress, stats.phased_abandoned
+    );
+}
+
+fn print_request(scope: &Scope, key: &IdempotencyKey, info: &admin::RequestInfo, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "scope": scope.as_str(),
+                "key": key.as_str(),
+                "phased": true,
+                "fingerprint": info.fingerprint.to_string(),
+                "operation": info.operation,
+                "recovery_point": info.recovery_point,
+                "recorded_steps": info.recorded_steps,
+                "attempts": info.attempts,
+                "leased_until": info.leased_until.to_rfc3339(),
+                "abandoned": info.abandoned,
+                "created_at": info.created_at.to_rfc3339(),
+                "expires_at": info.expires_at.to_rfc3339(),
+                "expired": info.expired,
+                "request_id": info.first_request.request_id,
+                "traceparent": info.first_request.traceparent,
+            })
+        );
+        return;
+    }
+    println!("scope:           {scope}");
+    println!("key:             {key}");
+    println!("phased request in progress (no stored response yet)");
+    println!("fingerprint:     {}", info.fingerprint);
+    println!(
+        "operation:       {}",
+        info.operation.as_deref().unwrap_or("- (not started)")
+    );
+    println!(
+        "recovery point:  {}",
+        info.recovery_point.as_deref().unwrap_or("-")
+    );
+    println!("recorded steps:  {}", info.recorded_steps.join(", "));
+    println!("attempts:        {}", info.attempts);
+    println!(
+        "leased until:    {}{}",
+        info.leased_until.to_rfc3339(),
+        if info.abandoned {
+            " (ran out: a retry or the completer takes it over)"
+        } else {
+            ""
+        }
+    );
+    println!("created at:      {}", info.created_at.to_rfc3339());
+    println!(
+        "expires at:      {}{}",
+        info.expires_at.to_rfc3339(),
+        if info.expired { " (expired)" } else { "" }
+    );
+    let request_id = info.first_request.request_id.as_deref();
+    println!("request id:      {}", request_id.unwrap_or("-"));
 }
 
 fn print_key(scope: &Scope, key: &IdempotencyKey, info: &admin::KeyInfo, json: bool) {
