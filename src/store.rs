@@ -101,6 +101,27 @@ pub(crate) enum Locked {
     },
 }
 
+/// Records how a begin ended, in the current span's `outcome` and in the matching
+/// counter; `ok` names a success and its counter.
+pub(crate) fn record_begin<T>(
+    begun: &Result<T, Error>,
+    ok: impl FnOnce(&T) -> (&'static str, &'static str),
+) {
+    let (outcome, counter) = match begun {
+        Ok(begun) => {
+            let (outcome, counter) = ok(begun);
+            (outcome, Some(counter))
+        }
+        Err(Error::Conflict { .. }) => ("conflict", Some(metrics::CONFLICTS)),
+        Err(Error::InFlight { .. }) => ("in_flight", Some(metrics::IN_FLIGHT)),
+        Err(_) => ("error", None),
+    };
+    if let Some(counter) = counter {
+        metrics::count(counter, 1);
+    }
+    tracing::Span::current().record("outcome", outcome);
+}
+
 /// The answer a live stored row gives `request`: its replay if the request is the same,
 /// else [`Error::Conflict`].
 pub(crate) fn answer(
@@ -228,17 +249,10 @@ impl IdempotencyStore {
             let started = Instant::now();
             let begun = self.claim(scope, key, request).await;
             metrics::time(metrics::CLAIM_SECONDS, started.elapsed());
-            let (outcome, counter) = match &begun {
-                Ok(Begin::Claimed(_)) => ("claimed", Some(metrics::CLAIMS)),
-                Ok(Begin::Replay(_)) => ("replayed", Some(metrics::REPLAYS)),
-                Err(Error::Conflict { .. }) => ("conflict", Some(metrics::CONFLICTS)),
-                Err(Error::InFlight { .. }) => ("in_flight", Some(metrics::IN_FLIGHT)),
-                Err(_) => ("error", None),
-            };
-            if let Some(counter) = counter {
-                metrics::count(counter, 1);
-            }
-            tracing::Span::current().record("outcome", outcome);
+            record_begin(&begun, |begun| match begun {
+                Begin::Claimed(_) => ("claimed", metrics::CLAIMS),
+                Begin::Replay(_) => ("replayed", metrics::REPLAYS),
+            });
             begun
         }
         .instrument(span)

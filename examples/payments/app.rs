@@ -222,6 +222,15 @@ impl AppState {
     fn problem(&self, request_id: &RequestId, build: impl FnOnce(&Problems) -> Problem) -> Problem {
         build(&self.problems).with_request_id(request_id.as_str())
     }
+
+    /// 400 for an invalid body. Nothing was written: the key stays free for a corrected
+    /// retry (`Rollback`).
+    fn invalid_body(&self, request_id: &RequestId, (param, detail): Invalid) -> Response {
+        let problem = self.problem(request_id, |problems| {
+            problems.invalid_request(param.as_deref(), detail)
+        });
+        (Rollback, problem).into_response()
+    }
 }
 
 /// The service: `POST /v1/payments` (idempotent), `POST /v1/charges` (idempotent,
@@ -400,13 +409,7 @@ async fn create_payment(
 ) -> Response {
     let payment = match parse_payment(&body, PAYMENT_FIELDS) {
         Ok(payment) => payment,
-        // Nothing written: roll back, keep the key free for a corrected retry.
-        Err((param, detail)) => {
-            let problem = state.problem(&request_id, |problems| {
-                problems.invalid_request(param.as_deref(), detail)
-            });
-            return (Rollback, problem).into_response();
-        }
+        Err(invalid) => return state.invalid_body(&request_id, invalid),
     };
     let account = tx.scope().to_string();
     let inserted: Result<(String, DateTime<Utc>), sqlx::Error> = sqlx::query_as(
@@ -454,12 +457,7 @@ async fn create_charge(
 ) -> Response {
     let charge = match parse_payment(&body, CHARGE_FIELDS) {
         Ok(charge) => charge,
-        Err((param, detail)) => {
-            let problem = state.problem(&request_id, |problems| {
-                problems.invalid_request(param.as_deref(), detail)
-            });
-            return (Rollback, problem).into_response();
-        }
+        Err(invalid) => return state.invalid_body(&request_id, invalid),
     };
     let input = ChargeInput {
         account: phased.scope().to_string(),

@@ -18,7 +18,7 @@ use crate::metrics;
 use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
-use crate::store::{IdempotencyStore, Locked, Outcome, Replay, same_request};
+use crate::store::{IdempotencyStore, Locked, Outcome, Replay, record_begin, same_request};
 
 /// The first pause between two looks at a key another holder has; it doubles up to
 /// [`MAX_POLL`].
@@ -134,20 +134,13 @@ impl IdempotencyStore {
                 tokio::time::sleep(pause.min(left)).await;
                 pause = (pause * 2).min(MAX_POLL);
             };
-            let (outcome, counter) = match &begun {
-                Ok(PhasedBegin::Held(claim)) => {
+            record_begin(&begun, |begun| match begun {
+                PhasedBegin::Held(claim) => {
                     tracing::Span::current().record("attempt", claim.taken.attempts);
-                    ("held", Some(metrics::CLAIMS))
+                    ("held", metrics::CLAIMS)
                 }
-                Ok(PhasedBegin::Replay(_)) => ("replayed", Some(metrics::REPLAYS)),
-                Err(Error::Conflict { .. }) => ("conflict", Some(metrics::CONFLICTS)),
-                Err(Error::InFlight { .. }) => ("in_flight", Some(metrics::IN_FLIGHT)),
-                Err(_) => ("error", None),
-            };
-            if let Some(counter) = counter {
-                metrics::count(counter, 1);
-            }
-            tracing::Span::current().record("outcome", outcome);
+                PhasedBegin::Replay(_) => ("replayed", metrics::REPLAYS),
+            });
             begun
         }
         .instrument(span)
