@@ -541,7 +541,7 @@ impl Flow<'_> {
             Err(error) => return self.refused(&error),
         };
         claim.set_provenance(provenance);
-        let handle = PhasedHandle::new(claim, Arc::clone(&settings.problems));
+        let handle = PhasedHandle::new(*claim, Arc::clone(&settings.problems));
         parts.extensions.insert(handle.clone());
         let request = Request::from_parts(parts, Body::from(body));
         let answered = AssertUnwindSafe(call(inner, request)).catch_unwind().await;

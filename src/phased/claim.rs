@@ -31,7 +31,7 @@ const MAX_POLL: Duration = Duration::from_millis(200);
 pub enum PhasedBegin {
     /// The request is yours: new, or taken over after its last holder's lease ran out
     /// (then it resumes after its last recovery point).
-    Held(PhasedClaim),
+    Held(Box<PhasedClaim>),
     /// The key already has a response for this same request: answer with it.
     Replay(Replay),
 }
@@ -73,6 +73,12 @@ pub(super) struct Lease {
     /// The request this holder serves: recorded when it starts the operation, stored
     /// with the response if no earlier request started it.
     pub provenance: Provenance,
+    /// The operation and input this holder starts the request with, until they are
+    /// recorded (before the first step).
+    pub start: Option<(&'static str, Value)>,
+    /// When this holder last sent a statement that extended its lease (the lease lasts at
+    /// least `lease` from then, by the database's clock).
+    pub renewed_at: Instant,
 }
 
 /// Who takes a request: a client's request (which may also be answered from a stored
@@ -84,7 +90,7 @@ pub(super) enum Taker<'a> {
 
 /// What one attempt to take a request found.
 pub(super) enum Take {
-    Held(PhasedClaim),
+    Held(Box<PhasedClaim>),
     Replay(Replay),
     /// Another holder has it (or is recording a step right now).
     Busy,
@@ -176,6 +182,7 @@ impl IdempotencyStore {
         key: &IdempotencyKey,
         taker: Taker<'_>,
     ) -> Result<Take, Error> {
+        let taken_at = Instant::now();
         let mut tx = match taker {
             // The key's advisory lock: no final step can store a response between this
             // look at `idempotency_keys` and the commit below (it takes the same lock).
@@ -281,7 +288,7 @@ impl IdempotencyStore {
             return Ok(Take::Busy);
         };
         tx.commit().await?;
-        Ok(Take::Held(PhasedClaim {
+        Ok(Take::Held(Box::new(PhasedClaim {
             lease: Lease {
                 store: self.clone(),
                 scope: scope.clone(),
@@ -289,9 +296,11 @@ impl IdempotencyStore {
                 token,
                 fingerprint,
                 provenance: Provenance::default(),
+                start: None,
+                renewed_at: taken_at,
             },
             taken,
-        }))
+        })))
     }
 }
 
@@ -409,7 +418,7 @@ impl PhasedClaim {
             stored = tracing::field::Empty,
         );
         async move {
-            let (lease, taken) = self.into_parts();
+            let (mut lease, taken) = self.into_parts();
             match taken.operation.as_deref() {
                 None => {
                     let recorded =
@@ -417,7 +426,12 @@ impl PhasedClaim {
                             what: "input".to_owned(),
                             source,
                         })?;
-                    lease.start(O::NAME, &recorded).await?;
+                    // Recorded before any step: whatever a step does, the completer can
+                    // finish the request without its client.
+                    lease.start = Some((O::NAME, recorded));
+                    let sent = Instant::now();
+                    lease.touch(lease.store.pool(), None).await?;
+                    lease.touched(sent);
                 }
                 Some(name) if name == O::NAME => {}
                 Some(other) => {
@@ -502,72 +516,65 @@ impl Lease {
         millis(self.store.config().lease())
     }
 
-    /// Records which operation runs the request, and its input.
-    async fn start(&self, operation: &str, input: &Value) -> Result<(), Error> {
-        let updated = sqlx::query!(
-            r#"UPDATE idempotency_requests
-               SET operation = $4, input = $5, request_id = $7, traceparent = $8,
-                   leased_until = now() + $6::bigint * interval '1 millisecond'
-               WHERE scope = $1 AND key = $2 AND lease_token = $3"#,
-            self.scope.as_str(),
-            self.key.as_str(),
-            self.token,
-            operation,
-            input,
-            self.lease_ms(),
-            self.provenance.request_id.as_deref(),
-            self.provenance.traceparent.as_deref(),
-        )
-        .execute(self.store.pool())
-        .await?;
-        self.fenced(updated.rows_affected())
-    }
-
     fn fenced(&self, rows: u64) -> Result<(), Error> {
         if rows == 1 { Ok(()) } else { Err(self.lost()) }
     }
 
-    /// Renews the lease (before an external call: a holder that lost it makes no call).
-    pub(super) async fn renew(&self) -> Result<(), Error> {
-        let updated = sqlx::query!(
-            r#"UPDATE idempotency_requests
-               SET leased_until = now() + $4::bigint * interval '1 millisecond'
-               WHERE scope = $1 AND key = $2 AND lease_token = $3"#,
-            self.scope.as_str(),
-            self.key.as_str(),
-            self.token,
-            self.lease_ms(),
-        )
-        .execute(self.store.pool())
-        .await?;
-        self.fenced(updated.rows_affected())
-    }
-
-    /// Records `output` as step `step`'s, makes `step` the recovery point and renews the
-    /// lease: through `executor`, the step's own transaction (a local step) or the pool
-    /// (a foreign step).
-    pub(super) async fn record<'e>(
-        &self,
+    /// Extends the lease, fenced by the token; records `step`'s output and makes it the
+    /// recovery point if given; and records the operation, its input and this holder's
+    /// provenance if they are still to be recorded. Through `executor`: the step's own
+    /// transaction (a local step) or the pool (before and after an external call).
+    /// The caller marks the start recorded ([`Lease::touched`]) once this is committed.
+    pub(super) async fn touch<'a, 'e>(
+        &'a self,
         executor: impl PgExecutor<'e>,
-        step: &str,
-        output: &Value,
+        step: Option<(&str, &Value)>,
     ) -> Result<(), Error> {
+        let (operation, input) = self
+            .start
+            .as_ref()
+            .map(|(name, input)| (*name, input))
+            .unzip();
+        let starting = self.start.is_some();
+        let provenance = |value: &'a Option<String>| value.as_deref().filter(|_| starting);
         let updated = sqlx::query!(
             r#"UPDATE idempotency_requests
-               SET progress = progress || jsonb_build_object($4::text, $5::jsonb),
-                   recovery_point = $4,
-                   leased_until = now() + $6::bigint * interval '1 millisecond'
+               SET progress = CASE WHEN $4::text IS NULL THEN progress
+                                   ELSE progress || jsonb_build_object($4, $5::jsonb) END,
+                   recovery_point = coalesce($4, recovery_point),
+                   leased_until = now() + $6::bigint * interval '1 millisecond',
+                   operation = coalesce($7, operation),
+                   input = coalesce($8, input),
+                   request_id = coalesce($9, request_id),
+                   traceparent = coalesce($10, traceparent)
                WHERE scope = $1 AND key = $2 AND lease_token = $3"#,
             self.scope.as_str(),
             self.key.as_str(),
             self.token,
-            step,
-            output,
+            step.map(|(name, _)| name),
+            step.map(|(_, output)| output),
             self.lease_ms(),
+            operation,
+            input,
+            provenance(&self.provenance.request_id),
+            provenance(&self.provenance.traceparent),
         )
         .execute(executor)
         .await?;
         self.fenced(updated.rows_affected())
+    }
+
+    /// After a [`touch`](Self::touch) sent at `sent` was committed: the start is recorded
+    /// and the lease runs from then.
+    pub(super) fn touched(&mut self, sent: Instant) {
+        self.start = None;
+        self.renewed_at = sent;
+    }
+
+    /// Whether the lease surely has at least half of its length left (measured from the
+    /// last statement that extended it, so it errs towards renewing).
+    pub(super) fn fresh(&self) -> bool {
+        self.renewed_at.elapsed() < self.store.config().lease() / 2
     }
 
     /// In the final step's transaction: ends the request and stores its response in

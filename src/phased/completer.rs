@@ -265,7 +265,7 @@ impl Completer {
         let Some(input) = claim.take_input() else {
             return Ok(CompleterPass::default());
         };
-        Ok(match resume.resume(claim, input).await {
+        Ok(match resume.resume(*claim, input).await {
             Ok(Outcome::Executed { stored: true, .. }) => CompleterPass {
                 completed: 1,
                 ..CompleterPass::default()

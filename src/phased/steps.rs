@@ -1,6 +1,7 @@
 //! The steps of a phased request: local, foreign and final.
 
 use std::fmt;
+use std::time::Instant;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -182,12 +183,18 @@ impl Steps {
                     return Err(phase_data(format!("output of step '{name}'"))(source).into());
                 }
             };
-            if let Err(error) = self.lease.record(tx.tx.conn(), name, &recorded).await {
+            let sent = Instant::now();
+            let touched = self
+                .lease
+                .touch(tx.tx.conn(), Some((name, &recorded)))
+                .await;
+            if let Err(error) = touched {
                 tx.rollback().await;
                 return Err(error.into());
             }
             boundary(name, "before_commit");
             tx.tx.commit().await.map_err(Error::from)?;
+            self.lease.touched(sent);
             boundary(name, "after_commit");
             self.progress.insert(name.to_owned(), recorded);
             Ok(output)
@@ -226,15 +233,23 @@ impl Steps {
             downstream_key = %downstream
         );
         async move {
-            self.lease.renew().await?;
+            // A holder that lost its lease makes no call: renew it first, unless the last
+            // renewal left more than half of it (then no takeover can have happened).
+            if self.lease.start.is_some() || !self.lease.fresh() {
+                let sent = Instant::now();
+                self.lease.touch(self.lease.store.pool(), None).await?;
+                self.lease.touched(sent);
+            }
             boundary(name, "before_call");
             let output = call(downstream).await?;
             boundary(name, "after_call");
             let recorded = serde_json::to_value(&output)
                 .map_err(phase_data(format!("output of step '{name}'")))?;
+            let sent = Instant::now();
             self.lease
-                .record(self.lease.store.pool(), name, &recorded)
+                .touch(self.lease.store.pool(), Some((name, &recorded)))
                 .await?;
+            self.lease.touched(sent);
             self.progress.insert(name.to_owned(), recorded);
             Ok(output)
         }
