@@ -535,12 +535,17 @@ impl Lease {
             .as_ref()
             .map(|(name, input)| (*name, input))
             .unzip();
+        // `{step: output}`, merged into `progress`: built here, since Citus refuses a
+        // function that is not immutable inside CASE (jsonb_build_object is stable).
+        let recorded = step.map_or_else(
+            || Value::Object(Map::new()),
+            |(name, output)| Value::Object(Map::from_iter([(name.to_owned(), output.clone())])),
+        );
         let starting = self.start.is_some();
         let provenance = |value: &'a Option<String>| value.as_deref().filter(|_| starting);
         let updated = sqlx::query!(
             r#"UPDATE idempotency_requests
-               SET progress = CASE WHEN $4::text IS NULL THEN progress
-                                   ELSE progress || jsonb_build_object($4, $5::jsonb) END,
+               SET progress = progress || $5::jsonb,
                    recovery_point = coalesce($4, recovery_point),
                    leased_until = now() + $6::bigint * interval '1 millisecond',
                    operation = coalesce($7, operation),
@@ -552,7 +557,7 @@ impl Lease {
             self.key.as_str(),
             self.token,
             step.map(|(name, _)| name),
-            step.map(|(_, output)| output),
+            recorded,
             self.lease_ms(),
             operation,
             input,
