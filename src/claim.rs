@@ -21,7 +21,7 @@ use crate::store::Replay;
 /// A claimed idempotency key and the open transaction that holds it.
 ///
 /// The claim **owns** the transaction: do the business writes through it (it is an
-/// [`Executor`]: `query.execute(&mut claim)`), then call [`Claim::complete`], which stores
+/// [`Executor`](sqlx::Executor): `query.execute(&mut claim)`), then call [`Claim::complete`], which stores
 /// the response and commits both together. Nothing else commits.
 ///
 /// - [`Claim::abort`], or dropping the claim, rolls everything back and frees the key.

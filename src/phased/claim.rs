@@ -62,7 +62,6 @@ pub(super) struct Taken {
 }
 
 /// The holder's hold on a request: the key and the fencing token it took.
-#[derive(Clone)]
 pub(super) struct Lease {
     pub store: IdempotencyStore,
     pub scope: Scope,
