@@ -168,6 +168,73 @@ async fn the_command_line_tool_migrates_inspects_forgets_and_sweeps() -> Result<
     Ok(())
 }
 
+/// Issue 12: what the table holds cannot rewrite an operator's terminal, and a key stored
+/// under the opaque policy is found exactly as it was sent, upper-case UUID or not.
+#[tokio::test]
+async fn the_command_line_tool_escapes_text_and_keeps_opaque_keys_as_typed() -> Result<()> {
+    let database = pg_idempotency::testing::TestDatabase::create().await?;
+    let store = IdempotencyStore::with_config(
+        database.pool().clone(),
+        pg_idempotency::Config::default().with_key_policy(pg_idempotency::KeyPolicy::Opaque),
+    );
+    let scope = Scope::new("acct \u{202e}7cba")?;
+    let upper = uuid::Uuid::new_v4().to_string().to_uppercase();
+    let key = store.parse_key(&upper)?;
+    assert_eq!(key.as_str(), upper, "the opaque policy keeps the case");
+    let Begin::Claimed(claim) = store
+        .begin(&scope, &key, &Request::new("POST", "/x", b"{}"))
+        .await?
+    else {
+        bail!("expected a claim")
+    };
+    claim
+        .complete(&StoredResponse::new(201, "paid\u{1b}[2J\n\u{2066}ok"))
+        .await?;
+
+    let inspect = cli(
+        &database,
+        &[
+            "inspect",
+            "--scope",
+            scope.as_str(),
+            "--key",
+            &upper,
+            "--show-body",
+        ],
+    )
+    .await?;
+    assert_eq!(inspect.status.code(), Some(0), "{inspect:?}");
+    let text = stdout(&inspect);
+    assert!(text.contains("scope:        acct \\u{202e}7cba"), "{text}");
+    assert!(text.contains(&format!("key:          {upper}")), "{text}");
+    assert!(text.contains("paid\\u{1b}[2J\n\\u{2066}ok"), "{text}");
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{202e}') && !text.contains('\u{2066}'),
+        "{text:?}"
+    );
+
+    let forgot = cli(
+        &database,
+        &[
+            "forget",
+            "--scope",
+            scope.as_str(),
+            "--key",
+            &upper,
+            "--yes",
+        ],
+    )
+    .await?;
+    assert_eq!(forgot.status.code(), Some(0), "{forgot:?}");
+    assert!(
+        pg_idempotency::admin::inspect(database.pool(), &scope, &key, false)
+            .await?
+            .is_none()
+    );
+    database.close().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_sql_sweep_function_deletes_one_bounded_batch() -> Result<()> {
     let pool = pg_idempotency::testing::fresh_pool().await?;
