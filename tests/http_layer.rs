@@ -1,6 +1,6 @@
 //! The axum integration's behaviours that the payments demo does not show, on a router
 //! built for them: statuses that are not stored, the `Rollback` marker, panics, optional
-//! keys, custom settings, the matched route in the fingerprint, database failures.
+//! keys, custom settings, the concrete path and query in the fingerprint, database failures.
 
 mod support;
 
@@ -505,23 +505,65 @@ async fn custom_key_header_body_limit_and_scope_problem() -> Result<()> {
 }
 
 #[tokio::test]
-async fn the_matched_route_and_method_are_fingerprinted() -> Result<()> {
+async fn the_concrete_path_query_and_method_are_fingerprinted() -> Result<()> {
     let app = App::start().await?;
     let key = new_key();
     let first = app.post("/widgets/1", Some(&key), &[], "same").await?;
     ensure!(first.status == 201);
-    // The route template /widgets/{id} is fingerprinted, not the concrete path.
-    let other_path = app.post("/widgets/2", Some(&key), &[], "same").await?;
-    ensure!(
-        other_path.body == first.body && other_path.header("idempotent-replayed") == Some("true")
-    );
+    // Issue 12: the concrete path and the query string are fingerprinted, not the route
+    // template /widgets/{id}: another account's path or another query is another request.
+    for other in ["/widgets/2", "/widgets/1?dry_run=true", "/widgets/1?"] {
+        app.post(other, Some(&key), &[], "same")
+            .await?
+            .problem(409, "idempotency_conflict")?;
+    }
     let other_method = app
         .send(reqwest::Method::PUT, "/widgets/1", Some(&key), &[], "same")
         .await?;
     other_method.problem(409, "idempotency_conflict")?;
     let other_body = app.post("/widgets/1", Some(&key), &[], "different").await?;
     other_body.problem(409, "idempotency_conflict")?;
+    // No header takes part.
+    let retry = app
+        .post(
+            "/widgets/1",
+            Some(&key),
+            &[("content-type", "text/plain")],
+            "same",
+        )
+        .await?;
+    ensure!(retry.body == first.body && retry.header("idempotent-replayed") == Some("true"));
     ensure!(app.rows().await? == 1);
+    app.stop().await
+}
+
+/// A row stored under fingerprint version 1 (0.1.0, which covered the route template)
+/// keeps answering honest retries, as it did then.
+#[tokio::test]
+async fn rows_stored_under_fingerprint_v1_keep_replaying() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let v1 = pg_idempotency::Request::new("POST", "/widgets/1", b"same")
+        .with_route_template("/widgets/{id}")
+        .fingerprint_at(1)
+        .expect("v1 is known");
+    sqlx::query(
+        "INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, \
+         headers, body, expires_at) VALUES ('default', $1, $2, $3, 201, '[]', 'from v1', \
+         now() + interval '1 hour')",
+    )
+    .bind(&key)
+    .bind(v1.version())
+    .bind(v1.hash().as_slice())
+    .execute(app.db.pool())
+    .await?;
+    let retry = app.post("/widgets/1", Some(&key), &[], "same").await?;
+    ensure!(retry.status == 201 && retry.body == b"from v1", "{retry:?}");
+    ensure!(retry.header("idempotent-replayed") == Some("true"));
+    app.post("/widgets/1", Some(&key), &[], "different")
+        .await?
+        .problem(409, "idempotency_conflict")?;
+    ensure!(app.runs() == 0);
     app.stop().await
 }
 
