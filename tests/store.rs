@@ -635,6 +635,48 @@ async fn our_migrations_and_the_applications_coexist_in_either_order() -> Result
     Ok(())
 }
 
+/// Issue 12: a completion the server refuses (here a trigger) rolls back and returns the
+/// connection to the pool instead of closing it.
+#[tokio::test]
+async fn a_refused_statement_costs_no_pooled_connection() -> Result<()> {
+    let pool = setup().await?;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_299() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.status = 299 THEN RAISE EXCEPTION 'refused' USING ERRCODE = '22021'; \
+         END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_299 BEFORE INSERT ON idempotency_keys \
+         FOR EACH ROW EXECUTE FUNCTION refuse_299()",
+    )
+    .execute(&pool)
+    .await?;
+    let single = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*pool.connect_options()).clone())
+        .await?;
+    let pid = || sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&single);
+    let before = pid().await?;
+    let store = IdempotencyStore::new(single.clone());
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    for _ in 0..3 {
+        let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
+            bail!("the refused completion left the key free")
+        };
+        sqlx::query("INSERT INTO payments (account, amount) VALUES ('acct_1', 1)")
+            .execute(&mut claim)
+            .await?;
+        let err = claim
+            .complete(&StoredResponse::new(299, "refused"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Database(_)), "{err:?}");
+    }
+    assert_eq!(pid().await?, before, "the connection was closed");
+    assert_eq!(payments(&pool).await?, 0);
+    single.close().await;
+    assert_no_idle_transactions(&pool).await
+}
+
 /// The claim's lookup goes through the primary key, whatever collation the arguments
 /// arrive with (`convert_from(..)`, for one, is `COLLATE "C"`): a lookup that cannot use
 /// the index reads every live row.
