@@ -90,6 +90,7 @@ pub mod phased;
 mod problem;
 mod provenance;
 mod response;
+mod schema;
 mod scope;
 mod store;
 mod sweeper;
@@ -118,14 +119,22 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 /// Applies this crate's migrations (idempotent; safe to call at every start-up, also
 /// from several nodes at once: sqlx serialises them with an advisory lock).
 ///
+/// First refuses a database whose encoding is not UTF-8. When every migration is
+/// applied already, it only reads the history table, so an application role without DDL
+/// rights can call it at start-up; applying a migration needs the role that owns the
+/// schema (docs/OPERATIONS.md, "Least privilege").
+///
 /// # Errors
 ///
-/// [`Error::Migrate`].
+/// [`Error::UnsupportedEncoding`], [`Error::Migrate`], [`Error::Database`].
 pub async fn migrate<'a, A>(conn: A) -> Result<(), Error>
 where
     A: sqlx::Acquire<'a, Database = sqlx::Postgres>,
-    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
 {
-    MIGRATOR.run(conn).await?;
+    let mut conn = conn.acquire().await?;
+    schema::check_encoding(&mut conn).await?;
+    if !schema::is_up_to_date(&mut conn).await? {
+        MIGRATOR.run(&mut *conn).await?;
+    }
     Ok(())
 }
