@@ -17,6 +17,7 @@ use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 use crate::store::Replay;
+use crate::waiters::Holding;
 
 /// A claimed idempotency key and the open transaction that holds it.
 ///
@@ -29,7 +30,8 @@ use crate::store::Replay;
 ///   408 and 429) also rolls back the business write and frees the key.
 ///
 /// While the claim is open, other requests with the same scope and key wait (up to
-/// [`Config::in_flight_wait`]) and then replay the stored response or get
+/// [`Config::in_flight_wait`], without holding a connection; those of this process are
+/// woken when the claim ends) and then replay the stored response or get
 /// [`Error::InFlight`].
 ///
 /// The claim deliberately does not hand out its `PgConnection`: a `begin()`/`commit()` on
@@ -39,6 +41,9 @@ use crate::store::Replay;
 #[must_use = "dropping a claim rolls back its transaction; call `complete`"]
 pub struct Claim {
     tx: TxConn,
+    /// Wakes this process's duplicates of the key when the claim ends (declared after
+    /// `tx`, so that it drops after the transaction ended or its rollback was started).
+    _holding: Holding,
     /// For [`resolve`]: another connection after this one broke around `COMMIT`.
     pool: PgPool,
     scope: Scope,
@@ -103,6 +108,7 @@ pub enum Completion {
 impl Claim {
     pub(crate) fn new(
         tx: TxConn,
+        holding: Holding,
         pool: PgPool,
         scope: Scope,
         key: IdempotencyKey,
@@ -112,6 +118,7 @@ impl Claim {
     ) -> Self {
         Self {
             tx,
+            _holding: holding,
             pool,
             scope,
             key,

@@ -96,6 +96,7 @@ mod store;
 mod sweeper;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod waiters;
 
 pub use claim::{Claim, CommitOutcome, Completion};
 pub use config::Config;

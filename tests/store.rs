@@ -941,3 +941,130 @@ async fn provenance_comes_back_and_rows_of_0_1_0_nodes_still_replay() -> Result<
     assert_eq!(old.first_request, pg_idempotency::Provenance::default());
     Ok(())
 }
+
+/// A pool of `size` connections to `pool`'s database whose `acquire` gives up after 2 s.
+async fn small_pool(pool: &PgPool, size: u32) -> Result<PgPool> {
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_with((*pool.connect_options()).clone())
+        .await?)
+}
+
+/// Holds `key` in a claim of `holder`, starts `n` duplicates on `duplicates` (waiting up
+/// to 30 s), checks that `bystander` can still get a connection ten times over while they
+/// wait, then completes the claim: every duplicate replays its response, and the business
+/// write ran once.
+async fn duplicates_leave_the_pool_alone(
+    pool: &PgPool,
+    holder: &IdempotencyStore,
+    duplicates: &IdempotencyStore,
+    bystander: &PgPool,
+    n: usize,
+) -> Result<()> {
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    let Begin::Claimed(mut claim) = holder.begin(&scope, &key, &request).await? else {
+        bail!("claim")
+    };
+    sqlx::query("INSERT INTO payments (account, amount) VALUES ('acct_1', 1)")
+        .execute(&mut claim)
+        .await?;
+    let waiting: Vec<_> = (0..n)
+        .map(|_| {
+            let (store, scope, key) = (duplicates.clone(), scope.clone(), key.clone());
+            tokio::spawn(async move {
+                let request = Request::new("POST", "/v1/payments", b"{}");
+                store.begin(&scope, &key, &request).await
+            })
+        })
+        .collect();
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+        sqlx::query("SELECT 1")
+            .execute(bystander)
+            .await
+            .context("the waiting duplicates starved the bystander")?;
+    }
+    claim
+        .complete(&StoredResponse::new(201, "paid once"))
+        .await?;
+    for duplicate in waiting {
+        match duplicate.await? {
+            Ok(Begin::Replay(replay)) => assert_eq!(replay.response.body, b"paid once"),
+            other => bail!("expected a replay, got {other:?}"),
+        }
+    }
+    assert_eq!(payments(pool).await?, 1);
+    Ok(())
+}
+
+/// Issue 12: duplicates of one key in one process wait for the claim without holding a
+/// pooled connection, and are woken when it ends.
+#[tokio::test]
+async fn duplicates_in_one_process_hold_no_connection_while_they_wait() -> Result<()> {
+    let pool = setup().await?;
+    let small = small_pool(&pool, 2).await?;
+    let store = IdempotencyStore::with_config(
+        small.clone(),
+        Config::default().with_in_flight_wait(Duration::from_secs(30)),
+    );
+    duplicates_leave_the_pool_alone(&pool, &store, &store, &small, 50).await?;
+    small.close().await;
+    assert_no_idle_transactions(&pool).await
+}
+
+/// Issue 12: duplicates in another process (another pool) poll without holding a
+/// connection between looks.
+#[tokio::test]
+async fn duplicates_in_another_process_hold_no_connection_while_they_wait() -> Result<()> {
+    let pool = setup().await?;
+    let holder = IdempotencyStore::new(pool.clone());
+    let other = small_pool(&pool, 1).await?;
+    let duplicates = IdempotencyStore::with_config(
+        other.clone(),
+        Config::default().with_in_flight_wait(Duration::from_secs(30)),
+    );
+    duplicates_leave_the_pool_alone(&pool, &holder, &duplicates, &other, 20).await?;
+    other.close().await;
+    assert_no_idle_transactions(&pool).await
+}
+
+/// Issue 12: beyond `in_flight_waiters` duplicates of one key, the in-flight answer comes
+/// at once.
+#[tokio::test]
+async fn waiting_duplicates_are_bounded_per_key() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::with_config(
+        pool.clone(),
+        Config::default()
+            .with_in_flight_wait(Duration::from_secs(30))
+            .with_in_flight_waiters(2),
+    );
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    let Begin::Claimed(claim) = store.begin(&scope, &key, &request).await? else {
+        bail!("claim")
+    };
+    let mut duplicates = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        let (store, scope, key) = (store.clone(), scope.clone(), key.clone());
+        duplicates.spawn(async move {
+            let request = Request::new("POST", "/v1/payments", b"{}");
+            store.begin(&scope, &key, &request).await
+        });
+    }
+    // Three answer while the claim is still open: they can only be refused.
+    for _ in 0..3 {
+        let refused = duplicates.join_next().await.context("a duplicate")??;
+        assert!(
+            matches!(refused, Err(Error::InFlight { .. })),
+            "{refused:?}"
+        );
+    }
+    claim.complete(&StoredResponse::new(201, "paid")).await?;
+    while let Some(waited) = duplicates.join_next().await {
+        assert!(matches!(waited?, Ok(Begin::Replay(_))));
+    }
+    assert_no_idle_transactions(&pool).await
+}

@@ -300,17 +300,6 @@ impl TxConn {
         Found::from_rows(rows)
     }
 
-    /// Inside the claim's transaction: waits at most `wait_ms` for the key's advisory
-    /// lock, then looks the key up with a fresh snapshot.
-    pub(crate) async fn wait_and_lookup(
-        &mut self,
-        wait_ms: i32,
-        scope: &Scope,
-        key: &IdempotencyKey,
-    ) -> Result<Found, Error> {
-        Found::from_rows(self.run(wait_and_lookup(wait_ms, scope, key)).await?)
-    }
-
     /// Inside the transaction that is about to store a key's row by other means (a phased
     /// request's final step): waits for the key's advisory lock, so that no claim or
     /// takeover of the key runs between here and `COMMIT`, and deletes the key's expired
