@@ -184,12 +184,20 @@ fn router(store: IdempotencyStore, runs: Arc<AtomicUsize>) -> Router {
 
 impl App {
     async fn start() -> Result<Self> {
+        Self::start_on(|db| Ok(db.pool().clone())).await
+    }
+
+    /// The app on a pool of its own to the test database.
+    async fn start_on(pool: impl FnOnce(&TestDatabase) -> Result<PgPool>) -> Result<Self> {
         let db = TestDatabase::create().await?;
         sqlx::raw_sql("CREATE TABLE widgets (id bigserial PRIMARY KEY, note text NOT NULL)")
             .execute(db.pool())
             .await?;
         let runs = Arc::new(AtomicUsize::new(0));
-        let store = IdempotencyStore::new(db.pool().clone());
+        let store = IdempotencyStore::with_config(
+            pool(&db)?,
+            pg_idempotency::Config::default().with_in_flight_wait(Duration::from_secs(5)),
+        );
         let server = Server::start(router(store, Arc::clone(&runs))).await?;
         Ok(Self { db, runs, server })
     }
@@ -792,4 +800,124 @@ async fn provenance_is_stored_and_named_in_conflicts() -> Result<()> {
         "{stored:?}"
     );
     app.stop().await
+}
+
+/// A POST of `body` with `key` and `headers` to `url`, as a task of its own would send it.
+async fn post_to(url: String, key: String, headers: &[(&str, &str)], body: &str) -> Result<Answer> {
+    let mut request = client()
+        .post(url)
+        .header("Idempotency-Key", key)
+        .body(body.to_owned());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    Answer::of(request.send().await?).await
+}
+
+/// The 99th percentile of `latencies`.
+fn p99(latencies: &mut [Duration]) -> Duration {
+    latencies.sort();
+    latencies[(latencies.len() * 99).div_ceil(100) - 1]
+}
+
+/// Issue 12's storm: `duplicates` concurrent duplicates of a request that takes 2 s, on a
+/// service whose pool has 16 connections and gives up acquiring one after 1 s, while a
+/// bystander sends new requests one after another. Checks what must always hold: the
+/// bystander is never refused (no 503), the slow request ran once, every duplicate got its
+/// replay or the in-flight answer. Returns the bystander's latencies, unloaded (before the
+/// storm) and during it.
+async fn duplicate_storm(duplicates: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let app = App::start_on(|db| {
+        Ok(sqlx::postgres::PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(1))
+            .connect_lazy(db.url())?)
+    })
+    .await?;
+    let bystander = async |i: usize| -> Result<Duration> {
+        let started = Instant::now();
+        let answer = app
+            .post(
+                &format!("/widgets/b{i}"),
+                Some(&new_key()),
+                &[],
+                "bystander",
+            )
+            .await?;
+        ensure!(answer.status == 201, "the bystander got {answer:?}");
+        Ok(started.elapsed())
+    };
+    let mut unloaded = Vec::new();
+    for i in 0..50 {
+        unloaded.push(bystander(i).await?);
+    }
+
+    let key = new_key();
+    let url = app.server.url("/widgets/slow");
+    let slow = tokio::spawn(post_to(
+        url.clone(),
+        key.clone(),
+        &[("x-sleep-ms", "2000")],
+        "slow",
+    ));
+    while app.runs() == 50 {
+        tokio::task::yield_now().await;
+    }
+    let storm: Vec<_> = (0..duplicates)
+        .map(|_| tokio::spawn(post_to(url.clone(), key.clone(), &[], "slow")))
+        .collect();
+    let mut loaded = Vec::new();
+    while !slow.is_finished() {
+        loaded.push(bystander(1000 + loaded.len()).await?);
+    }
+    let first = slow.await??;
+    ensure!(first.status == 201, "{first:?}");
+    let mut replayed = 0;
+    for duplicate in storm {
+        let answer = duplicate.await??;
+        if answer.status == 201 {
+            ensure!(
+                answer.body == first.body && answer.header("idempotent-replayed") == Some("true")
+            );
+            replayed += 1;
+        } else {
+            answer.problem(409, "idempotency_key_in_use")?;
+        }
+    }
+    ensure!(replayed > 0, "no duplicate was coalesced");
+    ensure!(
+        app.runs() == 51 + loaded.len(),
+        "the slow request ran {} times",
+        app.runs() - 50 - loaded.len()
+    );
+    app.stop().await?;
+    Ok((unloaded, loaded))
+}
+
+/// Issue 12: 300 duplicates of a slow request never starve a bystander of connections.
+/// Timing is not asserted here (see `duplicate_storm_leaves_the_bystander_p99_alone`).
+#[tokio::test]
+async fn a_duplicate_storm_never_refuses_a_bystander() -> Result<()> {
+    let (_, loaded) = duplicate_storm(300).await?;
+    ensure!(!loaded.is_empty());
+    Ok(())
+}
+
+/// Issue 12's timing target, measured rather than run with the suite (timing depends on
+/// the machine): the bystander's p99 during the storm stays below 2 x its unloaded p99.
+/// `cargo test --release --all-features --test http_layer -- --ignored --nocapture
+/// duplicate_storm_leaves`
+#[tokio::test]
+#[ignore = "a timing measurement; run it on a quiet machine"]
+async fn duplicate_storm_leaves_the_bystander_p99_alone() -> Result<()> {
+    let (mut unloaded, mut loaded) = duplicate_storm(300).await?;
+    let (before, during) = (p99(&mut unloaded), p99(&mut loaded));
+    println!(
+        "bystander p99: unloaded {before:?} ({} requests), during 300 duplicates {during:?} \
+         ({} requests)",
+        unloaded.len(),
+        loaded.len()
+    );
+    ensure!(during < 2 * before, "p99 {during:?} >= 2 x {before:?}");
+    Ok(())
 }
