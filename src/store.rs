@@ -298,8 +298,14 @@ impl IdempotencyStore {
         request: &Request<'_>,
     ) -> Result<Locked, Error> {
         let deadline = Instant::now() + self.config.in_flight_wait();
-        let mut pause = FIRST_POLL;
+        let limit = self.config.in_flight_waiters();
+        // No pause before the first look; then it doubles.
+        let mut pause = None;
         loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.waiters.wait(scope, key, pause, left, limit).await == Waited::Refused {
+                return Err(self.in_flight(scope, key));
+            }
             let mut tx = TxConn::new(self.pool.acquire().await?);
             let found = tx.begin_claim(scope, key).await?;
             match found.row {
@@ -319,14 +325,10 @@ impl IdempotencyStore {
                 _ => tx.rollback().await?,
             }
             // Another request holds the key and has not stored a response (yet).
-            let left = deadline.saturating_duration_since(Instant::now());
-            let limit = self.config.in_flight_waiters();
-            if left.is_zero()
-                || self.waiters.wait(scope, key, pause, left, limit).await == Waited::Refused
-            {
+            if Instant::now() >= deadline {
                 return Err(self.in_flight(scope, key));
             }
-            pause = (pause * 2).min(MAX_POLL);
+            pause = Some(pause.map_or(FIRST_POLL, |pause| (pause * 2).min(MAX_POLL)));
         }
     }
 

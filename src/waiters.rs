@@ -3,7 +3,8 @@
 //! A duplicate that finds its key held by another request gives its connection back and
 //! waits here. When the holder is a claim of this process (of a store sharing this
 //! registry), the duplicate sleeps until that claim ends, woken with every other
-//! duplicate of the key at once; at most [`Config::in_flight_waiters`] wait per key, and
+//! duplicate of the key at once (a duplicate that arrives while such a claim runs waits
+//! for it before it looks at the key at all); at most [`Config::in_flight_waiters`] wait per key, and
 //! the next one gets the in-flight answer at once. When the holder is another process,
 //! the duplicate polls: it sleeps, then tries the key again in one round trip, with a
 //! pause that doubles from [`FIRST_POLL`] to [`MAX_POLL`].
@@ -82,21 +83,24 @@ impl Waiters {
         }
     }
 
-    /// Waits, without a connection, before looking at `(scope, key)` again: until the
-    /// claim of this process that holds it ends (at most `left`), or, when another
-    /// process holds it, for `pause` (at most `left`). [`Waited::Refused`] when `limit`
-    /// duplicates already wait for the key in this process.
+    /// Waits, without a connection, before looking at `(scope, key)`: until the claim of
+    /// this process that holds it ends (at most `left`), or, when none does, for `pause`
+    /// (at most `left`; no wait at all without a pause, before the first look).
+    /// [`Waited::Refused`] when `limit` duplicates already wait for the key in this
+    /// process.
     pub(crate) async fn wait(
         &self,
         scope: &Scope,
         key: &IdempotencyKey,
-        pause: Duration,
+        pause: Option<Duration>,
         left: Duration,
         limit: usize,
     ) -> Waited {
         let held = self.held().get(&(scope.clone(), key.clone())).cloned();
         let Some(held) = held else {
-            tokio::time::sleep(pause.min(left)).await;
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause.min(left)).await;
+            }
             return Waited::LookAgain;
         };
         {
@@ -145,7 +149,7 @@ mod tests {
         let (scope, key) = name();
         let holding = waiters.hold(&scope, &key);
         let long = Duration::from_secs(3600);
-        let wait = || waiters.wait(&scope, &key, FIRST_POLL, long, 2);
+        let wait = || waiters.wait(&scope, &key, None, long, 2);
         let (first, second) = (wait(), wait());
         tokio::pin!(first, second);
         // Both wait (the holder has not ended); a third is refused at once.
@@ -159,15 +163,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn without_a_local_holder_a_duplicate_sleeps_one_pause() {
+    async fn without_a_local_holder_a_duplicate_sleeps_one_pause_after_a_look() {
         let waiters = Waiters::default();
         let (scope, key) = name();
         let started = std::time::Instant::now();
+        let second = Duration::from_secs(1);
         let waited = waiters
-            .wait(&scope, &key, FIRST_POLL, Duration::from_secs(1), 0)
+            .wait(&scope, &key, Some(FIRST_POLL), second, 0)
             .await;
         assert_eq!(waited, Waited::LookAgain);
         assert!(started.elapsed() >= FIRST_POLL);
+        // Before the first look, there is nothing to wait for.
+        let waited = waiters.wait(&scope, &key, None, second, 0).now_or_never();
+        assert_eq!(waited, Some(Waited::LookAgain));
     }
 
     #[tokio::test]
