@@ -16,13 +16,13 @@ use crate::metrics;
 use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
-use crate::store::Replay;
+use crate::store::{IdempotencyStore, Replay};
 use crate::waiters::Holding;
 
 /// A claimed idempotency key and the open transaction that holds it.
 ///
 /// The claim **owns** the transaction: do the business writes through it (it is an
-/// [`Executor`]: `query.execute(&mut claim)`), then call [`Claim::complete`], which stores
+/// [`Executor`](sqlx::Executor): `query.execute(&mut claim)`), then call [`Claim::complete`], which stores
 /// the response and commits both together. Nothing else commits.
 ///
 /// - [`Claim::abort`], or dropping the claim, rolls everything back and frees the key.
@@ -106,25 +106,25 @@ pub enum Completion {
 }
 
 impl Claim {
+    /// A claim of `store` on `(scope, key)`, held by `tx` and registered by `holding`.
     pub(crate) fn new(
+        store: &IdempotencyStore,
         tx: TxConn,
         holding: Holding,
-        pool: PgPool,
         scope: Scope,
         key: IdempotencyKey,
         fingerprint: Fingerprint,
         replace_expired: bool,
-        config: Arc<Config>,
     ) -> Self {
         Self {
             tx,
             _holding: holding,
-            pool,
+            pool: store.pool().clone(),
             scope,
             key,
             fingerprint,
             replace_expired,
-            config,
+            config: store.shared_config(),
             provenance: Provenance::default(),
         }
     }

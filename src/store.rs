@@ -197,6 +197,11 @@ impl IdempotencyStore {
         &self.config
     }
 
+    /// The configuration, shared with the claims of this store.
+    pub(crate) fn shared_config(&self) -> Arc<Config> {
+        Arc::clone(&self.config)
+    }
+
     /// Parses an `Idempotency-Key` value under the configured key policy.
     ///
     /// # Errors
@@ -268,15 +273,14 @@ impl IdempotencyStore {
                 expired_row,
                 holding,
             } => Begin::Claimed(Claim::new(
+                self,
                 tx,
                 holding,
-                self.pool.clone(),
                 scope.clone(),
                 key.clone(),
                 request.fingerprint(),
                 // An expired row is deleted when the response is stored.
                 expired_row,
-                Arc::clone(&self.config),
             )),
         })
     }

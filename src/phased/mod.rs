@@ -25,9 +25,9 @@
 //! **One holder at a time.** The holder has a lease ([`Config::with_lease`](crate::Config::with_lease)),
 //! renewed by each step. A duplicate that arrives meanwhile waits (bounded by
 //! [`Config::in_flight_wait`](crate::Config::in_flight_wait), polling without holding a
-//! connection) and then replays or gets [`Error::InFlight`]. After the lease runs out a
+//! connection) and then replays or gets [`Error::InFlight`](crate::Error::InFlight). After the lease runs out a
 //! retry or the completer takes the request over, and the old holder can record nothing
-//! more: every record is fenced by the lease token ([`Error::LeaseLost`]).
+//! more: every record is fenced by the lease token ([`Error::LeaseLost`](crate::Error::LeaseLost)).
 //!
 //! ```no_run
 //! use pg_idempotency::phased::{Finished, Operation, Steps};
