@@ -809,14 +809,14 @@ async fn a_connection_that_lost_its_prepared_statements_prepares_them_again() ->
         .fetch_all(&single)
         .await?)
     };
-    let both = vec!["pgidem_insert_v2".to_owned(), "pgidem_lookup_v2".to_owned()];
+    let both = vec!["pgidem_lookup_v2".to_owned()];
     assert!(prepared().await?.is_empty());
 
     let mut keys = Vec::new();
     for lost in [
         "",
         "DEALLOCATE pgidem_lookup_v2",
-        "DEALLOCATE pgidem_lookup_v2; DEALLOCATE pgidem_insert_v2",
+        "DEALLOCATE pgidem_lookup_v2",
     ] {
         if !lost.is_empty() {
             sqlx::raw_sql(AssertSqlSafe(lost)).execute(&single).await?;
@@ -861,10 +861,7 @@ async fn after_connect_prepares_the_statements_unless_the_table_is_missing() -> 
     };
 
     let single = with_hook(options.clone()).await?;
-    assert_eq!(
-        prepared(&single).await?,
-        ["pgidem_insert_v2", "pgidem_lookup_v2"]
-    );
+    assert_eq!(prepared(&single).await?, ["pgidem_lookup_v2"]);
     let store = IdempotencyStore::new(single.clone());
     let Outcome::Executed { stored: true, .. } =
         pay(&store, &scope("acct_1"), &new_key(), b"{}").await?
@@ -951,6 +948,11 @@ async fn small_pool(pool: &PgPool, size: u32) -> Result<PgPool> {
         .await?)
 }
 
+/// A store on `pool` whose duplicates wait up to 30 s, configured by `config` otherwise.
+fn patient(pool: PgPool, config: Config) -> IdempotencyStore {
+    IdempotencyStore::with_config(pool, config.with_in_flight_wait(Duration::from_secs(30)))
+}
+
 /// Holds `key` in a claim of `holder`, starts `n` duplicates on `duplicates` (waiting up
 /// to 30 s), checks that `bystander` can still get a connection ten times over while they
 /// wait, then completes the claim: every duplicate replays its response, and the business
@@ -1005,10 +1007,7 @@ async fn duplicates_leave_the_pool_alone(
 async fn duplicates_in_one_process_hold_no_connection_while_they_wait() -> Result<()> {
     let pool = setup().await?;
     let small = small_pool(&pool, 2).await?;
-    let store = IdempotencyStore::with_config(
-        small.clone(),
-        Config::default().with_in_flight_wait(Duration::from_secs(30)),
-    );
+    let store = patient(small.clone(), Config::default());
     duplicates_leave_the_pool_alone(&pool, &store, &store, &small, 50).await?;
     small.close().await;
     assert_no_idle_transactions(&pool).await
@@ -1021,10 +1020,7 @@ async fn duplicates_in_another_process_hold_no_connection_while_they_wait() -> R
     let pool = setup().await?;
     let holder = IdempotencyStore::new(pool.clone());
     let other = small_pool(&pool, 1).await?;
-    let duplicates = IdempotencyStore::with_config(
-        other.clone(),
-        Config::default().with_in_flight_wait(Duration::from_secs(30)),
-    );
+    let duplicates = patient(other.clone(), Config::default());
     duplicates_leave_the_pool_alone(&pool, &holder, &duplicates, &other, 20).await?;
     other.close().await;
     assert_no_idle_transactions(&pool).await
@@ -1035,12 +1031,7 @@ async fn duplicates_in_another_process_hold_no_connection_while_they_wait() -> R
 #[tokio::test]
 async fn waiting_duplicates_are_bounded_per_key() -> Result<()> {
     let pool = setup().await?;
-    let store = IdempotencyStore::with_config(
-        pool.clone(),
-        Config::default()
-            .with_in_flight_wait(Duration::from_secs(30))
-            .with_in_flight_waiters(2),
-    );
+    let store = patient(pool.clone(), Config::default().with_in_flight_waiters(2));
     let (scope, key) = (scope("acct_1"), new_key());
     let request = Request::new("POST", "/v1/payments", b"{}");
     let Begin::Claimed(claim) = store.begin(&scope, &key, &request).await? else {

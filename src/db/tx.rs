@@ -61,6 +61,16 @@ impl TxConn {
         self.settle(rows)
     }
 
+    /// Runs `statement`, which binds its values as parameters, inside the transaction.
+    pub(super) async fn run_bound<T>(
+        &mut self,
+        statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        self.busy = true;
+        let result = statement(self.conn()).await;
+        self.settle(result)
+    }
+
     /// Records what `result` says about the connection: after a success or a statement
     /// the server refused (a database error: the server skipped the rest of the string
     /// and is ready for the next one, inside a failed transaction), it is idle, so a
