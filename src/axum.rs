@@ -65,7 +65,7 @@
 //! handler's lifetime (it dereferences to the claim; `&mut *tx` is an sqlx executor) and
 //! gives it back when the handler returns. The layer then buffers the response, and
 //! [completes](crate::Claim::complete) the claim with it: response and business rows are
-//! committed in one round trip, or both are rolled back. A handler therefore never
+//! committed together, or both are rolled back. A handler therefore never
 //! commits, and cannot forget to.
 //!
 //! ## The key field

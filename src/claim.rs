@@ -156,8 +156,9 @@ impl Claim {
         &self.provenance
     }
 
-    /// Stores `response` with the key and commits the business write with it, in one
-    /// round trip; or, if the store policy does not keep `response.status`, rolls both
+    /// Stores `response` with the key (its values as bound parameters, so that a failed
+    /// statement never puts them into the server's log) and commits the business write
+    /// with it, in two round trips; or, if the store policy does not keep `response.status`, rolls both
     /// back and frees the key.
     ///
     /// # Errors

@@ -12,9 +12,10 @@
 //! - [`IdempotencyStore::begin`] opens the transaction and claims the key in one round
 //!   trip, and yields a [`Claim`] (run the business logic through it) or a [`Replay`] of
 //!   the stored response; a request with another body gets [`Error::Conflict`], a
-//!   duplicate that arrives while the first is still running waits a bounded time and
-//!   then replays or gets [`Error::InFlight`].
-//! - [`Claim::complete`] stores the response and commits, in one round trip. Dropping or
+//!   duplicate that arrives while the first is still running waits a bounded time
+//!   (without holding a pooled connection) and then replays or gets [`Error::InFlight`].
+//! - [`Claim::complete`] stores the response (as bound parameters, so that it never
+//!   reaches the server's log) and commits, in two round trips. Dropping or
 //!   aborting the claim rolls back and frees the key; so does a response the
 //!   [`StorePolicy`] does not keep (5xx, 408, 429 by default).
 //! - Keys expire after 24 hours ([`Config::with_ttl`]); an expired key counts as unused.

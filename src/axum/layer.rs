@@ -64,7 +64,7 @@ type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
 ///    flight with a 409 problem (the latter with `Retry-After`);
 /// 7. on a claim, runs the handler with the claim in reach of the
 ///    [`IdempotentTx`](super::IdempotentTx) extractor, buffers its response, and stores
-///    it and commits in one round trip ([`Claim::complete`]). A response the
+///    it and commits ([`Claim::complete`]). A response the
 ///    [`StorePolicy`](crate::StorePolicy) does not keep (5xx, 408, 429 by default) or one
 ///    marked [`Rollback`] rolls the handler's writes back and frees the key, and goes out
 ///    as it is. A handler that panics is answered with a 500 problem, and its writes are
