@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::db::{Committed, KeyRow, TxConn};
+use crate::db::{Committed, KeyRow, StoredRow, TxConn};
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
@@ -42,7 +42,8 @@ use crate::waiters::Holding;
 pub struct Claim {
     tx: TxConn,
     /// Wakes this process's duplicates of the key when the claim ends (declared after
-    /// `tx`, so that it drops after the transaction ended or its rollback was started).
+    /// `tx`, so that it drops after the transaction ended or its rollback was started),
+    /// handing them the stored row when there is one.
     _holding: Holding,
     /// For [`resolve`]: another connection after this one broke around `COMMIT`.
     pool: PgPool,
@@ -206,7 +207,15 @@ impl Claim {
                 provenance: &self.provenance,
             };
             match self.tx.store_and_commit(&row).await {
-                Ok(Committed::Stored) => {}
+                Ok(Committed::Stored(created_at)) => {
+                    // This process's duplicates of the key get the row without a look.
+                    self._holding.answer(|| StoredRow {
+                        fingerprint: self.fingerprint,
+                        response: response.clone(),
+                        created_at,
+                        provenance: self.provenance.clone(),
+                    });
+                }
                 Err(error) if connection_broke(&error) => {
                     // The COMMIT may or may not have happened. Close this connection (its
                     // backend rolls back if it did not commit yet), then look.

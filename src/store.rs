@@ -307,8 +307,12 @@ impl IdempotencyStore {
         let mut pause = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if self.waiters.wait(scope, key, pause, left, limit).await == Waited::Refused {
-                return Err(self.in_flight(scope, key));
+            match self.waiters.wait(scope, key, pause, left, limit).await {
+                Waited::Refused => return Err(self.in_flight(scope, key)),
+                Waited::Answered(row) => {
+                    return answer(row, scope, key, request).map(Locked::Answered);
+                }
+                Waited::LookAgain => {}
             }
             let mut tx = TxConn::new(self.pool.acquire().await?);
             let found = tx.begin_claim(scope, key).await?;

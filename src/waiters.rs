@@ -6,18 +6,20 @@
 //! duplicate of the key at once (a duplicate that arrives while such a claim runs waits
 //! for it before it looks at the key at all); at most [`Config::in_flight_waiters`] wait per key, and
 //! the next one gets the in-flight answer at once. When the holder is another process,
-//! the duplicate polls: it sleeps, then tries the key again in one round trip, with a
+//! When that claim stored a response, the woken duplicates get its row without a round
+//! trip. When the holder is another process, the duplicate polls: it sleeps, then tries the key again in one round trip, with a
 //! pause that doubles from [`FIRST_POLL`] to [`MAX_POLL`].
 //!
 //! [`Config::in_flight_waiters`]: crate::Config::in_flight_waiters
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::db::StoredRow;
 use crate::key::IdempotencyKey;
 use crate::scope::Scope;
 
@@ -40,13 +42,18 @@ struct Held {
     ended: CancellationToken,
     /// Duplicates waiting for it.
     waiting: Mutex<usize>,
+    /// The row the claim committed, for the duplicates it wakes.
+    answer: OnceLock<StoredRow>,
 }
 
 /// How a wait ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Waited {
     /// The holder ended, or the pause passed: look at the key again.
     LookAgain,
+    /// The holder of this process committed this row for the key: it answers, as a look
+    /// would (a live row does not change).
+    Answered(StoredRow),
     /// Too many duplicates already wait for this key: answer "in flight" now.
     Refused,
 }
@@ -112,7 +119,26 @@ impl Waiters {
         }
         let _ = tokio::time::timeout(left, held.ended.cancelled()).await;
         *held.waiting.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
-        Waited::LookAgain
+        match held.answer.get() {
+            Some(row) => Waited::Answered(row.clone()),
+            None => Waited::LookAgain,
+        }
+    }
+}
+
+impl Holding {
+    /// Hands the row the claim committed to the duplicates waiting for it (made only if
+    /// some wait), before they are woken.
+    pub(crate) fn answer(&self, row: impl FnOnce() -> StoredRow) {
+        if *self
+            .held
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            > 0
+        {
+            let _ = self.held.answer.set(row());
+        }
     }
 }
 
@@ -155,10 +181,10 @@ mod tests {
         // Both wait (the holder has not ended); a third is refused at once.
         assert!(first.as_mut().now_or_never().is_none());
         assert!(second.as_mut().now_or_never().is_none());
-        assert_eq!(wait().await, Waited::Refused);
+        assert!(matches!(wait().await, Waited::Refused));
         drop(holding);
-        assert_eq!(first.await, Waited::LookAgain);
-        assert_eq!(second.await, Waited::LookAgain);
+        assert!(matches!(first.await, Waited::LookAgain));
+        assert!(matches!(second.await, Waited::LookAgain));
         assert!(waiters.held().is_empty());
     }
 
@@ -171,11 +197,39 @@ mod tests {
         let waited = waiters
             .wait(&scope, &key, Some(FIRST_POLL), second, 0)
             .await;
-        assert_eq!(waited, Waited::LookAgain);
+        assert!(matches!(waited, Waited::LookAgain));
         assert!(started.elapsed() >= FIRST_POLL);
         // Before the first look, there is nothing to wait for.
         let waited = waiters.wait(&scope, &key, None, second, 0).now_or_never();
-        assert_eq!(waited, Some(Waited::LookAgain));
+        assert!(matches!(waited, Some(Waited::LookAgain)));
+    }
+
+    #[tokio::test]
+    async fn woken_waiters_get_the_committed_row_unmade_without_waiters() {
+        let waiters = Arc::new(Waiters::default());
+        let (scope, key) = name();
+        let row = StoredRow {
+            fingerprint: crate::Fingerprint::from_parts(2, [7; 32]),
+            response: crate::StoredResponse::new(201, "paid"),
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            provenance: crate::Provenance::default(),
+        };
+        // Nobody waits: the row is not even made.
+        let alone = waiters.hold(&scope, &key);
+        alone.answer(|| unreachable!("no duplicate waits"));
+        drop(alone);
+
+        let holding = waiters.hold(&scope, &key);
+        let long = Duration::from_secs(3600);
+        let waiting = waiters.wait(&scope, &key, None, long, 8);
+        tokio::pin!(waiting);
+        assert!(waiting.as_mut().now_or_never().is_none());
+        holding.answer(|| row.clone());
+        drop(holding);
+        match waiting.await {
+            Waited::Answered(answered) => assert_eq!(answered.response.body, b"paid"),
+            other => panic!("expected the row, got {other:?}"),
+        }
     }
 
     #[tokio::test]

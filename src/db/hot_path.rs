@@ -178,7 +178,8 @@ fn lock_and_clear(scope: &Scope, key: &IdempotencyKey) -> Statement {
 /// values only as `log_parameter_max_length_on_error` allows (default 0: none). A plain
 /// `INSERT`: if a row is in the way, it fails with a unique violation on
 /// [`KEY_CONSTRAINT`].
-async fn store(conn: &mut PgConnection, row: &KeyRow<'_>) -> Result<(), sqlx::Error> {
+/// Returns the row's `created_at`.
+async fn store(conn: &mut PgConnection, row: &KeyRow<'_>) -> Result<DateTime<Utc>, sqlx::Error> {
     let (scope, key, response) = (row.scope.as_str(), row.key.as_str(), row.response);
     if row.replace_expired {
         sqlx::query!(
@@ -197,7 +198,7 @@ async fn store(conn: &mut PgConnection, row: &KeyRow<'_>) -> Result<(), sqlx::Er
          (scope, key, fingerprint_version, fingerprint, status, headers, body, \
          created_at, expires_at, request_id, traceparent) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8::bigint * interval '1 millisecond', \
-         $9, $10)",
+         $9, $10) RETURNING created_at",
         scope,
         key,
         row.fingerprint.version(),
@@ -209,16 +210,17 @@ async fn store(conn: &mut PgConnection, row: &KeyRow<'_>) -> Result<(), sqlx::Er
         row.provenance.request_id.as_deref(),
         row.provenance.traceparent.as_deref(),
     )
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_one(conn)
+    .await
+    .map(|stored| stored.created_at)
 }
 
 /// What [`TxConn::store_and_commit`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Committed {
-    /// The key row and the business write are committed.
-    Stored,
+    /// The key row and the business write are committed; the row was created then
+    /// (database clock).
+    Stored(DateTime<Utc>),
     /// Another transaction stored a row for the key first (it did not share the lock):
     /// everything was rolled back.
     KeyTaken,
@@ -312,9 +314,9 @@ impl TxConn {
         row: &KeyRow<'_>,
     ) -> Result<Committed, sqlx::Error> {
         match self.run_bound(async |conn| store(conn, row).await).await {
-            Ok(()) => {
+            Ok(created_at) => {
                 self.commit().await?;
-                Ok(Committed::Stored)
+                Ok(Committed::Stored(created_at))
             }
             // The insert met a live row.
             Err(sqlx::Error::Database(error))
@@ -406,6 +408,7 @@ pub(crate) struct FoundRow {
 }
 
 /// A stored response with its fingerprint.
+#[derive(Debug, Clone)]
 pub(crate) struct StoredRow {
     pub fingerprint: Fingerprint,
     pub response: StoredResponse,
