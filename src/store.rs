@@ -223,7 +223,7 @@ impl IdempotencyStore {
     /// # Errors
     ///
     /// - [`Error::Conflict`]: the key was used within the replay window with a different
-    ///   request (method, route or body).
+    ///   request (method, path and query string, or body).
     /// - [`Error::InFlight`]: another request still holds the key after the wait.
     /// - [`Error::UnknownFingerprintVersion`], [`Error::MalformedRow`],
     ///   [`Error::Database`]: server-side failures; nothing was written.

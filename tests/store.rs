@@ -956,12 +956,12 @@ fn patient(pool: PgPool, config: Config) -> IdempotencyStore {
 /// Holds `key` in a claim of `holder`, starts `n` duplicates on `duplicates` (waiting up
 /// to 30 s), checks that `bystander` can still get a connection ten times over while they
 /// wait, then completes the claim: every duplicate replays its response, and the business
-/// write ran once.
+/// write ran once. Closes `bystander`; no connection stays idle in a transaction.
 async fn duplicates_leave_the_pool_alone(
     pool: &PgPool,
     holder: &IdempotencyStore,
     duplicates: &IdempotencyStore,
-    bystander: &PgPool,
+    bystander: PgPool,
     n: usize,
 ) -> Result<()> {
     let (scope, key) = (scope("acct_1"), new_key());
@@ -984,7 +984,7 @@ async fn duplicates_leave_the_pool_alone(
     for _ in 0..10 {
         tokio::task::yield_now().await;
         sqlx::query("SELECT 1")
-            .execute(bystander)
+            .execute(&bystander)
             .await
             .context("the waiting duplicates starved the bystander")?;
     }
@@ -998,7 +998,8 @@ async fn duplicates_leave_the_pool_alone(
         }
     }
     assert_eq!(payments(pool).await?, 1);
-    Ok(())
+    bystander.close().await;
+    assert_no_idle_transactions(pool).await
 }
 
 /// Issue 12: duplicates of one key in one process wait for the claim without holding a
@@ -1008,9 +1009,7 @@ async fn duplicates_in_one_process_hold_no_connection_while_they_wait() -> Resul
     let pool = setup().await?;
     let small = small_pool(&pool, 2).await?;
     let store = patient(small.clone(), Config::default());
-    duplicates_leave_the_pool_alone(&pool, &store, &store, &small, 50).await?;
-    small.close().await;
-    assert_no_idle_transactions(&pool).await
+    duplicates_leave_the_pool_alone(&pool, &store, &store, small, 50).await
 }
 
 /// Issue 12: duplicates in another process (another pool) poll without holding a
@@ -1021,9 +1020,7 @@ async fn duplicates_in_another_process_hold_no_connection_while_they_wait() -> R
     let holder = IdempotencyStore::new(pool.clone());
     let other = small_pool(&pool, 1).await?;
     let duplicates = patient(other.clone(), Config::default());
-    duplicates_leave_the_pool_alone(&pool, &holder, &duplicates, &other, 20).await?;
-    other.close().await;
-    assert_no_idle_transactions(&pool).await
+    duplicates_leave_the_pool_alone(&pool, &holder, &duplicates, other, 20).await
 }
 
 /// Issue 12: beyond `in_flight_waiters` duplicates of one key, the in-flight answer comes
