@@ -926,3 +926,50 @@ async fn duplicate_storm_leaves_the_bystander_p99_alone() -> Result<()> {
     ensure!(during < 2 * before, "p99 {during:?} >= 2 x {before:?}");
     Ok(())
 }
+
+/// Issue 12: a row an older version stored with framing headers (a `content-length` that
+/// disagrees with the body, `transfer-encoding`, `connection`, `upgrade`) replays with
+/// its own length, and the keep-alive connection carries the next request.
+#[tokio::test]
+async fn stored_framing_headers_never_desynchronise_a_replay() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let fingerprint = pg_idempotency::Request::new("POST", "/widgets/1", b"same").fingerprint();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, \
+         headers, body, expires_at) VALUES ('default', $1, $2, $3, 201, \
+         '[[\"content-length\",\"999\"],[\"transfer-encoding\",\"chunked\"], \
+           [\"connection\",\"close\"],[\"upgrade\",\"h2c\"],[\"x-kept\",\"yes\"]]', \
+         'short', now() + interval '1 hour')",
+    )
+    .bind(&key)
+    .bind(fingerprint.version())
+    .bind(fingerprint.hash().as_slice())
+    .execute(app.db.pool())
+    .await?;
+    // One client, one keep-alive connection, two replays in a row.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(1)
+        .build()?;
+    for _ in 0..2 {
+        let response = client
+            .post(app.server.url("/widgets/1"))
+            .header("Idempotency-Key", &key)
+            .body("same")
+            .send()
+            .await?;
+        let answer = Answer::of(response).await?;
+        ensure!(
+            answer.status == 201 && answer.body == b"short",
+            "{answer:?}"
+        );
+        ensure!(answer.header("content-length") == Some("5"), "{answer:?}");
+        ensure!(answer.header("x-kept") == Some("yes"), "{answer:?}");
+        for framing in ["transfer-encoding", "connection", "upgrade"] {
+            ensure!(answer.header(framing).is_none(), "{framing}: {answer:?}");
+        }
+    }
+    ensure!(app.runs() == 0);
+    app.stop().await
+}
