@@ -217,7 +217,7 @@ impl AppState {
 /// phased), `GET /v1/payments/count`, `GET /v1/charges/count`, `GET /healthz`; every
 /// response has an `X-Request-Id`, every error is a problem.
 ///
-/// **The scope comes from `X-Account-Id`, a header the client chooses: a demo's
+/// **The demo trusts `X-Account-Id`: the scope comes from a header the client chooses, a demo's
 /// shortcut, unsafe in a real service.** Anyone who knows a key and can guess the body
 /// reads another account's stored payment. A real service takes the scope from
 /// authentication (the authenticated account or principal).
