@@ -65,7 +65,7 @@
 //! handler's lifetime (it dereferences to the claim; `&mut *tx` is an sqlx executor) and
 //! gives it back when the handler returns. The layer then buffers the response, and
 //! [completes](crate::Claim::complete) the claim with it: response and business rows are
-//! committed in one round trip, or both are rolled back. A handler therefore never
+//! committed together, or both are rolled back. A handler therefore never
 //! commits, and cannot forget to.
 //!
 //! ## The key field
@@ -106,7 +106,7 @@
 //! | scope function refused the request | 400 | `idempotency_scope_invalid` (or the application's problem) |
 //! | body over the limit (default 1 MiB) | 413 | `payload_too_large` |
 //! | body unreadable (client broke off) | 400 | `invalid_request` |
-//! | same key, another method, route or body | 409 | `idempotency_conflict` |
+//! | same key, another method, path, query string or body | 409 | `idempotency_conflict` |
 //! | same key still being processed | 409 + `Retry-After` | `idempotency_key_in_use` |
 //! | database unreachable or failing | 503 + `Retry-After` | `service_unavailable` |
 //! | connection broke around `COMMIT`, verified that nothing was committed | 503 | `request_not_committed` |
@@ -153,12 +153,11 @@
 //! ## Routing
 //!
 //! Apply the layer with `MethodRouter::route_layer` (or `Router::route_layer`): it then
-//! runs after routing, so the fingerprint uses the route template from [`MatchedPath`]
-//! (`/v1/orders/{id}`), and 404 and 405 answers pass untouched. Outside routing it
-//! falls back to the URI path. Note that the template does not include the path
-//! parameters' values: reusing a key on `/v1/orders/1` and `/v1/orders/2` with the same
-//! body replays the first answer. Keys are per operation, so clients should never do
-//! that; if your paths carry the target of the write, scope keys by it too.
+//! runs after routing, and 404 and 405 answers pass untouched. The fingerprint covers
+//! the concrete path and query string (`/v1/orders/1?dry_run=true`), so reusing a key
+//! on `/v1/orders/1` and `/v1/orders/2` with the same body is a conflict. The route
+//! template from [`MatchedPath`] (`/v1/orders/{id}`; outside routing, the URI path) only
+//! serves rows stored under fingerprint version 1, which covered the template instead.
 //!
 //! A route may make the key [optional](IdempotencyLayer::optional): without one, the
 //! request passes through untouched and the handler takes `Option<IdempotentTx>`.

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::db::{Committed, KeyRow, TxConn};
+use crate::db::{Committed, KeyRow, StoredRow, TxConn};
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
@@ -16,7 +16,8 @@ use crate::metrics;
 use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
-use crate::store::Replay;
+use crate::store::{IdempotencyStore, Replay};
+use crate::waiters::Holding;
 
 /// A claimed idempotency key and the open transaction that holds it.
 ///
@@ -29,7 +30,8 @@ use crate::store::Replay;
 ///   408 and 429) also rolls back the business write and frees the key.
 ///
 /// While the claim is open, other requests with the same scope and key wait (up to
-/// [`Config::in_flight_wait`]) and then replay the stored response or get
+/// [`Config::in_flight_wait`], without holding a connection; those of this process are
+/// woken when the claim ends) and then replay the stored response or get
 /// [`Error::InFlight`].
 ///
 /// The claim deliberately does not hand out its `PgConnection`: a `begin()`/`commit()` on
@@ -39,6 +41,10 @@ use crate::store::Replay;
 #[must_use = "dropping a claim rolls back its transaction; call `complete`"]
 pub struct Claim {
     tx: TxConn,
+    /// Wakes this process's duplicates of the key when the claim ends (declared after
+    /// `tx`, so that it drops after the transaction ended or its rollback was started),
+    /// handing them the stored row when there is one.
+    _holding: Holding,
     /// For [`resolve`]: another connection after this one broke around `COMMIT`.
     pool: PgPool,
     scope: Scope,
@@ -101,23 +107,25 @@ pub enum Completion {
 }
 
 impl Claim {
+    /// A claim of `store` on `(scope, key)`, held by `tx` and registered by `holding`.
     pub(crate) fn new(
+        store: &IdempotencyStore,
         tx: TxConn,
-        pool: PgPool,
+        holding: Holding,
         scope: Scope,
         key: IdempotencyKey,
         fingerprint: Fingerprint,
         replace_expired: bool,
-        config: Arc<Config>,
     ) -> Self {
         Self {
             tx,
-            pool,
+            _holding: holding,
+            pool: store.pool().clone(),
             scope,
             key,
             fingerprint,
             replace_expired,
-            config,
+            config: store.shared_config(),
             provenance: Provenance::default(),
         }
     }
@@ -149,8 +157,9 @@ impl Claim {
         &self.provenance
     }
 
-    /// Stores `response` with the key and commits the business write with it, in one
-    /// round trip; or, if the store policy does not keep `response.status`, rolls both
+    /// Stores `response` with the key (its values as bound parameters, so that a failed
+    /// statement never puts them into the server's log) and commits the business write
+    /// with it, in two round trips; or, if the store policy does not keep `response.status`, rolls both
     /// back and frees the key.
     ///
     /// # Errors
@@ -198,7 +207,15 @@ impl Claim {
                 provenance: &self.provenance,
             };
             match self.tx.store_and_commit(&row).await {
-                Ok(Committed::Stored) => {}
+                Ok(Committed::Stored(created_at)) => {
+                    // This process's duplicates of the key get the row without a look.
+                    self._holding.answer(|| StoredRow {
+                        fingerprint: self.fingerprint,
+                        response: response.clone(),
+                        created_at,
+                        provenance: self.provenance.clone(),
+                    });
+                }
                 Err(error) if connection_broke(&error) => {
                     // The COMMIT may or may not have happened. Close this connection (its
                     // backend rolls back if it did not commit yet), then look.

@@ -26,6 +26,7 @@ use crate::response::StorePolicy;
 pub struct Config {
     ttl: Duration,
     in_flight_wait: Duration,
+    in_flight_waiters: usize,
     retry_after: Duration,
     commit_resolution_wait: Duration,
     store_policy: StorePolicy,
@@ -34,13 +35,15 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// 24-hour replay window, 2 s wait for an in-flight duplicate, a 1 s retry hint,
+    /// 24-hour replay window, 2 s wait for an in-flight duplicate, at most 1024 of them
+    /// waiting per key in one process, a 1 s retry hint,
     /// 5 s to resolve an interrupted commit, the default [`StorePolicy`], UUID v4 keys,
     /// 30 s leases for phased requests.
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(24 * 60 * 60),
             in_flight_wait: Duration::from_secs(2),
+            in_flight_waiters: 1024,
             retry_after: Duration::from_secs(1),
             commit_resolution_wait: Duration::from_secs(5),
             store_policy: StorePolicy::default(),
@@ -62,10 +65,21 @@ impl Config {
 
     /// How long a duplicate waits for the request holding its key to finish before it
     /// gets [`Error::InFlight`](crate::Error::InFlight) (default 2 s; zero answers at
-    /// once). Each waiter holds a pooled connection while it waits.
+    /// once). A waiting duplicate holds no pooled connection: it is woken when a claim of
+    /// this process holding its key ends, or looks again now and then (10 ms, doubling
+    /// up to 200 ms) when another process holds it, one short round trip each time.
     #[must_use]
     pub fn with_in_flight_wait(mut self, wait: Duration) -> Self {
         self.in_flight_wait = wait;
+        self
+    }
+
+    /// How many duplicates of one key may wait in this process for the claim that holds
+    /// it (default 1024); the next one gets [`Error::InFlight`](crate::Error::InFlight)
+    /// at once. Waiting costs no connection, only a little memory.
+    #[must_use]
+    pub fn with_in_flight_waiters(mut self, waiters: usize) -> Self {
+        self.in_flight_waiters = waiters;
         self
     }
 
@@ -126,6 +140,11 @@ impl Config {
     /// The bounded wait for an in-flight duplicate.
     pub fn in_flight_wait(&self) -> Duration {
         self.in_flight_wait
+    }
+
+    /// How many duplicates of one key may wait in this process.
+    pub fn in_flight_waiters(&self) -> usize {
+        self.in_flight_waiters
     }
 
     /// The retry hint given with an in-flight answer.

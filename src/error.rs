@@ -125,6 +125,17 @@ pub enum Error {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 
+    /// The database's encoding cannot hold the crate's text: [`migrate`](crate::migrate)
+    /// refuses it before anything fails at run time.
+    #[error(
+        "the database's encoding is {encoding}, which cannot hold every scope, key and header \
+         the idempotency store keeps; create the database with ENCODING 'UTF8'"
+    )]
+    UnsupportedEncoding {
+        /// The database's `server_encoding`, e.g. `SQL_ASCII`.
+        encoding: String,
+    },
+
     /// Applying this crate's migrations failed.
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),

@@ -10,17 +10,43 @@
 //! [`Fingerprint::hash`], and compare a retry against a stored fingerprint by
 //! recomputing it with [`Request::fingerprint_at`] at the *stored* version.
 //!
+//! # Version 2 (current)
+//!
+//! SHA-256 over the concatenation of:
+//!
+//! 1. the domain-separation tag `b"pg-idempotency/fingerprint/v2\0"`;
+//! 2. the byte length of the method as a big-endian `u64`, then the method,
+//!    exactly as given (HTTP methods are case-sensitive, so `post` and `POST`
+//!    differ);
+//! 3. the byte length of the target as a big-endian `u64`, then the target:
+//!    the **concrete path and query string** of the request, exactly as
+//!    received (`/accounts/1/transfers?dry_run=true`; not percent-decoded, and
+//!    query parameters not reordered, so `?a=1&b=2` and `?b=2&a=1` differ);
+//! 4. the body, as in version 1 below.
+//!
+//! **No header takes part**, `Content-Type` included: whether a body is JSON
+//! is decided from its bytes alone (below), and a retry is the same request
+//! when its method, target and body are. A header that changes what the
+//! operation does belongs in the path, the query or the body.
+//!
 //! # Version 1
+//!
+//! What 0.1.0 stored. It covered the matched route *template* (such as
+//! `/accounts/{id}/transfers`) instead of the concrete path and ignored the
+//! query string, so the same key and body on `/accounts/1/transfers` and
+//! `/accounts/2/transfers` matched. New keys are never fingerprinted at
+//! version 1; a row stored at version 1 is still compared at version 1
+//! ([`Request::fingerprint_at`], with the template from
+//! [`Request::with_route_template`]), so honest retries of requests that
+//! began under 0.1.0 keep replaying.
 //!
 //! SHA-256 over the concatenation of:
 //!
 //! 1. the domain-separation tag `b"pg-idempotency/fingerprint/v1\0"`;
-//! 2. the byte length of the method as a big-endian `u64`, then the method,
-//!    exactly as given (HTTP methods are case-sensitive, so `post` and `POST`
-//!    differ);
+//! 2. the method, length-prefixed as in version 2;
 //! 3. the byte length of the route as a big-endian `u64`, then the route,
-//!    exactly as given (pass the matched route *template*, such as
-//!    `/orders/{id}`, or the concrete path, consistently);
+//!    exactly as given (the matched route *template*, or the concrete path
+//!    where there was no template);
 //! 4. the body, either
 //!    * `b'J'` followed by the canonical JSON text of the body, when the body
 //!      is JSON, or
@@ -84,12 +110,27 @@ use canonical::Sink;
 /// Domain-separation tag of version 1.
 const DOMAIN_V1: &[u8] = b"pg-idempotency/fingerprint/v1\0";
 
-/// The parts of a request that are fingerprinted.
+/// Domain-separation tag of version 2.
+const DOMAIN_V2: &[u8] = b"pg-idempotency/fingerprint/v2\0";
+
+/// The parts of a request that are fingerprinted: the method, the concrete path and
+/// query string, and the body (JSON canonicalised). No header takes part, `Content-Type`
+/// included: whether a body is JSON is decided from its bytes. Fingerprint version 2
+/// (current) covers exactly these; version 1 (0.1.0) covered the route template instead
+/// of the path and query, and rows stored under it are still compared at version 1.
+///
+/// Made with [`Request::new`] (and, in an HTTP layer that routes on templates,
+/// [`Request::with_route_template`]).
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct Request<'a> {
     /// The HTTP method, exactly as received (case-sensitive).
     pub method: &'a str,
-    /// The matched route template (or path), exactly as given.
+    /// The concrete path and query string (`/accounts/1?dry_run=true`), exactly
+    /// as received: what the current version fingerprints.
+    pub target: &'a str,
+    /// The matched route template (`/accounts/{id}`), or the target when
+    /// there is none: only for comparing with rows stored at version 1.
     pub route: &'a str,
     /// The request body bytes, as received (after any transfer and content
     /// decoding the server applies before handling the request).
@@ -97,14 +138,24 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
-    /// Bundles the fingerprinted parts of a request.
+    /// Bundles the fingerprinted parts of a request: its method, its concrete
+    /// path and query string (`target`), and its body.
     #[must_use]
-    pub fn new(method: &'a str, route: &'a str, body: &'a [u8]) -> Self {
+    pub fn new(method: &'a str, target: &'a str, body: &'a [u8]) -> Self {
         Self {
             method,
-            route,
+            target,
+            route: target,
             body,
         }
+    }
+
+    /// The same request, whose route matched the template `route` (such as
+    /// `/accounts/{id}`): version 1 fingerprinted the template, so rows stored
+    /// at version 1 are compared with it (builder style).
+    #[must_use]
+    pub fn with_route_template(self, route: &'a str) -> Self {
+        Self { route, ..self }
     }
 
     /// The fingerprint at [`Fingerprint::CURRENT_VERSION`]; use it for new
@@ -112,8 +163,8 @@ impl<'a> Request<'a> {
     #[must_use]
     pub fn fingerprint(&self) -> Fingerprint {
         Fingerprint {
-            version: 1,
-            hash: self.v1(),
+            version: Fingerprint::CURRENT_VERSION,
+            hash: self.hash(DOMAIN_V2, self.target),
         }
     }
 
@@ -123,16 +174,22 @@ impl<'a> Request<'a> {
     #[must_use]
     pub fn fingerprint_at(&self, version: i16) -> Option<Fingerprint> {
         match version {
-            1 => Some(self.fingerprint()),
+            1 => Some(Fingerprint {
+                version: 1,
+                hash: self.hash(DOMAIN_V1, self.route),
+            }),
+            2 => Some(self.fingerprint()),
             _ => None,
         }
     }
 
-    fn v1(&self) -> [u8; 32] {
+    /// The hash of every version: `domain`, the method, `location` (the route
+    /// at version 1, the target since), the body.
+    fn hash(&self, domain: &[u8], location: &str) -> [u8; 32] {
         let mut out = HashSink::new();
-        out.put(DOMAIN_V1);
+        out.put(domain);
         out.put_prefixed(self.method.as_bytes());
-        out.put_prefixed(self.route.as_bytes());
+        out.put_prefixed(location.as_bytes());
         match canonical::parse(self.body) {
             Ok(json) => {
                 out.put(b"J");
@@ -160,7 +217,7 @@ pub struct Fingerprint {
 
 impl Fingerprint {
     /// The version that [`Request::fingerprint`] computes.
-    pub const CURRENT_VERSION: i16 = 1;
+    pub const CURRENT_VERSION: i16 = 2;
 
     /// Rebuilds a fingerprint from its stored parts (for example the
     /// `smallint` and `bytea` columns of a stored key). Any version is
@@ -261,10 +318,16 @@ mod tests {
         canonical::parse(body).is_ok()
     }
 
-    /// The v1 input for a raw body, built by hand from the documented format.
-    fn v1_raw_by_hand(method: &str, route: &str, body: &[u8]) -> [u8; 32] {
-        let mut input = DOMAIN_V1.to_vec();
-        for part in [method.as_bytes(), route.as_bytes()] {
+    /// The current version's input for a raw body, built by hand from the
+    /// documented format.
+    fn raw_by_hand(method: &str, target: &str, body: &[u8]) -> [u8; 32] {
+        raw_by_hand_at(DOMAIN_V2, method, target, body)
+    }
+
+    /// The input for a raw body under `domain`, built by hand.
+    fn raw_by_hand_at(domain: &[u8], method: &str, location: &str, body: &[u8]) -> [u8; 32] {
+        let mut input = domain.to_vec();
+        for part in [method.as_bytes(), location.as_bytes()] {
             input.extend_from_slice(&(part.len() as u64).to_be_bytes());
             input.extend_from_slice(part);
         }
@@ -274,9 +337,9 @@ mod tests {
         Sha256::digest(&input).into()
     }
 
-    fn v1_json_by_hand(method: &str, route: &str, canonical: &str) -> [u8; 32] {
-        let mut input = DOMAIN_V1.to_vec();
-        for part in [method.as_bytes(), route.as_bytes()] {
+    fn json_by_hand(method: &str, target: &str, canonical: &str) -> [u8; 32] {
+        let mut input = DOMAIN_V2.to_vec();
+        for part in [method.as_bytes(), target.as_bytes()] {
             input.extend_from_slice(&(part.len() as u64).to_be_bytes());
             input.extend_from_slice(part);
         }
@@ -287,28 +350,74 @@ mod tests {
 
     #[test]
     fn known_answer_vectors() {
-        // Computed once from the v1 algorithm; if this fails, v1 changed and
-        // every stored fingerprint would stop matching. Add a new version
-        // instead of changing v1.
-        let json = Request::new(
-            "POST",
-            "/v1/payments/{id}",
-            br#"{ "amount": 123456789012345678901234567890, "currency": "EUR", "tags": ["a", "\u00e9"] }"#,
-        )
-        .fingerprint();
+        // Computed once from each version's algorithm; if this fails, a
+        // version changed and every fingerprint stored under it would stop
+        // matching. Add a new version instead of changing one.
+        let body = br#"{ "amount": 123456789012345678901234567890, "currency": "EUR", "tags": ["a", "\u00e9"] }"#;
+        let json = Request::new("POST", "/v1/payments/7?dry_run=true", body)
+            .with_route_template("/v1/payments/{id}");
         assert_eq!(
-            json.to_string(),
+            json.fingerprint_at(1).unwrap().to_string(),
             "v1:296c12b2d513562011b0d98c6f35997166ac68c98d8cc3f3832314ae40a3cb7a"
         );
-        let raw = Request::new("PUT", "/files/{name}", b"\x00\xffnot json").fingerprint();
         assert_eq!(
-            raw.to_string(),
+            json.fingerprint().to_string(),
+            "v2:c4ebdf76d2d9a1302510cd323dbab9e1cee0a4d760492b16cb39e6999430952a"
+        );
+        let raw = Request::new("PUT", "/files/a.txt", b"\x00\xffnot json")
+            .with_route_template("/files/{name}");
+        assert_eq!(
+            raw.fingerprint_at(1).unwrap().to_string(),
             "v1:c23cab5a1edc795d6324ef33680c1c90e3a4cd35ac25c236057e711a17c86ed3"
         );
-        let empty = Request::new("DELETE", "/orders/{id}", b"").fingerprint();
         assert_eq!(
-            empty.to_string(),
+            raw.fingerprint().to_string(),
+            "v2:6a855223125f1d8f3fd7d3112078e0a2098aeded26cb80c84743e53f2affe588"
+        );
+        let empty = Request::new("DELETE", "/orders/9", b"").with_route_template("/orders/{id}");
+        assert_eq!(
+            empty.fingerprint_at(1).unwrap().to_string(),
             "v1:4fd99a022c7c2f94a0f4589cd89e644d3333598af10fcf443b1431b1dc7f85db"
+        );
+        assert_eq!(
+            empty.fingerprint().to_string(),
+            "v2:af125650ca29ce4147fda403cd3e0b718b7a897e1402031394092cf92dc63f83"
+        );
+    }
+
+    #[test]
+    fn the_concrete_path_and_query_matter_the_template_only_at_v1() {
+        let on = |target| {
+            Request::new("POST", target, b"{}").with_route_template("/accounts/{id}/transfers")
+        };
+        let one = on("/accounts/1/transfers");
+        let fingerprints = [
+            one,
+            on("/accounts/2/transfers"),
+            on("/accounts/1/transfers?dry_run=true"),
+            on("/accounts/1/transfers?dry_run=false"),
+            on("/accounts/1/transfers?"),
+        ]
+        .map(|request| request.fingerprint());
+        for (i, a) in fingerprints.iter().enumerate() {
+            for b in &fingerprints[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        // Version 1 saw only the template: every one of them matches a v1 row.
+        for request in [on("/accounts/2/transfers"), on("/accounts/1/transfers?x")] {
+            assert_eq!(request.fingerprint_at(1), one.fingerprint_at(1));
+        }
+        // Built by hand from the documented v1 format, over the template.
+        let raw = Request::new("POST", "/accounts/1/transfers?x", b"x")
+            .with_route_template("/accounts/{id}/transfers");
+        assert_eq!(
+            raw.fingerprint_at(1).unwrap().hash(),
+            &raw_by_hand_at(DOMAIN_V1, "POST", "/accounts/{id}/transfers", b"x")
+        );
+        assert_eq!(
+            raw.fingerprint().hash(),
+            &raw_by_hand("POST", "/accounts/1/transfers?x", b"x")
         );
     }
 
@@ -317,12 +426,12 @@ mod tests {
         let body = br#"{"b" : [1, 2.50], "a":"\u0041\/"}"#;
         assert_eq!(
             Request::new("POST", "/x", body).fingerprint().hash(),
-            &v1_json_by_hand("POST", "/x", r#"{"a":"A/","b":[1,2.50]}"#)
+            &json_by_hand("POST", "/x", r#"{"a":"A/","b":[1,2.50]}"#)
         );
         for body in [&b""[..], b"x", b"{", b"\xff", b"\xef\xbb\xbf{}"] {
             assert_eq!(
                 Request::new("PATCH", "/y", body).fingerprint().hash(),
-                &v1_raw_by_hand("PATCH", "/y", body),
+                &raw_by_hand("PATCH", "/y", body),
                 "{body:?}"
             );
         }
@@ -330,7 +439,7 @@ mod tests {
         let big = vec![7u8; 100_000];
         assert_eq!(
             Request::new("PUT", "/z", &big).fingerprint().hash(),
-            &v1_raw_by_hand("PUT", "/z", &big)
+            &raw_by_hand("PUT", "/z", &big)
         );
         // A large JSON body crosses buffer boundaries.
         let items: Vec<String> = (0..20_000).map(|i| format!("\"s{i}\"")).collect();
@@ -340,7 +449,7 @@ mod tests {
             Request::new("PUT", "/z", body.as_bytes())
                 .fingerprint()
                 .hash(),
-            &v1_json_by_hand("PUT", "/z", &canonical)
+            &json_by_hand("PUT", "/z", &canonical)
         );
     }
 
@@ -349,15 +458,20 @@ mod tests {
         let req = Request::new("POST", "/a", b"{}");
         let current = req.fingerprint();
         assert_eq!(current.version(), Fingerprint::CURRENT_VERSION);
-        assert_eq!(req.fingerprint_at(1), Some(current));
-        for v in [0, 2, -1, i16::MAX, i16::MIN] {
+        assert_eq!(req.fingerprint_at(2), Some(current));
+        assert_eq!(req.fingerprint_at(1).map(|f| f.version()), Some(1));
+        assert_ne!(
+            req.fingerprint_at(1).map(|f| *f.hash()),
+            Some(*current.hash())
+        );
+        for v in [0, 3, -1, i16::MAX, i16::MIN] {
             assert_eq!(req.fingerprint_at(v), None);
         }
-        let loaded = Fingerprint::from_parts(1, *current.hash());
+        let loaded = Fingerprint::from_parts(2, *current.hash());
         assert_eq!(loaded, current);
-        let other_version = Fingerprint::from_parts(2, *current.hash());
+        let other_version = Fingerprint::from_parts(1, *current.hash());
         assert_ne!(other_version, current);
-        assert_eq!(other_version.version(), 2);
+        assert_eq!(other_version.version(), 1);
     }
 
     #[test]
@@ -538,14 +652,14 @@ mod tests {
             assert!(!is_json(body), "{body:?}");
             let f = Request::new("POST", "/a", body).fingerprint();
             assert_eq!(f, Request::new("POST", "/a", body).fingerprint());
-            assert_eq!(f.hash(), &v1_raw_by_hand("POST", "/a", body));
+            assert_eq!(f.hash(), &raw_by_hand("POST", "/a", body));
         }
         // Whitespace differences in non-JSON bodies are significant.
         assert_ne!(fp("a=1&b=2"), fp("a=1&b=2 "));
         // A JSON body never equals a raw body with the same canonical bytes.
         assert_ne!(
             Request::new("POST", "/a", b"[1]").fingerprint().hash(),
-            &v1_raw_by_hand("POST", "/a", b"[1]")
+            &raw_by_hand("POST", "/a", b"[1]")
         );
         // A byte-order mark makes a body raw, so it differs from the same JSON.
         assert_ne!(fp("\u{feff}{}"), fp("{}"));
@@ -559,7 +673,7 @@ mod tests {
         assert!(!is_json(too_deep.as_bytes()));
         assert_eq!(
             fp(&too_deep).hash(),
-            &v1_raw_by_hand("POST", "/orders", too_deep.as_bytes())
+            &raw_by_hand("POST", "/orders", too_deep.as_bytes())
         );
         // Whitespace is significant once a body is raw.
         let spaced = format!("{} {}", "[".repeat(129), "]".repeat(129));
@@ -576,7 +690,7 @@ mod tests {
                 let objects = "{\"a\":".repeat(100_000);
                 [open, closed, objects].map(|body| {
                     let f = Request::new("POST", "/deep", body.as_bytes()).fingerprint();
-                    (f, v1_raw_by_hand("POST", "/deep", body.as_bytes()))
+                    (f, raw_by_hand("POST", "/deep", body.as_bytes()))
                 })
             })
             .unwrap();
@@ -602,7 +716,7 @@ mod tests {
         let start = std::time::Instant::now();
         let f = Request::new("POST", "/bulk", body.as_bytes()).fingerprint();
         let elapsed = start.elapsed();
-        assert_eq!(f.version(), 1);
+        assert_eq!(f.version(), 2);
         assert!(elapsed.as_secs() < 5, "1 MiB took {elapsed:?}");
     }
 
@@ -739,7 +853,7 @@ mod tests {
             let f = Request::new("POST", "/p", &body).fingerprint();
             prop_assert_eq!(f, Request::new("POST", "/p", &body).fingerprint());
             if !is_json(&body) {
-                prop_assert_eq!(f.hash(), &v1_raw_by_hand("POST", "/p", &body));
+                prop_assert_eq!(f.hash(), &raw_by_hand("POST", "/p", &body));
             }
         }
 

@@ -12,9 +12,10 @@
 //! - [`IdempotencyStore::begin`] opens the transaction and claims the key in one round
 //!   trip, and yields a [`Claim`] (run the business logic through it) or a [`Replay`] of
 //!   the stored response; a request with another body gets [`Error::Conflict`], a
-//!   duplicate that arrives while the first is still running waits a bounded time and
-//!   then replays or gets [`Error::InFlight`].
-//! - [`Claim::complete`] stores the response and commits, in one round trip. Dropping or
+//!   duplicate that arrives while the first is still running waits a bounded time
+//!   (without holding a pooled connection) and then replays or gets [`Error::InFlight`].
+//! - [`Claim::complete`] stores the response (as bound parameters, so that it never
+//!   reaches the server's log) and commits, in two round trips. Dropping or
 //!   aborting the claim rolls back and frees the key; so does a response the
 //!   [`StorePolicy`] does not keep (5xx, 408, 429 by default).
 //! - Keys expire after 24 hours ([`Config::with_ttl`]); an expired key counts as unused.
@@ -90,11 +91,13 @@ pub mod phased;
 mod problem;
 mod provenance;
 mod response;
+mod schema;
 mod scope;
 mod store;
 mod sweeper;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod waiters;
 
 pub use claim::{Claim, CommitOutcome, Completion};
 pub use config::Config;
@@ -118,14 +121,22 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 /// Applies this crate's migrations (idempotent; safe to call at every start-up, also
 /// from several nodes at once: sqlx serialises them with an advisory lock).
 ///
+/// First refuses a database whose encoding is not UTF-8. When every migration is
+/// applied already, it only reads the history table, so an application role without DDL
+/// rights can call it at start-up; applying a migration needs the role that owns the
+/// schema (docs/OPERATIONS.md, "Least privilege").
+///
 /// # Errors
 ///
-/// [`Error::Migrate`].
+/// [`Error::UnsupportedEncoding`], [`Error::Migrate`], [`Error::Database`].
 pub async fn migrate<'a, A>(conn: A) -> Result<(), Error>
 where
     A: sqlx::Acquire<'a, Database = sqlx::Postgres>,
-    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
 {
-    MIGRATOR.run(conn).await?;
+    let mut conn = conn.acquire().await?;
+    schema::check_encoding(&mut conn).await?;
+    if !schema::is_up_to_date(&mut conn).await? {
+        MIGRATOR.run(&mut *conn).await?;
+    }
     Ok(())
 }

@@ -17,6 +17,7 @@ use crate::metrics;
 use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
+use crate::waiters::{FIRST_POLL, Holding, MAX_POLL, Waited, Waiters};
 
 /// The idempotency store: a [`PgPool`] plus [`Config`]. Cheap to clone.
 ///
@@ -25,6 +26,9 @@ use crate::scope::Scope;
 pub struct IdempotencyStore {
     pool: PgPool,
     config: Arc<Config>,
+    /// The keys this store's claims hold, with the duplicates waiting for them; shared by
+    /// [`reconfigured`](Self::reconfigured) copies.
+    waiters: Arc<Waiters>,
 }
 
 /// What [`IdempotencyStore::begin`] found.
@@ -98,6 +102,9 @@ pub(crate) enum Locked {
         tx: TxConn,
         /// The key has an expired row, which counts as unused.
         expired_row: bool,
+        /// Wakes this process's duplicates of the key when dropped, once the transaction
+        /// has ended.
+        holding: Holding,
     },
 }
 
@@ -171,6 +178,7 @@ impl IdempotencyStore {
         Self {
             pool,
             config: Arc::new(config),
+            waiters: Arc::default(),
         }
     }
 
@@ -196,6 +204,7 @@ impl IdempotencyStore {
         Self {
             pool: self.pool.clone(),
             config: Arc::new(change((*self.config).clone())),
+            waiters: Arc::clone(&self.waiters),
         }
     }
 
@@ -207,6 +216,11 @@ impl IdempotencyStore {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The configuration, shared with the claims of this store.
+    pub(crate) fn shared_config(&self) -> Arc<Config> {
+        Arc::clone(&self.config)
     }
 
     /// Parses an `Idempotency-Key` value under the configured key policy.
@@ -224,12 +238,13 @@ impl IdempotencyStore {
     /// One round trip opens the transaction and takes the key (two more on a connection's
     /// first claim, which prepares the hot path's statements). A stored, unexpired
     /// response answers at once; if another request holds the key without one, this waits
-    /// up to [`Config::in_flight_wait`] for it to finish.
+    /// up to [`Config::in_flight_wait`] for it to finish, without holding a connection
+    /// (see [`Config::with_in_flight_wait`]).
     ///
     /// # Errors
     ///
     /// - [`Error::Conflict`]: the key was used within the replay window with a different
-    ///   request (method, route or body).
+    ///   request (method, path and query string, or body).
     /// - [`Error::InFlight`]: another request still holds the key after the wait.
     /// - [`Error::UnknownFingerprintVersion`], [`Error::MalformedRow`],
     ///   [`Error::Database`]: server-side failures; nothing was written.
@@ -267,60 +282,75 @@ impl IdempotencyStore {
     ) -> Result<Begin, Error> {
         Ok(match self.lock_key(scope, key, request).await? {
             Locked::Answered(replay) => Begin::Replay(replay),
-            Locked::Held { tx, expired_row } => Begin::Claimed(Claim::new(
+            Locked::Held {
                 tx,
-                self.pool.clone(),
+                expired_row,
+                holding,
+            } => Begin::Claimed(Claim::new(
+                self,
+                tx,
+                holding,
                 scope.clone(),
                 key.clone(),
                 request.fingerprint(),
                 // An expired row is deleted when the response is stored.
                 expired_row,
-                Arc::clone(&self.config),
             )),
         })
     }
 
-    /// Opens a transaction and takes the key's advisory lock, waiting for what is left of
-    /// the in-flight wait if another transaction holds it; then answers from the key's
-    /// live row if it has one (a replay, or [`Error::Conflict`]).
+    /// Opens a transaction, tries the key's advisory lock and answers from the key's live
+    /// row if it has one (a replay, or [`Error::Conflict`]). While another request holds
+    /// the key without a live row, gives the connection back and waits (see
+    /// [`crate::waiters`]), then tries again, for at most [`Config::in_flight_wait`].
     ///
     /// # Errors
     ///
-    /// [`Error::InFlight`] if the lock stayed taken and no live row appeared;
-    /// [`Error::Conflict`]; the store's server-side errors.
+    /// [`Error::InFlight`] if the key stayed held and no live row appeared, or too many
+    /// duplicates of the key already wait in this process; [`Error::Conflict`]; the
+    /// store's server-side errors.
     pub(crate) async fn lock_key(
         &self,
         scope: &Scope,
         key: &IdempotencyKey,
         request: &Request<'_>,
     ) -> Result<Locked, Error> {
-        let mut tx = TxConn::new(self.pool.acquire().await?);
-        let claiming = Instant::now();
-        let mut found = tx.begin_claim(scope, key).await?;
-        // Another request holds the key and has not stored a response (yet): wait for it,
-        // for what is left of the in-flight wait, then look again.
-        let remaining = self
-            .config
-            .in_flight_wait()
-            .saturating_sub(claiming.elapsed());
-        let wait_ms = i32::try_from(remaining.as_millis()).unwrap_or(i32::MAX);
-        if !found.locked && found.row.as_ref().is_none_or(|row| !row.live) && wait_ms > 0 {
-            found = tx.wait_and_lookup(wait_ms, scope, key).await?;
-        }
-        match found.row {
-            // A live row answers, whoever holds the lock: it cannot change until it expires.
-            Some(row) if row.live => {
-                tx.rollback().await?;
-                answer(row.decode()?, scope, key, request).map(Locked::Answered)
+        let deadline = Instant::now() + self.config.in_flight_wait();
+        let limit = self.config.in_flight_waiters();
+        // No pause before the first look; then it doubles.
+        let mut pause = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.waiters.wait(scope, key, pause, left, limit).await {
+                Waited::Refused => return Err(self.in_flight(scope, key)),
+                Waited::Answered(row) => {
+                    return answer(row, scope, key, request).map(Locked::Answered);
+                }
+                Waited::LookAgain => {}
             }
-            row if found.locked => Ok(Locked::Held {
-                tx,
-                expired_row: row.is_some(),
-            }),
-            _ => {
-                tx.rollback().await?;
-                Err(self.in_flight(scope, key))
+            let mut tx = TxConn::new(self.pool.acquire().await?);
+            let found = tx.begin_claim(scope, key).await?;
+            match found.row {
+                // A live row answers, whoever holds the lock: it cannot change until it
+                // expires.
+                Some(row) if row.live => {
+                    tx.rollback().await?;
+                    return answer(row.decode()?, scope, key, request).map(Locked::Answered);
+                }
+                row if found.locked => {
+                    return Ok(Locked::Held {
+                        tx,
+                        expired_row: row.is_some(),
+                        holding: self.waiters.hold(scope, key),
+                    });
+                }
+                _ => tx.rollback().await?,
             }
+            // Another request holds the key and has not stored a response (yet).
+            if Instant::now() >= deadline {
+                return Err(self.in_flight(scope, key));
+            }
+            pause = Some(pause.map_or(FIRST_POLL, |pause| (pause * 2).min(MAX_POLL)));
         }
     }
 

@@ -912,3 +912,51 @@ async fn phased_requests_answer_lost_commits_truthfully() -> Result<()> {
     ensure!(stored_answers > 0 && unfinished > 0);
     assert_no_idle_transactions(database.pool()).await
 }
+
+/// Issue 12: when storing a response fails, the server's log (at its default settings)
+/// names the statement but holds neither the stored body nor its headers.
+#[tokio::test]
+async fn a_failed_completion_keeps_the_response_out_of_the_server_log() -> Result<()> {
+    let (cluster, database) = own_cluster().await?;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_299() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.status = 299 THEN RAISE EXCEPTION 'refused by the test'; END IF; \
+         RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_299 BEFORE INSERT ON idempotency_keys \
+         FOR EACH ROW EXECUTE FUNCTION refuse_299()",
+    )
+    .execute(database.pool())
+    .await?;
+    let store = IdempotencyStore::new(database.pool().clone());
+    let (body, cookie) = ("SECRET-BODY-4711", "session=SECRET-COOKIE-4711");
+    let key = new_key();
+    let Begin::Claimed(claim) = store
+        .begin(
+            &Scope::new("acct")?,
+            &key,
+            &Request::new("POST", "/x", b"{}"),
+        )
+        .await?
+    else {
+        bail!("expected a claim")
+    };
+    let response = StoredResponse::new(299, body).with_header("Set-Cookie", cookie);
+    let refused = claim.complete(&response).await;
+    ensure!(matches!(refused, Err(Error::Database(_))), "{refused:?}");
+
+    let log = std::fs::read_to_string(cluster.log_path())?;
+    ensure!(
+        log.contains("refused by the test"),
+        "the error was not logged:\n{log}"
+    );
+    let hex = |text: &str| text.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    for secret in [body, cookie, "SECRET"] {
+        ensure!(!log.contains(secret), "the log holds {secret:?}:\n{log}");
+        ensure!(
+            !log.contains(&hex(secret)),
+            "the log holds {secret:?} in hex:\n{log}"
+        );
+    }
+    database.close().await?;
+    Ok(())
+}

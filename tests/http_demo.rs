@@ -1287,3 +1287,33 @@ async fn binary_killed_mid_request_then_restarted_makes_one_payment() -> Result<
     db.close().await?;
     Ok(())
 }
+
+/// Issue 12: the demo takes the scope from `X-Account-Id`, which the client chooses; where
+/// the README and the demo show it, they say that a real service takes it from
+/// authentication.
+#[test]
+fn the_demo_says_it_trusts_the_account_header() {
+    for (file, text) in [
+        ("README.md", include_str!("../README.md")),
+        (
+            "examples/payments/main.rs",
+            include_str!("../examples/payments/main.rs"),
+        ),
+        (
+            "examples/payments/app.rs",
+            include_str!("../examples/payments/app.rs"),
+        ),
+    ] {
+        // One line of prose, doc-comment markers left out.
+        let words: Vec<_> = text
+            .split_whitespace()
+            .filter(|word| !matches!(*word, "//!" | "///" | "//"))
+            .collect();
+        let text = words.join(" ");
+        assert!(
+            text.contains("trusts `X-Account-Id`") && text.contains("from authentication"),
+            "{file} must say that the demo trusts X-Account-Id and a real service takes the \
+             scope from authentication"
+        );
+    }
+}

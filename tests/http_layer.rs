@@ -1,6 +1,6 @@
 //! The axum integration's behaviours that the payments demo does not show, on a router
 //! built for them: statuses that are not stored, the `Rollback` marker, panics, optional
-//! keys, custom settings, the matched route in the fingerprint, database failures.
+//! keys, custom settings, the concrete path and query in the fingerprint, database failures.
 
 mod support;
 
@@ -184,12 +184,20 @@ fn router(store: IdempotencyStore, runs: Arc<AtomicUsize>) -> Router {
 
 impl App {
     async fn start() -> Result<Self> {
+        Self::start_on(|db| Ok(db.pool().clone())).await
+    }
+
+    /// The app on a pool of its own to the test database.
+    async fn start_on(pool: impl FnOnce(&TestDatabase) -> Result<PgPool>) -> Result<Self> {
         let db = TestDatabase::create().await?;
         sqlx::raw_sql("CREATE TABLE widgets (id bigserial PRIMARY KEY, note text NOT NULL)")
             .execute(db.pool())
             .await?;
         let runs = Arc::new(AtomicUsize::new(0));
-        let store = IdempotencyStore::new(db.pool().clone());
+        let store = IdempotencyStore::with_config(
+            pool(&db)?,
+            pg_idempotency::Config::default().with_in_flight_wait(Duration::from_secs(5)),
+        );
         let server = Server::start(router(store, Arc::clone(&runs))).await?;
         Ok(Self { db, runs, server })
     }
@@ -505,23 +513,65 @@ async fn custom_key_header_body_limit_and_scope_problem() -> Result<()> {
 }
 
 #[tokio::test]
-async fn the_matched_route_and_method_are_fingerprinted() -> Result<()> {
+async fn the_concrete_path_query_and_method_are_fingerprinted() -> Result<()> {
     let app = App::start().await?;
     let key = new_key();
     let first = app.post("/widgets/1", Some(&key), &[], "same").await?;
     ensure!(first.status == 201);
-    // The route template /widgets/{id} is fingerprinted, not the concrete path.
-    let other_path = app.post("/widgets/2", Some(&key), &[], "same").await?;
-    ensure!(
-        other_path.body == first.body && other_path.header("idempotent-replayed") == Some("true")
-    );
+    // Issue 12: the concrete path and the query string are fingerprinted, not the route
+    // template /widgets/{id}: another account's path or another query is another request.
+    for other in ["/widgets/2", "/widgets/1?dry_run=true", "/widgets/1?"] {
+        app.post(other, Some(&key), &[], "same")
+            .await?
+            .problem(409, "idempotency_conflict")?;
+    }
     let other_method = app
         .send(reqwest::Method::PUT, "/widgets/1", Some(&key), &[], "same")
         .await?;
     other_method.problem(409, "idempotency_conflict")?;
     let other_body = app.post("/widgets/1", Some(&key), &[], "different").await?;
     other_body.problem(409, "idempotency_conflict")?;
+    // No header takes part.
+    let retry = app
+        .post(
+            "/widgets/1",
+            Some(&key),
+            &[("content-type", "text/plain")],
+            "same",
+        )
+        .await?;
+    ensure!(retry.body == first.body && retry.header("idempotent-replayed") == Some("true"));
     ensure!(app.rows().await? == 1);
+    app.stop().await
+}
+
+/// A row stored under fingerprint version 1 (0.1.0, which covered the route template)
+/// keeps answering honest retries, as it did then.
+#[tokio::test]
+async fn rows_stored_under_fingerprint_v1_keep_replaying() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let v1 = pg_idempotency::Request::new("POST", "/widgets/1", b"same")
+        .with_route_template("/widgets/{id}")
+        .fingerprint_at(1)
+        .expect("v1 is known");
+    sqlx::query(
+        "INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, \
+         headers, body, expires_at) VALUES ('default', $1, $2, $3, 201, '[]', 'from v1', \
+         now() + interval '1 hour')",
+    )
+    .bind(&key)
+    .bind(v1.version())
+    .bind(v1.hash().as_slice())
+    .execute(app.db.pool())
+    .await?;
+    let retry = app.post("/widgets/1", Some(&key), &[], "same").await?;
+    ensure!(retry.status == 201 && retry.body == b"from v1", "{retry:?}");
+    ensure!(retry.header("idempotent-replayed") == Some("true"));
+    app.post("/widgets/1", Some(&key), &[], "different")
+        .await?
+        .problem(409, "idempotency_conflict")?;
+    ensure!(app.runs() == 0);
     app.stop().await
 }
 
@@ -749,5 +799,177 @@ async fn provenance_is_stored_and_named_in_conflicts() -> Result<()> {
         stored == (Some(second.request_id()?.to_owned()), None),
         "{stored:?}"
     );
+    app.stop().await
+}
+
+/// A POST of `body` with `key` and `headers` to `url`, as a task of its own would send it.
+async fn post_to(url: String, key: String, headers: &[(&str, &str)], body: &str) -> Result<Answer> {
+    let mut request = client()
+        .post(url)
+        .header("Idempotency-Key", key)
+        .body(body.to_owned());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    Answer::of(request.send().await?).await
+}
+
+/// The 99th percentile of `latencies`.
+fn p99(latencies: &mut [Duration]) -> Duration {
+    latencies.sort();
+    latencies[(latencies.len() * 99).div_ceil(100) - 1]
+}
+
+/// Issue 12's storm: `duplicates` concurrent duplicates of a request that takes 2 s, on a
+/// service whose pool has 16 connections and gives up acquiring one after 1 s, while a
+/// bystander sends new requests one after another. Checks what must always hold: the
+/// bystander is never refused (no 503), the slow request ran once, every duplicate got its
+/// replay or the in-flight answer. Returns the bystander's latencies, unloaded (before the
+/// storm) and during it.
+async fn duplicate_storm(duplicates: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let app = App::start_on(|db| {
+        Ok(sqlx::postgres::PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(1))
+            .connect_lazy(db.url())?)
+    })
+    .await?;
+    let bystander = async |i: usize| -> Result<Duration> {
+        let started = Instant::now();
+        let answer = app
+            .post(
+                &format!("/widgets/b{i}"),
+                Some(&new_key()),
+                &[],
+                "bystander",
+            )
+            .await?;
+        ensure!(answer.status == 201, "the bystander got {answer:?}");
+        Ok(started.elapsed())
+    };
+    // Warm up (connections opened, statements prepared), then measure unloaded.
+    for i in 0..50 {
+        bystander(i).await?;
+    }
+    let mut unloaded = Vec::new();
+    for i in 50..250 {
+        unloaded.push(bystander(i).await?);
+    }
+    let ran_before = app.runs();
+
+    let key = new_key();
+    let url = app.server.url("/widgets/slow");
+    let slow = tokio::spawn(post_to(
+        url.clone(),
+        key.clone(),
+        &[("x-sleep-ms", "2000")],
+        "slow",
+    ));
+    while app.runs() == ran_before {
+        tokio::task::yield_now().await;
+    }
+    let storm: Vec<_> = (0..duplicates)
+        .map(|_| tokio::spawn(post_to(url.clone(), key.clone(), &[], "slow")))
+        .collect();
+    let mut loaded = Vec::new();
+    while !slow.is_finished() {
+        loaded.push(bystander(1000 + loaded.len()).await?);
+    }
+    let first = slow.await??;
+    ensure!(first.status == 201, "{first:?}");
+    let mut replayed = 0;
+    for duplicate in storm {
+        let answer = duplicate.await??;
+        if answer.status == 201 {
+            ensure!(
+                answer.body == first.body && answer.header("idempotent-replayed") == Some("true")
+            );
+            replayed += 1;
+        } else {
+            answer.problem(409, "idempotency_key_in_use")?;
+        }
+    }
+    ensure!(replayed > 0, "no duplicate was coalesced");
+    ensure!(
+        app.runs() == ran_before + 1 + loaded.len(),
+        "the slow request ran {} times",
+        app.runs() - ran_before - loaded.len()
+    );
+    app.stop().await?;
+    Ok((unloaded, loaded))
+}
+
+/// Issue 12: 300 duplicates of a slow request never starve a bystander of connections.
+/// Timing is not asserted here (see `duplicate_storm_leaves_the_bystander_p99_alone`).
+#[tokio::test]
+async fn a_duplicate_storm_never_refuses_a_bystander() -> Result<()> {
+    let (_, loaded) = duplicate_storm(300).await?;
+    ensure!(!loaded.is_empty());
+    Ok(())
+}
+
+/// Issue 12's timing target, measured rather than run with the suite (timing depends on
+/// the machine): the bystander's p99 during the storm stays below 2 x its unloaded p99.
+/// `cargo test --release --all-features --test http_layer -- --ignored --nocapture
+/// duplicate_storm_leaves`
+#[tokio::test]
+#[ignore = "a timing measurement; run it on a quiet machine"]
+async fn duplicate_storm_leaves_the_bystander_p99_alone() -> Result<()> {
+    let (mut unloaded, mut loaded) = duplicate_storm(300).await?;
+    let (before, during) = (p99(&mut unloaded), p99(&mut loaded));
+    println!(
+        "bystander p99: unloaded {before:?} ({} requests), during 300 duplicates {during:?} \
+         ({} requests)",
+        unloaded.len(),
+        loaded.len()
+    );
+    ensure!(during < 2 * before, "p99 {during:?} >= 2 x {before:?}");
+    Ok(())
+}
+
+/// Issue 12: a row an older version stored with framing headers (a `content-length` that
+/// disagrees with the body, `transfer-encoding`, `connection`, `upgrade`) replays with
+/// its own length, and the keep-alive connection carries the next request.
+#[tokio::test]
+async fn stored_framing_headers_never_desynchronise_a_replay() -> Result<()> {
+    let app = App::start().await?;
+    let key = new_key();
+    let fingerprint = pg_idempotency::Request::new("POST", "/widgets/1", b"same").fingerprint();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, \
+         headers, body, expires_at) VALUES ('default', $1, $2, $3, 201, \
+         '[[\"content-length\",\"999\"],[\"transfer-encoding\",\"chunked\"], \
+           [\"connection\",\"close\"],[\"upgrade\",\"h2c\"],[\"x-kept\",\"yes\"]]', \
+         'short', now() + interval '1 hour')",
+    )
+    .bind(&key)
+    .bind(fingerprint.version())
+    .bind(fingerprint.hash().as_slice())
+    .execute(app.db.pool())
+    .await?;
+    // One client, one keep-alive connection, two replays in a row.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(1)
+        .build()?;
+    for _ in 0..2 {
+        let response = client
+            .post(app.server.url("/widgets/1"))
+            .header("Idempotency-Key", &key)
+            .body("same")
+            .send()
+            .await?;
+        let answer = Answer::of(response).await?;
+        ensure!(
+            answer.status == 201 && answer.body == b"short",
+            "{answer:?}"
+        );
+        ensure!(answer.header("content-length") == Some("5"), "{answer:?}");
+        ensure!(answer.header("x-kept") == Some("yes"), "{answer:?}");
+        for framing in ["transfer-encoding", "connection", "upgrade"] {
+            ensure!(answer.header(framing).is_none(), "{framing}: {answer:?}");
+        }
+    }
+    ensure!(app.runs() == 0);
     app.stop().await
 }

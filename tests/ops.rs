@@ -2,6 +2,10 @@
 
 use std::process::Output;
 
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+
 use anyhow::{Result, bail};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use pg_idempotency::{
@@ -166,6 +170,265 @@ async fn the_command_line_tool_migrates_inspects_forgets_and_sweeps() -> Result<
     assert!(String::from_utf8_lossy(&unreachable.stderr).contains("could not connect"));
     database.close().await?;
     Ok(())
+}
+
+/// Issue 12: what the table holds cannot rewrite an operator's terminal, and a key stored
+/// under the opaque policy is found exactly as it was sent, upper-case UUID or not.
+#[tokio::test]
+async fn the_command_line_tool_escapes_text_and_keeps_opaque_keys_as_typed() -> Result<()> {
+    let database = pg_idempotency::testing::TestDatabase::create().await?;
+    let store = IdempotencyStore::with_config(
+        database.pool().clone(),
+        pg_idempotency::Config::default().with_key_policy(pg_idempotency::KeyPolicy::Opaque),
+    );
+    let scope = Scope::new("acct \u{202e}7cba")?;
+    let upper = uuid::Uuid::new_v4().to_string().to_uppercase();
+    let key = store.parse_key(&upper)?;
+    assert_eq!(key.as_str(), upper, "the opaque policy keeps the case");
+    let Begin::Claimed(claim) = store
+        .begin(&scope, &key, &Request::new("POST", "/x", b"{}"))
+        .await?
+    else {
+        bail!("expected a claim")
+    };
+    claim
+        .complete(&StoredResponse::new(201, "paid\u{1b}[2J\n\u{2066}ok"))
+        .await?;
+
+    let inspect = cli(
+        &database,
+        &[
+            "inspect",
+            "--scope",
+            scope.as_str(),
+            "--key",
+            &upper,
+            "--show-body",
+        ],
+    )
+    .await?;
+    assert_eq!(inspect.status.code(), Some(0), "{inspect:?}");
+    let text = stdout(&inspect);
+    assert!(text.contains("scope:        acct \\u{202e}7cba"), "{text}");
+    assert!(text.contains(&format!("key:          {upper}")), "{text}");
+    assert!(text.contains("paid\\u{1b}[2J\n\\u{2066}ok"), "{text}");
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{202e}') && !text.contains('\u{2066}'),
+        "{text:?}"
+    );
+
+    let forgot = cli(
+        &database,
+        &[
+            "forget",
+            "--scope",
+            scope.as_str(),
+            "--key",
+            &upper,
+            "--yes",
+        ],
+    )
+    .await?;
+    assert_eq!(forgot.status.code(), Some(0), "{forgot:?}");
+    assert!(
+        pg_idempotency::admin::inspect(database.pool(), &scope, &key, false)
+            .await?
+            .is_none()
+    );
+    database.close().await?;
+    Ok(())
+}
+
+/// An empty database named `pgidem_<what>_<uuid>` on the test server, created with
+/// `create_with` after `CREATE DATABASE <name>`; its connect options.
+async fn empty_database(what: &str, create_with: &str) -> Result<(String, PgConnectOptions)> {
+    let server = pg_idempotency::testing::TestServer::shared().await?;
+    let name = format!("pgidem_{what}_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect(server.url()).await?;
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE DATABASE {name} {create_with}"
+    )))
+    .execute(&mut admin)
+    .await?;
+    admin.close().await?;
+    let options = server.url().parse::<PgConnectOptions>()?.database(&name);
+    Ok((name, options))
+}
+
+/// Drops a database of [`empty_database`], and `roles`.
+async fn drop_database(name: &str, roles: &[&str]) -> Result<()> {
+    let server = pg_idempotency::testing::TestServer::shared().await?;
+    let mut admin = PgConnection::connect(server.url()).await?;
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
+    for role in roles {
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
+            .execute(&mut admin)
+            .await?;
+    }
+    admin.close().await?;
+    Ok(())
+}
+
+/// Issue 12: a `SQL_ASCII` database is refused once, clearly, before anything is created.
+#[tokio::test]
+async fn a_database_that_is_not_utf8_is_refused_at_migrate() -> Result<()> {
+    let (name, options) = empty_database(
+        "ascii",
+        "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    )
+    .await?;
+    let mut conn = PgConnection::connect_with(&options).await?;
+    let refused = pg_idempotency::migrate(&mut conn).await;
+    let created: bool = sqlx::query_scalar("SELECT to_regclass('idempotency_keys') IS NOT NULL")
+        .fetch_one(&mut conn)
+        .await?;
+    // Past the check (as an older version migrated it), each non-ASCII scope fails in the
+    // claim's statement, and the refused statement costs no pooled connection.
+    pg_idempotency::MIGRATOR.run(&mut conn).await?;
+    conn.close().await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    let pid = || sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&pool);
+    let before = pid().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let request = Request::new("POST", "/x", b"{}");
+    for _ in 0..3 {
+        let failed = store.begin(&Scope::new("é")?, &new_key(), &request).await;
+        assert!(matches!(failed, Err(Error::Database(_))), "{failed:?}");
+    }
+    let after = pid().await?;
+    pool.close().await;
+    drop_database(&name, &[]).await?;
+    match refused {
+        Err(Error::UnsupportedEncoding { encoding }) => assert_eq!(encoding, "SQL_ASCII"),
+        other => bail!("expected UnsupportedEncoding, got {other:?}"),
+    }
+    assert!(!created, "nothing was created");
+    assert_eq!(
+        before, after,
+        "the refused statements closed the pooled connection"
+    );
+    Ok(())
+}
+
+/// Issue 12: with the schema up to date, `migrate` needs no DDL rights; the functions pin
+/// their search_path; EXECUTE is granted to the roles that use the table, not to PUBLIC.
+#[tokio::test]
+async fn least_privilege_migrate_and_functions() -> Result<()> {
+    let (name, options) = empty_database("privilege", "").await?;
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let (app, reader) = (
+        format!("pgidem_app_{suffix}"),
+        format!("pgidem_ro_{suffix}"),
+    );
+    let owner = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options.clone())
+        .await?;
+    // Every migration before the least-privilege one, then the application role gets its
+    // table grants (as a deployment with a separate role has them), then the rest.
+    let mut before = Migrator::with_migrations(
+        pg_idempotency::MIGRATOR
+            .iter()
+            .filter(|migration| migration.version < 20261204000004)
+            .cloned()
+            .collect(),
+    );
+    before.dangerous_set_table_name("_pg_idempotency_migrations");
+    before.run(&owner).await?;
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC; \
+         CREATE ROLE {app} LOGIN; CREATE ROLE {reader} LOGIN; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON idempotency_keys, idempotency_requests TO {app}; \
+         GRANT SELECT ON idempotency_keys, idempotency_requests, _pg_idempotency_migrations \
+           TO {reader}; \
+         GRANT SELECT ON _pg_idempotency_migrations TO {app}"
+    )))
+    .execute(&owner)
+    .await?;
+    pg_idempotency::migrate(&owner).await?;
+
+    let outcome = async {
+        // The application role migrates at start-up: nothing to do, nothing refused.
+        let as_app = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.clone().username(&app))
+            .await?;
+        pg_idempotency::migrate(&as_app).await?;
+        // And waits for a key held by another request (idempotency_wait_lock).
+        let store = IdempotencyStore::with_config(
+            as_app.clone(),
+            pg_idempotency::Config::default()
+                .with_in_flight_wait(std::time::Duration::from_millis(100)),
+        );
+        let (scope, key) = (Scope::new("acct")?, new_key());
+        let request = Request::new("POST", "/x", b"{}");
+        let Begin::Claimed(claim) = store.begin(&scope, &key, &request).await? else {
+            bail!("expected a claim")
+        };
+        let waited = store.begin(&scope, &key, &request).await;
+        assert!(matches!(waited, Err(Error::InFlight { .. })), "{waited:?}");
+        claim.abort().await?;
+        // And sweeps (idempotency_sweep and the helpers it calls with the caller's rights).
+        pg_idempotency::sweep(&as_app, &pg_idempotency::SweepOptions::default()).await?;
+        as_app.close().await;
+        // A read-only role reads the statistics (idempotency_storage and its helpers).
+        let as_reader = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone().username(&reader))
+            .await?;
+        pg_idempotency::admin::stats(&as_reader).await?;
+        as_reader.close().await;
+
+        let rows: Vec<(String, Vec<String>, bool, bool, bool)> = sqlx::query_as(
+            "SELECT proname::text, coalesce(proconfig, '{}'), \
+                    has_function_privilege($1, p.oid, 'EXECUTE'), \
+                    has_function_privilege($2, p.oid, 'EXECUTE'), \
+                    coalesce(aclcontains(proacl, makeaclitem(0, proowner, 'EXECUTE', false)), true) \
+             FROM pg_proc p WHERE proname LIKE 'idempotency\\_%' ORDER BY proname",
+        )
+        .bind(&app)
+        .bind(&reader)
+        .fetch_all(&owner)
+        .await?;
+        // Who may run what: the application role what storing and sweeping need, a
+        // read-only role what the statistics need, nobody but the owner distributing.
+        let expected = [
+            ("idempotency_colocate", false, false),
+            ("idempotency_distribute", false, false),
+            ("idempotency_on_shards", true, true),
+            ("idempotency_shard_count", true, true),
+            ("idempotency_storage", true, true),
+            ("idempotency_sweep", true, false),
+            ("idempotency_sweep_table", true, false),
+            ("idempotency_wait_lock", true, false),
+        ];
+        assert_eq!(rows.len(), expected.len(), "{rows:?}");
+        for ((function, config, app_may, reader_may, public_may), (name, app, reader)) in
+            rows.into_iter().zip(expected)
+        {
+            assert_eq!(function, name);
+            assert_eq!(
+                config,
+                ["search_path=pg_catalog, public, pg_temp"],
+                "{function}"
+            );
+            assert_eq!(app_may, app, "{function}: EXECUTE of the application role");
+            assert_eq!(reader_may, reader, "{function}: EXECUTE of a read-only role");
+            assert!(!public_may, "{function}: PUBLIC has no EXECUTE");
+        }
+        Ok(())
+    }
+    .await;
+    owner.close().await;
+    drop_database(&name, &[&app, &reader]).await?;
+    outcome
 }
 
 #[tokio::test]

@@ -638,6 +638,48 @@ async fn our_migrations_and_the_applications_coexist_in_either_order() -> Result
     Ok(())
 }
 
+/// Issue 12: a completion the server refuses (here a trigger) rolls back and returns the
+/// connection to the pool instead of closing it.
+#[tokio::test]
+async fn a_refused_statement_costs_no_pooled_connection() -> Result<()> {
+    let pool = setup().await?;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_299() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.status = 299 THEN RAISE EXCEPTION 'refused' USING ERRCODE = '22021'; \
+         END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_299 BEFORE INSERT ON idempotency_keys \
+         FOR EACH ROW EXECUTE FUNCTION refuse_299()",
+    )
+    .execute(&pool)
+    .await?;
+    let single = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*pool.connect_options()).clone())
+        .await?;
+    let pid = || sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&single);
+    let before = pid().await?;
+    let store = IdempotencyStore::new(single.clone());
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    for _ in 0..3 {
+        let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
+            bail!("the refused completion left the key free")
+        };
+        sqlx::query("INSERT INTO payments (account, amount) VALUES ('acct_1', 1)")
+            .execute(&mut claim)
+            .await?;
+        let err = claim
+            .complete(&StoredResponse::new(299, "refused"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Database(_)), "{err:?}");
+    }
+    assert_eq!(pid().await?, before, "the connection was closed");
+    assert_eq!(payments(&pool).await?, 0);
+    single.close().await;
+    assert_no_idle_transactions(&pool).await
+}
+
 /// The claim's lookup goes through the primary key, whatever collation the arguments
 /// arrive with (`convert_from(..)`, for one, is `COLLATE "C"`): a lookup that cannot use
 /// the index reads every live row.
@@ -770,14 +812,14 @@ async fn a_connection_that_lost_its_prepared_statements_prepares_them_again() ->
         .fetch_all(&single)
         .await?)
     };
-    let both = vec!["pgidem_insert_v2".to_owned(), "pgidem_lookup_v2".to_owned()];
+    let both = vec!["pgidem_lookup_v2".to_owned()];
     assert!(prepared().await?.is_empty());
 
     let mut keys = Vec::new();
     for lost in [
         "",
         "DEALLOCATE pgidem_lookup_v2",
-        "DEALLOCATE pgidem_lookup_v2; DEALLOCATE pgidem_insert_v2",
+        "DEALLOCATE pgidem_lookup_v2",
     ] {
         if !lost.is_empty() {
             sqlx::raw_sql(AssertSqlSafe(lost)).execute(&single).await?;
@@ -822,10 +864,7 @@ async fn after_connect_prepares_the_statements_unless_the_table_is_missing() -> 
     };
 
     let single = with_hook(options.clone()).await?;
-    assert_eq!(
-        prepared(&single).await?,
-        ["pgidem_insert_v2", "pgidem_lookup_v2"]
-    );
+    assert_eq!(prepared(&single).await?, ["pgidem_lookup_v2"]);
     let store = IdempotencyStore::new(single.clone());
     let Outcome::Executed { stored: true, .. } =
         pay(&store, &scope("acct_1"), &new_key(), b"{}").await?
@@ -901,4 +940,122 @@ async fn provenance_comes_back_and_rows_of_0_1_0_nodes_still_replay() -> Result<
     assert_eq!(old.response.body, b"old");
     assert_eq!(old.first_request, pg_idempotency::Provenance::default());
     Ok(())
+}
+
+/// A pool of `size` connections to `pool`'s database whose `acquire` gives up after 2 s.
+async fn small_pool(pool: &PgPool, size: u32) -> Result<PgPool> {
+    Ok(sqlx::postgres::PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_with((*pool.connect_options()).clone())
+        .await?)
+}
+
+/// A store on `pool` whose duplicates wait up to 30 s, configured by `config` otherwise.
+fn patient(pool: PgPool, config: Config) -> IdempotencyStore {
+    IdempotencyStore::with_config(pool, config.with_in_flight_wait(Duration::from_secs(30)))
+}
+
+/// Holds `key` in a claim of `holder`, starts `n` duplicates on `duplicates` (waiting up
+/// to 30 s), checks that `bystander` can still get a connection ten times over while they
+/// wait, then completes the claim: every duplicate replays its response, and the business
+/// write ran once. Closes `bystander`; no connection stays idle in a transaction.
+async fn duplicates_leave_the_pool_alone(
+    pool: &PgPool,
+    holder: &IdempotencyStore,
+    duplicates: &IdempotencyStore,
+    bystander: PgPool,
+    n: usize,
+) -> Result<()> {
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    let Begin::Claimed(mut claim) = holder.begin(&scope, &key, &request).await? else {
+        bail!("claim")
+    };
+    sqlx::query("INSERT INTO payments (account, amount) VALUES ('acct_1', 1)")
+        .execute(&mut claim)
+        .await?;
+    let waiting: Vec<_> = (0..n)
+        .map(|_| {
+            let (store, scope, key) = (duplicates.clone(), scope.clone(), key.clone());
+            tokio::spawn(async move {
+                let request = Request::new("POST", "/v1/payments", b"{}");
+                store.begin(&scope, &key, &request).await
+            })
+        })
+        .collect();
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+        sqlx::query("SELECT 1")
+            .execute(&bystander)
+            .await
+            .context("the waiting duplicates starved the bystander")?;
+    }
+    claim
+        .complete(&StoredResponse::new(201, "paid once"))
+        .await?;
+    for duplicate in waiting {
+        match duplicate.await? {
+            Ok(Begin::Replay(replay)) => assert_eq!(replay.response.body, b"paid once"),
+            other => bail!("expected a replay, got {other:?}"),
+        }
+    }
+    assert_eq!(payments(pool).await?, 1);
+    bystander.close().await;
+    assert_no_idle_transactions(pool).await
+}
+
+/// Issue 12: duplicates of one key in one process wait for the claim without holding a
+/// pooled connection, and are woken when it ends.
+#[tokio::test]
+async fn duplicates_in_one_process_hold_no_connection_while_they_wait() -> Result<()> {
+    let pool = setup().await?;
+    let small = small_pool(&pool, 2).await?;
+    let store = patient(small.clone(), Config::default());
+    duplicates_leave_the_pool_alone(&pool, &store, &store, small, 50).await
+}
+
+/// Issue 12: duplicates in another process (another pool) poll without holding a
+/// connection between looks.
+#[tokio::test]
+async fn duplicates_in_another_process_hold_no_connection_while_they_wait() -> Result<()> {
+    let pool = setup().await?;
+    let holder = IdempotencyStore::new(pool.clone());
+    let other = small_pool(&pool, 1).await?;
+    let duplicates = patient(other.clone(), Config::default());
+    duplicates_leave_the_pool_alone(&pool, &holder, &duplicates, other, 20).await
+}
+
+/// Issue 12: beyond `in_flight_waiters` duplicates of one key, the in-flight answer comes
+/// at once.
+#[tokio::test]
+async fn waiting_duplicates_are_bounded_per_key() -> Result<()> {
+    let pool = setup().await?;
+    let store = patient(pool.clone(), Config::default().with_in_flight_waiters(2));
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = Request::new("POST", "/v1/payments", b"{}");
+    let Begin::Claimed(claim) = store.begin(&scope, &key, &request).await? else {
+        bail!("claim")
+    };
+    let mut duplicates = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        let (store, scope, key) = (store.clone(), scope.clone(), key.clone());
+        duplicates.spawn(async move {
+            let request = Request::new("POST", "/v1/payments", b"{}");
+            store.begin(&scope, &key, &request).await
+        });
+    }
+    // Three answer while the claim is still open: they can only be refused.
+    for _ in 0..3 {
+        let refused = duplicates.join_next().await.context("a duplicate")??;
+        assert!(
+            matches!(refused, Err(Error::InFlight { .. })),
+            "{refused:?}"
+        );
+    }
+    claim.complete(&StoredResponse::new(201, "paid")).await?;
+    while let Some(waited) = duplicates.join_next().await {
+        assert!(matches!(waited?, Ok(Begin::Replay(_))));
+    }
+    assert_no_idle_transactions(&pool).await
 }

@@ -236,6 +236,11 @@ impl AppState {
 /// The service: `POST /v1/payments` (idempotent), `POST /v1/charges` (idempotent,
 /// phased), `GET /v1/payments/count`, `GET /v1/charges/count`, `GET /healthz`; every
 /// response has an `X-Request-Id`, every error is a problem.
+///
+/// **The demo trusts `X-Account-Id`: the scope comes from a header the client chooses, a demo's
+/// shortcut, unsafe in a real service.** Anyone who knows a key and can guess the body
+/// reads another account's stored payment. A real service takes the scope from
+/// authentication (the authenticated account or principal).
 pub fn router(store: IdempotencyStore, charges: Arc<Charges>) -> Router {
     let default_account = Scope::new(DEFAULT_ACCOUNT).expect("a valid scope");
     let idempotency = IdempotencyLayer::new(

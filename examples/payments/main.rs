@@ -27,6 +27,10 @@
 //!   `{"count": N}`.
 //! - `GET /healthz` → 200 once the database answers.
 //!
+//! **The demo trusts `X-Account-Id`.** Anyone who knows a key and can guess the body
+//! reads another account's stored payment. A real service takes the scope from
+//! authentication (the authenticated account), never from a header the client chooses.
+//!
 //! Fault injection, for the tests: with `PAYMENTS_PAUSE_AT=<step>:<boundary>` (e.g.
 //! `call_processor:after_call`) the service prints `paused at <step>:<boundary>` on stdout
 //! when a charge reaches that boundary and stops there, for `PAYMENTS_PAUSE_SECS` seconds

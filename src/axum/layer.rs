@@ -57,13 +57,14 @@ type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
 ///    `idempotency_scope_invalid` or the application's own problem);
 /// 5. buffers the body up to the limit (over it → 413, unreadable → 400
 ///    `invalid_request`);
-/// 6. fingerprints method + matched route ([`MatchedPath`], else the URI path) + body and
+/// 6. fingerprints method + concrete path and query string + body (no header takes part:
+///    [`Request`](crate::Request)), and
 ///    calls [`IdempotencyStore::begin`]: a replay is answered with the stored status,
 ///    headers and body plus `Idempotent-Replayed: true`; a conflict or a key still in
 ///    flight with a 409 problem (the latter with `Retry-After`);
 /// 7. on a claim, runs the handler with the claim in reach of the
 ///    [`IdempotentTx`](super::IdempotentTx) extractor, buffers its response, and stores
-///    it and commits in one round trip ([`Claim::complete`]). A response the
+///    it and commits ([`Claim::complete`]). A response the
 ///    [`StorePolicy`](crate::StorePolicy) does not keep (5xx, 408, 429 by default) or one
 ///    marked [`Rollback`] rolls the handler's writes back and frees the key, and goes out
 ///    as it is. A handler that panics is answered with a 500 problem, and its writes are
@@ -82,8 +83,9 @@ type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
 /// [`with_in_flight_wait`](Self::with_in_flight_wait) give one route settings of its
 /// own over the same store and pool.
 ///
-/// Apply it per route with `route_layer`, which runs after routing (so the fingerprint
-/// uses the route template) and leaves 404 and 405 answers alone:
+/// Apply it per route with `route_layer`, which runs after routing (so that rows stored
+/// under fingerprint version 1, which covered the route template, keep answering their
+/// retries) and leaves 404 and 405 answers alone:
 /// `.route("/v1/payments", post(create).route_layer(layer))`.
 #[derive(Clone)]
 pub struct IdempotencyLayer {
@@ -453,7 +455,14 @@ impl Flow<'_> {
             }
         };
 
-        let fingerprinted = Fingerprinted::new(parts.method.as_str(), self.route, &body);
+        // The concrete path and query string; the route template only for rows stored
+        // under fingerprint version 1.
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |target| target.as_str());
+        let fingerprinted = Fingerprinted::new(parts.method.as_str(), target, &body)
+            .with_route_template(self.route);
         let provenance = Provenance::new(self.request_id.as_str());
         let provenance = match traceparent(&parts.headers) {
             Some(traceparent) => provenance.with_traceparent(traceparent),

@@ -19,15 +19,25 @@ pub const IDEMPOTENT_REPLAYED_HEADER: HeaderName = HeaderName::from_static("idem
 /// request id stays in the request id header.
 pub const IDEMPOTENT_REPLAY_OF_HEADER: HeaderName = HeaderName::from_static("idempotent-replay-of");
 
-/// Headers that describe one connection, never stored with a response.
-const HOP_BY_HOP: [HeaderName; 6] = [
+/// Headers that describe one connection or the framing of one message (RFC 9110 §7.6.1,
+/// RFC 9112 §6), besides those starting with `proxy-`: never stored with a response, and
+/// never replayed from a stored one (a row an older version wrote may hold them). A
+/// replay's length comes from its stored body.
+const HOP_BY_HOP: [HeaderName; 7] = [
     http::header::CONNECTION,
+    http::header::CONTENT_LENGTH,
     http::header::TRANSFER_ENCODING,
     http::header::TE,
     http::header::TRAILER,
     http::header::UPGRADE,
     HeaderName::from_static("keep-alive"),
 ];
+
+/// Whether `name` is a hop-by-hop or framing header (see [`HOP_BY_HOP`]), or a `proxy-*`
+/// one (`Proxy-Authorization`, `Proxy-Authenticate`, `Proxy-Connection`, ...).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name.as_str().starts_with("proxy-")
+}
 
 impl IntoResponse for Problem {
     /// The problem as `application/problem+json` with its status, plus `Retry-After`
@@ -63,7 +73,7 @@ pub(crate) fn to_stored(
         if name == skip
             || *name == IDEMPOTENT_REPLAYED_HEADER
             || *name == IDEMPOTENT_REPLAY_OF_HEADER
-            || HOP_BY_HOP.contains(name)
+            || is_hop_by_hop(name)
         {
             continue;
         }
@@ -81,8 +91,8 @@ pub(crate) fn to_stored(
     })
 }
 
-/// The HTTP response for a stored one: the same status, headers (in order) and body,
-/// plus, when it is a replay of the response `replay_of` produced,
+/// The HTTP response for a stored one: the same status, headers (in order, less the
+/// hop-by-hop and framing ones, which an older version stored) and body, plus, when it is a replay of the response `replay_of` produced,
 /// `Idempotent-Replayed: true` and `Idempotent-Replay-Of` with that request's id.
 ///
 /// # Errors
@@ -101,6 +111,7 @@ pub(crate) fn from_stored(
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_bytes(value.as_bytes()),
         ) {
+            (Ok(name), Ok(_)) if is_hop_by_hop(&name) => {}
             (Ok(name), Ok(value)) => {
                 headers.append(name, value);
             }
@@ -165,7 +176,9 @@ mod tests {
             h.append("set-cookie", HeaderValue::from_static("b=2"));
             h.append("x-utf8", HeaderValue::from_bytes("é".as_bytes()).unwrap());
             h.append(REQUEST_ID_HEADER, HeaderValue::from_static("req_1"));
-            h.append("connection", HeaderValue::from_static("close"));
+            for (name, value) in FRAMING {
+                h.append(name, HeaderValue::from_static(value));
+            }
             h.append(IDEMPOTENT_REPLAYED_HEADER, HeaderValue::from_static("true"));
         });
         let stored = to_stored(&parts, b"\x00\xff", &REQUEST_ID_HEADER).unwrap();
@@ -184,6 +197,34 @@ mod tests {
         // Replaying the replay's stored form gives the same headers.
         let again = from_stored(&stored, None).unwrap();
         assert!(again.headers().get(IDEMPOTENT_REPLAYED_HEADER).is_none());
+    }
+
+    /// Every hop-by-hop and framing header, with values that would desynchronise a
+    /// keep-alive connection if sent with another body.
+    const FRAMING: [(&str, &str); 10] = [
+        ("content-length", "999"),
+        ("transfer-encoding", "chunked"),
+        ("connection", "close"),
+        ("keep-alive", "timeout=5"),
+        ("upgrade", "websocket"),
+        ("te", "trailers"),
+        ("trailer", "x-checksum"),
+        ("proxy-authenticate", "Basic"),
+        ("proxy-authorization", "Basic YTpi"),
+        ("proxy-connection", "keep-alive"),
+    ];
+
+    #[test]
+    fn framing_headers_of_an_older_row_are_not_replayed() {
+        let mut stored = StoredResponse::new(201, "short").with_header("x-kept", "1");
+        for (name, value) in FRAMING {
+            stored = stored.with_header(name, value);
+        }
+        let response = from_stored(&stored, Some(&Provenance::default())).unwrap();
+        let names: Vec<_> = response.headers().keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-kept", IDEMPOTENT_REPLAYED_HEADER.as_str()]);
+        // The length comes from the stored body.
+        assert_eq!(http_body::Body::size_hint(response.body()).exact(), Some(5));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 failure (database unreachable, query failed), 2 usage error
 //! (bad flags, a `forget` without `--yes`), 3 the key was not found.
 
+use std::borrow::Cow;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -182,39 +183,93 @@ async fn run(cli: Cli) -> Result<Exit> {
             Command::Inspect {
                 show_body, json, ..
             },
-            Some((scope, key)),
+            Some((scope, keys)),
         ) => {
-            if let Some(info) = admin::inspect(&pool, &scope, &key, show_body).await? {
-                print_key(&scope, &key, &info, json);
-            } else if let Some(request) = admin::inspect_request(&pool, &scope, &key).await? {
-                print_request(&scope, &key, &request, json);
-            } else {
-                return Ok(Exit::NotFound(format!(
-                    "no stored response and no phased request in progress for key {key} in scope {scope}"
-                )));
+            for key in &keys {
+                if let Some(info) = admin::inspect(&pool, &scope, key, show_body).await? {
+                    print_key(&scope, key, &info, json);
+                    return Ok(Exit::Ok);
+                }
+                if let Some(request) = admin::inspect_request(&pool, &scope, key).await? {
+                    print_request(&scope, key, &request, json);
+                    return Ok(Exit::Ok);
+                }
             }
+            return Ok(not_found(&scope, &keys));
         }
-        (Command::Forget { .. }, Some((scope, key))) => {
-            if !admin::forget(&pool, &scope, &key).await? {
-                return Ok(Exit::NotFound(format!(
-                    "no stored response and no phased request in progress for key {key} in scope {scope}"
-                )));
+        (Command::Forget { .. }, Some((scope, keys))) => {
+            for key in &keys {
+                if admin::forget(&pool, &scope, key).await? {
+                    let (key, scope) = (escaped(key.as_str()), escaped(scope.as_str()));
+                    println!("forgot key {key} in scope {scope}");
+                    return Ok(Exit::Ok);
+                }
             }
-            println!("forgot key {key} in scope {scope}");
+            return Ok(not_found(&scope, &keys));
         }
         (Command::Inspect { .. } | Command::Forget { .. }, None) => unreachable!("parsed above"),
     }
     Ok(Exit::Ok)
 }
 
-/// A scope and a key as operators type them: any key the store could hold (UUIDs are
-/// normalised to lower case).
-fn parse_target(scope: &str, key: &str) -> Result<(Scope, IdempotencyKey), String> {
+/// A scope and a key as operators type them, with the keys to look for, in order: the key
+/// exactly as typed (as the opaque key policy stores it), then, for a UUID typed in
+/// another case, its lower-case form (as the UUID policy stores it).
+fn parse_target(scope: &str, key: &str) -> Result<(Scope, Vec<IdempotencyKey>), String> {
     let scope = Scope::new(scope).map_err(|e| format!("--scope: {e}"))?;
-    let key = IdempotencyKey::parse(key, KeyPolicy::UuidV4)
-        .or_else(|_| IdempotencyKey::parse(key, KeyPolicy::Opaque))
-        .map_err(|e| format!("--key: {e}"))?;
-    Ok((scope, key))
+    let exact = IdempotencyKey::parse(key, KeyPolicy::Opaque);
+    let uuid = IdempotencyKey::parse(key, KeyPolicy::UuidV4);
+    let keys = match (exact, uuid) {
+        (Ok(exact), Ok(uuid)) if exact == uuid => vec![exact],
+        (Ok(exact), Ok(uuid)) => vec![exact, uuid],
+        (Ok(key), Err(_)) | (Err(_), Ok(key)) => vec![key],
+        (Err(e), Err(_)) => return Err(format!("--key: {e}")),
+    };
+    Ok((scope, keys))
+}
+
+/// The answer when none of `keys` has a row in `scope`.
+fn not_found(scope: &Scope, keys: &[IdempotencyKey]) -> Exit {
+    let keys: Vec<_> = keys.iter().map(|key| escaped(key.as_str())).collect();
+    Exit::NotFound(format!(
+        "no stored response and no phased request in progress for key {} in scope {}",
+        keys.join(" or "),
+        escaped(scope.as_str())
+    ))
+}
+
+/// `text` with every control character (line breaks included) and every bidirectional
+/// formatting character written as a `\u{..}` escape, so that what the table holds
+/// cannot move the cursor, rewrite the terminal or reorder what an operator reads.
+fn escaped(text: &str) -> Cow<'_, str> {
+    escaped_but(text, &[])
+}
+
+/// [`escaped`], keeping the characters of `keep` (a body's line breaks and tabs).
+fn escaped_but<'a>(text: &'a str, keep: &[char]) -> Cow<'a, str> {
+    let unsafe_char = |c: char| !keep.contains(&c) && (c.is_control() || is_bidi_format(c));
+    if !text.chars().any(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The characters that change the direction of the text around them (Unicode's
+/// `Bidi_Control`, plus the line and paragraph separators).
+fn is_bidi_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            | '\u{2028}' | '\u{2029}'
+    )
 }
 
 async fn sweep(pool: &PgPool, batch: u32, pause: Duration, every: Option<Duration>) -> Result<()> {
@@ -312,19 +367,22 @@ fn print_request(scope: &Scope, key: &IdempotencyKey, info: &admin::RequestInfo,
         );
         return;
     }
-    println!("scope:           {scope}");
-    println!("key:             {key}");
+    println!("scope:           {}", escaped(scope.as_str()));
+    println!("key:             {}", escaped(key.as_str()));
     println!("phased request in progress (no stored response yet)");
     println!("fingerprint:     {}", info.fingerprint);
     println!(
         "operation:       {}",
-        info.operation.as_deref().unwrap_or("- (not started)")
+        escaped(info.operation.as_deref().unwrap_or("- (not started)"))
     );
     println!(
         "recovery point:  {}",
-        info.recovery_point.as_deref().unwrap_or("-")
+        escaped(info.recovery_point.as_deref().unwrap_or("-"))
     );
-    println!("recorded steps:  {}", info.recorded_steps.join(", "));
+    println!(
+        "recorded steps:  {}",
+        escaped(&info.recorded_steps.join(", "))
+    );
     println!("attempts:        {}", info.attempts);
     println!(
         "leased until:    {}{}",
@@ -342,7 +400,7 @@ fn print_request(scope: &Scope, key: &IdempotencyKey, info: &admin::RequestInfo,
         if info.expired { " (expired)" } else { "" }
     );
     let request_id = info.first_request.request_id.as_deref();
-    println!("request id:      {}", request_id.unwrap_or("-"));
+    println!("request id:      {}", escaped(request_id.unwrap_or("-")));
 }
 
 fn print_key(scope: &Scope, key: &IdempotencyKey, info: &admin::KeyInfo, json: bool) {
@@ -367,8 +425,8 @@ fn print_key(scope: &Scope, key: &IdempotencyKey, info: &admin::KeyInfo, json: b
         );
         return;
     }
-    println!("scope:        {scope}");
-    println!("key:          {key}");
+    println!("scope:        {}", escaped(scope.as_str()));
+    println!("key:          {}", escaped(key.as_str()));
     println!("fingerprint:  {}", info.fingerprint);
     println!("status:       {}", info.status);
     println!("headers:      {}", info.header_count);
@@ -381,9 +439,40 @@ fn print_key(scope: &Scope, key: &IdempotencyKey, info: &admin::KeyInfo, json: b
     );
     let request_id = info.first_request.request_id.as_deref();
     let traceparent = info.first_request.traceparent.as_deref();
-    println!("request id:   {}", request_id.unwrap_or("-"));
-    println!("traceparent:  {}", traceparent.unwrap_or("-"));
+    println!("request id:   {}", escaped(request_id.unwrap_or("-")));
+    println!("traceparent:  {}", escaped(traceparent.unwrap_or("-")));
     if let Some(body) = body {
-        println!("body:\n{body}");
+        println!("body:\n{}", escaped_but(&body, &['\n', '\t']));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_and_bidi_characters_are_escaped() {
+        assert!(matches!(escaped("acct 7 é"), Cow::Borrowed("acct 7 é")));
+        assert_eq!(
+            escaped("a\u{1b}[2Jb\u{202e}cba\u{2066}\r\n\u{7f}"),
+            "a\\u{1b}[2Jb\\u{202e}cba\\u{2066}\\u{d}\\u{a}\\u{7f}"
+        );
+        assert_eq!(
+            escaped_but("line\n\tx\u{1b}\u{200f}", &['\n', '\t']),
+            "line\n\tx\\u{1b}\\u{200f}"
+        );
+    }
+
+    #[test]
+    fn keys_are_looked_up_as_typed_then_normalised() {
+        let upper = "6F1C1F0E-8D2A-4F55-9A3E-1B2C3D4E5F60";
+        let (_, keys) = parse_target("s", upper).unwrap();
+        let keys: Vec<_> = keys.iter().map(IdempotencyKey::as_str).collect();
+        assert_eq!(keys, [upper, upper.to_ascii_lowercase().as_str()]);
+        let (_, keys) = parse_target("s", &upper.to_ascii_lowercase()).unwrap();
+        assert_eq!(keys.len(), 1);
+        let (_, keys) = parse_target("s", "order-42").unwrap();
+        assert_eq!(keys[0].as_str(), "order-42");
+        assert!(parse_target("s", "").is_err());
     }
 }

@@ -1,14 +1,17 @@
 //! The hot path's statements, how they are sent, and how their rows are read.
 //!
 //! Every request that runs its business logic pays for a claim (`BEGIN` + taking the key)
-//! and a completion (storing the response + `COMMIT`). sqlx has no pipelining, and
-//! `BEGIN`/`COMMIT` would each be a round trip of their own, so each group travels as one
-//! simple-query string ([`Statement`]): one round trip each.
+//! and a completion (storing the response, then `COMMIT`). sqlx has no pipelining, and
+//! `BEGIN` would be a round trip of its own, so the claim travels as one simple-query
+//! string ([`Statement`]): one round trip. The completion stores the response with bound
+//! parameters (a statement sqlx prepares once per connection) and then commits: two round
+//! trips, so that a failed statement never puts the response into the server's log (the
+//! server logs a failed simple query whole, literals included; issue 12).
 //!
-//! The server parses and plans a simple query every time, and for the lookup and the
-//! insert that was most of the cost of a request. Those two are therefore server-side
-//! prepared statements ([`LOOKUP`], [`INSERT`]): prepared once per connection, then run as
-//! `EXECUTE name(literals)`, which skips planning (docs/BENCHMARKS.md has the figures). A
+//! The server parses and plans a simple query every time, and for the lookup that was
+//! most of the cost of a claim. It is therefore a server-side prepared statement
+//! ([`LOOKUP`]): prepared once per connection, then run as `EXECUTE name(literals)`,
+//! which skips planning (docs/BENCHMARKS.md has the figures). A
 //! connection that has not prepared them (new, or after `DISCARD ALL`) answers the first
 //! `EXECUTE` with SQLSTATE 26000; [`TxConn::begin_claim`] then prepares what is missing and
 //! claims again, and [`prepare_connection`] lets a pool prepare new connections up front.
@@ -52,7 +55,8 @@ struct Prepared {
 ///
 /// v2 (issue 11) adds `request_id, traceparent` at the end. A node still running v1
 /// prepares and runs the v1 text, which stays valid on the migrated table: old and new
-/// nodes can serve side by side during a rolling deploy.
+/// nodes can serve side by side during a rolling deploy. (Its companion
+/// `pgidem_insert_v2` is gone since issue 12: see [`store`].)
 const LOOKUP: Prepared = Prepared {
     name: "pgidem_lookup_v2",
     prepare: "PREPARE pgidem_lookup_v2(text, text) AS \
@@ -63,25 +67,12 @@ const LOOKUP: Prepared = Prepared {
     execute: "EXECUTE pgidem_lookup_v2(",
 };
 
-/// Stores a completed request. A plain `INSERT`: if a row is in the way, it fails with a
-/// unique violation on [`KEY_CONSTRAINT`], and the server skips the `COMMIT` behind it.
-///
-/// v2 (issue 11) also stores the provenance, `request_id` and `traceparent` ($9, $10);
-/// v1 nodes keep inserting without them (see [`LOOKUP`]).
-const INSERT: Prepared = Prepared {
-    name: "pgidem_insert_v2",
-    prepare: "PREPARE pgidem_insert_v2(text, text, smallint, bytea, smallint, jsonb, bytea, \
-              bigint, text, text) AS \
-              INSERT INTO idempotency_keys \
-              (scope, key, fingerprint_version, fingerprint, status, headers, body, \
-              created_at, expires_at, request_id, traceparent) \
-              VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8 * interval '1 millisecond', \
-              $9, $10)",
-    execute: "EXECUTE pgidem_insert_v2(",
-};
-
 /// Every prepared statement of the hot path.
-const PREPARED: [&Prepared; 2] = [&LOOKUP, &INSERT];
+///
+/// `pgidem_insert_v2`, which stored the response from literals, is gone (issue 12): a
+/// failed statement is logged whole by the server, literals included, and the response
+/// must not reach the log. Nodes of earlier releases still prepare and run it.
+const PREPARED: [&Prepared; 1] = [&LOOKUP];
 
 /// The primary key of `idempotency_keys`: storing a response meets it when a row is in
 /// the way. A prefix, because Citus names a shard's constraint `<name>_<shard id>`.
@@ -181,52 +172,55 @@ fn lock_and_clear(scope: &Scope, key: &IdempotencyKey) -> Statement {
     delete_expired_row(lock, scope, key)
 }
 
-/// Optionally deletes the expired row, stores the response (see [`INSERT`]), then
-/// `COMMIT`s.
-fn store_and_commit(row: &KeyRow<'_>) -> Statement {
+/// Deletes the key's expired row if the claim saw one, then stores the response, with
+/// bound parameters: the extended protocol carries the values apart from the statement
+/// text, so when a statement fails the server logs its text with `$1`..`$10`, and the
+/// values only as `log_parameter_max_length_on_error` allows (default 0: none). A plain
+/// `INSERT`: if a row is in the way, it fails with a unique violation on
+/// [`KEY_CONSTRAINT`].
+/// Returns the row's `created_at`.
+async fn store(conn: &mut PgConnection, row: &KeyRow<'_>) -> Result<DateTime<Utc>, sqlx::Error> {
     let (scope, key, response) = (row.scope.as_str(), row.key.as_str(), row.response);
-    // Serializing strings into a String cannot fail.
-    let headers = serde_json::to_string(&response.headers).unwrap_or_default();
+    if row.replace_expired {
+        sqlx::query!(
+            "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND expires_at <= now()",
+            scope,
+            key
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    let status = i16::try_from(response.status)
+        .map_err(|_| sqlx::Error::Protocol(format!("status {} out of range", response.status)))?;
     let ttl_ms = i64::try_from(row.ttl.as_millis()).unwrap_or(i64::MAX);
-    let provenance = [&row.provenance.request_id, &row.provenance.traceparent]
-        .map(|value| value.as_ref().map_or(0, String::len));
-    let extra = 180
-        + 4 * (scope.len() + key.len() + provenance[0] + provenance[1])
-        + 2 * (headers.len() + response.body.len());
-    let delete = if row.replace_expired {
-        delete_expired_row(Statement::new("", extra), row.scope, row.key).sql("; ")
-    } else {
-        Statement::new("", extra)
-    };
-    delete
-        .sql(INSERT.execute)
-        .text(scope)
-        .sql(", ")
-        .text(key)
-        .sql(", ")
-        .int(row.fingerprint.version())
-        .sql(", ")
-        .bytea(row.fingerprint.hash())
-        .sql(", ")
-        .int(response.status)
-        .sql(", ")
-        .text(&headers)
-        .sql(", ")
-        .bytea(&response.body)
-        .sql(", ")
-        .int(ttl_ms)
-        .sql(", ")
-        .nullable_text(row.provenance.request_id.as_deref())
-        .sql(", ")
-        .nullable_text(row.provenance.traceparent.as_deref())
-        .sql("); COMMIT")
+    sqlx::query!(
+        "INSERT INTO idempotency_keys \
+         (scope, key, fingerprint_version, fingerprint, status, headers, body, \
+         created_at, expires_at, request_id, traceparent) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8::bigint * interval '1 millisecond', \
+         $9, $10) RETURNING created_at",
+        scope,
+        key,
+        row.fingerprint.version(),
+        row.fingerprint.hash().as_slice(),
+        status,
+        Json(&response.headers) as _,
+        response.body.as_slice(),
+        ttl_ms,
+        row.provenance.request_id.as_deref(),
+        row.provenance.traceparent.as_deref(),
+    )
+    .fetch_one(conn)
+    .await
+    .map(|stored| stored.created_at)
 }
 
 /// What [`TxConn::store_and_commit`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Committed {
-    /// The key row and the business write are committed.
-    Stored,
+    /// The key row and the business write are committed; the row was created then
+    /// (database clock).
+    Stored(DateTime<Utc>),
     /// Another transaction stored a row for the key first (it did not share the lock):
     /// everything was rolled back.
     KeyTaken,
@@ -300,17 +294,6 @@ impl TxConn {
         Found::from_rows(rows)
     }
 
-    /// Inside the claim's transaction: waits at most `wait_ms` for the key's advisory
-    /// lock, then looks the key up with a fresh snapshot.
-    pub(crate) async fn wait_and_lookup(
-        &mut self,
-        wait_ms: i32,
-        scope: &Scope,
-        key: &IdempotencyKey,
-    ) -> Result<Found, Error> {
-        Found::from_rows(self.run(wait_and_lookup(wait_ms, scope, key)).await?)
-    }
-
     /// Inside the transaction that is about to store a key's row by other means (a phased
     /// request's final step): waits for the key's advisory lock, so that no claim or
     /// takeover of the key runs between here and `COMMIT`, and deletes the key's expired
@@ -324,18 +307,21 @@ impl TxConn {
         Ok(())
     }
 
-    /// Stores the key row and commits the transaction with it, in one round trip, and
-    /// returns the connection to the pool.
+    /// Stores the key row, then commits the transaction with it (two round trips, one
+    /// more with an expired row to delete), and returns the connection to the pool.
     pub(crate) async fn store_and_commit(
         &mut self,
         row: &KeyRow<'_>,
     ) -> Result<Committed, sqlx::Error> {
-        match self.finish(store_and_commit(row)).await {
-            Ok(()) => Ok(Committed::Stored),
-            // The insert met a live row; the rest of the string (the COMMIT) was skipped.
-            // Citus relays a worker's unique violation without the constraint's name: the
-            // key row's insert is then the only statement of the string that can raise it
-            // (a deferred unique constraint of a business table reports its own name).
+        match self.run_bound(async |conn| store(conn, row).await).await {
+            Ok(created_at) => {
+                self.commit().await?;
+                Ok(Committed::Stored(created_at))
+            }
+            // The insert met a live row. Citus relays a worker's unique violation without
+            // the constraint's name: the key row's insert is then the only statement that
+            // can raise it (a deferred unique constraint of a business table reports its
+            // own name, at COMMIT).
             Err(sqlx::Error::Database(error))
                 if error.is_unique_violation()
                     && error
@@ -425,6 +411,7 @@ pub(crate) struct FoundRow {
 }
 
 /// A stored response with its fingerprint.
+#[derive(Debug, Clone)]
 pub(crate) struct StoredRow {
     pub fingerprint: Fingerprint,
     pub response: StoredResponse,
@@ -465,7 +452,7 @@ impl FoundRow {
 
 #[cfg(test)]
 mod tests {
-    use super::super::statement::tests::{HOSTILE, assert_spells};
+    use super::super::statement::tests::assert_spells;
     use super::*;
     use crate::KeyPolicy;
 
@@ -497,59 +484,6 @@ mod tests {
     }
 
     #[test]
-    fn the_store_statement_spells_every_value() {
-        let scope = Scope::new("acct'1").unwrap();
-        let key = IdempotencyKey::parse("k\\", KeyPolicy::Opaque).unwrap();
-        let fingerprint = Fingerprint::from_parts(1, [0xab; 32]);
-        let body = [0u8, 39, 92, 255, b'$'];
-        let response = StoredResponse {
-            status: 201,
-            headers: vec![(HOSTILE.to_owned(), "v".to_owned())],
-            body: body.to_vec(),
-        };
-        let headers = serde_json::to_string(&response.headers).unwrap();
-        let mut row = KeyRow {
-            scope: &scope,
-            key: &key,
-            fingerprint: &fingerprint,
-            response: &response,
-            ttl: Duration::from_secs(86_400),
-            replace_expired: false,
-            provenance: &Provenance::default(),
-        };
-        let insert = "EXECUTE pgidem_insert_v2(E'', E'', 1, E'', 201, E'', E'', 86400000, NULL, NULL); COMMIT";
-        let values: [&[u8]; 5] = [b"acct'1", b"k\\", &[0xab; 32], headers.as_bytes(), &body];
-        assert_spells(&store_and_commit(&row), &values, insert);
-
-        let traced = Provenance::new(HOSTILE).with_traceparent("00-ab-cd-01");
-        let with_provenance = KeyRow {
-            provenance: &traced,
-            ..row
-        };
-        let traced_values: Vec<&[u8]> = values
-            .iter()
-            .copied()
-            .chain([HOSTILE.as_bytes(), b"00-ab-cd-01"])
-            .collect();
-        assert_spells(
-            &store_and_commit(&with_provenance),
-            &traced_values,
-            "EXECUTE pgidem_insert_v2(E'', E'', 1, E'', 201, E'', E'', 86400000, E'', E''); COMMIT",
-        );
-
-        row.replace_expired = true;
-        let replacing: Vec<&[u8]> = values[..2].iter().chain(&values).copied().collect();
-        assert_spells(
-            &store_and_commit(&row),
-            &replacing,
-            &format!(
-                "DELETE FROM idempotency_keys WHERE scope = E'' AND key = E'' \
-                 AND expires_at <= now(); {insert}"
-            ),
-        );
-    }
-
-    #[test]
     fn the_final_lock_spells_scope_and_key_as_literals() {
         let scope = Scope::new(SCOPE).unwrap();
         let key = IdempotencyKey::parse(KEY, KeyPolicy::Opaque).unwrap();
@@ -571,23 +505,16 @@ mod tests {
             all.as_str()
                 .starts_with("PREPARE pgidem_lookup_v2(text, text) AS SELECT ")
         );
-        assert!(
-            all.as_str()
-                .contains("; PREPARE pgidem_insert_v2(text, text, smallint, ")
-        );
         assert!(all.as_str().ends_with("; "));
-        assert_eq!(all.as_str().matches("PREPARE ").count(), 2);
-
-        let insert_only = prepare_missing(&["pgidem_lookup_v2".to_owned()]);
-        assert!(
-            insert_only
-                .as_str()
-                .starts_with("PREPARE pgidem_insert_v2(")
-        );
-        assert_eq!(insert_only.as_str().matches("PREPARE ").count(), 1);
+        assert_eq!(all.as_str().matches("PREPARE ").count(), PREPARED.len());
 
         let names = PREPARED.map(|statement| statement.name.to_owned());
         assert!(prepare_missing(&names).is_empty());
+        // A connection that an older release prepared still gets ours.
+        assert_eq!(
+            prepare_missing(&["pgidem_insert_v2".to_owned()]).as_str(),
+            all.as_str()
+        );
         for statement in PREPARED {
             let name = statement.name;
             assert!(statement.prepare.starts_with(&format!("PREPARE {name}(")));

@@ -19,9 +19,12 @@ const DROP_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// - every operation that ends the transaction hands the connection back only after the
 ///   server confirmed it;
 /// - dropped while idle (the claim was dropped), it rolls back in a spawned task;
-/// - dropped in the middle of an operation (a cancelled future), or after an error, the
-///   connection's state is unknown and it is closed instead, which makes the server
-///   roll back. The pool opens a new one when needed.
+/// - dropped after a statement the server refused (a database error), it is idle inside
+///   a failed transaction and rolls back the same way: a refused statement costs no
+///   connection;
+/// - dropped in the middle of an operation (a cancelled future), or after any other
+///   error, the connection's state is unknown and it is closed instead, which makes the
+///   server roll back. The pool opens a new one when needed.
 ///
 /// It runs only [`Statement`]s, which the `db` module alone can make.
 pub(crate) struct TxConn {
@@ -54,19 +57,38 @@ impl TxConn {
         self.busy = true;
         let rows = sqlx::raw_sql(statement.into_sql())
             .fetch_all(self.conn())
-            .await?;
-        self.busy = false;
-        Ok(rows)
+            .await;
+        self.settle(rows)
+    }
+
+    /// Runs `statement`, which binds its values as parameters, inside the transaction.
+    pub(super) async fn run_bound<T>(
+        &mut self,
+        statement: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, sqlx::Error> {
+        self.busy = true;
+        let result = statement(self.conn()).await;
+        self.settle(result)
+    }
+
+    /// Records what `result` says about the connection: after a success or a statement
+    /// the server refused (a database error: the server skipped the rest of the string
+    /// and is ready for the next one, inside a failed transaction), it is idle, so a
+    /// rollback returns it to the pool; after any other error (I/O, protocol) its state is
+    /// unknown and it stays busy, to be closed.
+    fn settle<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        self.busy = matches!(&result, Err(error) if !matches!(error, sqlx::Error::Database(_)));
+        result
     }
 
     /// Runs `statement`, which ends the transaction, and returns the connection to the
     /// pool.
     pub(super) async fn finish(&mut self, statement: Statement) -> Result<(), sqlx::Error> {
         self.busy = true;
-        sqlx::raw_sql(statement.into_sql())
+        let done = sqlx::raw_sql(statement.into_sql())
             .execute(self.conn())
-            .await?;
-        self.busy = false;
+            .await;
+        self.settle(done)?;
         // Back to the pool, outside any transaction.
         self.conn = None;
         Ok(())

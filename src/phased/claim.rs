@@ -19,11 +19,7 @@ use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 use crate::store::{IdempotencyStore, Locked, Outcome, Replay, record_begin, same_request};
-
-/// The first pause between two looks at a key another holder has; it doubles up to
-/// [`MAX_POLL`].
-const FIRST_POLL: Duration = Duration::from_millis(10);
-const MAX_POLL: Duration = Duration::from_millis(200);
+use crate::waiters::{FIRST_POLL, MAX_POLL};
 
 /// What [`IdempotencyStore::begin_phased`] found.
 #[derive(Debug)]
@@ -182,14 +178,15 @@ impl IdempotencyStore {
         taker: Taker<'_>,
     ) -> Result<Take, Error> {
         let taken_at = Instant::now();
-        let mut tx = match taker {
+        let (mut tx, _holding) = match taker {
             // The key's advisory lock: no final step can store a response between this
             // look at `idempotency_keys` and the commit below (it takes the same lock).
             Taker::Client(request) => match self.lock_key(scope, key, request).await? {
                 Locked::Answered(replay) => return Ok(Take::Replay(replay)),
-                Locked::Held { tx, .. } => tx,
+                // The holding lasts as long as this transaction: see below.
+                Locked::Held { tx, holding, .. } => (tx, Some(holding)),
             },
-            Taker::Completer => TxConn::begin(self.pool()).await?,
+            Taker::Completer => (TxConn::begin(self.pool()).await?, None),
         };
         let row = sqlx::query!(
             r#"SELECT fingerprint_version, fingerprint, operation, created_at, request_id,

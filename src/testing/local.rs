@@ -339,6 +339,12 @@ impl LocalCluster {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// The server's log file (`server.log` in the cluster's directory), for tests that
+    /// check what the server logged.
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log
+    }
+
     /// The TCP port on 127.0.0.1 the server listens on (the same across restarts).
     pub fn port(&self) -> u16 {
         self.port
