@@ -280,6 +280,9 @@ async fn a_holder_whose_lease_was_taken_over_records_nothing() -> Result<()> {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let early = store.begin_phased(&scope, &key, &request(BODY)).await;
     ensure!(matches!(early, Err(Error::InFlight { .. })), "{early:?}");
+    // Another body conflicts at once, held or not.
+    let other = store.begin_phased(&scope, &key, &request(b"{}")).await;
+    ensure!(matches!(other, Err(Error::Conflict { .. })), "{other:?}");
 
     // After it, a retry takes over and finishes; the old holder then cannot record.
     tokio::time::sleep(Duration::from_millis(300)).await;

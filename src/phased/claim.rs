@@ -219,21 +219,25 @@ impl IdempotencyStore {
                     })
             })
             .transpose()?;
+        // Another body conflicts at once, held or not: the fingerprint is committed.
+        if let (Some(row), Some(stored), Taker::Client(request)) = (&row, &stored, &taker)
+            && row.live
+            && !same_request(stored, request)?
+        {
+            tx.rollback().await?;
+            return Err(Error::Conflict {
+                scope: scope.clone(),
+                key: key.clone(),
+                first_used_at: row.created_at,
+                first_request: Provenance {
+                    request_id: row.request_id.clone(),
+                    traceparent: row.traceparent.clone(),
+                },
+            });
+        }
         let taken = match (row, stored, &taker) {
             (Some(row), _, _) if row.live && row.held => None,
-            (Some(row), Some(stored), Taker::Client(request)) if row.live => {
-                if !same_request(&stored, request)? {
-                    tx.rollback().await?;
-                    return Err(Error::Conflict {
-                        scope: scope.clone(),
-                        key: key.clone(),
-                        first_used_at: row.created_at,
-                        first_request: Provenance {
-                            request_id: row.request_id,
-                            traceparent: row.traceparent,
-                        },
-                    });
-                }
+            (Some(row), Some(stored), Taker::Client(_)) if row.live => {
                 Some((stored, take_over(&mut tx, scope, key, lease_ms).await?))
             }
             (Some(row), Some(stored), Taker::Completer) if row.live && row.operation.is_some() => {
@@ -245,11 +249,17 @@ impl IdempotencyStore {
                 let token = sqlx::query_scalar!(
                     // Only `excluded` and constants in DO UPDATE SET: Citus refuses
                     // functions there on a distributed table.
+                    // Not if a response was stored meanwhile: the key's lock serialises
+                    // this with final steps on one server, but not across Citus
+                    // coordinators (node-local locks); this statement's own snapshot sees
+                    // a response committed after the look above.
                     r#"INSERT INTO idempotency_requests AS r
                          (scope, key, fingerprint_version, fingerprint, lease_token,
                           leased_until, created_at, expires_at)
-                       VALUES ($1, $2, $3, $4, 1, now() + $5::bigint * interval '1 millisecond',
-                               now(), now() + $6::bigint * interval '1 millisecond')
+                       SELECT $1, $2, $3, $4, 1, now() + $5::bigint * interval '1 millisecond',
+                              now(), now() + $6::bigint * interval '1 millisecond'
+                       WHERE NOT EXISTS (SELECT FROM idempotency_keys
+                                         WHERE scope = $1 AND key = $2 AND expires_at > now())
                        ON CONFLICT (scope, key) DO UPDATE SET
                          fingerprint_version = excluded.fingerprint_version,
                          fingerprint = excluded.fingerprint, operation = NULL, input = NULL,
@@ -265,8 +275,13 @@ impl IdempotencyStore {
                     lease_ms,
                     millis(config.ttl()),
                 )
-                .fetch_one(tx.conn())
+                .fetch_optional(tx.conn())
                 .await?;
+                // A response was stored meanwhile: the next look replays it.
+                let Some(token) = token else {
+                    tx.rollback().await?;
+                    return Ok(Take::Busy);
+                };
                 let taken = Taken {
                     operation: None,
                     input: None,

@@ -54,7 +54,8 @@ impl CompleterOptions {
     }
 
     /// Time between the end of one background pass and the start of the next
-    /// (default 5 s).
+    /// (default 5 s). Also the back-off step: a request waits this much longer after its
+    /// lease for each earlier holder (at most 60 times).
     #[must_use]
     pub fn with_interval(mut self, interval: Duration) -> Self {
         self.interval = interval;
@@ -84,7 +85,8 @@ pub struct CompleterPass {
     /// Requests driven to a stored response.
     pub completed: u64,
     /// Requests taken over whose operation failed again, or whose response the store
-    /// policy does not keep; they were released for a later pass.
+    /// policy does not keep (released for a later pass, which waits longer after each
+    /// failed attempt), or that could not be read or taken.
     pub failed: u64,
     /// Requests abandoned before any operation started them: nothing was done, and their
     /// keys were freed.
@@ -185,14 +187,23 @@ impl Completer {
             forgotten = tracing::field::Empty,
         );
         async move {
+            // A request whose earlier takeovers failed waits longer each time (its
+            // attempts times the interval, at most 60 of them); one whose key got a
+            // response meanwhile (the key was used by a transactional request too) can
+            // never finish and is left to expire.
             let abandoned = sqlx::query!(
-                r#"SELECT scope, key, operation FROM idempotency_requests
-                   WHERE leased_until <= now() - $1::bigint * interval '1 millisecond'
+                r#"SELECT scope, key, operation FROM idempotency_requests r
+                   WHERE leased_until <= now() - ($1::bigint + least(attempts - 1, 60) * $3::bigint)
+                                                 * interval '1 millisecond'
                      AND expires_at > now()
+                     AND NOT EXISTS (SELECT FROM idempotency_keys k
+                                     WHERE k.scope = r.scope AND k.key = r.key
+                                       AND k.expires_at > now())
                    ORDER BY leased_until
                    LIMIT $2"#,
                 millis(self.options.grace),
                 i64::from(self.options.batch_size),
+                millis(self.options.interval),
             )
             .fetch_all(self.store.pool())
             .await?;
@@ -203,24 +214,29 @@ impl Completer {
                 }
                 let request = Abandoned::read(&row.scope, &row.key);
                 let done = match (request, row.operation) {
-                    (Err(error), _) => {
-                        tracing::warn!(%error, scope = row.scope, "skipping an abandoned request");
-                        CompleterPass::default()
-                    }
-                    (Ok(request), None) => self.forget_unstarted(&request).await?,
+                    (Err(error), _) => Err(error),
+                    (Ok(request), None) => self.forget_unstarted(&request).await,
                     (Ok(request), Some(operation)) => match self.operations.get(operation.as_str())
                     {
-                        Some(resume) => self.resume(&request, resume.as_ref()).await?,
+                        Some(resume) => self.resume(&request, resume.as_ref()).await,
                         None => {
                             tracing::debug!(
                                 operation,
                                 "no such operation registered here; left alone"
                             );
-                            CompleterPass::default()
+                            Ok(CompleterPass::default())
                         }
                     },
                 };
-                pass.add(done);
+                // One request's failure (a malformed row, a database error) is counted,
+                // and the pass goes on with the others.
+                pass.add(done.unwrap_or_else(|error| {
+                    tracing::warn!(%error, scope = row.scope, "an abandoned request could not be completed");
+                    CompleterPass {
+                        failed: 1,
+                        ..CompleterPass::default()
+                    }
+                }));
             }
             let span = tracing::Span::current();
             span.record("completed", pass.completed);
@@ -263,6 +279,7 @@ impl Completer {
         };
         // The completer takes only started requests, which have their input.
         let Some(input) = claim.take_input() else {
+            claim.release().await?;
             return Ok(CompleterPass::default());
         };
         Ok(match resume.resume(*claim, input).await {

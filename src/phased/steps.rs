@@ -50,6 +50,8 @@ pub struct Steps {
     progress: Map<String, Value>,
     /// The steps this run has passed, to catch a name used twice.
     passed: Vec<String>,
+    /// A connection broke around a `COMMIT` of this run.
+    broken: bool,
 }
 
 /// The final step's transaction, or a local step's: run the step's writes through it
@@ -109,6 +111,7 @@ impl Steps {
             lease,
             progress,
             passed: Vec::new(),
+            broken: false,
         }
     }
 
@@ -164,6 +167,9 @@ impl Steps {
         }
         let span = tracing::info_span!("idempotency.step", step = name, kind = "local");
         async move {
+            // The record extends the lease from the transaction's start (`now()`): count
+            // from before `BEGIN`.
+            let sent = Instant::now();
             let mut tx = StepTx {
                 tx: TxConn::begin(self.lease.store.pool())
                     .await
@@ -183,7 +189,6 @@ impl Steps {
                     return Err(phase_data(format!("output of step '{name}'"))(source).into());
                 }
             };
-            let sent = Instant::now();
             let touched = self
                 .lease
                 .touch(tx.tx.conn(), Some((name, &recorded)))
@@ -193,7 +198,10 @@ impl Steps {
                 return Err(error.into());
             }
             boundary(name, "before_commit");
-            tx.tx.commit().await.map_err(Error::from)?;
+            if let Err(error) = tx.tx.commit().await {
+                self.broken |= connection_broke(&error);
+                return Err(Error::from(error).into());
+            }
             self.lease.touched(sent);
             boundary(name, "after_commit");
             self.progress.insert(name.to_owned(), recorded);
@@ -329,6 +337,7 @@ impl Steps {
                 Ok(()) => {}
                 Err(error) if connection_broke(&error) => {
                     drop(tx);
+                    self.broken = true;
                     return self.resolve_commit(error).await;
                 }
                 Err(error) => return Err(Error::from(error).into()),
@@ -380,7 +389,15 @@ impl Steps {
 
     /// After the operation failed: ends the lease now, so that a retry or the completer
     /// can resume the request at once. Best effort: otherwise the lease runs out.
+    ///
+    /// Not after a connection broke around a `COMMIT`: the old backend may still hold the
+    /// request's row (an unreachable server), and the release would wait for it without
+    /// bound; the lease runs out by itself.
     pub(super) async fn release_after_error(&self) {
+        if self.broken {
+            tracing::debug!("a connection broke around COMMIT: the lease runs out by itself");
+            return;
+        }
         if let Err(error) = self.lease.release().await {
             tracing::warn!(%error, "releasing a failed phased request failed; its lease will run out");
         }
