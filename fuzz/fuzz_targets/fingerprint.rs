@@ -3,13 +3,19 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pg_idempotency::Request;
+use pg_idempotency::{Fingerprint, Request};
 
 fuzz_target!(|data: &[u8]| {
     let request = Request::new("POST", "/v1/payments", data);
     let fingerprint = request.fingerprint();
     assert_eq!(fingerprint, request.fingerprint(), "deterministic");
-    assert_eq!(request.fingerprint_at(1), Some(fingerprint));
+    assert_eq!(
+        request.fingerprint_at(Fingerprint::CURRENT_VERSION),
+        Some(fingerprint)
+    );
+    // The earlier version still hashes (rows stored under it keep answering retries).
+    assert_eq!(request.fingerprint_at(1), request.fingerprint_at(1), "deterministic v1");
+    assert!(request.fingerprint_at(1).is_some());
 
     // Whatever serde_json accepts (shallow enough for both parsers' depth limits) is JSON
     // to the fingerprint too, so surrounding whitespace must not change it.
