@@ -66,36 +66,3 @@ COMMENT ON INDEX idempotency_requests_leased_until_idx IS
 CREATE INDEX idempotency_requests_expires_at_idx ON idempotency_requests (expires_at);
 COMMENT ON INDEX idempotency_requests_expires_at_idx IS
     'Lets idempotency_sweep find abandoned requests past their replay window.';
-
--- The sweep also deletes phased requests abandoned past their replay window. Same
--- signature and contract: at most p_batch rows in all, skipping rows others hold.
-CREATE OR REPLACE FUNCTION idempotency_sweep(p_batch integer)
-RETURNS bigint
-LANGUAGE sql VOLATILE
-AS $$
-    WITH keys AS (
-        DELETE FROM idempotency_keys
-        WHERE ctid = ANY (ARRAY(
-                SELECT ctid FROM idempotency_keys
-                WHERE expires_at <= now()
-                LIMIT p_batch
-                FOR UPDATE SKIP LOCKED))
-          AND expires_at <= now()
-        RETURNING 1
-    ), requests AS (
-        DELETE FROM idempotency_requests
-        WHERE ctid = ANY (ARRAY(
-                SELECT ctid FROM idempotency_requests
-                WHERE expires_at <= now()
-                LIMIT greatest(p_batch - (SELECT count(*) FROM keys), 0)
-                FOR UPDATE SKIP LOCKED))
-          AND expires_at <= now()
-        RETURNING 1
-    )
-    SELECT (SELECT count(*) FROM keys) + (SELECT count(*) FROM requests);
-$$;
-COMMENT ON FUNCTION idempotency_sweep(integer) IS
-    'pg-idempotency: deletes at most p_batch expired rows of idempotency_keys and '
-    'idempotency_requests (abandoned phased requests), skipping rows other transactions '
-    'hold, and returns how many it deleted. Called by the crate''s sweeper, its CLI, and '
-    'pg_cron (SELECT idempotency_sweep(1000)).';
