@@ -1,11 +1,11 @@
-//! The TPS chart (SVG, with plotters): bare, the zero2prod shape and the first request
-//! against the client count.
+//! The TPS chart (SVG, with plotters): bare, the floor, the zero2prod shape and the
+//! first request against the client count.
 
 use std::path::Path as FsPath;
 
 use anyhow::Result;
 
-use crate::paths::Path;
+use crate::paths::{Cell, Path};
 use crate::report::Row;
 use crate::server::{Server, cores};
 
@@ -22,6 +22,11 @@ pub fn draw(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -> 
             RGBColor(110, 110, 110),
         ),
         (
+            Path::Floor,
+            "floor: bare + the key row in the same commit",
+            RGBColor(90, 174, 97),
+        ),
+        (
             Path::Zero2Prod,
             "zero2prod shape (hand-written)",
             RGBColor(214, 96, 77),
@@ -34,7 +39,7 @@ pub fn draw(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -> 
     ];
     let tps = |path: Path, n: usize| {
         rows.iter()
-            .find(|r| r.path == path && r.clients == n)
+            .find(|r| r.cell == Cell::usual(path) && r.clients == n)
             .map_or(0.0, |r| r.tps)
     };
     let top = series
@@ -74,7 +79,7 @@ pub fn draw(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -> 
         .label_style(("sans-serif", 14))
         .draw()?;
     for (path, label, color) in series {
-        if !rows.iter().any(|r| r.path == path) {
+        if !rows.iter().any(|r| r.cell == Cell::usual(path)) {
             continue;
         }
         let points: Vec<_> = clients

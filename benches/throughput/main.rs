@@ -7,24 +7,32 @@
 //! cargo bench --bench throughput -- --json out.json --svg chart.svg
 //! ```
 //!
-//! Paths 1-6 run at each client count, interleaved (round after round, every path and
-//! client count gets a short slice), so drift of the machine hits all of them alike:
+//! The grid's paths run at each client count, interleaved (round after round, every
+//! path and client count gets a short slice), so drift of the machine hits all of them
+//! alike:
 //!
-//! 1. `bare`: `BEGIN; INSERT INTO payments ..; COMMIT`, the yardstick;
-//! 2. `zero2prod`: `BEGIN`, claim `INSERT .. ON CONFLICT DO NOTHING`, the business
-//!    insert, `UPDATE` with the response, `COMMIT`, written here by hand;
-//! 3. `first_request`: [`IdempotencyStore::begin`], the same business insert,
-//!    [`Claim::complete`](pg_idempotency::Claim::complete);
-//! 4. `replay`: keys that path 3 stored, same request again;
-//! 5. `conflict`: the same keys with another body;
-//! 6. `phased`: a [phased request](pg_idempotency::phased): a local step (the same
-//!    business insert), one call to the fake card processor (`examples/processor`, served
-//!    in this process, over loopback HTTP) with the downstream key, and the final step
-//!    (records the processor's answer, stores the response).
+//! - `bare`: `BEGIN; INSERT INTO payments ..; COMMIT`, the yardstick;
+//! - `floor`: bare plus the key row in the same transaction, sent with `COMMIT` in one
+//!   string (no lock, no lookup): the least that storing a response can cost;
+//! - `zero2prod`: `BEGIN`, claim `INSERT .. ON CONFLICT DO NOTHING`, the business
+//!   insert, `UPDATE` with the response, `COMMIT`, written here by hand;
+//! - `first_request`: [`IdempotencyStore::begin`], the same business insert,
+//!   [`Claim::complete`](pg_idempotency::Claim::complete);
+//! - `replay`: keys that `first_request` stored, same request again;
+//! - `conflict`: the same keys with another body;
+//! - `phased`: a [phased request](pg_idempotency::phased): a local step (the same
+//!   business insert), one call to the fake card processor (`examples/processor`, served
+//!   in this process, over loopback HTTP) with the downstream key, and the final step
+//!   (records the processor's answer, stores the response);
+//! - `realistic_bare`, `realistic_zero2prod`, `realistic_first_request`: a four-statement
+//!   business transaction (a payment, the account's balance, a ledger row, an outbox row)
+//!   bare, in the zero2prod shape and through the crate;
+//! - the response-size sweep: `zero2prod` and `first_request` again with bodies of
+//!   `--response-sizes` bytes.
 //!
-//! Then 7. `in flight`: how long a duplicate waits before [`Error::InFlight`], and
-//! 8. `sweeper`: rows per second on its own, and path 3 writers with and without the
-//! default [`Sweeper`].
+//! Then `in flight`: how long a duplicate waits before [`Error::InFlight`], and
+//! `sweeper`: rows per second on its own, and `first_request` writers with and without
+//! the default [`Sweeper`].
 //!
 //! The server: `DATABASE_URL` (or `--database-url`) if set, else a throwaway local
 //! cluster with fsync on (`pg_idempotency::testing::LocalCluster`, from the installed
@@ -49,7 +57,7 @@ use pg_idempotency::testing::{LocalCluster, LocalClusterOptions};
 use serde_json::json;
 
 use crate::meters::Meter;
-use crate::paths::{Ctx, Path, grid, in_flight, sweeper};
+use crate::paths::{Cell, Ctx, MAX_RESPONSE_SIZE, Path, grid, in_flight, sweeper};
 use crate::report::{Report, Results};
 use crate::server::{Database, cores, describe_server, load_average, open_all, redact};
 
@@ -76,10 +84,14 @@ struct Args {
     /// Seconds of writers each way, with and without the sweeper (default 20, quick 5).
     #[arg(long)]
     sweeper_seconds: Option<f64>,
-    /// Paths of the grid, comma-separated (default: all six; `bare` always runs, it is
-    /// the yardstick; `replay` and `conflict` need `first-request`).
+    /// Paths of the grid, comma-separated (default: all; `bare` always runs, it is the
+    /// yardstick; `replay` and `conflict` need `first-request`).
     #[arg(long, value_delimiter = ',')]
     paths: Option<Vec<Path>>,
+    /// Response body sizes in bytes at which `zero2prod` and `first-request` run again
+    /// (the response-size sweep), comma-separated; `0` for none.
+    #[arg(long, value_delimiter = ',', default_value = "100,1024,10240,102400")]
+    response_sizes: Vec<usize>,
     /// Sections to run, comma-separated, from `grid`, `in-flight`, `sweeper`.
     #[arg(long, value_delimiter = ',', default_value = "grid,in-flight,sweeper")]
     sections: Vec<Section>,
@@ -196,7 +208,7 @@ async fn main() -> Result<()> {
 
     let mut rows = Vec::new();
     if args.sections.contains(&Section::Grid) {
-        eprintln!("paths 1-6:");
+        eprintln!("the grid:");
         let paths: Vec<Path> = Path::ALL
             .into_iter()
             .filter(|p| *p == Path::Bare || args.paths.as_ref().is_none_or(|only| only.contains(p)))
@@ -207,7 +219,24 @@ async fn main() -> Result<()> {
                 "replay and conflict need first-request"
             );
         }
-        rows = grid(&ctx, &meter, &paths, &clients, rounds, seconds).await?;
+        let sizes: Vec<usize> = args
+            .response_sizes
+            .iter()
+            .copied()
+            .filter(|&s| s > 0)
+            .collect();
+        ensure!(
+            sizes.iter().all(|&size| size <= MAX_RESPONSE_SIZE),
+            "response sizes go up to {MAX_RESPONSE_SIZE} bytes"
+        );
+        let mut cells: Vec<Cell> = paths.iter().copied().map(Cell::usual).collect();
+        for &size in &sizes {
+            cells.extend(paths.iter().filter(|path| path.sized()).map(|&path| Cell {
+                path,
+                size: Some(size),
+            }));
+        }
+        rows = grid(&ctx, &meter, &cells, &clients, rounds, seconds).await?;
     }
     let mut flights = Vec::new();
     if args.sections.contains(&Section::InFlight) {
@@ -240,7 +269,7 @@ async fn main() -> Result<()> {
     print!("{}", report.text);
 
     if let Some(file) = &args.json {
-        let run = json!({ "quick": args.quick, "clients": clients, "rounds": rounds, "slice_seconds": seconds });
+        let run = json!({ "quick": args.quick, "clients": clients, "rounds": rounds, "slice_seconds": seconds, "response_sizes": args.response_sizes, "ping_before_acquire": args.ping_before_acquire });
         let doc = report.json(&server, run);
         std::fs::write(file, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("writing {}", file.display()))?;

@@ -1,6 +1,7 @@
-//! The measured paths: 1-6 one operation each ([`bare`] .. [`phased`]), run by
-//! [`slice`] under concurrent clients and interleaved by [`grid`]; 7, [`in_flight`];
-//! 8, [`sweeper`].
+//! The measured paths: one operation each ([`bare`] .. [`realistic_first_request`]),
+//! run by [`slice`] under concurrent clients and interleaved by [`grid`], some of them
+//! also at every response size of the sweep ([`Cell`]); then [`in_flight`] and
+//! [`sweeper`].
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,35 +20,77 @@ use sqlx::types::Json;
 use crate::meters::{Meter, Tally};
 use crate::report::Row;
 
-/// Paths 1-6, in the order of the table.
+/// The paths of the grid, in the order of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Path {
     Bare,
+    Floor,
     Zero2Prod,
     FirstRequest,
     Replay,
     Conflict,
     Phased,
+    RealisticBare,
+    RealisticZero2Prod,
+    RealisticFirstRequest,
 }
 
 impl Path {
-    pub const ALL: [Path; 6] = [
+    pub const ALL: [Path; 10] = [
         Path::Bare,
+        Path::Floor,
         Path::Zero2Prod,
         Path::FirstRequest,
         Path::Replay,
         Path::Conflict,
         Path::Phased,
+        Path::RealisticBare,
+        Path::RealisticZero2Prod,
+        Path::RealisticFirstRequest,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Path::Bare => "bare",
+            Path::Floor => "floor",
             Path::Zero2Prod => "zero2prod",
             Path::FirstRequest => "first_request",
             Path::Replay => "replay",
             Path::Conflict => "conflict",
             Path::Phased => "phased",
+            Path::RealisticBare => "realistic_bare",
+            Path::RealisticZero2Prod => "realistic_zero2prod",
+            Path::RealisticFirstRequest => "realistic_first_request",
+        }
+    }
+
+    /// Whether the response-size sweep runs this path too.
+    pub fn sized(self) -> bool {
+        matches!(self, Path::Zero2Prod | Path::FirstRequest)
+    }
+}
+
+/// One cell of the grid: a path, with the benchmark's usual response (about 70 bytes)
+/// or with a response body of `size` bytes (the response-size sweep).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cell {
+    pub path: Path,
+    pub size: Option<usize>,
+}
+
+impl Cell {
+    pub fn usual(path: Path) -> Self {
+        Self { path, size: None }
+    }
+
+    /// The path's name, and the body size if it is one of the sweep.
+    pub fn label(self) -> String {
+        match self.size {
+            None => self.path.name().to_owned(),
+            Some(size) if size >= 1024 && size % 1024 == 0 => {
+                format!("{} {}KB", self.path.name(), size / 1024)
+            }
+            Some(size) => format!("{} {size}B", self.path.name()),
         }
     }
 }
@@ -96,12 +139,45 @@ impl Ctx {
     }
 }
 
-fn response(client: usize, n: u64) -> StoredResponse {
-    StoredResponse::new(
-        201,
-        format!(r#"{{"id":"pay_{client}_{n}","status":"paid","amount":1000,"currency":"EUR"}}"#),
-    )
-    .with_header("content-type", "application/json")
+/// The response of operation `n` of `client`: about 70 bytes, or exactly `size` bytes
+/// (the start of an order with line items, see [`line_items`]).
+fn response(client: usize, n: u64, size: Option<usize>) -> StoredResponse {
+    let head =
+        format!(r#"{{"id":"pay_{client}_{n}","status":"paid","amount":1000,"currency":"EUR""#);
+    let body = match size {
+        None => head + "}",
+        Some(size) => {
+            let items = line_items();
+            let mut body = head + r#","items":["#;
+            body.push_str(&items[..size.saturating_sub(body.len()).min(items.len())]);
+            body
+        }
+    };
+    StoredResponse::new(201, body).with_header("content-type", "application/json")
+}
+
+/// The largest body of the sweep.
+pub const MAX_RESPONSE_SIZE: usize = 100 * 1024;
+
+/// JSON line items to fill a response of the sweep with: varied (a new SKU and quantity
+/// on every line) but compressible like a real API response, made once.
+fn line_items() -> &'static str {
+    static ITEMS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ITEMS.get_or_init(|| {
+        let mut items = String::with_capacity(MAX_RESPONSE_SIZE + 128);
+        let mut line = 0_u32;
+        while items.len() < MAX_RESPONSE_SIZE {
+            let sku = uuid::Uuid::new_v4().simple().to_string();
+            items.push_str(&format!(
+                r#"{{"line":{line},"sku":"{}","qty":{},"unit_price":{},"currency":"EUR"}},"#,
+                &sku[..12],
+                1 + line % 7,
+                199 + (line * 37) % 5000
+            ));
+            line += 1;
+        }
+        items
+    })
 }
 
 fn new_key() -> IdempotencyKey {
@@ -120,9 +196,54 @@ async fn bare(ctx: &Ctx, account: &str) -> Result<()> {
     Ok(())
 }
 
+/// The floor: bare plus the key row (the columns `idempotency_keys` holds for a first
+/// request) inserted in the same transaction, in one string with `COMMIT`; no lock, no
+/// lookup. The least that storing a response with the business write can cost.
+async fn floor(ctx: &Ctx, scope: &Scope, client: usize, n: u64) -> Result<()> {
+    let key = new_key();
+    let fingerprint = Request::new("POST", ROUTE, BODY).fingerprint();
+    let response = response(client, n, None);
+    let mut conn = ctx.pool.acquire().await?;
+    sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
+    sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
+        .bind(scope.as_str())
+        .bind(1000_i64)
+        .execute(&mut *conn)
+        .await?;
+    // The values are this benchmark's own (an ASCII scope, a UUID, hex), so they are
+    // spelled into the string as they are.
+    let insert = format!(
+        "INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, \
+         headers, body, created_at, expires_at) VALUES ('{}', '{}', {}, '\\x{}', {}, \
+         '[[\"content-type\",\"application/json\"]]', '\\x{}', now(), \
+         now() + interval '24 hours'); COMMIT",
+        scope.as_str(),
+        key.as_str(),
+        fingerprint.version(),
+        hex(fingerprint.hash()),
+        response.status,
+        hex(&response.body),
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(insert))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Path 2: what most users write by hand (zero2prod `src/idempotency`), with the same
 /// columns as `idempotency_keys`: five round trips, two row versions of the key.
-async fn zero2prod(ctx: &Ctx, scope: &Scope, client: usize, n: u64) -> Result<()> {
+async fn zero2prod(
+    ctx: &Ctx,
+    scope: &Scope,
+    client: usize,
+    n: u64,
+    size: Option<usize>,
+    realistic: bool,
+) -> Result<()> {
     let key = new_key();
     let fingerprint = Request::new("POST", ROUTE, BODY).fingerprint();
     let mut tx = ctx.pool.begin().await?;
@@ -139,12 +260,16 @@ async fn zero2prod(ctx: &Ctx, scope: &Scope, client: usize, n: u64) -> Result<()
     .await?
     .rows_affected();
     ensure!(claimed == 1, "zero2prod: fresh key not claimed");
-    sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
-        .bind(scope.as_str())
-        .bind(1000_i64)
-        .execute(&mut *tx)
-        .await?;
-    let response = response(client, n);
+    if realistic {
+        realistic_writes(&mut *tx, scope.as_str()).await?;
+    } else {
+        sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
+            .bind(scope.as_str())
+            .bind(1000_i64)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let response = response(client, n, size);
     sqlx::query(
         "UPDATE idem_z2p SET status = $3, headers = $4, body = $5 WHERE scope = $1 AND key = $2",
     )
@@ -160,19 +285,73 @@ async fn zero2prod(ctx: &Ctx, scope: &Scope, client: usize, n: u64) -> Result<()
 }
 
 /// Path 3: claim, the business insert, complete. Returns the key it stored.
-async fn first_request(ctx: &Ctx, scope: &Scope, client: usize, n: u64) -> Result<IdempotencyKey> {
+async fn first_request(
+    ctx: &Ctx,
+    scope: &Scope,
+    client: usize,
+    n: u64,
+    size: Option<usize>,
+    realistic: bool,
+) -> Result<IdempotencyKey> {
     let key = new_key();
     let request = Request::new("POST", ROUTE, BODY);
     let Begin::Claimed(mut claim) = ctx.store.begin(scope, &key, &request).await? else {
         bail!("first request: a fresh key replayed");
     };
-    sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
-        .bind(scope.as_str())
-        .bind(1000_i64)
-        .execute(&mut claim)
-        .await?;
-    claim.complete(&response(client, n)).await?;
+    if realistic {
+        realistic_writes(&mut claim, scope.as_str()).await?;
+    } else {
+        sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
+            .bind(scope.as_str())
+            .bind(1000_i64)
+            .execute(&mut claim)
+            .await?;
+    }
+    claim.complete(&response(client, n, size)).await?;
     Ok(key)
+}
+
+/// The four statements of a realistic business transaction: insert a payment, update
+/// the account's balance row, insert a ledger row and an outbox row.
+async fn realistic_writes<C>(tx: &mut C, account: &str) -> Result<()>
+where
+    for<'c> &'c mut C: sqlx::Executor<'c, Database = sqlx::Postgres>,
+{
+    let amount = 1000_i64;
+    let payment: i64 =
+        sqlx::query_scalar("INSERT INTO payments (account, amount) VALUES ($1, $2) RETURNING id")
+            .bind(account)
+            .bind(amount)
+            .fetch_one(&mut *tx)
+            .await?;
+    let updated = sqlx::query("UPDATE accounts SET balance = balance - $2 WHERE account = $1")
+        .bind(account)
+        .bind(amount)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    ensure!(updated == 1, "realistic: no account row for {account}");
+    sqlx::query("INSERT INTO ledger (account, payment_id, amount) VALUES ($1, $2, $3)")
+        .bind(account)
+        .bind(payment)
+        .bind(-amount)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO outbox (topic, payload) VALUES ('payment.created', $1)")
+        .bind(Json(
+            serde_json::json!({ "payment": payment, "account": account, "amount": amount }),
+        ))
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// `realistic_bare`: [`realistic_writes`] in `BEGIN` .. `COMMIT`.
+async fn realistic_bare(ctx: &Ctx, account: &str) -> Result<()> {
+    let mut tx = ctx.pool.begin().await?;
+    realistic_writes(&mut *tx, account).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Path 4: the same request again.
@@ -249,7 +428,7 @@ impl Operation for Charge {
                     .bind(id)
                     .execute(&mut *tx)
                     .await?;
-                anyhow::Ok(response(0, u64::try_from(id)?))
+                anyhow::Ok(response(0, u64::try_from(id)?, None))
             })
             .await
     }
@@ -269,8 +448,9 @@ async fn phased(ctx: &Ctx, scope: &Scope) -> Result<()> {
     Ok(())
 }
 
-/// Runs `path` with `clients` concurrent clients for `duration`; TPS = ops / wall time.
-async fn slice(ctx: &Arc<Ctx>, path: Path, clients: usize, duration: Duration) -> Result<Tally> {
+/// Runs `cell` with `clients` concurrent clients for `duration`; TPS = ops / wall time.
+async fn slice(ctx: &Arc<Ctx>, cell: Cell, clients: usize, duration: Duration) -> Result<Tally> {
+    let Cell { path, size } = cell;
     let keys = ctx.keys();
     if matches!(path, Path::Replay | Path::Conflict) {
         ensure!(!keys.is_empty(), "{}: no stored keys yet", path.name());
@@ -290,11 +470,22 @@ async fn slice(ctx: &Arc<Ctx>, path: Path, clients: usize, duration: Duration) -
                 let t0 = Instant::now();
                 match path {
                     Path::Bare => bare(&ctx, scope.as_str()).await?,
+                    Path::Floor => floor(&ctx, &scope, client, n).await?,
                     Path::Phased => phased(&ctx, &scope).await?,
-                    Path::Zero2Prod => zero2prod(&ctx, &scope, client, n).await?,
+                    Path::Zero2Prod => zero2prod(&ctx, &scope, client, n, size, false).await?,
                     Path::FirstRequest => {
-                        let key = first_request(&ctx, &scope, client, n).await?;
-                        stored.push((scope.clone(), key));
+                        let key = first_request(&ctx, &scope, client, n, size, false).await?;
+                        // Replays and conflicts read back the usual responses.
+                        if size.is_none() {
+                            stored.push((scope.clone(), key));
+                        }
+                    }
+                    Path::RealisticBare => realistic_bare(&ctx, scope.as_str()).await?,
+                    Path::RealisticZero2Prod => {
+                        zero2prod(&ctx, &scope, client, n, None, true).await?;
+                    }
+                    Path::RealisticFirstRequest => {
+                        first_request(&ctx, &scope, client, n, None, true).await?;
                     }
                     Path::Replay | Path::Conflict => {
                         let at = ctx.cursor.fetch_add(1, Ordering::Relaxed) % keys.len();
@@ -327,33 +518,33 @@ async fn slice(ctx: &Arc<Ctx>, path: Path, clients: usize, duration: Duration) -
     Ok(tally)
 }
 
-/// Paths 1-6 at every client count, interleaved.
+/// Every cell at every client count, interleaved.
 pub async fn grid(
     ctx: &Arc<Ctx>,
     meter: &Meter,
-    paths: &[Path],
+    cells: &[Cell],
     clients: &[usize],
     rounds: u32,
     seconds: f64,
 ) -> Result<Vec<Row>> {
     let slice_len = Duration::from_secs_f64(seconds);
-    // Warm up: statement caches of every connection, keys for paths 4 and 5.
+    // Warm up: statement caches of every connection, keys for replay and conflict.
     let warm_clients = clients.iter().copied().max().unwrap_or(16);
-    for &path in paths {
-        slice(ctx, path, warm_clients, Duration::from_millis(400)).await?;
+    for &cell in cells {
+        slice(ctx, cell, warm_clients, Duration::from_millis(400)).await?;
     }
-    let mut tallies: BTreeMap<(Path, usize), Tally> = BTreeMap::new();
+    let mut tallies: BTreeMap<(Cell, usize), Tally> = BTreeMap::new();
     for round in 0..rounds {
         let started = Instant::now();
         for &n in clients {
-            // Rotate the order of the paths from round to round, so that no path always
+            // Rotate the order of the cells from round to round, so that no cell always
             // follows the same one.
-            for i in 0..paths.len() {
-                let path = paths[(i + round as usize) % paths.len()];
+            for i in 0..cells.len() {
+                let cell = cells[(i + round as usize) % cells.len()];
                 let tally = meter
-                    .metered(&ctx.pool, slice(ctx, path, n, slice_len))
+                    .metered(&ctx.pool, slice(ctx, cell, n, slice_len))
                     .await?;
-                tallies.entry((path, n)).or_default().add(tally);
+                tallies.entry((cell, n)).or_default().add(tally);
             }
         }
         eprintln!(
@@ -364,16 +555,18 @@ pub async fn grid(
     }
     let mut rows = Vec::new();
     for &n in clients {
-        let bare_tps = tallies[&(Path::Bare, n)].tps();
-        for &path in paths {
-            let tally = tallies.get_mut(&(path, n)).expect("every cell ran");
+        let bare_tps = tallies[&(Cell::usual(Path::Bare), n)].tps();
+        let floor_tps = tallies.get(&(Cell::usual(Path::Floor), n)).map(Tally::tps);
+        for &cell in cells {
+            let tally = tallies.get_mut(&(cell, n)).expect("every cell ran");
             rows.push(Row {
-                path,
+                cell,
                 clients: n,
                 tps: tally.tps(),
                 p50_ms: tally.quantile_ms(0.50),
                 p99_ms: tally.quantile_ms(0.99),
                 ratio_to_bare: tally.tps() / bare_tps,
+                ratio_to_floor: floor_tps.map(|floor| tally.tps() / floor),
                 ops: tally.ops,
                 client_us_per_op: tally.client_us_per_op(meter),
                 server_us_per_op: tally.server_us_per_op(meter),
@@ -430,7 +623,7 @@ pub async fn in_flight(ctx: &Arc<Ctx>, waits: &[Duration], reps: usize) -> Resul
             };
             let release = tokio::spawn(async move {
                 tokio::time::sleep(wait / 2).await;
-                holder.complete(&response(0, 0)).await?;
+                holder.complete(&response(0, 0, None)).await?;
                 anyhow::Ok(Instant::now())
             });
             let answer = waiter.begin(&scope, &key, &request).await;
@@ -565,8 +758,13 @@ pub async fn sweeper(
                             pool.clone(),
                             SweepOptions::default().with_interval(Duration::from_secs(1)),
                         );
-                        let tally =
-                            slice(ctx, Path::FirstRequest, SWEEP_WRITERS, slice_len).await?;
+                        let tally = slice(
+                            ctx,
+                            Cell::usual(Path::FirstRequest),
+                            SWEEP_WRITERS,
+                            slice_len,
+                        )
+                        .await?;
                         with_deleted += sweeper.stop().await;
                         Ok(tally)
                     })
@@ -576,7 +774,12 @@ pub async fn sweeper(
                 let tally = meter
                     .metered(
                         pool,
-                        slice(ctx, Path::FirstRequest, SWEEP_WRITERS, slice_len),
+                        slice(
+                            ctx,
+                            Cell::usual(Path::FirstRequest),
+                            SWEEP_WRITERS,
+                            slice_len,
+                        ),
                     )
                     .await?;
                 without.add(tally);

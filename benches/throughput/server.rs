@@ -109,7 +109,27 @@ impl Database {
                  expires_at          timestamptz NOT NULL,
                  PRIMARY KEY (scope, key)
              );
-             CREATE INDEX idem_z2p_expires_at_idx ON idem_z2p (expires_at);",
+             CREATE INDEX idem_z2p_expires_at_idx ON idem_z2p (expires_at);
+             -- The realistic business transaction's other tables: one account row per
+             -- client (`acct_<n>`), a ledger and an outbox.
+             CREATE TABLE accounts (
+                 account text   PRIMARY KEY,
+                 balance bigint NOT NULL
+             );
+             INSERT INTO accounts SELECT 'acct_' || n, 0 FROM generate_series(0, 1023) AS n;
+             CREATE TABLE ledger (
+                 id         bigserial   PRIMARY KEY,
+                 account    text        NOT NULL,
+                 payment_id bigint      NOT NULL,
+                 amount     bigint      NOT NULL,
+                 created_at timestamptz NOT NULL DEFAULT now()
+             );
+             CREATE TABLE outbox (
+                 id         bigserial   PRIMARY KEY,
+                 topic      text        NOT NULL,
+                 payload    jsonb       NOT NULL,
+                 created_at timestamptz NOT NULL DEFAULT now()
+             );",
         )
         .execute(&pool)
         .await?;
