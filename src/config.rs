@@ -32,13 +32,14 @@ pub struct Config {
     store_policy: StorePolicy,
     key_policy: KeyPolicy,
     lease: Duration,
+    pool_checks: bool,
 }
 
 impl Default for Config {
     /// 24-hour replay window, 2 s wait for an in-flight duplicate, at most 1024 of them
     /// waiting per key in one process, a 1 s retry hint,
     /// 5 s to resolve an interrupted commit, the default [`StorePolicy`], UUID v4 keys,
-    /// 30 s leases for phased requests.
+    /// 30 s leases for phased requests, claims that check their connection themselves.
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(24 * 60 * 60),
@@ -49,6 +50,7 @@ impl Default for Config {
             store_policy: StorePolicy::default(),
             key_policy: KeyPolicy::default(),
             lease: Duration::from_secs(30),
+            pool_checks: false,
         }
     }
 }
@@ -132,6 +134,25 @@ impl Config {
         self
     }
 
+    /// Whether a claim takes its connection through the pool's checks (default `false`).
+    ///
+    /// A claim's first round trip (`BEGIN`, the key's lock, the key's row) tells whether
+    /// its connection works before anything has run, so by default a claim takes an
+    /// idle connection without sqlx's ping ([`PgPool::try_acquire`]) and, should the
+    /// server have closed it meanwhile, closes it and claims again on one that
+    /// [`PgPool::acquire`] checked. That saves the ping's round trip on every request
+    /// (docs/BENCHMARKS.md, "The pool's ping"). A pool's
+    /// [`before_acquire`](sqlx::pool::PoolOptions::before_acquire) hook does not run for
+    /// such a connection: if yours does something a claim needs, set this to `true`.
+    ///
+    /// [`PgPool::try_acquire`]: sqlx::PgPool::try_acquire
+    /// [`PgPool::acquire`]: sqlx::PgPool::acquire
+    #[must_use]
+    pub fn with_pool_checks(mut self, pool_checks: bool) -> Self {
+        self.pool_checks = pool_checks;
+        self
+    }
+
     /// The replay window.
     pub fn ttl(&self) -> Duration {
         self.ttl
@@ -165,6 +186,11 @@ impl Config {
     /// The key policy.
     pub fn key_policy(&self) -> KeyPolicy {
         self.key_policy
+    }
+
+    /// Whether a claim takes its connection through the pool's checks.
+    pub fn pool_checks(&self) -> bool {
+        self.pool_checks
     }
 
     /// The lease of a phased request's holder.

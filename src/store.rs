@@ -9,7 +9,7 @@ use tracing::Instrument;
 
 use crate::claim::{Claim, CommitOutcome, Completion};
 use crate::config::Config;
-use crate::db::{StoredRow, TxConn};
+use crate::db::{Found, StoredRow, TxConn};
 use crate::error::Error;
 use crate::fingerprint::{Fingerprint, Request};
 use crate::key::{IdempotencyKey, KeyError};
@@ -159,6 +159,20 @@ pub(crate) fn answer(
 /// # Errors
 ///
 /// [`Error::UnknownFingerprintVersion`] for a version this build does not know.
+/// Whether `error`, from the first round trip on a connection taken from the pool, says
+/// that the connection was closed while it sat idle: an I/O error, or the server's own
+/// goodbye (SQLSTATE class 08, or 57P01-57P03: shut down, crashed, not accepting
+/// connections).
+fn closed_while_idle(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(error) => error
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => false,
+    }
+}
+
 pub(crate) fn same_request(stored: &Fingerprint, request: &Request<'_>) -> Result<bool, Error> {
     let version = stored.version();
     request
@@ -328,8 +342,7 @@ impl IdempotencyStore {
                 }
                 Waited::LookAgain => {}
             }
-            let mut tx = TxConn::new(self.pool.acquire().await?);
-            let found = tx.begin_claim(scope, key).await?;
+            let (mut tx, found) = self.open_claim(scope, key).await?;
             match found.row {
                 // A live row answers, whoever holds the lock: it cannot change until it
                 // expires.
@@ -355,6 +368,39 @@ impl IdempotencyStore {
     }
 
     /// [`Error::InFlight`] for this key, with the configured retry hint.
+    /// Takes a pooled connection and, in one round trip, opens a transaction on it, tries
+    /// the key's lock and looks the key up.
+    ///
+    /// That round trip checks the connection too, so unless the configuration asks for
+    /// the pool's checks ([`Config::with_pool_checks`]), an idle connection is taken as
+    /// it is ([`PgPool::try_acquire`]: no ping, no `before_acquire` hook). If the server
+    /// closed it while it sat in the pool (a restart, a proxy's idle timeout), nothing has
+    /// run: it is closed, and the claim runs on a connection taken with the pool's checks.
+    async fn open_claim(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+    ) -> Result<(TxConn, Found), Error> {
+        let idle = if self.config.pool_checks() {
+            None
+        } else {
+            self.pool.try_acquire()
+        };
+        if let Some(conn) = idle {
+            let mut tx = TxConn::new(conn);
+            match tx.begin_claim(scope, key).await {
+                Err(Error::Database(error)) if closed_while_idle(&error) => {
+                    tracing::debug!(%error, "an idle connection was closed; claiming on another");
+                    tx.discard();
+                }
+                found => return found.map(|found| (tx, found)),
+            }
+        }
+        let mut tx = TxConn::new(self.pool.acquire().await?);
+        let found = tx.begin_claim(scope, key).await?;
+        Ok((tx, found))
+    }
+
     pub(crate) fn in_flight(&self, scope: &Scope, key: &IdempotencyKey) -> Error {
         Error::InFlight {
             scope: scope.clone(),

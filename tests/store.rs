@@ -1059,3 +1059,59 @@ async fn waiting_duplicates_are_bounded_per_key() -> Result<()> {
     }
     assert_no_idle_transactions(&pool).await
 }
+
+/// A claim takes an idle connection without the pool's ping; when the server closed it
+/// while it sat in the pool, the claim runs on another and the request does not notice.
+#[tokio::test]
+async fn connections_closed_while_idle_cost_the_requests_nothing() -> Result<()> {
+    let pool = setup().await?;
+    for pool_checks in [false, true] {
+        let small = small_pool(&pool, 3).await?;
+        let store = IdempotencyStore::with_config(
+            small.clone(),
+            Config::default().with_pool_checks(pool_checks),
+        );
+        // Three connections, idle in the pool, then closed by the server.
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(small.acquire().await?);
+        }
+        let mut pids = Vec::new();
+        for conn in &mut conns {
+            pids.push(
+                sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+                    .fetch_one(&mut **conn)
+                    .await?,
+            );
+        }
+        drop(conns);
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid")
+            .bind(&pids)
+            .execute(&pool)
+            .await?;
+        for _ in 0..100 {
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])",
+            )
+            .bind(&pids)
+            .fetch_one(&pool)
+            .await?;
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let before = payments(&pool).await?;
+        for _ in 0..4 {
+            let outcome = pay(&store, &scope("acct"), &new_key(), b"{}").await?;
+            assert!(!outcome.is_replay(), "pool checks {pool_checks}");
+        }
+        assert_eq!(
+            payments(&pool).await? - before,
+            4,
+            "pool checks {pool_checks}"
+        );
+        small.close().await;
+    }
+    assert_no_idle_transactions(&pool).await
+}

@@ -18,5 +18,5 @@ mod statement;
 mod tx;
 
 pub use hot_path::prepare_connection;
-pub(crate) use hot_path::{Committed, KeyRow, StoredRow};
+pub(crate) use hot_path::{Committed, Found, KeyRow, StoredRow};
 pub(crate) use tx::{TxConn, executor_over_tx};

@@ -94,6 +94,14 @@ impl TxConn {
         Ok(())
     }
 
+    /// Closes the connection instead of returning it to the pool: it is known to be
+    /// broken.
+    pub(crate) fn discard(mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            conn.close_on_drop();
+        }
+    }
+
     /// Takes a connection from `pool` and opens a transaction on it.
     pub(crate) async fn begin(pool: &PgPool) -> Result<Self, sqlx::Error> {
         let mut tx = Self::new(pool.acquire().await?);
