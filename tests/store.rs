@@ -1115,3 +1115,47 @@ async fn connections_closed_while_idle_cost_the_requests_nothing() -> Result<()>
     }
     assert_no_idle_transactions(&pool).await
 }
+
+/// A large response is compressed with lz4 where the server has it (migration
+/// `20261204000005_lz4_bodies.sql`), and replays byte for byte.
+#[tokio::test]
+async fn large_bodies_are_stored_with_lz4_and_replay_byte_for_byte() -> Result<()> {
+    let pool = setup().await?;
+    let store = IdempotencyStore::new(pool.clone());
+    let (scope, key) = (scope("acct_1"), new_key());
+    // Compressible like a real API response, with every byte value in it.
+    let mut body = Vec::new();
+    for line in 0..3000 {
+        body.extend(format!(r#"{{"line":{line},"sku":"a{}","qty":1}},"#, line % 97).bytes());
+    }
+    body.extend(0..=255u8);
+    let request = Request::new("POST", "/v1/orders", b"{}");
+    let stored =
+        StoredResponse::new(201, body.clone()).with_header("content-type", "application/json");
+    let first = store
+        .run(&scope, &key, &request, async |_claim| {
+            Ok::<_, Error>(stored.clone())
+        })
+        .await?;
+    assert!(!first.is_replay());
+    let Outcome::Replayed(replay) = store
+        .run(&scope, &key, &request, async |_claim| {
+            Err::<StoredResponse, _>(Error::MalformedRow("ran again".into()))
+        })
+        .await?
+    else {
+        bail!("expected a replay");
+    };
+    assert_eq!(replay.response.body, body);
+    let (method, lz4_available): (Option<String>, bool) = sqlx::query_as(
+        "SELECT (SELECT pg_column_compression(body) FROM idempotency_keys WHERE key = $1), \
+                EXISTS (SELECT FROM pg_settings WHERE name = 'default_toast_compression' \
+                        AND 'lz4' = ANY (enumvals))",
+    )
+    .bind(key.as_str())
+    .fetch_one(&pool)
+    .await?;
+    let expected = if lz4_available { "lz4" } else { "pglz" };
+    assert_eq!(method.as_deref(), Some(expected));
+    Ok(())
+}

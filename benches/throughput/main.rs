@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench throughput                 # full run, writes docs/throughput.svg
-//! cargo bench --bench throughput -- --quick      # 16 clients, 200,000-row sweep, < 60 s
+//! cargo bench --bench throughput -- --quick      # 16 clients, 200,000-row sweep, about 2 minutes
 //! cargo bench --bench throughput -- --json out.json --svg chart.svg
 //! ```
 //!
@@ -66,7 +66,7 @@ use crate::server::{Database, cores, describe_server, load_average, open_all, re
 #[derive(Debug, Parser)]
 #[command(name = "throughput")]
 struct Args {
-    /// Only the 16-client column, a 200,000-row sweep and short slices (under 60 s).
+    /// Only the 16-client column, a 200,000-row sweep and short slices (about 2 minutes).
     #[arg(long)]
     quick: bool,
     /// Seconds each path runs per client count and round (default 2, quick 1.2).
