@@ -153,12 +153,6 @@ pub(crate) fn answer(
     }
 }
 
-/// Whether `request` is the one `stored` fingerprints (hashed again at the stored
-/// version if another release wrote it).
-///
-/// # Errors
-///
-/// [`Error::UnknownFingerprintVersion`] for a version this build does not know.
 /// Whether `error`, from the first round trip on a connection taken from the pool, says
 /// that the connection was closed while it sat idle: an I/O error, or the server's own
 /// goodbye (SQLSTATE class 08, or 57P01-57P03: shut down, crashed, not accepting
@@ -173,6 +167,12 @@ fn closed_while_idle(error: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether `request` is the one `stored` fingerprints (hashed again at the stored
+/// version if another release wrote it).
+///
+/// # Errors
+///
+/// [`Error::UnknownFingerprintVersion`] for a version this build does not know.
 pub(crate) fn same_request(stored: &Fingerprint, request: &Request<'_>) -> Result<bool, Error> {
     let version = stored.version();
     request
@@ -367,13 +367,13 @@ impl IdempotencyStore {
         }
     }
 
-    /// [`Error::InFlight`] for this key, with the configured retry hint.
     /// Takes a pooled connection and, in one round trip, opens a transaction on it, tries
     /// the key's lock and looks the key up.
     ///
     /// That round trip checks the connection too, so unless the configuration asks for
     /// the pool's checks ([`Config::with_pool_checks`]), an idle connection is taken as
-    /// it is ([`PgPool::try_acquire`]: no ping, no `before_acquire` hook). If the server
+    /// it is ([`PgPool::try_acquire`](sqlx::PgPool::try_acquire): no ping, no `before_acquire`
+    /// hook). If the server
     /// closed it while it sat in the pool (a restart, a proxy's idle timeout), nothing has
     /// run: it is closed, and the claim runs on a connection taken with the pool's checks.
     async fn open_claim(
@@ -401,6 +401,7 @@ impl IdempotencyStore {
         Ok((tx, found))
     }
 
+    /// [`Error::InFlight`] for this key, with the configured retry hint.
     pub(crate) fn in_flight(&self, scope: &Scope, key: &IdempotencyKey) -> Error {
         Error::InFlight {
             scope: scope.clone(),

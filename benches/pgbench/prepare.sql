@@ -4,6 +4,10 @@
 \set k random(1, 1000000000000)
 \if :prepared = 0
 PREPARE pgidem_lookup_v2(text, text) AS SELECT fingerprint_version, encode(fingerprint, 'hex'), status, headers, encode(body, 'hex'), (extract(epoch FROM created_at) * 1000000)::bigint, expires_at > now(), request_id, traceparent FROM idempotency_keys WHERE scope = $1 AND key = $2;
+-- Candidates of issue 14 that the crate does not send (docs/BENCHMARKS.md, "Measured and
+-- not made"): the lock folded into the lookup, and a narrow lookup.
+PREPARE pgidem_claim_fused(bigint, text, text) AS SELECT pg_try_advisory_xact_lock($1), k.fingerprint_version, encode(k.fingerprint, 'hex'), k.status, k.headers, encode(k.body, 'hex'), (extract(epoch FROM k.created_at) * 1000000)::bigint, k.expires_at > now(), k.request_id, k.traceparent FROM (VALUES (1)) AS one LEFT JOIN idempotency_keys k ON k.scope = $2 AND k.key = $3;
+PREPARE pgidem_lookup_narrow(text, text) AS SELECT fingerprint_version, fingerprint, expires_at > now() FROM idempotency_keys WHERE scope = $1 AND key = $2;
 PREPARE pgidem_insert_v2(text, text, smallint, bytea, smallint, jsonb, bytea, bigint, text, text) AS INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, headers, body, created_at, expires_at, request_id, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8 * interval '1 millisecond', $9, $10);
 \set prepared 1
 \endif

@@ -5,7 +5,10 @@
 # it, and `zero2prod` the hand-written shape of benches/throughput/paths.rs. Every script runs with
 # prepare.sql in front of it.
 #
-#   DATABASE_URL=postgres://postgres@127.0.0.1:5432/scratch bash benches/pgbench/run.sh [seconds]
+#   DATABASE_URL=postgres://postgres@127.0.0.1:5432/scratch bash benches/pgbench/run.sh [seconds [script...]]
+#
+# Without script names it runs bare, lock, lookup, insert, first_request and zero2prod;
+# `bare claim claim_fused claim_narrow` compares the claim with issue 14's candidates.
 #
 # DATABASE_URL must name a database the script may fill: it applies the crate's
 # migrations there and creates a `payments` table. Server CPU per transaction is read from
@@ -14,6 +17,9 @@
 set -euo pipefail
 : "${DATABASE_URL:?set DATABASE_URL to a scratch database (see the header of this script)}"
 secs=${1:-6}
+shift || true
+scripts=("$@")
+[ ${#scripts[@]} -gt 0 ] || scripts=(bare lock lookup insert first_request zero2prod)
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here/../.."
 cargo run --quiet --features cli --bin pg-idempotency -- migrate >/dev/null
@@ -27,7 +33,7 @@ printf '%-22s %8s %14s %18s\n' script tps ratio_to_bare 'server_cpu_us/tx'
 bare_tps=
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-for script in bare lock lookup insert first_request zero2prod; do
+for script in "${scripts[@]}"; do
     cat "$here/prepare.sql" "$here/$script.sql" >"$scratch/$script.sql"
     psql -q "$DATABASE_URL" -c "TRUNCATE idempotency_keys, idem_z2p, payments" -c CHECKPOINT
     b0=$(busy)
