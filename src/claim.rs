@@ -279,9 +279,11 @@ impl Claim {
     }
 }
 
-/// Whether `error` leaves the outcome of a `COMMIT` sent with it unknown: the connection
-/// failed (I/O, protocol, TLS), or the server ended the session (SQLSTATE class 57,
-/// operator intervention, or 08, connection exception), possibly right after committing.
+/// Whether `error` says that the connection failed (I/O, protocol, TLS) or that the
+/// server ended the session (SQLSTATE class 57, operator intervention, or 08, connection
+/// exception). Sent with a `COMMIT`, that leaves its outcome unknown (the server may have
+/// committed right before); on a claim's first round trip, before anything ran, it only
+/// means the connection is of no use (the server closed it while it sat in the pool).
 /// Any other database error means the server refused a statement, which rolls the
 /// transaction back.
 pub(crate) fn connection_broke(error: &sqlx::Error) -> bool {

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tracing::Instrument;
 
-use crate::claim::{Claim, CommitOutcome, Completion};
+use crate::claim::{Claim, CommitOutcome, Completion, connection_broke};
 use crate::config::Config;
 use crate::db::{Found, StoredRow, TxConn};
 use crate::error::Error;
@@ -150,20 +150,6 @@ pub(crate) fn answer(
             first_used_at: stored.created_at,
             first_request: stored.provenance,
         })
-    }
-}
-
-/// Whether `error`, from the first round trip on a connection taken from the pool, says
-/// that the connection was closed while it sat idle: an I/O error, or the server's own
-/// goodbye (SQLSTATE class 08, or 57P01-57P03: shut down, crashed, not accepting
-/// connections).
-fn closed_while_idle(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(error) => error
-            .code()
-            .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
-        _ => false,
     }
 }
 
@@ -389,7 +375,7 @@ impl IdempotencyStore {
         if let Some(conn) = idle {
             let mut tx = TxConn::new(conn);
             match tx.begin_claim(scope, key).await {
-                Err(Error::Database(error)) if closed_while_idle(&error) => {
+                Err(Error::Database(error)) if connection_broke(&error) => {
                     tracing::debug!(%error, "an idle connection was closed; claiming on another");
                     tx.discard();
                 }

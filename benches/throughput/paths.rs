@@ -64,6 +64,16 @@ impl Path {
         }
     }
 
+    /// The business writes of the path.
+    fn writes(self) -> Writes {
+        match self {
+            Path::RealisticBare | Path::RealisticZero2Prod | Path::RealisticFirstRequest => {
+                Writes::Realistic
+            }
+            _ => Writes::Payment,
+        }
+    }
+
     /// Whether the response-size sweep runs this path too.
     pub fn sized(self) -> bool {
         matches!(self, Path::Zero2Prod | Path::FirstRequest)
@@ -184,14 +194,66 @@ fn new_key() -> IdempotencyKey {
     IdempotencyKey::from_uuid(uuid::Uuid::new_v4()).expect("a v4 UUID is a valid key")
 }
 
-/// Path 1: `BEGIN; INSERT; COMMIT`.
-async fn bare(ctx: &Ctx, account: &str) -> Result<()> {
-    let mut tx = ctx.pool.begin().await?;
-    sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
+/// The business writes of a path: one payment, or the realistic transaction's four
+/// statements.
+#[derive(Debug, Clone, Copy)]
+enum Writes {
+    /// `INSERT INTO payments`.
+    Payment,
+    /// Insert a payment, update the account's balance row, insert a ledger row and an
+    /// outbox row.
+    Realistic,
+}
+
+impl Writes {
+    /// Runs the writes for `account` in `tx`.
+    async fn run<C>(self, tx: &mut C, account: &str) -> Result<()>
+    where
+        for<'c> &'c mut C: sqlx::Executor<'c, Database = sqlx::Postgres>,
+    {
+        let amount = 1000_i64;
+        if let Writes::Payment = self {
+            sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
+                .bind(account)
+                .bind(amount)
+                .execute(&mut *tx)
+                .await?;
+            return Ok(());
+        }
+        let payment: i64 = sqlx::query_scalar(
+            "INSERT INTO payments (account, amount) VALUES ($1, $2) RETURNING id",
+        )
         .bind(account)
-        .bind(1000_i64)
-        .execute(&mut *tx)
+        .bind(amount)
+        .fetch_one(&mut *tx)
         .await?;
+        let updated = sqlx::query("UPDATE accounts SET balance = balance - $2 WHERE account = $1")
+            .bind(account)
+            .bind(amount)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        ensure!(updated == 1, "realistic: no account row for {account}");
+        sqlx::query("INSERT INTO ledger (account, payment_id, amount) VALUES ($1, $2, $3)")
+            .bind(account)
+            .bind(payment)
+            .bind(-amount)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO outbox (topic, payload) VALUES ('payment.created', $1)")
+            .bind(Json(
+                serde_json::json!({ "payment": payment, "account": account, "amount": amount }),
+            ))
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+}
+
+/// `bare` and `realistic_bare`: `BEGIN`, the writes, `COMMIT`.
+async fn bare(ctx: &Ctx, account: &str, writes: Writes) -> Result<()> {
+    let mut tx = ctx.pool.begin().await?;
+    writes.run(&mut *tx, account).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -199,17 +261,12 @@ async fn bare(ctx: &Ctx, account: &str) -> Result<()> {
 /// The floor: bare plus the key row (the columns `idempotency_keys` holds for a first
 /// request) inserted in the same transaction, in one string with `COMMIT`; no lock, no
 /// lookup. The least that storing a response with the business write can cost.
-async fn floor(ctx: &Ctx, scope: &Scope, client: usize, n: u64) -> Result<()> {
+async fn floor(ctx: &Ctx, scope: &Scope, response: &StoredResponse) -> Result<()> {
     let key = new_key();
     let fingerprint = Request::new("POST", ROUTE, BODY).fingerprint();
-    let response = response(client, n, None);
     let mut conn = ctx.pool.acquire().await?;
     sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
-    sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
-        .bind(scope.as_str())
-        .bind(1000_i64)
-        .execute(&mut *conn)
-        .await?;
+    Writes::Payment.run(&mut *conn, scope.as_str()).await?;
     // The values are this benchmark's own (an ASCII scope, a UUID, hex), so they are
     // spelled into the string as they are.
     let insert = format!(
@@ -234,15 +291,14 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Path 2: what most users write by hand (zero2prod `src/idempotency`), with the same
-/// columns as `idempotency_keys`: five round trips, two row versions of the key.
+/// `zero2prod` and `realistic_zero2prod`: what most users write by hand (zero2prod
+/// `src/idempotency`), with the same columns as `idempotency_keys`: the claim's
+/// `INSERT`, the writes, the response's `UPDATE` (two row versions of the key).
 async fn zero2prod(
     ctx: &Ctx,
     scope: &Scope,
-    client: usize,
-    n: u64,
-    size: Option<usize>,
-    realistic: bool,
+    writes: Writes,
+    response: &StoredResponse,
 ) -> Result<()> {
     let key = new_key();
     let fingerprint = Request::new("POST", ROUTE, BODY).fingerprint();
@@ -260,16 +316,7 @@ async fn zero2prod(
     .await?
     .rows_affected();
     ensure!(claimed == 1, "zero2prod: fresh key not claimed");
-    if realistic {
-        realistic_writes(&mut *tx, scope.as_str()).await?;
-    } else {
-        sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
-            .bind(scope.as_str())
-            .bind(1000_i64)
-            .execute(&mut *tx)
-            .await?;
-    }
-    let response = response(client, n, size);
+    writes.run(&mut *tx, scope.as_str()).await?;
     sqlx::query(
         "UPDATE idem_z2p SET status = $3, headers = $4, body = $5 WHERE scope = $1 AND key = $2",
     )
@@ -284,74 +331,22 @@ async fn zero2prod(
     Ok(())
 }
 
-/// Path 3: claim, the business insert, complete. Returns the key it stored.
+/// `first_request` and `realistic_first_request`: claim, the writes, complete. Returns
+/// the key it stored.
 async fn first_request(
     ctx: &Ctx,
     scope: &Scope,
-    client: usize,
-    n: u64,
-    size: Option<usize>,
-    realistic: bool,
+    writes: Writes,
+    response: &StoredResponse,
 ) -> Result<IdempotencyKey> {
     let key = new_key();
     let request = Request::new("POST", ROUTE, BODY);
     let Begin::Claimed(mut claim) = ctx.store.begin(scope, &key, &request).await? else {
         bail!("first request: a fresh key replayed");
     };
-    if realistic {
-        realistic_writes(&mut claim, scope.as_str()).await?;
-    } else {
-        sqlx::query("INSERT INTO payments (account, amount) VALUES ($1, $2)")
-            .bind(scope.as_str())
-            .bind(1000_i64)
-            .execute(&mut claim)
-            .await?;
-    }
-    claim.complete(&response(client, n, size)).await?;
+    writes.run(&mut claim, scope.as_str()).await?;
+    claim.complete(response).await?;
     Ok(key)
-}
-
-/// The four statements of a realistic business transaction: insert a payment, update
-/// the account's balance row, insert a ledger row and an outbox row.
-async fn realistic_writes<C>(tx: &mut C, account: &str) -> Result<()>
-where
-    for<'c> &'c mut C: sqlx::Executor<'c, Database = sqlx::Postgres>,
-{
-    let amount = 1000_i64;
-    let payment: i64 =
-        sqlx::query_scalar("INSERT INTO payments (account, amount) VALUES ($1, $2) RETURNING id")
-            .bind(account)
-            .bind(amount)
-            .fetch_one(&mut *tx)
-            .await?;
-    let updated = sqlx::query("UPDATE accounts SET balance = balance - $2 WHERE account = $1")
-        .bind(account)
-        .bind(amount)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    ensure!(updated == 1, "realistic: no account row for {account}");
-    sqlx::query("INSERT INTO ledger (account, payment_id, amount) VALUES ($1, $2, $3)")
-        .bind(account)
-        .bind(payment)
-        .bind(-amount)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("INSERT INTO outbox (topic, payload) VALUES ('payment.created', $1)")
-        .bind(Json(
-            serde_json::json!({ "payment": payment, "account": account, "amount": amount }),
-        ))
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
-}
-
-/// `realistic_bare`: [`realistic_writes`] in `BEGIN` .. `COMMIT`.
-async fn realistic_bare(ctx: &Ctx, account: &str) -> Result<()> {
-    let mut tx = ctx.pool.begin().await?;
-    realistic_writes(&mut *tx, account).await?;
-    tx.commit().await?;
-    Ok(())
 }
 
 /// Path 4: the same request again.
@@ -469,23 +464,21 @@ async fn slice(ctx: &Arc<Ctx>, cell: Cell, clients: usize, duration: Duration) -
             while Instant::now() < deadline {
                 let t0 = Instant::now();
                 match path {
-                    Path::Bare => bare(&ctx, scope.as_str()).await?,
-                    Path::Floor => floor(&ctx, &scope, client, n).await?,
+                    Path::Bare => bare(&ctx, scope.as_str(), Writes::Payment).await?,
+                    Path::RealisticBare => bare(&ctx, scope.as_str(), Writes::Realistic).await?,
+                    Path::Floor => floor(&ctx, &scope, &response(client, n, None)).await?,
                     Path::Phased => phased(&ctx, &scope).await?,
-                    Path::Zero2Prod => zero2prod(&ctx, &scope, client, n, size, false).await?,
-                    Path::FirstRequest => {
-                        let key = first_request(&ctx, &scope, client, n, size, false).await?;
+                    Path::Zero2Prod | Path::RealisticZero2Prod => {
+                        let response = response(client, n, size);
+                        zero2prod(&ctx, &scope, path.writes(), &response).await?;
+                    }
+                    Path::FirstRequest | Path::RealisticFirstRequest => {
+                        let response = response(client, n, size);
+                        let key = first_request(&ctx, &scope, path.writes(), &response).await?;
                         // Replays and conflicts read back the usual responses.
-                        if size.is_none() {
+                        if path == Path::FirstRequest && size.is_none() {
                             stored.push((scope.clone(), key));
                         }
-                    }
-                    Path::RealisticBare => realistic_bare(&ctx, scope.as_str()).await?,
-                    Path::RealisticZero2Prod => {
-                        zero2prod(&ctx, &scope, client, n, None, true).await?;
-                    }
-                    Path::RealisticFirstRequest => {
-                        first_request(&ctx, &scope, client, n, None, true).await?;
                     }
                     Path::Replay | Path::Conflict => {
                         let at = ctx.cursor.fetch_add(1, Ordering::Relaxed) % keys.len();
