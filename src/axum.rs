@@ -169,6 +169,7 @@
 //! [`MatchedPath`]: ::axum::extract::MatchedPath
 
 mod extract;
+mod handoff;
 mod key_field;
 mod layer;
 mod phased;

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use crate::claim::CommitOutcome;
 use crate::key::{IdempotencyKey, KeyError};
+use crate::outcome::CommitOutcome;
 use crate::provenance::Provenance;
 use crate::scope::{Scope, ScopeError};
 

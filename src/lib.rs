@@ -83,10 +83,12 @@ pub mod axum;
 mod claim;
 mod config;
 mod db;
+mod engine;
 mod error;
 mod fingerprint;
 mod key;
 pub mod metrics;
+mod outcome;
 pub mod phased;
 mod problem;
 mod provenance;
@@ -97,46 +99,18 @@ mod store;
 mod sweeper;
 #[cfg(feature = "testing")]
 pub mod testing;
-mod waiters;
 
-pub use claim::{Claim, CommitOutcome, Completion};
+pub use claim::Claim;
 pub use config::Config;
 pub use db::prepare_connection;
 pub use error::Error;
 pub use fingerprint::{Fingerprint, Request};
 pub use key::{IdempotencyKey, KeyError, KeyPolicy};
+pub use outcome::{Begin, CommitOutcome, Completion, Outcome, Replay};
 pub use problem::{IDEMPOTENCY_KEY_HEADER, Problem, Problems};
 pub use provenance::Provenance;
 pub use response::{StorePolicy, StoredResponse};
+pub use schema::{MIGRATOR, migrate};
 pub use scope::{Scope, ScopeError};
-pub use store::{Begin, IdempotencyStore, Outcome, Replay};
+pub use store::IdempotencyStore;
 pub use sweeper::{SweepOptions, Sweeper, delete_expired, sweep};
-
-/// This crate's migrations, recorded in their own history table
-/// (`_pg_idempotency_migrations`).
-///
-/// Usable with `#[sqlx::test(migrator = "pg_idempotency::MIGRATOR")]`.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
-
-/// Applies this crate's migrations (idempotent; safe to call at every start-up, also
-/// from several nodes at once: sqlx serialises them with an advisory lock).
-///
-/// First refuses a database whose encoding is not UTF-8. When every migration is
-/// applied already, it only reads the history table, so an application role without DDL
-/// rights can call it at start-up; applying a migration needs the role that owns the
-/// schema (docs/OPERATIONS.md, "Least privilege").
-///
-/// # Errors
-///
-/// [`Error::UnsupportedEncoding`], [`Error::Migrate`], [`Error::Database`].
-pub async fn migrate<'a, A>(conn: A) -> Result<(), Error>
-where
-    A: sqlx::Acquire<'a, Database = sqlx::Postgres>,
-{
-    let mut conn = conn.acquire().await?;
-    schema::check_encoding(&mut conn).await?;
-    if !schema::is_up_to_date(&mut conn).await? {
-        MIGRATOR.run(&mut *conn).await?;
-    }
-    Ok(())
-}

@@ -1,10 +1,39 @@
-//! What [`migrate`](crate::migrate) checks before it touches the schema: that the
-//! database can hold the crate's text, and whether every migration is applied already.
+//! The crate's schema: its migrations, and what [`migrate`] checks before it touches the
+//! database (that the database can hold the crate's text, and whether every migration is
+//! applied already).
 
 use sqlx::PgConnection;
 
-use crate::MIGRATOR;
 use crate::error::Error;
+
+/// This crate's migrations, recorded in their own history table
+/// (`_pg_idempotency_migrations`).
+///
+/// Usable with `#[sqlx::test(migrator = "pg_idempotency::MIGRATOR")]`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Applies this crate's migrations (idempotent; safe to call at every start-up, also
+/// from several nodes at once: sqlx serialises them with an advisory lock).
+///
+/// First refuses a database whose encoding is not UTF-8. When every migration is
+/// applied already, it only reads the history table, so an application role without DDL
+/// rights can call it at start-up; applying a migration needs the role that owns the
+/// schema (docs/OPERATIONS.md, "Least privilege").
+///
+/// # Errors
+///
+/// [`Error::UnsupportedEncoding`], [`Error::Migrate`], [`Error::Database`].
+pub async fn migrate<'a, A>(conn: A) -> Result<(), Error>
+where
+    A: sqlx::Acquire<'a, Database = sqlx::Postgres>,
+{
+    let mut conn = conn.acquire().await?;
+    check_encoding(&mut conn).await?;
+    if !is_up_to_date(&mut conn).await? {
+        MIGRATOR.run(&mut *conn).await?;
+    }
+    Ok(())
+}
 
 /// The only server encoding that holds every scope, key and header the crate stores.
 const REQUIRED_ENCODING: &str = "UTF8";
@@ -14,7 +43,7 @@ const REQUIRED_ENCODING: &str = "UTF8";
 /// The hot path spells text as Unicode escapes, which a `SQL_ASCII` database refuses
 /// beyond ASCII, and a single-byte encoding such as `LATIN1` cannot store most of
 /// Unicode: every such scope or header would fail at run time, request after request.
-pub(crate) async fn check_encoding(conn: &mut PgConnection) -> Result<(), Error> {
+async fn check_encoding(conn: &mut PgConnection) -> Result<(), Error> {
     let encoding =
         sqlx::query_scalar!(r#"SELECT current_setting('server_encoding') AS "encoding!""#)
             .fetch_one(conn)
@@ -33,7 +62,7 @@ pub(crate) async fn check_encoding(conn: &mut PgConnection) -> Result<(), Error>
 ///
 /// Read-only; anything else (no history table, a migration missing, failed, changed, or
 /// unknown to this build) is left to the migrator, which applies or reports it.
-pub(crate) async fn is_up_to_date(conn: &mut PgConnection) -> Result<bool, Error> {
+async fn is_up_to_date(conn: &mut PgConnection) -> Result<bool, Error> {
     let exists = sqlx::query_scalar!(
         r#"SELECT to_regclass('_pg_idempotency_migrations') IS NOT NULL AS "exists!""#
     )

@@ -75,17 +75,13 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 
 mod docker;
+mod env;
+mod error;
 mod local;
 
+use env::{Env, process_env};
+pub use error::TestServerError;
 pub use local::{LocalCluster, LocalClusterOptions};
-
-/// Reads a setting; the real one is [`process_env`], tests pass their own.
-type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
-
-/// The process environment, with empty values treated as unset.
-fn process_env(key: &str) -> Option<String> {
-    std::env::var(key).ok().filter(|v| !v.is_empty())
-}
 
 /// How long connecting to the server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -249,14 +245,10 @@ fn discover(env: Env<'_>) -> Result<TestServer, TestServerError> {
             let mut looked_at = vec!["DATABASE_URL (not set)".to_owned(), why_not_docker];
             looked_at.extend(places);
             Err(TestServerError::NoPostgres {
-                looked_at: format_looked_at(&looked_at),
+                looked_at: error::format_looked_at(&looked_at),
             })
         }
     }
-}
-
-fn format_looked_at(places: &[String]) -> String {
-    places.iter().map(|p| format!("\n  - {p}")).collect()
 }
 
 /// `url` split into its scheme with `://`, its authority (user, password, host, port) and the
@@ -434,133 +426,10 @@ pub async fn fresh_pool() -> Result<PgPool, TestServerError> {
     Ok(TestDatabase::create().await?.pool.clone())
 }
 
-/// Errors of this module. Each message says what to do about it.
-#[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
-pub enum TestServerError {
-    /// No PostgreSQL server could be found or started.
-    #[error(
-        "no PostgreSQL server for the tests. Do one of these: set DATABASE_URL to a server \
-         this user may create databases on (e.g. \
-         DATABASE_URL=postgres://postgres:postgres@127.0.0.1:5432/postgres); or start Docker, \
-         so a postgres container can be run; or install the PostgreSQL server binaries \
-         (Debian/Ubuntu: `apt-get install postgresql`, Fedora/RHEL: `dnf install \
-         postgresql-server`, macOS: `brew install postgresql@17`), or set PG_BIN to the \
-         directory holding initdb, pg_ctl and postgres. Looked at:{looked_at}"
-    )]
-    NoPostgres {
-        /// Every place looked at and why it did not do, one per line.
-        looked_at: String,
-    },
-
-    /// Running as root, and the user to run the server as does not exist.
-    #[error(
-        "running as root, and PostgreSQL refuses to run as root, but there is no \
-         unprivileged user `{user}` in /etc/passwd to run it as: create one (e.g. `useradd \
-         --system {user}`) or set PG_TEST_USER to an existing unprivileged user, or set \
-         DATABASE_URL to use a running server"
-    )]
-    NoUnprivilegedUser {
-        /// The user looked for (`PG_TEST_USER`, else `nobody`).
-        user: String,
-    },
-
-    /// `initdb` or `pg_ctl` failed for a throwaway cluster.
-    #[error(
-        "`{action}` failed for a throwaway PostgreSQL cluster (to use a running server \
-         instead, set DATABASE_URL): {detail}"
-    )]
-    Cluster {
-        /// The command that failed.
-        action: String,
-        /// Its output and, for a start, the tail of the server log.
-        detail: String,
-    },
-
-    /// `DATABASE_URL` is set but is not a postgres URL.
-    #[error(
-        "DATABASE_URL is set but is not a postgres:// or postgresql:// URL: set it to one, \
-         e.g. postgres://postgres:postgres@127.0.0.1:5432/postgres, or unset it"
-    )]
-    InvalidDatabaseUrl,
-
-    /// Something took too long.
-    #[error("{what} took longer than {seconds} s: check that the server is up and reachable")]
-    Timeout {
-        /// What was being done.
-        what: String,
-        /// The limit, in seconds.
-        seconds: u64,
-    },
-
-    /// An earlier call in this process failed to find or start the shared server.
-    #[error(
-        "the shared test server could not be found or started earlier in this process: \
-         {message}"
-    )]
-    EarlierFailure {
-        /// The earlier error's message.
-        message: String,
-    },
-
-    /// The database server refused or failed a request.
-    #[error("PostgreSQL error in the test setup: {0}")]
-    Database(#[from] sqlx::Error),
-
-    /// Applying this crate's migrations failed.
-    #[error("applying pg-idempotency's migrations to the test database failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-
-    /// A file or process operation failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-}
-
-impl TestServerError {
-    /// This error again, for later callers of [`TestServer::shared`]: `NoPostgres` as it is,
-    /// anything else as [`TestServerError::EarlierFailure`].
-    fn replay(&self) -> TestServerError {
-        match self {
-            TestServerError::NoPostgres { looked_at } => TestServerError::NoPostgres {
-                looked_at: looked_at.clone(),
-            },
-            TestServerError::EarlierFailure { message } => TestServerError::EarlierFailure {
-                message: message.clone(),
-            },
-            other => TestServerError::EarlierFailure {
-                message: other.to_string(),
-            },
-        }
-    }
-
-    fn io(context: impl Into<String>, source: io::Error) -> Self {
-        TestServerError::Io {
-            context: context.into(),
-            source,
-        }
-    }
-}
-
-/// A fake environment for tests (the real one cannot be changed without `unsafe`).
-#[cfg(test)]
-fn test_env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
-    let map: std::collections::HashMap<String, String> = pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    move |k: &str| map.get(k).cloned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::test_env as env_of;
+    use crate::testing::env::test_env as env_of;
     use std::time::Instant;
 
     #[test]

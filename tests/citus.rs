@@ -353,7 +353,8 @@ impl pg_idempotency::phased::Operation for Note {
 /// keys): run, replay, conflict, the completer, expiry and the sweep over the shards.
 #[tokio::test]
 async fn phased_requests_run_resume_and_sweep_on_distributed_tables() -> Result<()> {
-    use pg_idempotency::phased::{Completer, PhasedBegin};
+    use pg_idempotency::Begin;
+    use pg_idempotency::phased::Completer;
 
     let Some(citus) = CitusSchema::create("citus phased").await? else {
         return Ok(());
@@ -394,7 +395,7 @@ async fn phased_requests_run_resume_and_sweep_on_distributed_tables() -> Result<
     let scope = Scope::new("tenant-abandoned")?;
     let (unstarted, started) = (new_key(), new_key());
     let request = Request::new("POST", "/notes", b"x");
-    let PhasedBegin::Held(idle) = store.begin_phased(&scope, &unstarted, &request).await? else {
+    let Begin::Claimed(idle) = store.begin_phased(&scope, &unstarted, &request).await? else {
         bail!("fresh key");
     };
     drop(idle);
@@ -426,7 +427,7 @@ async fn phased_requests_run_resume_and_sweep_on_distributed_tables() -> Result<
     ensure!(notes == 11, "{notes} ledger rows");
 
     // Abandoned past the replay window: swept on every shard.
-    let PhasedBegin::Held(stale) = store.begin_phased(&scope, &new_key(), &request).await? else {
+    let Begin::Claimed(stale) = store.begin_phased(&scope, &new_key(), &request).await? else {
         bail!("fresh key");
     };
     drop(stale);

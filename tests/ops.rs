@@ -568,13 +568,13 @@ fn counters_and_histograms_move() -> Result<()> {
 /// lease), and `forget` frees its key.
 #[tokio::test]
 async fn the_command_line_tool_shows_and_forgets_phased_requests() -> Result<()> {
-    use pg_idempotency::phased::PhasedBegin;
+    use pg_idempotency::Begin;
 
     let database = pg_idempotency::testing::TestDatabase::create().await?;
     let store = IdempotencyStore::new(database.pool().clone());
     let (scope, key) = (Scope::new("acct_p")?, new_key());
     let request = Request::new("POST", "/charges", b"{}");
-    let PhasedBegin::Held(mut claim) = store.begin_phased(&scope, &key, &request).await? else {
+    let Begin::Claimed(mut claim) = store.begin_phased(&scope, &key, &request).await? else {
         bail!("fresh key")
     };
     claim.set_provenance(Provenance::new("req_PHASED"));
@@ -626,7 +626,7 @@ async fn the_command_line_tool_shows_and_forgets_phased_requests() -> Result<()>
         bail!("still there: {}", stdout(&again));
     }
     // The key is free: a new request runs.
-    let PhasedBegin::Held(fresh) = store.begin_phased(&scope, &key, &request).await? else {
+    let Begin::Claimed(fresh) = store.begin_phased(&scope, &key, &request).await? else {
         bail!("the forgotten key replayed")
     };
     if fresh.attempt() != 1 || fresh.recovery_point().is_some() {

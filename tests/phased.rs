@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use pg_idempotency::phased::{
-    Completer, CompleterOptions, Finished, Operation, PhasedBegin, Steps, downstream_key,
+    Completer, CompleterOptions, Finished, Operation, Steps, downstream_key,
 };
 use pg_idempotency::{
-    Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Request, Scope, StoredResponse,
+    Begin, Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Request, Scope, StoredResponse,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -246,7 +246,7 @@ async fn a_retry_resumes_after_the_last_recorded_step() -> Result<()> {
     ensure!(charges(&pool).await? == 1 && requests_in_progress(&pool).await? == 1);
 
     // The retry resumes at the foreign step: no second charge row.
-    let PhasedBegin::Held(claim) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
+    let Begin::Claimed(claim) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
         bail!("the released request was not taken at once")
     };
     ensure!(claim.attempt() == 2 && claim.recovery_point() == Some("record_charge"));
@@ -272,7 +272,7 @@ async fn a_holder_whose_lease_was_taken_over_records_nothing() -> Result<()> {
     let fast = Charge::new(Arc::clone(&processor));
     let (scope, key) = (scope(), new_key());
 
-    let PhasedBegin::Held(old) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
+    let Begin::Claimed(old) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
         bail!("fresh key")
     };
     let old = tokio::spawn(async move { old.run(&slow, INPUT).await });
@@ -286,7 +286,7 @@ async fn a_holder_whose_lease_was_taken_over_records_nothing() -> Result<()> {
 
     // After it, a retry takes over and finishes; the old holder then cannot record.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let PhasedBegin::Held(new) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
+    let Begin::Claimed(new) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
         bail!("the lease did not run out")
     };
     ensure!(new.attempt() == 2);
@@ -370,7 +370,7 @@ async fn the_completer_finishes_abandoned_requests_and_frees_unstarted_ones() ->
     // Abandoned after its first step: the holder vanished (its future dropped) during the
     // external call.
     let abandoned = new_key();
-    let PhasedBegin::Held(claim) = store
+    let Begin::Claimed(claim) = store
         .begin_phased(&scope, &abandoned, &request(BODY))
         .await?
     else {
@@ -384,7 +384,7 @@ async fn the_completer_finishes_abandoned_requests_and_frees_unstarted_ones() ->
 
     // Taken, never started: nothing was done, so the completer frees the key.
     let unstarted = new_key();
-    let PhasedBegin::Held(idle) = store
+    let Begin::Claimed(idle) = store
         .begin_phased(&scope, &unstarted, &request(BODY))
         .await?
     else {
@@ -507,7 +507,7 @@ async fn abandoned_requests_expire_and_are_swept() -> Result<()> {
     let store = IdempotencyStore::new(pool.clone());
     let charge = Charge::new(Arc::new(Processor::default()));
     let (scope, key) = (scope(), new_key());
-    let PhasedBegin::Held(claim) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
+    let Begin::Claimed(claim) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
         bail!("fresh key")
     };
     drop(claim);
@@ -530,7 +530,7 @@ async fn abandoned_requests_expire_and_are_swept() -> Result<()> {
     ensure!(!other.is_replay());
 
     let stale = new_key();
-    let PhasedBegin::Held(claim) = store.begin_phased(&scope, &stale, &request(BODY)).await? else {
+    let Begin::Claimed(claim) = store.begin_phased(&scope, &stale, &request(BODY)).await? else {
         bail!("fresh key")
     };
     drop(claim);

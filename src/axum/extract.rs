@@ -8,37 +8,12 @@ use std::sync::Arc;
 use axum::extract::{FromRequest, FromRequestParts, OptionalFromRequestParts, Request};
 use axum::response::{IntoResponse, IntoResponseParts, Response, ResponseParts};
 use http::request::Parts;
-use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
+use tokio::sync::{OwnedMappedMutexGuard, OwnedMutexGuard};
 
+use super::handoff::Handoff;
 use super::request_id::RequestId;
 use crate::claim::Claim;
 use crate::problem::Problems;
-
-/// The hand-off between the layer and the handler: the layer puts the claim in, the
-/// handler borrows it through [`IdempotentTx`], the layer takes it back to complete it.
-#[derive(Clone)]
-pub(crate) struct ClaimHandle {
-    claim: Arc<Mutex<Option<Claim>>>,
-    problems: Arc<Problems>,
-}
-
-impl ClaimHandle {
-    pub(crate) fn new(claim: Claim, problems: Arc<Problems>) -> Self {
-        Self {
-            claim: Arc::new(Mutex::new(Some(claim))),
-            problems,
-        }
-    }
-
-    /// Takes the claim back after the handler returned; `None` if the handler still
-    /// holds an [`IdempotentTx`] (it moved it into a task that is still running).
-    pub(crate) fn take(&self) -> Option<Claim> {
-        self.claim
-            .try_lock()
-            .ok()
-            .and_then(|mut claim| claim.take())
-    }
-}
 
 /// The claimed key's open transaction, for a handler behind an
 /// [`IdempotencyLayer`](super::IdempotencyLayer): run the business writes through it.
@@ -81,17 +56,17 @@ impl IdempotentTx {
     /// `Ok(None)`: no claim on this request; `Err`: the claim is in use (a bug in the
     /// application), answered with a 500 problem spelled by the layer's [`Problems`].
     fn extract(parts: &Parts) -> Result<Option<Self>, Arc<Problems>> {
-        let Some(handle) = parts.extensions.get::<ClaimHandle>() else {
+        let Some(handoff) = parts.extensions.get::<Handoff<Claim>>() else {
             return Ok(None);
         };
         let misuse = |what: &str| {
             tracing::error!(
                 "{what}: take IdempotentTx once per handler and keep it within the handler"
             );
-            Arc::clone(&handle.problems)
+            Arc::clone(handoff.problems())
         };
-        let guard: OwnedMutexGuard<Option<Claim>> = Arc::clone(&handle.claim)
-            .try_lock_owned()
+        let guard: OwnedMutexGuard<Option<Claim>> = handoff
+            .borrow()
             .map_err(|_| misuse("the claim of this request is already in use"))?;
         let guard = OwnedMutexGuard::try_map(guard, Option::as_mut)
             .map_err(|_| misuse("the claim of this request was already completed"))?;

@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::fmt;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -21,22 +22,23 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
 
-use super::extract::{ClaimHandle, Rollback};
+use super::extract::Rollback;
+use super::handoff::Handoff;
 use super::key_field::parse_key_field;
-use super::phased::PhasedHandle;
 use super::request_id::{REQUEST_ID_HEADER, RequestId};
 use super::response::{from_stored, to_stored};
 use super::scope::{ScopeRejection, title_case};
-use crate::claim::{Claim, CommitOutcome, Completion};
+use crate::claim::Claim;
 use crate::error::Error;
 use crate::fingerprint::Request as Fingerprinted;
-use crate::key::KeyPolicy;
-use crate::phased::{PhasedBegin, PhasedClaim};
+use crate::key::{IdempotencyKey, KeyPolicy};
+use crate::outcome::{Begin, CommitOutcome, Completion};
+use crate::phased::PhasedClaim;
 use crate::problem::{Problem, Problems};
 use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
-use crate::store::{Begin, IdempotencyStore, Replay};
+use crate::store::IdempotencyStore;
 
 type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
 
@@ -336,7 +338,11 @@ where
         request_id: &request_id,
         route: &route,
     };
-    let mut response = flow.run(inner, request).instrument(span.clone()).await;
+    let mut response = flow
+        .run(inner, request)
+        .instrument(span.clone())
+        .await
+        .unwrap_or_else(|early| *early);
     span.record("status", response.status().as_u16());
     response.headers_mut().insert(
         settings.request_id_header.clone(),
@@ -344,6 +350,10 @@ where
     );
     response
 }
+
+/// An answer a stage of [`Flow::run`] gives without running the handler (boxed: a
+/// `Response` is large, and most requests pass every stage).
+type Early = Box<Response>;
 
 struct Flow<'a> {
     settings: &'a Settings,
@@ -364,6 +374,11 @@ impl Flow<'_> {
         problem
             .with_request_id(self.request_id.as_str())
             .into_response()
+    }
+
+    /// `problem` as the early answer of a stage.
+    fn early(&self, problem: Problem) -> Early {
+        Box::new(self.problem(problem))
     }
 
     fn internal_error(&self) -> Response {
@@ -390,71 +405,23 @@ impl Flow<'_> {
         }
     }
 
-    async fn run<S>(&self, inner: S, request: Request) -> Response
+    /// The stages of a request: its key, its scope, its body and fingerprint, the key's
+    /// claim, and the handler with that claim. Every stage but the last may answer
+    /// itself (`Err`), without running the handler and without consuming the key.
+    async fn run<S>(&self, inner: S, request: Request) -> Result<Response, Early>
     where
         S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
         S::Future: Send + 'static,
     {
-        let settings = self.settings;
-        let problems = self.problems();
-        let mut keys = request.headers().get_all(&settings.key_header).iter();
-        let raw_key = match (keys.next(), keys.next()) {
-            (None, _) if !settings.key_required => {
-                record("outcome", "pass_through");
-                return call(inner, request).await;
-            }
-            (None, _) => None,
-            (Some(_), Some(_)) => {
-                return self.problem(
-                    problems
-                        .key_invalid(&"the header appears more than once; send exactly one key"),
-                );
-            }
-            (Some(value), None) => Some(value.as_bytes()),
-        };
-        if request.body().size_hint().lower() > settings.body_limit as u64 {
-            record("outcome", "too_large");
-            return self.problem(problems.payload_too_large(settings.body_limit));
-        }
-        let Some(raw_key) = raw_key else {
-            record("outcome", "key_missing");
-            return self.problem(problems.key_missing());
-        };
-        let key = match parse_key_field(raw_key, settings.store.config().key_policy()) {
-            Ok(key) => key,
-            Err(reason) => {
-                record("outcome", "key_invalid");
-                return self.problem(problems.key_invalid(&reason));
-            }
+        let Some(key) = self.key(&request)? else {
+            record("outcome", "pass_through");
+            return Ok(call(inner, request).await);
         };
         record("key", key.as_str());
-
-        let (mut parts, body) = request.into_parts();
-        let scope = match (settings.scope)(&parts) {
-            Ok(scope) => scope,
-            Err(rejection) => {
-                record("outcome", "scope_rejected");
-                return self.problem(rejection.into_problem(problems));
-            }
-        };
+        let (parts, body) = request.into_parts();
+        let scope = self.scope(&parts)?;
         record("scope", scope.as_str());
-
-        let body = match Limited::new(body, settings.body_limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) if error.is::<LengthLimitError>() => {
-                record("outcome", "too_large");
-                return self.problem(problems.payload_too_large(settings.body_limit));
-            }
-            Err(error) => {
-                record("outcome", "body_unreadable");
-                tracing::debug!(%error, "the request body could not be read");
-                return self.problem(
-                    problems
-                        .invalid_request(None, "The request body could not be read completely."),
-                );
-            }
-        };
-
+        let body = self.body(body).await?;
         // The concrete path and query string; the route template only for rows stored
         // under fingerprint version 1.
         let target = parts
@@ -463,51 +430,98 @@ impl Flow<'_> {
             .map_or("/", |target| target.as_str());
         let fingerprinted = Fingerprinted::new(parts.method.as_str(), target, &body)
             .with_route_template(self.route);
-        let provenance = Provenance::new(self.request_id.as_str());
-        let provenance = match traceparent(&parts.headers) {
-            Some(traceparent) => provenance.with_traceparent(traceparent),
-            None => provenance,
-        };
-        if settings.phased {
-            let begun = settings
-                .store
-                .begin_phased(&scope, &key, &fingerprinted)
-                .await;
-            return self.run_phased(inner, parts, body, begun, provenance).await;
+        let store = &self.settings.store;
+        if self.settings.phased {
+            let begun = store.begin_phased(&scope, &key, &fingerprinted).await;
+            self.claimed(begun, Handler { inner, parts, body }).await
+        } else {
+            let begun = store.begin(&scope, &key, &fingerprinted).await;
+            self.claimed(begun, Handler { inner, parts, body }).await
         }
-        let mut claim = match settings.store.begin(&scope, &key, &fingerprinted).await {
-            Ok(Begin::Claimed(claim)) => claim,
-            Ok(Begin::Replay(replay)) => return self.replay(&replay),
-            Err(error) => return self.refused(&error),
+    }
+
+    /// The request's key: `None` for a request without one on a route where it is
+    /// optional; a 400 problem for a missing or malformed key, or one sent twice; a 413
+    /// for a body that declares more than the limit (checked before the key is missed,
+    /// so that an oversized request learns that first).
+    fn key(&self, request: &Request) -> Result<Option<IdempotencyKey>, Early> {
+        let settings = self.settings;
+        let problems = self.problems();
+        let mut keys = request.headers().get_all(&settings.key_header).iter();
+        let raw_key = match (keys.next(), keys.next()) {
+            (None, _) if !settings.key_required => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(self.early(
+                    problems
+                        .key_invalid(&"the header appears more than once; send exactly one key"),
+                ));
+            }
+            (raw_key, _) => raw_key,
         };
-        claim.set_provenance(provenance);
-        let handle = ClaimHandle::new(claim, Arc::clone(&settings.problems));
-        parts.extensions.insert(handle.clone());
-        let request = Request::from_parts(parts, Body::from(body));
-        let answered = AssertUnwindSafe(call(inner, request)).catch_unwind().await;
-        let Some(claim) = handle.take() else {
-            record("outcome", "claim_still_held");
-            tracing::error!(
-                "the handler returned while an IdempotentTx was still alive (moved into a \
-                 task?); its writes roll back when it is dropped"
-            );
-            return self.internal_error();
+        if request.body().size_hint().lower() > settings.body_limit as u64 {
+            record("outcome", "too_large");
+            return Err(self.early(problems.payload_too_large(settings.body_limit)));
+        }
+        let Some(raw_key) = raw_key else {
+            record("outcome", "key_missing");
+            return Err(self.early(problems.key_missing()));
         };
-        match answered {
-            Ok(response) => self.complete(claim, response).await,
-            Err(_panic) => {
-                record("outcome", "panicked");
-                tracing::error!("the handler panicked; its writes are rolled back");
-                abort(claim).await;
-                self.internal_error()
+        match parse_key_field(raw_key.as_bytes(), settings.store.config().key_policy()) {
+            Ok(key) => Ok(Some(key)),
+            Err(reason) => {
+                record("outcome", "key_invalid");
+                Err(self.early(problems.key_invalid(&reason)))
             }
         }
     }
 
-    /// A stored response, replayed.
-    fn replay(&self, replay: &Replay) -> Response {
-        record("outcome", "replayed");
-        self.send_stored(&replay.response, Some(&replay.first_request))
+    /// The request's scope, from the application's scope function.
+    fn scope(&self, parts: &Parts) -> Result<Scope, Early> {
+        (self.settings.scope)(parts).map_err(|rejection| {
+            record("outcome", "scope_rejected");
+            self.early(rejection.into_problem(self.problems()))
+        })
+    }
+
+    /// The request's body, read up to the limit.
+    async fn body(&self, body: Body) -> Result<Bytes, Early> {
+        let limit = self.settings.body_limit;
+        match Limited::new(body, limit).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(error) if error.is::<LengthLimitError>() => {
+                record("outcome", "too_large");
+                Err(self.early(self.problems().payload_too_large(limit)))
+            }
+            Err(error) => {
+                record("outcome", "body_unreadable");
+                tracing::debug!(%error, "the request body could not be read");
+                Err(self.early(
+                    self.problems()
+                        .invalid_request(None, "The request body could not be read completely."),
+                ))
+            }
+        }
+    }
+
+    /// Answers what beginning the request found: a replay, a refusal, or, on a claim,
+    /// the handler's answer.
+    async fn claimed<S, C: Held>(
+        &self,
+        begun: Result<Begin<C>, Error>,
+        handler: Handler<S>,
+    ) -> Result<Response, Early>
+    where
+        S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        match begun {
+            Ok(Begin::Claimed(claim)) => Ok(self.handle(claim, handler).await),
+            Ok(Begin::Replay(replay)) => {
+                record("outcome", "replayed");
+                Ok(self.send_stored(&replay.response, Some(&replay.first_request)))
+            }
+            Err(error) => Err(Box::new(self.refused(&error))),
+        }
     }
 
     /// The answer when the store refused to begin: a conflict or in-flight problem, or a
@@ -529,100 +543,82 @@ impl Flow<'_> {
         }
     }
 
-    /// A phased request: take it, let the handler run its operation, and answer for the
-    /// handler if it did not.
-    async fn run_phased<S>(
-        &self,
-        inner: S,
-        mut parts: Parts,
-        body: Bytes,
-        begun: Result<PhasedBegin, Error>,
-        provenance: Provenance,
-    ) -> Response
+    /// Runs the handler with `claim` in reach, catching a panic, then answers: with the
+    /// handler's response stored and committed, or with it alone if the handler took the
+    /// claim for itself (a phased request's operation).
+    async fn handle<S, C: Held>(&self, mut claim: C, handler: Handler<S>) -> Response
     where
         S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
         S::Future: Send + 'static,
     {
-        let settings = self.settings;
-        let mut claim = match begun {
-            Ok(PhasedBegin::Held(claim)) => claim,
-            Ok(PhasedBegin::Replay(replay)) => return self.replay(&replay),
-            Err(error) => return self.refused(&error),
-        };
-        claim.set_provenance(provenance);
-        let handle = PhasedHandle::new(*claim, Arc::clone(&settings.problems));
-        parts.extensions.insert(handle.clone());
+        let Handler {
+            inner,
+            mut parts,
+            body,
+        } = handler;
+        claim.set_provenance(self.provenance(&parts.headers));
+        let handoff = Handoff::new(claim, Arc::clone(&self.settings.problems));
+        parts.extensions.insert(handoff.clone());
         let request = Request::from_parts(parts, Body::from(body));
         let answered = AssertUnwindSafe(call(inner, request)).catch_unwind().await;
-        match (handle.take(), answered) {
-            // The handler ran the operation, which stored its response or released the
-            // request.
-            (None, Ok(response)) => {
-                record("outcome", "phased");
-                response
-            }
-            (Some(claim), Ok(response)) => match self.storable(response).await {
-                Storable::Store(stored, response) => match claim.finish(&stored).await {
-                    Ok(Completion::Stored) => self.stored(&stored),
-                    Ok(_) => {
-                        record("outcome", "not_kept");
-                        response
-                    }
-                    Err(error) => {
-                        record("outcome", "complete_failed");
-                        self.server_error(&error)
-                    }
-                },
-                Storable::Not(response) => {
-                    release(claim).await;
-                    response
-                }
-            },
+        match (handoff.take(), answered) {
+            (Some(claim), Ok(response)) => self.complete(claim, response).await,
+            (None, Ok(response)) => C::taken_by_handler(self, response),
             (claim, Err(_panic)) => {
                 record("outcome", "panicked");
-                tracing::error!("the handler of a phased request panicked");
+                tracing::error!("the handler panicked; its writes are rolled back");
                 if let Some(claim) = claim {
-                    release(claim).await;
+                    claim.give_back().await;
                 }
                 self.internal_error()
             }
         }
     }
 
-    /// Stores the handler's response and commits, or rolls back.
-    async fn complete(&self, claim: Claim, response: Response) -> Response {
-        match self.storable(response).await {
-            Storable::Store(stored, response) => match claim.complete(&stored).await {
-                Ok(Completion::Stored) => self.stored(&stored),
-                Ok(_) => {
-                    record("outcome", "not_kept");
-                    response
-                }
-                // The reply to COMMIT was lost; the store found out what happened.
-                Err(Error::CommitInterrupted {
-                    outcome: CommitOutcome::Stored(replay),
-                    ..
-                }) => {
-                    record("outcome", "stored_after_lost_commit");
-                    // Another identical request's response if this one rolled back: a replay.
-                    let replay_of = (replay.response != stored).then_some(&replay.first_request);
-                    self.send_stored(&replay.response, replay_of)
-                }
-                Err(Error::CommitInterrupted {
-                    outcome: CommitOutcome::NotStored,
-                    ..
-                }) => {
-                    record("outcome", "not_committed");
-                    self.problem(self.problems().not_committed())
-                }
-                Err(error) => {
-                    record("outcome", "complete_failed");
-                    self.server_error(&error)
-                }
-            },
+    /// Which request holds the claim: its id, and its W3C `traceparent` if it has one.
+    fn provenance(&self, headers: &http::HeaderMap) -> Provenance {
+        let provenance = Provenance::new(self.request_id.as_str());
+        match traceparent(headers) {
+            Some(traceparent) => provenance.with_traceparent(traceparent),
+            None => provenance,
+        }
+    }
+
+    /// Stores the handler's response and commits, or gives the key back.
+    async fn complete<C: Held>(&self, claim: C, response: Response) -> Response {
+        let (stored, response) = match self.storable(response).await {
+            Storable::Store(stored, response) => (stored, response),
             Storable::Not(response) => {
-                abort(claim).await;
+                claim.give_back().await;
+                return response;
+            }
+        };
+        match claim.store(&stored).await {
+            Ok(Completion::Stored) => self.stored(&stored),
+            Ok(_) => {
+                record("outcome", "not_kept");
                 response
+            }
+            // The reply to COMMIT was lost; the store found out what happened.
+            Err(Error::CommitInterrupted {
+                outcome: CommitOutcome::Stored(replay),
+                ..
+            }) => {
+                record("outcome", "stored_after_lost_commit");
+                // Another identical request's response if this one rolled back: a replay.
+                let replay_of = (replay.response != stored).then_some(&replay.first_request);
+                self.send_stored(&replay.response, replay_of)
+            }
+            Err(Error::CommitInterrupted {
+                outcome: CommitOutcome::NotStored,
+                ..
+            }) => {
+                record("outcome", "not_committed");
+                self.problem(self.problems().not_committed())
+            }
+            Err(error) => {
+                record("outcome", "complete_failed");
+                self.server_error(&error)
             }
         }
     }
@@ -678,15 +674,76 @@ where
     }
 }
 
-async fn release(claim: PhasedClaim) {
-    if let Err(error) = claim.release().await {
-        tracing::warn!(%error, "releasing a phased request failed; its lease will run out");
+/// The request a claim's handler gets.
+struct Handler<S> {
+    inner: S,
+    parts: Parts,
+    body: Bytes,
+}
+
+/// A claim the layer hands to a handler: a transactional [`Claim`] or a [`PhasedClaim`].
+trait Held: Send + Sync + Sized + 'static {
+    fn set_provenance(&mut self, provenance: Provenance);
+
+    /// Stores the handler's response with the key and commits.
+    fn store(
+        self,
+        response: &StoredResponse,
+    ) -> impl Future<Output = Result<Completion, Error>> + Send;
+
+    /// Gives the key back without storing anything (best effort: a failure is logged,
+    /// and the claim ends by itself).
+    fn give_back(self) -> impl Future<Output = ()> + Send;
+
+    /// The answer when the handler kept the claim for itself.
+    fn taken_by_handler(flow: &Flow<'_>, response: Response) -> Response;
+}
+
+impl Held for Claim {
+    fn set_provenance(&mut self, provenance: Provenance) {
+        Claim::set_provenance(self, provenance);
+    }
+
+    async fn store(self, response: &StoredResponse) -> Result<Completion, Error> {
+        self.complete(response).await
+    }
+
+    async fn give_back(self) {
+        if let Err(error) = self.abort().await {
+            tracing::warn!(%error, "rollback failed; the connection was closed, which rolls back");
+        }
+    }
+
+    /// The handler still holds an [`IdempotentTx`](super::IdempotentTx) somewhere.
+    fn taken_by_handler(flow: &Flow<'_>, _response: Response) -> Response {
+        record("outcome", "claim_still_held");
+        tracing::error!(
+            "the handler returned while an IdempotentTx was still alive (moved into a \
+             task?); its writes roll back when it is dropped"
+        );
+        flow.internal_error()
     }
 }
 
-async fn abort(claim: Claim) {
-    if let Err(error) = claim.abort().await {
-        tracing::warn!(%error, "rollback failed; the connection was closed, which rolls back");
+impl Held for PhasedClaim {
+    fn set_provenance(&mut self, provenance: Provenance) {
+        PhasedClaim::set_provenance(self, provenance);
+    }
+
+    async fn store(self, response: &StoredResponse) -> Result<Completion, Error> {
+        self.finish(response).await
+    }
+
+    async fn give_back(self) {
+        if let Err(error) = self.release().await {
+            tracing::warn!(%error, "releasing a phased request failed; its lease will run out");
+        }
+    }
+
+    /// The handler ran the operation, which stored its response or released the request.
+    fn taken_by_handler(_flow: &Flow<'_>, response: Response) -> Response {
+        record("outcome", "phased");
+        response
     }
 }
 

@@ -1,44 +1,18 @@
 //! Phased requests over HTTP: the handler's side.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 
+use super::handoff::Handoff;
 use super::request_id::RequestId;
 use super::response::from_stored;
 use crate::key::IdempotencyKey;
 use crate::phased::{Operation, PhasedClaim};
 use crate::problem::Problems;
 use crate::scope::Scope;
-
-/// The hand-off between the layer and the handler: the layer puts the phased claim in,
-/// [`PhasedRequest::run`] takes it out; if the handler never runs it, the layer takes it
-/// back and answers for the handler.
-#[derive(Clone)]
-pub(crate) struct PhasedHandle {
-    claim: Arc<Mutex<Option<PhasedClaim>>>,
-    problems: Arc<Problems>,
-}
-
-impl PhasedHandle {
-    pub(crate) fn new(claim: PhasedClaim, problems: Arc<Problems>) -> Self {
-        Self {
-            claim: Arc::new(Mutex::new(Some(claim))),
-            problems,
-        }
-    }
-
-    /// Takes the claim; `None` once the handler took it.
-    pub(crate) fn take(&self) -> Option<PhasedClaim> {
-        self.claim
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-    }
-}
 
 /// A phased request held for this handler, behind an
 /// [`IdempotencyLayer::phased`](super::IdempotencyLayer::phased): run the route's
@@ -73,7 +47,7 @@ impl PhasedHandle {
 /// transactional mode (stored, unless marked [`Rollback`](super::Rollback) or not kept
 /// by the store policy).
 pub struct PhasedRequest {
-    handle: PhasedHandle,
+    handoff: Handoff<PhasedClaim>,
     scope: Scope,
     key: IdempotencyKey,
 }
@@ -101,15 +75,15 @@ impl PhasedRequest {
         operation: &O,
         input: O::Input,
     ) -> Result<Response, O::Error> {
-        let Some(claim) = self.handle.take() else {
+        let Some(claim) = self.handoff.take() else {
             tracing::error!("PhasedRequest::run called twice for one request");
-            return Ok(self.handle.problems.internal_error().into_response());
+            return Ok(self.handoff.problems().internal_error().into_response());
         };
         let outcome = claim.run(operation, input).await?;
         Ok(
             from_stored(outcome.response(), None).unwrap_or_else(|reason| {
                 tracing::error!(%reason, "a phased request's response cannot be sent");
-                self.handle.problems.internal_error().into_response()
+                self.handoff.problems().internal_error().into_response()
             }),
         )
     }
@@ -128,7 +102,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PhasedRequest {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let Some(handle) = parts.extensions.get::<PhasedHandle>().cloned() else {
+        let Some(handoff) = parts.extensions.get::<Handoff<PhasedClaim>>().cloned() else {
             tracing::error!(
                 "PhasedRequest taken on a request without a phased claim: put the route \
                  behind IdempotencyLayer::phased"
@@ -140,16 +114,18 @@ impl<S: Send + Sync> FromRequestParts<S> for PhasedRequest {
             };
             return Err(problem.into_response());
         };
-        let (scope, key) = {
-            let claim = handle.claim.lock().unwrap_or_else(PoisonError::into_inner);
-            match claim.as_ref() {
-                Some(claim) => (claim.scope().clone(), claim.key().clone()),
-                None => {
-                    tracing::error!("PhasedRequest taken twice for one request");
-                    return Err(handle.problems.internal_error().into_response());
-                }
-            }
+        let claimed = handoff.borrow().ok().and_then(|claim| {
+            let claim = claim.as_ref()?;
+            Some((claim.scope().clone(), claim.key().clone()))
+        });
+        let Some((scope, key)) = claimed else {
+            tracing::error!("PhasedRequest taken twice for one request");
+            return Err(handoff.problems().internal_error().into_response());
         };
-        Ok(Self { handle, scope, key })
+        Ok(Self {
+            handoff,
+            scope,
+            key,
+        })
     }
 }

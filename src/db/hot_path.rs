@@ -6,7 +6,7 @@
 //! string ([`Statement`]): one round trip. The completion stores the response with bound
 //! parameters (a statement sqlx prepares once per connection) and then commits: two round
 //! trips, so that a failed statement never puts the response into the server's log (the
-//! server logs a failed simple query whole, literals included; issue 12).
+//! server logs a failed simple query whole, literals included).
 //!
 //! The server parses and plans a simple query every time, and for the lookup that was
 //! most of the cost of a claim. It is therefore a server-side prepared statement
@@ -29,6 +29,7 @@ use super::tx::TxConn;
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
+use crate::outcome::Replay;
 use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
@@ -48,15 +49,14 @@ struct Prepared {
 
 /// The key's row, if any, read back by [`FoundRow::decode`]: `fingerprint_version,
 /// fingerprint (hex), status, headers (jsonb), body (hex), created_at (µs since the
-/// epoch), live (not expired), request_id, traceparent`. Bytes come back as hex and the time as microseconds, so
-/// that the client reads them from a simple query whatever `bytea_output` and `DateStyle`
-/// say. The parameters are `text`, so the comparison uses the column's collation and the
-/// primary key.
+/// epoch), live (not expired), request_id, traceparent`. Bytes come back as hex and the
+/// time as microseconds, so that the client reads them from a simple query whatever
+/// `bytea_output` and `DateStyle` say. The parameters are `text`, so the comparison uses
+/// the column's collation and the primary key.
 ///
-/// v2 (issue 11) adds `request_id, traceparent` at the end. A node still running v1
-/// prepares and runs the v1 text, which stays valid on the migrated table: old and new
-/// nodes can serve side by side during a rolling deploy. (Its companion
-/// `pgidem_insert_v2` is gone since issue 12: see [`store`].)
+/// The name's version changes with the text: a node of an earlier release prepares and
+/// runs its own text, which stays valid on the migrated table, so old and new nodes serve
+/// side by side during a rolling deploy.
 const LOOKUP: Prepared = Prepared {
     name: "pgidem_lookup_v2",
     prepare: "PREPARE pgidem_lookup_v2(text, text) AS \
@@ -67,11 +67,9 @@ const LOOKUP: Prepared = Prepared {
     execute: "EXECUTE pgidem_lookup_v2(",
 };
 
-/// Every prepared statement of the hot path.
-///
-/// `pgidem_insert_v2`, which stored the response from literals, is gone (issue 12): a
-/// failed statement is logged whole by the server, literals included, and the response
-/// must not reach the log. Nodes of earlier releases still prepare and run it.
+/// Every prepared statement of the hot path. The response is never among them: it is
+/// stored with bound parameters ([`insert_key_row`]), so that it never reaches the
+/// server's log.
 const PREPARED: [&Prepared; 1] = [&LOOKUP];
 
 /// The primary key of `idempotency_keys`: storing a response meets it when a row is in
@@ -141,47 +139,91 @@ fn wait_and_lookup(wait_ms: i32, scope: &Scope, key: &IdempotencyKey) -> Stateme
     lookup(lock, scope, key)
 }
 
-/// The key row that [`TxConn::store_and_commit`] writes.
+/// The key row that [`TxConn::insert_key_row`] writes.
 pub(crate) struct KeyRow<'a> {
     pub scope: &'a Scope,
     pub key: &'a IdempotencyKey,
     pub fingerprint: &'a Fingerprint,
     pub response: &'a StoredResponse,
-    pub ttl: Duration,
-    /// The claim saw an expired row for the key: delete it first.
-    pub replace_expired: bool,
     pub provenance: &'a Provenance,
+    pub window: Window,
+    pub expired: ExpiredRow,
 }
 
-/// `before`, then deletes the key's row if it has expired (it counts as unused, and a new
-/// row is about to take its place).
-fn delete_expired_row(before: Statement, scope: &Scope, key: &IdempotencyKey) -> Statement {
-    before
-        .sql("DELETE FROM idempotency_keys WHERE scope = ")
-        .text(scope.as_str())
-        .sql(" AND key = ")
-        .text(key.as_str())
-        .sql(" AND expires_at <= now()")
+/// When a key row was first used and until when it replays.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Window {
+    /// From now (the transaction's start) for this long: a transactional claim.
+    From(Duration),
+    /// The times of the phased request the row ends.
+    Kept {
+        created_at: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    },
 }
 
-/// Waits for the key's advisory lock, then deletes the key's expired row if any.
-fn lock_and_clear(scope: &Scope, key: &IdempotencyKey) -> Statement {
-    let lock = Statement::new("SELECT pg_advisory_xact_lock(", 160)
+/// The key's expired row, which counts as unused and which a new row replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ExpiredRow {
+    /// The key had none: an expired row found after a broken `COMMIT` is this one's
+    /// (a TTL shorter than the resolution wait).
+    Absent,
+    /// The key has one: [`TxConn::insert_key_row`] deletes it first.
+    Present,
+    /// The transaction deleted it already ([`TxConn::end_request`]).
+    Deleted,
+}
+
+/// The phased request that [`TxConn::end_request`] ended: its times and provenance, which
+/// its key row keeps.
+#[derive(Debug)]
+pub(crate) struct EndedRequest {
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub provenance: Provenance,
+}
+
+/// Waits for the key's advisory lock, deletes the key's expired row, and deletes the
+/// request's row if `token` still fences it, returning its times and provenance.
+fn lock_and_end_request(scope: &Scope, key: &IdempotencyKey, token: i64) -> Statement {
+    let key_row = |statement: Statement| {
+        statement
+            .sql(" WHERE scope = ")
+            .text(scope.as_str())
+            .sql(" AND key = ")
+            .text(key.as_str())
+    };
+    let lock = Statement::new("SELECT pg_advisory_xact_lock(", 480)
         .int(lock_id(scope, key))
-        .sql("); ");
-    delete_expired_row(lock, scope, key)
+        .sql("); DELETE FROM idempotency_keys");
+    let cleared = key_row(lock).sql(" AND expires_at <= now(); DELETE FROM idempotency_requests");
+    key_row(cleared).sql(" AND lease_token = ").int(token).sql(
+        " RETURNING (extract(epoch FROM created_at) * 1000000)::bigint, \
+             (extract(epoch FROM expires_at) * 1000000)::bigint, request_id, traceparent",
+    )
 }
 
-/// Deletes the key's expired row if the claim saw one, then stores the response, with
-/// bound parameters: the extended protocol carries the values apart from the statement
-/// text, so when a statement fails the server logs its text with `$1`..`$10`, and the
-/// values only as `log_parameter_max_length_on_error` allows (default 0: none). A plain
-/// `INSERT`: if a row is in the way, it fails with a unique violation on
-/// [`KEY_CONSTRAINT`].
-/// Returns the row's `created_at`.
-async fn store(conn: &mut PgConnection, row: &KeyRow<'_>) -> Result<DateTime<Utc>, sqlx::Error> {
+/// Whether `error` is the key row's insert meeting a live row for the key (another
+/// transaction stored one first, without sharing the key's lock).
+///
+/// Citus relays a worker's unique violation without the constraint's name: the key
+/// row's insert is then the only statement that can raise it (a deferred unique
+/// constraint of a business table reports its own name, at `COMMIT`).
+pub(crate) fn key_taken(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(error)
+        if error.is_unique_violation()
+            && error.constraint().is_none_or(|name| name.starts_with(KEY_CONSTRAINT)))
+}
+
+/// Deletes the key's expired row if there is one to replace, then stores the response,
+/// with bound parameters: the extended protocol carries the values apart from the
+/// statement text, so when a statement fails the server logs its text with `$1`..`$10`,
+/// and the values only as `log_parameter_max_length_on_error` allows (default 0: none).
+/// A plain `INSERT`: if a row is in the way, it fails with a unique violation on
+/// [`KEY_CONSTRAINT`]. Returns the row's `created_at`.
+async fn insert(conn: &mut PgConnection, row: &KeyRow<'_>) -> Result<DateTime<Utc>, sqlx::Error> {
     let (scope, key, response) = (row.scope.as_str(), row.key.as_str(), row.response);
-    if row.replace_expired {
+    if row.expired == ExpiredRow::Present {
         sqlx::query!(
             "DELETE FROM idempotency_keys WHERE scope = $1 AND key = $2 AND expires_at <= now()",
             scope,
@@ -192,13 +234,24 @@ async fn store(conn: &mut PgConnection, row: &KeyRow<'_>) -> Result<DateTime<Utc
     }
     let status = i16::try_from(response.status)
         .map_err(|_| sqlx::Error::Protocol(format!("status {} out of range", response.status)))?;
-    let ttl_ms = i64::try_from(row.ttl.as_millis()).unwrap_or(i64::MAX);
+    let (created_at, expires_at, ttl_ms) = match row.window {
+        Window::From(ttl) => (
+            None,
+            None,
+            i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
+        ),
+        Window::Kept {
+            created_at,
+            expires_at,
+        } => (Some(created_at), Some(expires_at), 0),
+    };
     sqlx::query!(
         "INSERT INTO idempotency_keys \
          (scope, key, fingerprint_version, fingerprint, status, headers, body, \
          created_at, expires_at, request_id, traceparent) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8::bigint * interval '1 millisecond', \
-         $9, $10) RETURNING created_at",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), \
+         coalesce($9, now() + $10::bigint * interval '1 millisecond'), $11, $12) \
+         RETURNING created_at",
         scope,
         key,
         row.fingerprint.version(),
@@ -206,6 +259,8 @@ async fn store(conn: &mut PgConnection, row: &KeyRow<'_>) -> Result<DateTime<Utc
         status,
         Json(&response.headers) as _,
         response.body.as_slice(),
+        created_at,
+        expires_at,
         ttl_ms,
         row.provenance.request_id.as_deref(),
         row.provenance.traceparent.as_deref(),
@@ -213,17 +268,6 @@ async fn store(conn: &mut PgConnection, row: &KeyRow<'_>) -> Result<DateTime<Utc
     .fetch_one(conn)
     .await
     .map(|stored| stored.created_at)
-}
-
-/// What [`TxConn::store_and_commit`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Committed {
-    /// The key row and the business write are committed; the row was created then
-    /// (database clock).
-    Stored(DateTime<Utc>),
-    /// Another transaction stored a row for the key first (it did not share the lock):
-    /// everything was rolled back.
-    KeyTaken,
 }
 
 impl TxConn {
@@ -294,45 +338,45 @@ impl TxConn {
         Found::from_rows(rows)
     }
 
-    /// Inside the transaction that is about to store a key's row by other means (a phased
-    /// request's final step): waits for the key's advisory lock, so that no claim or
-    /// takeover of the key runs between here and `COMMIT`, and deletes the key's expired
-    /// row, which the new row replaces. One round trip.
-    pub(crate) async fn lock_key_and_clear_expired(
+    /// Inside the transaction of a phased request's final step: waits for the key's
+    /// advisory lock, so that no claim or takeover of the key runs between here and
+    /// `COMMIT`, deletes the key's expired row, which the new row replaces, and ends the
+    /// request, if `token` still fences it. One round trip.
+    ///
+    /// `None` if the request's row no longer has this token (another holder took it).
+    pub(crate) async fn end_request(
         &mut self,
         scope: &Scope,
         key: &IdempotencyKey,
-    ) -> Result<(), sqlx::Error> {
-        self.run(lock_and_clear(scope, key)).await?;
-        Ok(())
+        token: i64,
+    ) -> Result<Option<EndedRequest>, Error> {
+        let rows = self.run(lock_and_end_request(scope, key, token)).await?;
+        // The lock's row, then the ended request's.
+        let Some(ended) = rows.into_iter().nth(1) else {
+            return Ok(None);
+        };
+        let micros = |at: i64| {
+            DateTime::from_timestamp_micros(at)
+                .ok_or_else(|| Error::MalformedRow("a request's time is out of range".into()))
+        };
+        Ok(Some(EndedRequest {
+            created_at: micros(ended.try_get(0)?)?,
+            expires_at: micros(ended.try_get(1)?)?,
+            provenance: Provenance {
+                request_id: ended.try_get(2)?,
+                traceparent: ended.try_get(3)?,
+            },
+        }))
     }
 
-    /// Stores the key row, then commits the transaction with it (two round trips, one
-    /// more with an expired row to delete), and returns the connection to the pool.
-    pub(crate) async fn store_and_commit(
+    /// Stores the key row in the transaction (one round trip, two with an expired row to
+    /// replace) and returns its `created_at`. A live row in the way fails with an error
+    /// that [`key_taken`] recognises.
+    pub(crate) async fn insert_key_row(
         &mut self,
         row: &KeyRow<'_>,
-    ) -> Result<Committed, sqlx::Error> {
-        match self.run_bound(async |conn| store(conn, row).await).await {
-            Ok(created_at) => {
-                self.commit().await?;
-                Ok(Committed::Stored(created_at))
-            }
-            // The insert met a live row. Citus relays a worker's unique violation without
-            // the constraint's name: the key row's insert is then the only statement that
-            // can raise it (a deferred unique constraint of a business table reports its
-            // own name, at COMMIT).
-            Err(sqlx::Error::Database(error))
-                if error.is_unique_violation()
-                    && error
-                        .constraint()
-                        .is_none_or(|name| name.starts_with(KEY_CONSTRAINT)) =>
-            {
-                self.rollback().await?;
-                Ok(Committed::KeyTaken)
-            }
-            Err(error) => Err(error),
-        }
+    ) -> Result<DateTime<Utc>, sqlx::Error> {
+        self.run_bound(async |conn| insert(conn, row).await).await
     }
 }
 
@@ -410,13 +454,11 @@ pub(crate) struct FoundRow {
     pub live: bool,
 }
 
-/// A stored response with its fingerprint.
+/// A stored response with the fingerprint of the request that produced it.
 #[derive(Debug, Clone)]
 pub(crate) struct StoredRow {
     pub fingerprint: Fingerprint,
-    pub response: StoredResponse,
-    pub created_at: DateTime<Utc>,
-    pub provenance: Provenance,
+    pub replay: Replay,
 }
 
 impl FoundRow {
@@ -436,15 +478,17 @@ impl FoundRow {
             .ok_or_else(|| malformed("created_at is out of range"))?;
         Ok(StoredRow {
             fingerprint: Fingerprint::from_parts(version, hash),
-            response: StoredResponse {
-                status: u16::try_from(status).map_err(|_| malformed("status is negative"))?,
-                headers,
-                body,
-            },
-            created_at,
-            provenance: Provenance {
-                request_id: row.try_get(7)?,
-                traceparent: row.try_get(8)?,
+            replay: Replay {
+                response: StoredResponse {
+                    status: u16::try_from(status).map_err(|_| malformed("status is negative"))?,
+                    headers,
+                    body,
+                },
+                first_used_at: created_at,
+                first_request: Provenance {
+                    request_id: row.try_get(7)?,
+                    traceparent: row.try_get(8)?,
+                },
             },
         })
     }
@@ -484,16 +528,20 @@ mod tests {
     }
 
     #[test]
-    fn the_final_lock_spells_scope_and_key_as_literals() {
+    fn the_final_step_spells_scope_and_key_as_literals() {
         let scope = Scope::new(SCOPE).unwrap();
         let key = IdempotencyKey::parse(KEY, KeyPolicy::Opaque).unwrap();
         let lock = lock_id(&scope, &key);
+        let (scope_bytes, key_bytes) = (SCOPE.as_bytes(), KEY.as_bytes());
         assert_spells(
-            &lock_and_clear(&scope, &key),
-            &[SCOPE.as_bytes(), KEY.as_bytes()],
+            &lock_and_end_request(&scope, &key, -7),
+            &[scope_bytes, key_bytes, scope_bytes, key_bytes],
             &format!(
                 "SELECT pg_advisory_xact_lock({lock}); DELETE FROM idempotency_keys \
-                 WHERE scope = E'' AND key = E'' AND expires_at <= now()"
+                 WHERE scope = E'' AND key = E'' AND expires_at <= now(); \
+                 DELETE FROM idempotency_requests WHERE scope = E'' AND key = E'' \
+                 AND lease_token = -7 RETURNING (extract(epoch FROM created_at) * 1000000)::bigint, \
+                 (extract(epoch FROM expires_at) * 1000000)::bigint, request_id, traceparent"
             ),
         );
     }

@@ -151,10 +151,10 @@ impl Drop for TxConn {
     }
 }
 
-/// Implements [`sqlx::Executor`] for `&mut $ty`, a type whose `tx` field is the
-/// [`TxConn`] its statements run in: `query.execute(&mut value)`.
+/// Implements [`sqlx::Executor`] for `&mut $ty`, a type whose field `$tx` (a path of
+/// fields) is the [`TxConn`] its statements run in: `query.execute(&mut value)`.
 macro_rules! executor_over_tx {
-    ($ty:ty) => {
+    ($ty:ty, $($tx:ident).+) => {
         impl<'c> ::sqlx::Executor<'c> for &'c mut $ty {
             type Database = ::sqlx::Postgres;
 
@@ -172,7 +172,7 @@ macro_rules! executor_over_tx {
                 'c: 'e,
                 E: 'q + ::sqlx::Execute<'q, ::sqlx::Postgres>,
             {
-                ::sqlx::Executor::fetch_many(self.tx.conn(), query)
+                ::sqlx::Executor::fetch_many(self.$($tx).+.conn(), query)
             }
 
             fn fetch_optional<'e, 'q: 'e, E>(
@@ -186,7 +186,7 @@ macro_rules! executor_over_tx {
                 'c: 'e,
                 E: 'q + ::sqlx::Execute<'q, ::sqlx::Postgres>,
             {
-                ::sqlx::Executor::fetch_optional(self.tx.conn(), query)
+                ::sqlx::Executor::fetch_optional(self.$($tx).+.conn(), query)
             }
 
             fn prepare_with<'e>(
@@ -200,7 +200,7 @@ macro_rules! executor_over_tx {
             where
                 'c: 'e,
             {
-                ::sqlx::Executor::prepare_with(self.tx.conn(), sql, parameters)
+                ::sqlx::Executor::prepare_with(self.$($tx).+.conn(), sql, parameters)
             }
 
             fn describe<'e>(
@@ -213,7 +213,7 @@ macro_rules! executor_over_tx {
             where
                 'c: 'e,
             {
-                ::sqlx::Executor::describe(self.tx.conn(), sql)
+                ::sqlx::Executor::describe(self.$($tx).+.conn(), sql)
             }
         }
     };

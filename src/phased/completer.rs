@@ -4,18 +4,23 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_core::future::BoxFuture;
+use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::claim::{Take, Taker, millis};
-use super::operation::{Operation, Resume};
+use super::claim::{PhasedClaim, Taker, Taking};
+use super::lease::millis;
+use super::operation::Operation;
+use crate::db::TxConn;
 use crate::error::Error;
 use crate::key::{IdempotencyKey, KeyPolicy};
+use crate::outcome::Outcome;
 use crate::scope::Scope;
-use crate::store::{IdempotencyStore, Outcome};
+use crate::store::IdempotencyStore;
 
 /// How the completer runs.
 #[derive(Debug, Clone)]
@@ -269,20 +274,23 @@ impl Completer {
         request: &Abandoned,
         resume: &dyn Resume,
     ) -> Result<CompleterPass, Error> {
-        let mut claim = match self
-            .store
-            .take(&request.scope, &request.key, Taker::Completer)
-            .await?
-        {
-            Take::Held(claim) => claim,
-            Take::Replay(_) | Take::Busy => return Ok(CompleterPass::default()),
+        let taking = Taking {
+            engine: self.store.engine(),
+            scope: &request.scope,
+            key: &request.key,
+            taker: Taker::Completer,
+        };
+        let began = Instant::now();
+        let mut tx = TxConn::begin(self.store.pool()).await?;
+        let Some(mut claim) = taking.take(&mut tx, began).await? else {
+            return Ok(CompleterPass::default());
         };
         // The completer takes only started requests, which have their input.
         let Some(input) = claim.take_input() else {
             claim.release().await?;
             return Ok(CompleterPass::default());
         };
-        Ok(match resume.resume(*claim, input).await {
+        Ok(match resume.resume(claim, input).await {
             Ok(Outcome::Executed { stored: true, .. }) => CompleterPass {
                 completed: 1,
                 ..CompleterPass::default()
@@ -375,5 +383,35 @@ impl CompleterTask {
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             Err(_) => CompleterPass::default(),
         }
+    }
+}
+
+/// An [`Operation`] whose input comes as recorded JSON, for the completer's registry.
+pub(super) trait Resume: Send + Sync {
+    /// Decodes `input` and runs the operation on `claim`; errors as text, for the log.
+    fn resume(&self, claim: PhasedClaim, input: Value) -> BoxFuture<'_, Result<Outcome, String>>;
+}
+
+impl<O: Operation> Resume for O {
+    fn resume(&self, claim: PhasedClaim, input: Value) -> BoxFuture<'_, Result<Outcome, String>> {
+        Box::pin(async move {
+            let input: O::Input = match serde_json::from_value(input) {
+                Ok(input) => input,
+                Err(source) => {
+                    let error = Error::PhaseData {
+                        what: "input".to_owned(),
+                        source,
+                    };
+                    if let Err(release) = claim.release().await {
+                        tracing::warn!(error = %release, "releasing an undecodable request failed");
+                    }
+                    return Err(error.to_string());
+                }
+            };
+            claim
+                .run(self, input)
+                .await
+                .map_err(|error| error.to_string())
+        })
     }
 }

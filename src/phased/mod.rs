@@ -88,10 +88,11 @@
 
 mod claim;
 mod completer;
+mod lease;
 mod operation;
 mod steps;
 
-pub use claim::{PhasedBegin, PhasedClaim};
+pub use claim::PhasedClaim;
 pub use completer::{Completer, CompleterOptions, CompleterPass, CompleterTask};
 pub use operation::Operation;
 pub use steps::{Finished, StepTx, Steps, downstream_key};

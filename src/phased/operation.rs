@@ -1,17 +1,12 @@
-//! What a phased request runs: an [`Operation`], and its type-erased form for the
-//! completer.
+//! What a phased request runs: an [`Operation`].
 
 use std::future::Future;
 
-use futures_core::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 
-use super::claim::PhasedClaim;
 use super::steps::{Finished, Steps};
 use crate::error::Error;
-use crate::store::Outcome;
 
 /// The business logic of a phased request, as steps (see the [module docs](super)).
 ///
@@ -38,34 +33,4 @@ pub trait Operation: Send + Sync + 'static {
         input: &Self::Input,
         steps: &mut Steps,
     ) -> impl Future<Output = Result<Finished, Self::Error>> + Send;
-}
-
-/// An [`Operation`] whose input comes as recorded JSON, for the completer's registry.
-pub(super) trait Resume: Send + Sync {
-    /// Decodes `input` and runs the operation on `claim`; errors as text, for the log.
-    fn resume(&self, claim: PhasedClaim, input: Value) -> BoxFuture<'_, Result<Outcome, String>>;
-}
-
-impl<O: Operation> Resume for O {
-    fn resume(&self, claim: PhasedClaim, input: Value) -> BoxFuture<'_, Result<Outcome, String>> {
-        Box::pin(async move {
-            let input: O::Input = match serde_json::from_value(input) {
-                Ok(input) => input,
-                Err(source) => {
-                    let error = Error::PhaseData {
-                        what: "input".to_owned(),
-                        source,
-                    };
-                    if let Err(release) = claim.release().await {
-                        tracing::warn!(error = %release, "releasing an undecodable request failed");
-                    }
-                    return Err(error.to_string());
-                }
-            };
-            claim
-                .run(self, input)
-                .await
-                .map_err(|error| error.to_string())
-        })
-    }
 }

@@ -10,18 +10,13 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::claim::Lease;
-use crate::claim::{CommitOutcome, Lookup, connection_broke, resolve};
+use super::lease::{Lease, boundary, rollback};
 use crate::db::{TxConn, executor_over_tx};
 use crate::error::Error;
 use crate::key::IdempotencyKey;
+use crate::outcome::{CommitOutcome, Completion};
 use crate::response::StoredResponse;
 use crate::scope::Scope;
-
-/// The tracing target of the events that mark a phased request's boundaries (`step`
-/// and `boundary` fields: `before_commit`, `after_commit`, `before_call`, `after_call`),
-/// for observability and for fault injection in tests.
-const BOUNDARY_TARGET: &str = "pg_idempotency::phased::boundary";
 
 /// The downstream idempotency key of step `step` of the request `(scope, key)`: the same
 /// on every attempt, different for every step, scope and key, and spelled as a UUID v4
@@ -50,8 +45,6 @@ pub struct Steps {
     progress: Map<String, Value>,
     /// The steps this run has passed, to catch a name used twice.
     passed: Vec<String>,
-    /// A connection broke around a `COMMIT` of this run.
-    broken: bool,
 }
 
 /// The final step's transaction, or a local step's: run the step's writes through it
@@ -60,7 +53,7 @@ pub struct StepTx {
     tx: TxConn,
 }
 
-executor_over_tx!(StepTx);
+executor_over_tx!(StepTx, tx);
 
 impl fmt::Debug for StepTx {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -95,11 +88,6 @@ impl Finished {
     }
 }
 
-/// Marks a boundary of a step (see [`BOUNDARY_TARGET`]).
-fn boundary(step: &str, boundary: &'static str) {
-    tracing::debug!(target: BOUNDARY_TARGET, step, boundary, "phased request boundary");
-}
-
 fn phase_data(what: impl Into<String>) -> impl FnOnce(serde_json::Error) -> Error {
     let what = what.into();
     move |source| Error::PhaseData { what, source }
@@ -111,23 +99,22 @@ impl Steps {
             lease,
             progress,
             passed: Vec::new(),
-            broken: false,
         }
     }
 
     /// The scope of the request.
     pub fn scope(&self) -> &Scope {
-        &self.lease.scope
+        self.lease.scope()
     }
 
     /// The request's key.
     pub fn key(&self) -> &IdempotencyKey {
-        &self.lease.key
+        self.lease.key()
     }
 
     /// The downstream key of step `step` of this request (see [`downstream_key`]).
     pub fn downstream_key(&self, step: &str) -> Uuid {
-        downstream_key(&self.lease.scope, &self.lease.key, step)
+        downstream_key(self.lease.scope(), self.lease.key(), step)
     }
 
     /// Passes step `name`: its recorded output, if it has one.
@@ -169,41 +156,25 @@ impl Steps {
         async move {
             // The record extends the lease from the transaction's start (`now()`): count
             // from before `BEGIN`.
-            let sent = Instant::now();
-            let mut tx = StepTx {
-                tx: TxConn::begin(self.lease.store.pool())
-                    .await
-                    .map_err(Error::from)?,
-            };
+            let began = Instant::now();
+            let mut tx = StepTx::begin(&self.lease).await?;
             let output = match step(&mut tx).await {
                 Ok(output) => output,
                 Err(error) => {
-                    tx.rollback().await;
+                    rollback(tx.tx).await;
                     return Err(error);
                 }
             };
             let recorded = match serde_json::to_value(&output) {
                 Ok(recorded) => recorded,
                 Err(source) => {
-                    tx.rollback().await;
+                    rollback(tx.tx).await;
                     return Err(phase_data(format!("output of step '{name}'"))(source).into());
                 }
             };
-            let touched = self
-                .lease
-                .touch(tx.tx.conn(), Some((name, &recorded)))
-                .await;
-            if let Err(error) = touched {
-                tx.rollback().await;
-                return Err(error.into());
-            }
-            boundary(name, "before_commit");
-            if let Err(error) = tx.tx.commit().await {
-                self.broken |= connection_broke(&error);
-                return Err(Error::from(error).into());
-            }
-            self.lease.touched(sent);
-            boundary(name, "after_commit");
+            self.lease
+                .commit_step(tx.tx, began, (name, &recorded))
+                .await?;
             self.progress.insert(name.to_owned(), recorded);
             Ok(output)
         }
@@ -243,21 +214,15 @@ impl Steps {
         async move {
             // A holder that lost its lease makes no call: renew it first, unless the last
             // renewal left more than half of it (then no takeover can have happened).
-            if self.lease.start.is_some() || !self.lease.fresh() {
-                let sent = Instant::now();
-                self.lease.touch(self.lease.store.pool(), None).await?;
-                self.lease.touched(sent);
+            if !self.lease.fresh() {
+                self.lease.renew(None).await?;
             }
             boundary(name, "before_call");
             let output = call(downstream).await?;
             boundary(name, "after_call");
             let recorded = serde_json::to_value(&output)
                 .map_err(phase_data(format!("output of step '{name}'")))?;
-            let sent = Instant::now();
-            self.lease
-                .touch(self.lease.store.pool(), Some((name, &recorded)))
-                .await?;
-            self.lease.touched(sent);
+            self.lease.renew(Some((name, &recorded))).await?;
             self.progress.insert(name.to_owned(), recorded);
             Ok(output)
         }
@@ -290,134 +255,56 @@ impl Steps {
             status = tracing::field::Empty
         );
         async move {
-            let mut tx = StepTx {
-                tx: TxConn::begin(self.lease.store.pool())
-                    .await
-                    .map_err(Error::from)?,
-            };
+            let mut tx = StepTx::begin(&self.lease).await?;
             let response = match step(&mut tx).await {
                 Ok(response) => response,
                 Err(error) => {
-                    tx.rollback().await;
+                    rollback(tx.tx).await;
                     return Err(error);
                 }
             };
             tracing::Span::current().record("status", response.status);
-            if !(100..=599).contains(&response.status) {
-                tx.rollback().await;
-                return Err(Error::InvalidStatus(response.status).into());
-            }
-            if !self
-                .lease
-                .store
-                .config()
-                .store_policy()
-                .stores(response.status)
-            {
-                tx.rollback().await;
-                self.lease.release().await?;
-                return Ok(Finished {
+            match self.lease.store_final(tx.tx, &response).await {
+                Ok(completion) => Ok(Finished {
+                    stored: completion == Completion::Stored,
                     response,
-                    stored: false,
-                });
+                }),
+                // The reply to COMMIT was lost, and the response is stored: this one, or
+                // an identical request's that ran after this one rolled back.
+                Err(Error::CommitInterrupted {
+                    outcome: CommitOutcome::Stored(replay),
+                    ..
+                }) => Ok(Finished {
+                    response: replay.response,
+                    stored: true,
+                }),
+                Err(error) => Err(error.into()),
             }
-            let stored = async {
-                tx.tx
-                    .lock_key_and_clear_expired(&self.lease.scope, &self.lease.key)
-                    .await?;
-                self.lease.store(tx.tx.conn(), &response).await
-            }
-            .await;
-            if let Err(error) = stored {
-                tx.rollback().await;
-                return Err(error.into());
-            }
-            boundary("finish", "before_commit");
-            match tx.tx.commit().await {
-                Ok(()) => {}
-                Err(error) if connection_broke(&error) => {
-                    drop(tx);
-                    self.broken = true;
-                    return self.resolve_commit(error).await;
-                }
-                Err(error) => return Err(Error::from(error).into()),
-            }
-            boundary("finish", "after_commit");
-            Ok(Finished {
-                response,
-                stored: true,
-            })
         }
         .instrument(span)
         .await
     }
 
-    /// The connection broke around the final step's `COMMIT`: finds out on another
-    /// connection whether the response is stored (as [`Claim::complete`](crate::Claim::complete)
-    /// does), so that the answer is never less true than what the database knows.
-    async fn resolve_commit<E: From<Error>>(&self, source: sqlx::Error) -> Result<Finished, E> {
-        tracing::warn!(error = %source, "the connection broke around a phased request's final COMMIT; resolving the outcome");
-        let lookup = Lookup {
-            scope: &self.lease.scope,
-            key: &self.lease.key,
-            fingerprint: &self.lease.fingerprint,
-            // The final step deletes an expired row it finds: one that is still there is
-            // never this request's.
-            replace_expired: true,
-        };
-        let config = self.lease.store.config();
-        match resolve(
-            self.lease.store.pool(),
-            &lookup,
-            config.commit_resolution_wait(),
-        )
-        .await
-        {
-            CommitOutcome::Stored(replay) => Ok(Finished {
-                response: replay.response,
-                stored: true,
-            }),
-            outcome => Err(Error::CommitInterrupted {
-                scope: self.lease.scope.clone(),
-                key: self.lease.key.clone(),
-                outcome,
-                source,
-            }
-            .into()),
-        }
-    }
-
     /// After the operation failed: ends the lease now, so that a retry or the completer
-    /// can resume the request at once. Best effort: otherwise the lease runs out.
-    ///
-    /// Not after a connection broke around a `COMMIT`: the old backend may still hold the
-    /// request's row (an unreachable server), and the release would wait for it without
-    /// bound; the lease runs out by itself.
+    /// can resume the request at once (see [`Lease::release_after_error`]).
     pub(super) async fn release_after_error(&self) {
-        if self.broken {
-            tracing::debug!("a connection broke around COMMIT: the lease runs out by itself");
-            return;
-        }
-        if let Err(error) = self.lease.release().await {
-            tracing::warn!(%error, "releasing a failed phased request failed; its lease will run out");
-        }
+        self.lease.release_after_error().await;
     }
 }
 
 impl StepTx {
-    /// Rolls back; a failure closes the connection, which rolls back all the same.
-    async fn rollback(&mut self) {
-        if let Err(error) = self.tx.rollback().await {
-            tracing::warn!(%error, "rolling back a step failed; its connection was closed");
-        }
+    /// A transaction of its own for a step of the request `lease` holds.
+    async fn begin(lease: &Lease) -> Result<Self, Error> {
+        let tx = TxConn::begin(lease.engine().pool()).await?;
+        Ok(Self { tx })
     }
 }
 
 impl fmt::Debug for Steps {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Steps")
-            .field("scope", &self.lease.scope)
-            .field("key", &self.lease.key)
+            .field("scope", self.lease.scope())
+            .field("key", self.lease.key())
             .field("recorded", &self.progress.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }

@@ -21,7 +21,7 @@ use testcontainers_modules::testcontainers::core::client::docker_client_instance
 use testcontainers_modules::testcontainers::runners::AsyncRunner;
 use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt};
 
-use super::Env;
+use super::env::Env;
 
 /// How long the daemon may take to answer `GET /_ping`.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -245,7 +245,7 @@ async fn remove_labelled(docker: &Docker, run_id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::test_env as env_of;
+    use crate::testing::env::test_env as env_of;
 
     #[test]
     fn image_reference_is_parsed() {
@@ -288,7 +288,7 @@ mod tests {
     #[test]
     #[ignore = "run in a child process by a_killed_process_leaves_no_container"]
     fn child_holds_a_container() {
-        match start(&crate::testing::process_env) {
+        match start(&crate::testing::env::process_env) {
             Ok(url) => println!("URL {url}"),
             Err(why) => println!("NO DOCKER {why}"),
         }

@@ -10,7 +10,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use super::{Env, TestServerError};
+use super::env::{Env, process_env};
+use super::error::{TestServerError, format_looked_at};
 
 /// Where the binaries are looked for after `PG_BIN` and `pg_config --bindir`, unless
 /// `PG_SEARCH_DIRS` (a `:`-separated list of the same kind) replaces the list. A `*` stands for
@@ -277,9 +278,9 @@ impl LocalCluster {
     /// server as, [`TestServerError::Cluster`] when `initdb` or the start fails (with the
     /// server log's tail), [`TestServerError::Io`] when the directory cannot be prepared.
     pub fn start(options: LocalClusterOptions) -> Result<LocalCluster, TestServerError> {
-        let env = &super::process_env;
+        let env = &process_env;
         let bin = find_binaries(env).map_err(|looked_at| TestServerError::NoPostgres {
-            looked_at: super::format_looked_at(&looked_at),
+            looked_at: format_looked_at(&looked_at),
         })?;
         Self::start_with(env, bin, &options)
     }
@@ -552,7 +553,7 @@ fn make_dir(run_as: Option<&RunAs>) -> Result<PathBuf, TestServerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::test_env as env_of;
+    use crate::testing::env::test_env as env_of;
 
     #[test]
     fn versions_sort_numerically() {

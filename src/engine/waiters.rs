@@ -1,14 +1,17 @@
-//! Where duplicates of an in-flight key wait, without holding a pooled connection.
+//! Where duplicates of a held key wait, without holding a pooled connection.
 //!
 //! A duplicate that finds its key held by another request gives its connection back and
-//! waits here. When the holder is a claim of this process (of a store sharing this
-//! registry), the duplicate sleeps until that claim ends, woken with every other
-//! duplicate of the key at once (a duplicate that arrives while such a claim runs waits
-//! for it before it looks at the key at all); at most [`Config::in_flight_waiters`] wait per key, and
-//! the next one gets the in-flight answer at once. When the holder is another process,
-//! When that claim stored a response, the woken duplicates get its row without a round
-//! trip. When the holder is another process, the duplicate polls: it sleeps, then tries the key again in one round trip, with a
-//! pause that doubles from [`FIRST_POLL`] to [`MAX_POLL`].
+//! waits here before it looks at the key again:
+//!
+//! - when a claim of this process (of a store sharing this registry) holds the key, the
+//!   duplicate sleeps until that claim ends, woken with every other duplicate of the key
+//!   at once; a duplicate that arrives while such a claim runs waits for it before it
+//!   looks at all. When the claim stored a response, the woken duplicates get its row
+//!   without a round trip. At most [`Config::in_flight_waiters`] wait per key; the next
+//!   one gets the in-flight answer at once;
+//! - when another process holds the key, the duplicate polls: it sleeps, then looks
+//!   again in one round trip, with a pause that doubles from [`FIRST_POLL`] to
+//!   [`MAX_POLL`].
 //!
 //! [`Config::in_flight_waiters`]: crate::Config::in_flight_waiters
 
@@ -127,6 +130,11 @@ impl Waiters {
 }
 
 impl Holding {
+    /// The key held.
+    pub(crate) fn key(&self) -> &(Scope, IdempotencyKey) {
+        &self.key
+    }
+
     /// Hands the row the claim committed to the duplicates waiting for it (made only if
     /// some wait), before they are woken.
     pub(crate) fn answer(&self, row: impl FnOnce() -> StoredRow) {
@@ -210,9 +218,11 @@ mod tests {
         let (scope, key) = name();
         let row = StoredRow {
             fingerprint: crate::Fingerprint::from_parts(2, [7; 32]),
-            response: crate::StoredResponse::new(201, "paid"),
-            created_at: chrono::DateTime::UNIX_EPOCH,
-            provenance: crate::Provenance::default(),
+            replay: crate::Replay {
+                response: crate::StoredResponse::new(201, "paid"),
+                first_used_at: chrono::DateTime::UNIX_EPOCH,
+                first_request: crate::Provenance::default(),
+            },
         };
         // Nobody waits: the row is not even made.
         let alone = waiters.hold(&scope, &key);
@@ -227,7 +237,7 @@ mod tests {
         holding.answer(|| row.clone());
         drop(holding);
         match waiting.await {
-            Waited::Answered(answered) => assert_eq!(answered.response.body, b"paid"),
+            Waited::Answered(answered) => assert_eq!(answered.replay.response.body, b"paid"),
             other => panic!("expected the row, got {other:?}"),
         }
     }

@@ -1,0 +1,76 @@
+//! The life of a key, which both modes stand on.
+//!
+//! - [`take`]: taking a key — its lock and its row in one round trip, a bounded wait for
+//!   the request that holds it, and the answer its stored response gives: a replay, or a
+//!   conflict;
+//! - [`commit`]: storing a response — the one status and store-policy check, the one
+//!   insert of the key row, the `COMMIT`, and finding out on another connection what
+//!   happened when the connection broke around it;
+//! - [`waiters`]: where the duplicates of a held key wait without a connection.
+//!
+//! The [transactional claim](crate::Claim) and the [phased request](crate::phased) are
+//! two modes over it: the first holds the key's transaction for the business write, the
+//! second takes the key to record a request row and lets it go.
+
+mod commit;
+mod take;
+mod waiters;
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::key::IdempotencyKey;
+use crate::scope::Scope;
+
+pub(crate) use take::{KeyHold, conflict, same_request};
+use waiters::Waiters;
+
+/// What both modes run on: the pool, the configuration, and the keys this process's
+/// claims hold. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Engine {
+    pool: PgPool,
+    config: Arc<Config>,
+    /// Shared by [`reconfigured`](Self::reconfigured) copies.
+    waiters: Arc<Waiters>,
+}
+
+impl Engine {
+    pub(crate) fn new(pool: PgPool, config: Config) -> Self {
+        Self {
+            pool,
+            config: Arc::new(config),
+            waiters: Arc::default(),
+        }
+    }
+
+    /// The same engine with its configuration changed by `change`: same pool, same
+    /// waiters.
+    pub(crate) fn reconfigured(&self, change: impl FnOnce(Config) -> Config) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            config: Arc::new(change((*self.config).clone())),
+            waiters: Arc::clone(&self.waiters),
+        }
+    }
+
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// [`Error::InFlight`] for this key, with the configured retry hint.
+    pub(crate) fn in_flight(&self, scope: &Scope, key: &IdempotencyKey) -> Error {
+        Error::InFlight {
+            scope: scope.clone(),
+            key: key.clone(),
+            retry_after: self.config.retry_after(),
+        }
+    }
+}

@@ -1,0 +1,423 @@
+//! The lease that fences a phased request's holder: granted when the holder takes the
+//! request, renewed by every record it makes, ended by its final step or its release.
+//! Every statement that writes for the holder names the lease's token and changes
+//! nothing once another holder has taken the request over.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value};
+use sqlx::PgExecutor;
+
+use crate::db::{ExpiredRow, KeyRow, TxConn, Window, connection_broke};
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::fingerprint::Fingerprint;
+use crate::key::IdempotencyKey;
+use crate::outcome::Completion;
+use crate::provenance::Provenance;
+use crate::response::StoredResponse;
+use crate::scope::Scope;
+
+/// The tracing target of the events that mark a phased request's boundaries (`step`
+/// and `boundary` fields: `before_commit`, `after_commit`, `before_call`, `after_call`),
+/// for observability and for fault injection in tests.
+const BOUNDARY_TARGET: &str = "pg_idempotency::phased::boundary";
+
+/// Marks a boundary of a step (see [`BOUNDARY_TARGET`]).
+pub(super) fn boundary(step: &str, boundary: &'static str) {
+    tracing::debug!(target: BOUNDARY_TARGET, step, boundary, "phased request boundary");
+}
+
+/// `duration` in whole milliseconds, saturating.
+pub(super) fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Who asks for a lease: the request and the transaction that is about to grant it.
+pub(super) struct Holder<'a> {
+    pub engine: &'a Engine,
+    pub scope: &'a Scope,
+    pub key: &'a IdempotencyKey,
+    /// When the granting transaction began: the lease lasts from its `now()`, so the
+    /// holder counts from no later than that.
+    pub began: Instant,
+}
+
+/// The request's row as its holder took it.
+#[derive(Debug)]
+pub(super) struct Taken {
+    /// The operation that started it, if one did.
+    pub operation: Option<String>,
+    /// Its recorded input (read only by the completer).
+    pub input: Option<Value>,
+    /// The recorded step outputs.
+    pub progress: Map<String, Value>,
+    /// Its last recovery point.
+    pub recovery_point: Option<String>,
+    /// Holders so far, this one included.
+    pub attempts: i32,
+}
+
+/// A holder's hold on a request: the key and the fencing token it was granted.
+pub(super) struct Lease {
+    engine: Engine,
+    scope: Scope,
+    key: IdempotencyKey,
+    token: i64,
+    /// The request's fingerprint, to recognise its stored response.
+    fingerprint: Fingerprint,
+    /// The request this holder serves: recorded when it starts the operation, stored
+    /// with the response if no earlier request started it.
+    provenance: Provenance,
+    /// When this holder last sent a statement that extended its lease (the lease lasts at
+    /// least `lease` from then, by the database's clock).
+    renewed_at: Instant,
+    /// A connection broke around one of this holder's `COMMIT`s: its old backend may
+    /// still hold the request's row, so a release could wait on it without bound.
+    broken: bool,
+}
+
+impl Lease {
+    /// Starts a new request in `tx` (or restarts one abandoned past its replay window,
+    /// which counts as unused) and grants its first lease; `None` if the key got a
+    /// response meanwhile (the next look replays it).
+    pub(super) async fn start(
+        tx: &mut TxConn,
+        holder: Holder<'_>,
+        fingerprint: Fingerprint,
+    ) -> Result<Option<(Self, Taken)>, Error> {
+        let config = holder.engine.config();
+        let token = sqlx::query_scalar!(
+            // Only `excluded` and constants in DO UPDATE SET: Citus refuses functions
+            // there on a distributed table.
+            // Not if a response was stored meanwhile: the key's lock serialises this with
+            // final steps on one server, but not across Citus coordinators (node-local
+            // locks); this statement's own snapshot sees a response committed after the
+            // look that took the key.
+            r#"INSERT INTO idempotency_requests AS r
+                 (scope, key, fingerprint_version, fingerprint, lease_token, leased_until,
+                  created_at, expires_at)
+               SELECT $1, $2, $3, $4, 1, now() + $5::bigint * interval '1 millisecond',
+                      now(), now() + $6::bigint * interval '1 millisecond'
+               WHERE NOT EXISTS (SELECT FROM idempotency_keys
+                                 WHERE scope = $1 AND key = $2 AND expires_at > now())
+               ON CONFLICT (scope, key) DO UPDATE SET
+                 fingerprint_version = excluded.fingerprint_version,
+                 fingerprint = excluded.fingerprint, operation = NULL, input = NULL,
+                 recovery_point = NULL, progress = '{}',
+                 lease_token = r.lease_token + 1, leased_until = excluded.leased_until,
+                 attempts = 1, request_id = NULL, traceparent = NULL,
+                 created_at = excluded.created_at, expires_at = excluded.expires_at
+               RETURNING lease_token"#,
+            holder.scope.as_str(),
+            holder.key.as_str(),
+            fingerprint.version(),
+            fingerprint.hash().as_slice(),
+            millis(config.lease()),
+            millis(config.ttl()),
+        )
+        .fetch_optional(tx.conn())
+        .await?;
+        let taken = Taken {
+            operation: None,
+            input: None,
+            progress: Map::new(),
+            recovery_point: None,
+            attempts: 1,
+        };
+        Ok(token.map(|token| (Self::granted(holder, token, fingerprint), taken)))
+    }
+
+    /// Takes over the request row locked in `tx`, whose holder's lease ran out: a new
+    /// fencing token and lease; the recorded progress stays.
+    pub(super) async fn take_over(
+        tx: &mut TxConn,
+        holder: Holder<'_>,
+        fingerprint: Fingerprint,
+    ) -> Result<(Self, Taken), Error> {
+        let row = sqlx::query!(
+            r#"UPDATE idempotency_requests
+               SET lease_token = lease_token + 1,
+                   leased_until = now() + $3::bigint * interval '1 millisecond',
+                   attempts = attempts + 1
+               WHERE scope = $1 AND key = $2
+               RETURNING lease_token, operation, input, progress, recovery_point, attempts"#,
+            holder.scope.as_str(),
+            holder.key.as_str(),
+            millis(holder.engine.config().lease()),
+        )
+        .fetch_one(tx.conn())
+        .await?;
+        let Value::Object(progress) = row.progress else {
+            return Err(Error::MalformedRow(
+                "a phased request's progress is not a JSON object".into(),
+            ));
+        };
+        tracing::info!(
+            scope = %holder.scope,
+            key = %holder.key,
+            recovery_point = row.recovery_point.as_deref(),
+            attempt = row.attempts,
+            "taking over a phased request whose holder's lease ran out"
+        );
+        let taken = Taken {
+            operation: row.operation,
+            input: row.input,
+            progress,
+            recovery_point: row.recovery_point,
+            attempts: row.attempts,
+        };
+        Ok((Self::granted(holder, row.lease_token, fingerprint), taken))
+    }
+
+    fn granted(holder: Holder<'_>, token: i64, fingerprint: Fingerprint) -> Self {
+        Self {
+            engine: holder.engine.clone(),
+            scope: holder.scope.clone(),
+            key: holder.key.clone(),
+            token,
+            fingerprint,
+            provenance: Provenance::default(),
+            renewed_at: holder.began,
+            broken: false,
+        }
+    }
+
+    pub(super) fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    pub(super) fn key(&self) -> &IdempotencyKey {
+        &self.key
+    }
+
+    pub(super) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub(super) fn set_provenance(&mut self, provenance: Provenance) {
+        self.provenance = provenance;
+    }
+
+    fn lost(&self) -> Error {
+        Error::LeaseLost {
+            scope: self.scope.clone(),
+            key: self.key.clone(),
+        }
+    }
+
+    fn fenced(&self, rows: u64) -> Result<(), Error> {
+        if rows == 1 { Ok(()) } else { Err(self.lost()) }
+    }
+
+    /// Whether the lease surely has at least half of its length left (measured from the
+    /// last statement that extended it, so it errs towards renewing).
+    pub(super) fn fresh(&self) -> bool {
+        self.renewed_at.elapsed() < self.engine.config().lease() / 2
+    }
+
+    /// Records the operation that starts the request, its input and this holder's
+    /// provenance, before any step: whatever a step does, the completer can then finish
+    /// the request without its client. Renews the lease.
+    pub(super) async fn record_start(
+        &mut self,
+        operation: &'static str,
+        input: &Value,
+    ) -> Result<(), Error> {
+        let sent = Instant::now();
+        let record = Record {
+            step: None,
+            start: Some((operation, input)),
+        };
+        self.extend(self.engine.pool(), record).await?;
+        self.renewed_at = sent;
+        Ok(())
+    }
+
+    /// Renews the lease; with `step`, also records that step's output and makes it the
+    /// recovery point (a foreign step, whose call has returned).
+    pub(super) async fn renew(&mut self, step: Option<(&str, &Value)>) -> Result<(), Error> {
+        let sent = Instant::now();
+        let record = Record { step, start: None };
+        self.extend(self.engine.pool(), record).await?;
+        self.renewed_at = sent;
+        Ok(())
+    }
+
+    /// A local step's end: in its transaction `tx`, which began at `began`, records the
+    /// step's output (renewing the lease), then commits the step's writes with it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::LeaseLost`] (rolled back), [`Error::Database`]; after a connection broke
+    /// around `COMMIT` the step may or may not be recorded.
+    pub(super) async fn commit_step(
+        &mut self,
+        mut tx: TxConn,
+        began: Instant,
+        step: (&str, &Value),
+    ) -> Result<(), Error> {
+        let record = Record {
+            step: Some(step),
+            start: None,
+        };
+        if let Err(error) = self.extend(tx.conn(), record).await {
+            rollback(tx).await;
+            return Err(error);
+        }
+        boundary(step.0, "before_commit");
+        if let Err(error) = tx.commit().await {
+            self.broken |= connection_broke(&error);
+            return Err(error.into());
+        }
+        self.renewed_at = began;
+        boundary(step.0, "after_commit");
+        Ok(())
+    }
+
+    /// The final step's end: in its transaction `tx`, ends the request and stores
+    /// `response` as its key's row, and commits; or, if the store policy does not keep
+    /// `response`, rolls `tx` back and releases the request.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidStatus`], [`Error::LeaseLost`] (rolled back), the errors of
+    /// storing a response (an interrupted `COMMIT` included, with what was found out).
+    pub(super) async fn store_final(
+        &mut self,
+        mut tx: TxConn,
+        response: &StoredResponse,
+    ) -> Result<Completion, Error> {
+        let kept = self.engine.keeps(response.status);
+        if !matches!(kept, Ok(true)) {
+            rollback(tx).await;
+            kept?;
+            self.release().await?;
+            return Ok(Completion::RolledBack);
+        }
+        let Some(ended) = tx.end_request(&self.scope, &self.key, self.token).await? else {
+            rollback(tx).await;
+            return Err(self.lost());
+        };
+        let provenance = if ended.provenance.request_id.is_some() {
+            ended.provenance
+        } else {
+            self.provenance.clone()
+        };
+        let row = KeyRow {
+            scope: &self.scope,
+            key: &self.key,
+            fingerprint: &self.fingerprint,
+            response,
+            provenance: &provenance,
+            window: Window::Kept {
+                created_at: ended.created_at,
+                expires_at: ended.expires_at,
+            },
+            expired: ExpiredRow::Deleted,
+        };
+        let stored = self
+            .engine
+            .store_and_commit(tx, &row, || boundary("finish", "before_commit"))
+            .await;
+        match stored {
+            Ok(_) => {
+                boundary("finish", "after_commit");
+                Ok(Completion::Stored)
+            }
+            Err(error) => {
+                self.broken |= matches!(error, Error::CommitInterrupted { .. });
+                Err(error)
+            }
+        }
+    }
+
+    /// Extends the lease, fenced by the token, and writes `record`, through `executor`:
+    /// the step's own transaction (a local step) or the pool.
+    async fn extend<'e>(
+        &self,
+        executor: impl PgExecutor<'e>,
+        record: Record<'_>,
+    ) -> Result<(), Error> {
+        let (operation, input) = record.start.unzip();
+        // `{step: output}`, merged into `progress`: built here, since Citus refuses a
+        // function that is not immutable inside CASE (jsonb_build_object is stable).
+        let recorded = record.step.map_or_else(
+            || Value::Object(Map::new()),
+            |(name, output)| Value::Object(Map::from_iter([(name.to_owned(), output.clone())])),
+        );
+        let provenance = |value: &'_ Option<String>| value.clone().filter(|_| operation.is_some());
+        let updated = sqlx::query!(
+            r#"UPDATE idempotency_requests
+               SET progress = progress || $5::jsonb,
+                   recovery_point = coalesce($4, recovery_point),
+                   leased_until = now() + $6::bigint * interval '1 millisecond',
+                   operation = coalesce($7, operation),
+                   input = coalesce($8, input),
+                   request_id = coalesce($9, request_id),
+                   traceparent = coalesce($10, traceparent)
+               WHERE scope = $1 AND key = $2 AND lease_token = $3"#,
+            self.scope.as_str(),
+            self.key.as_str(),
+            self.token,
+            record.step.map(|(name, _)| name),
+            recorded,
+            millis(self.engine.config().lease()),
+            operation,
+            input,
+            provenance(&self.provenance.request_id),
+            provenance(&self.provenance.traceparent),
+        )
+        .execute(executor)
+        .await?;
+        self.fenced(updated.rows_affected())
+    }
+
+    /// Ends the lease now, so that a retry or the completer can take the request at once;
+    /// forgets the request if no operation started it.
+    pub(super) async fn release(&self) -> Result<(), Error> {
+        sqlx::query!(
+            r#"WITH unstarted AS (
+                   DELETE FROM idempotency_requests
+                   WHERE scope = $1 AND key = $2 AND lease_token = $3 AND operation IS NULL
+                   RETURNING 1)
+               UPDATE idempotency_requests SET leased_until = now()
+               WHERE scope = $1 AND key = $2 AND lease_token = $3
+                 AND operation IS NOT NULL"#,
+            self.scope.as_str(),
+            self.key.as_str(),
+            self.token,
+        )
+        .execute(self.engine.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// After the operation failed: [`release`](Self::release)s the request, best effort
+    /// (otherwise the lease runs out by itself). Not after a connection broke around a
+    /// `COMMIT`: the old backend may still hold the request's row (an unreachable
+    /// server), and the release would wait for it without bound.
+    pub(super) async fn release_after_error(&self) {
+        if self.broken {
+            tracing::debug!("a connection broke around COMMIT: the lease runs out by itself");
+            return;
+        }
+        if let Err(error) = self.release().await {
+            tracing::warn!(%error, "releasing a failed phased request failed; its lease will run out");
+        }
+    }
+}
+
+/// What a lease extension writes beside the new lease: a step's output, and the
+/// operation that starts the request with its input.
+struct Record<'a> {
+    step: Option<(&'a str, &'a Value)>,
+    start: Option<(&'a str, &'a Value)>,
+}
+
+/// Rolls `tx` back; a failure closes the connection, which rolls back all the same.
+pub(super) async fn rollback(mut tx: TxConn) {
+    if let Err(error) = tx.rollback().await {
+        tracing::warn!(%error, "rolling back a step failed; its connection was closed");
+    }
+}
