@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use pg_idempotency::{
-    Begin, IdempotencyKey, IdempotencyStore, Request, Scope, StoredResponse, SweepOptions, admin,
+    Begin, IdempotencyKey, IdempotencyStore, IdempotentRequest, Scope, StoredResponse,
+    SweepOptions, admin,
 };
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -221,7 +222,7 @@ async fn request(store: &IdempotencyStore, path: Path, tenant: &str) -> Result<(
         Path::FirstRequest => {
             let scope = Scope::new(tenant)?;
             let key = IdempotencyKey::from_uuid(uuid::Uuid::new_v4())?;
-            let request = Request::new("POST", "/v1/payments", br#"{"amount":1000}"#);
+            let request = IdempotentRequest::new("POST", "/v1/payments", br#"{"amount":1000}"#);
             let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
                 anyhow::bail!("a fresh key was not claimed");
             };

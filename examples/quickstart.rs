@@ -10,7 +10,8 @@
 
 use anyhow::Result;
 use pg_idempotency::{
-    Begin, Error, IdempotencyKey, IdempotencyStore, Problems, Request, Scope, StoredResponse,
+    Begin, Error, IdempotencyKey, IdempotencyStore, IdempotentRequest, Problems, Scope,
+    StoredResponse,
 };
 use sqlx::PgPool;
 
@@ -21,7 +22,7 @@ async fn take_payment(
     key: &IdempotencyKey,
     body: &[u8],
 ) -> Result<StoredResponse, Error> {
-    let request = Request::new("POST", "/v1/payments", body);
+    let request = IdempotentRequest::new("POST", "/v1/payments", body);
     match store.begin(scope, key, &request).await? {
         // Seen before: answer exactly what the first request got, without charging again.
         Begin::Replay(replay) => Ok(replay.response),

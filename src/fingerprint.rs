@@ -8,7 +8,7 @@
 //! Fingerprints are versioned so that the algorithm can change without
 //! invalidating stored keys: store [`Fingerprint::version`] next to
 //! [`Fingerprint::hash`], and compare a retry against a stored fingerprint by
-//! recomputing it with [`Request::fingerprint_at`] at the *stored* version.
+//! recomputing it with [`IdempotentRequest::fingerprint_at`] at the *stored* version.
 //!
 //! # Version 2 (current)
 //!
@@ -36,8 +36,8 @@
 //! query string, so the same key and body on `/accounts/1/transfers` and
 //! `/accounts/2/transfers` matched. New keys are never fingerprinted at
 //! version 1; a row stored at version 1 is still compared at version 1
-//! ([`Request::fingerprint_at`], with the template from
-//! [`Request::with_route_template`]), so honest retries of requests that
+//! ([`IdempotentRequest::fingerprint_at`], with the template from
+//! [`IdempotentRequest::with_route_template`]), so honest retries of requests that
 //! began under 0.1.0 keep replaying.
 //!
 //! SHA-256 over the concatenation of:
@@ -88,14 +88,14 @@
 //! sizes in the HTTP layer, as for any JSON endpoint.
 //!
 //! ```
-//! use pg_idempotency::{Fingerprint, Request};
+//! use pg_idempotency::{Fingerprint, IdempotentRequest};
 //!
-//! let a = Request::new("POST", "/orders", br#"{"sku":"A1","qty":2}"#).fingerprint();
-//! let b = Request::new("POST", "/orders", b"{ \"qty\": 2, \"sku\": \"A1\" }").fingerprint();
+//! let a = IdempotentRequest::new("POST", "/orders", br#"{"sku":"A1","qty":2}"#).fingerprint();
+//! let b = IdempotentRequest::new("POST", "/orders", b"{ \"qty\": 2, \"sku\": \"A1\" }").fingerprint();
 //! assert_eq!(a, b);
 //! assert_eq!(a.version(), Fingerprint::CURRENT_VERSION);
 //!
-//! let c = Request::new("POST", "/orders", br#"{"sku":"A1","qty":2.0}"#).fingerprint();
+//! let c = IdempotentRequest::new("POST", "/orders", br#"{"sku":"A1","qty":2.0}"#).fingerprint();
 //! assert_ne!(a, c);
 //! ```
 
@@ -119,11 +119,11 @@ const DOMAIN_V2: &[u8] = b"pg-idempotency/fingerprint/v2\0";
 /// (current) covers exactly these; version 1 (0.1.0) covered the route template instead
 /// of the path and query, and rows stored under it are still compared at version 1.
 ///
-/// Made with [`Request::new`] (and, in an HTTP layer that routes on templates,
-/// [`Request::with_route_template`]).
+/// Made with [`IdempotentRequest::new`] (and, in an HTTP layer that routes on templates,
+/// [`IdempotentRequest::with_route_template`]).
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
-pub struct Request<'a> {
+pub struct IdempotentRequest<'a> {
     /// The HTTP method, exactly as received (case-sensitive).
     pub method: &'a str,
     /// The concrete path and query string (`/accounts/1?dry_run=true`), exactly
@@ -137,7 +137,7 @@ pub struct Request<'a> {
     pub body: &'a [u8],
 }
 
-impl<'a> Request<'a> {
+impl<'a> IdempotentRequest<'a> {
     /// Bundles the fingerprinted parts of a request: its method, its concrete
     /// path and query string (`target`), and its body.
     #[must_use]
@@ -216,7 +216,7 @@ pub struct Fingerprint {
 }
 
 impl Fingerprint {
-    /// The version that [`Request::fingerprint`] computes.
+    /// The version that [`IdempotentRequest::fingerprint`] computes.
     pub const CURRENT_VERSION: i16 = 2;
 
     /// Rebuilds a fingerprint from its stored parts (for example the
@@ -311,7 +311,7 @@ mod tests {
     use serde_json::Value;
 
     fn fp(body: &str) -> Fingerprint {
-        Request::new("POST", "/orders", body.as_bytes()).fingerprint()
+        IdempotentRequest::new("POST", "/orders", body.as_bytes()).fingerprint()
     }
 
     fn is_json(body: &[u8]) -> bool {
@@ -354,7 +354,7 @@ mod tests {
         // version changed and every fingerprint stored under it would stop
         // matching. Add a new version instead of changing one.
         let body = br#"{ "amount": 123456789012345678901234567890, "currency": "EUR", "tags": ["a", "\u00e9"] }"#;
-        let json = Request::new("POST", "/v1/payments/7?dry_run=true", body)
+        let json = IdempotentRequest::new("POST", "/v1/payments/7?dry_run=true", body)
             .with_route_template("/v1/payments/{id}");
         assert_eq!(
             json.fingerprint_at(1).unwrap().to_string(),
@@ -364,7 +364,7 @@ mod tests {
             json.fingerprint().to_string(),
             "v2:c4ebdf76d2d9a1302510cd323dbab9e1cee0a4d760492b16cb39e6999430952a"
         );
-        let raw = Request::new("PUT", "/files/a.txt", b"\x00\xffnot json")
+        let raw = IdempotentRequest::new("PUT", "/files/a.txt", b"\x00\xffnot json")
             .with_route_template("/files/{name}");
         assert_eq!(
             raw.fingerprint_at(1).unwrap().to_string(),
@@ -374,7 +374,8 @@ mod tests {
             raw.fingerprint().to_string(),
             "v2:6a855223125f1d8f3fd7d3112078e0a2098aeded26cb80c84743e53f2affe588"
         );
-        let empty = Request::new("DELETE", "/orders/9", b"").with_route_template("/orders/{id}");
+        let empty =
+            IdempotentRequest::new("DELETE", "/orders/9", b"").with_route_template("/orders/{id}");
         assert_eq!(
             empty.fingerprint_at(1).unwrap().to_string(),
             "v1:4fd99a022c7c2f94a0f4589cd89e644d3333598af10fcf443b1431b1dc7f85db"
@@ -388,7 +389,8 @@ mod tests {
     #[test]
     fn the_concrete_path_and_query_matter_the_template_only_at_v1() {
         let on = |target| {
-            Request::new("POST", target, b"{}").with_route_template("/accounts/{id}/transfers")
+            IdempotentRequest::new("POST", target, b"{}")
+                .with_route_template("/accounts/{id}/transfers")
         };
         let one = on("/accounts/1/transfers");
         let fingerprints = [
@@ -409,7 +411,7 @@ mod tests {
             assert_eq!(request.fingerprint_at(1), one.fingerprint_at(1));
         }
         // Built by hand from the documented v1 format, over the template.
-        let raw = Request::new("POST", "/accounts/1/transfers?x", b"x")
+        let raw = IdempotentRequest::new("POST", "/accounts/1/transfers?x", b"x")
             .with_route_template("/accounts/{id}/transfers");
         assert_eq!(
             raw.fingerprint_at(1).unwrap().hash(),
@@ -425,12 +427,16 @@ mod tests {
     fn matches_the_documented_encoding() {
         let body = br#"{"b" : [1, 2.50], "a":"\u0041\/"}"#;
         assert_eq!(
-            Request::new("POST", "/x", body).fingerprint().hash(),
+            IdempotentRequest::new("POST", "/x", body)
+                .fingerprint()
+                .hash(),
             &json_by_hand("POST", "/x", r#"{"a":"A/","b":[1,2.50]}"#)
         );
         for body in [&b""[..], b"x", b"{", b"\xff", b"\xef\xbb\xbf{}"] {
             assert_eq!(
-                Request::new("PATCH", "/y", body).fingerprint().hash(),
+                IdempotentRequest::new("PATCH", "/y", body)
+                    .fingerprint()
+                    .hash(),
                 &raw_by_hand("PATCH", "/y", body),
                 "{body:?}"
             );
@@ -438,7 +444,9 @@ mod tests {
         // A large raw body goes through the buffer's bypass path.
         let big = vec![7u8; 100_000];
         assert_eq!(
-            Request::new("PUT", "/z", &big).fingerprint().hash(),
+            IdempotentRequest::new("PUT", "/z", &big)
+                .fingerprint()
+                .hash(),
             &raw_by_hand("PUT", "/z", &big)
         );
         // A large JSON body crosses buffer boundaries.
@@ -446,7 +454,7 @@ mod tests {
         let body = format!("[ {} ]", items.join(" , "));
         let canonical = format!("[{}]", items.join(","));
         assert_eq!(
-            Request::new("PUT", "/z", body.as_bytes())
+            IdempotentRequest::new("PUT", "/z", body.as_bytes())
                 .fingerprint()
                 .hash(),
             &json_by_hand("PUT", "/z", &canonical)
@@ -455,7 +463,7 @@ mod tests {
 
     #[test]
     fn version_handling() {
-        let req = Request::new("POST", "/a", b"{}");
+        let req = IdempotentRequest::new("POST", "/a", b"{}");
         let current = req.fingerprint();
         assert_eq!(current.version(), Fingerprint::CURRENT_VERSION);
         assert_eq!(req.fingerprint_at(2), Some(current));
@@ -620,19 +628,43 @@ mod tests {
 
     #[test]
     fn method_and_route_matter_and_are_length_prefixed() {
-        let base = Request::new("POST", "/a", b"x").fingerprint();
-        assert_ne!(base, Request::new("POS", "T/a", b"x").fingerprint());
-        assert_ne!(base, Request::new("POST/", "a", b"x").fingerprint());
-        assert_ne!(base, Request::new("post", "/a", b"x").fingerprint());
-        assert_ne!(base, Request::new("PUT", "/a", b"x").fingerprint());
-        assert_ne!(base, Request::new("POST", "/b", b"x").fingerprint());
-        assert_ne!(base, Request::new("POST", "/a/", b"x").fingerprint());
-        assert_ne!(base, Request::new("POST", "/ax", b"").fingerprint());
+        let base = IdempotentRequest::new("POST", "/a", b"x").fingerprint();
         assert_ne!(
-            Request::new("", "", b"").fingerprint(),
-            Request::new("", "", b" ").fingerprint()
+            base,
+            IdempotentRequest::new("POS", "T/a", b"x").fingerprint()
         );
-        assert_eq!(base, Request::new("POST", "/a", b"x").fingerprint());
+        assert_ne!(
+            base,
+            IdempotentRequest::new("POST/", "a", b"x").fingerprint()
+        );
+        assert_ne!(
+            base,
+            IdempotentRequest::new("post", "/a", b"x").fingerprint()
+        );
+        assert_ne!(
+            base,
+            IdempotentRequest::new("PUT", "/a", b"x").fingerprint()
+        );
+        assert_ne!(
+            base,
+            IdempotentRequest::new("POST", "/b", b"x").fingerprint()
+        );
+        assert_ne!(
+            base,
+            IdempotentRequest::new("POST", "/a/", b"x").fingerprint()
+        );
+        assert_ne!(
+            base,
+            IdempotentRequest::new("POST", "/ax", b"").fingerprint()
+        );
+        assert_ne!(
+            IdempotentRequest::new("", "", b"").fingerprint(),
+            IdempotentRequest::new("", "", b" ").fingerprint()
+        );
+        assert_eq!(
+            base,
+            IdempotentRequest::new("POST", "/a", b"x").fingerprint()
+        );
     }
 
     #[test]
@@ -650,15 +682,17 @@ mod tests {
             b"a=1&b=2",
         ] {
             assert!(!is_json(body), "{body:?}");
-            let f = Request::new("POST", "/a", body).fingerprint();
-            assert_eq!(f, Request::new("POST", "/a", body).fingerprint());
+            let f = IdempotentRequest::new("POST", "/a", body).fingerprint();
+            assert_eq!(f, IdempotentRequest::new("POST", "/a", body).fingerprint());
             assert_eq!(f.hash(), &raw_by_hand("POST", "/a", body));
         }
         // Whitespace differences in non-JSON bodies are significant.
         assert_ne!(fp("a=1&b=2"), fp("a=1&b=2 "));
         // A JSON body never equals a raw body with the same canonical bytes.
         assert_ne!(
-            Request::new("POST", "/a", b"[1]").fingerprint().hash(),
+            IdempotentRequest::new("POST", "/a", b"[1]")
+                .fingerprint()
+                .hash(),
             &raw_by_hand("POST", "/a", b"[1]")
         );
         // A byte-order mark makes a body raw, so it differs from the same JSON.
@@ -689,7 +723,7 @@ mod tests {
                 let closed = format!("{open}{}", "]".repeat(100_000));
                 let objects = "{\"a\":".repeat(100_000);
                 [open, closed, objects].map(|body| {
-                    let f = Request::new("POST", "/deep", body.as_bytes()).fingerprint();
+                    let f = IdempotentRequest::new("POST", "/deep", body.as_bytes()).fingerprint();
                     (f, raw_by_hand("POST", "/deep", body.as_bytes()))
                 })
             })
@@ -714,7 +748,7 @@ mod tests {
         body.push_str("null]");
         assert!(is_json(body.as_bytes()));
         let start = std::time::Instant::now();
-        let f = Request::new("POST", "/bulk", body.as_bytes()).fingerprint();
+        let f = IdempotentRequest::new("POST", "/bulk", body.as_bytes()).fingerprint();
         let elapsed = start.elapsed();
         assert_eq!(f.version(), 2);
         assert!(elapsed.as_secs() < 5, "1 MiB took {elapsed:?}");
@@ -817,10 +851,10 @@ mod tests {
             let pretty_std = serde_json::to_vec_pretty(&v).unwrap();
 
             prop_assert!(is_json(&compact));
-            let base = Request::new("POST", "/p", &compact).fingerprint();
+            let base = IdempotentRequest::new("POST", "/p", &compact).fingerprint();
             for other in [pretty_reversed.as_bytes(), escaped_forward.as_bytes(), &pretty_std] {
                 prop_assert!(is_json(other), "not JSON: {}", String::from_utf8_lossy(other));
-                prop_assert_eq!(Request::new("POST", "/p", other).fingerprint(), base);
+                prop_assert_eq!(IdempotentRequest::new("POST", "/p", other).fingerprint(), base);
             }
 
             // The canonical text is JSON that means the same value.
@@ -839,10 +873,10 @@ mod tests {
             let b = serde_json::to_vec(&Value::Array(vec![v.clone()])).unwrap();
             let c = serde_json::to_vec(&serde_json::json!({ "v": v, "extra": extra })).unwrap();
             let d = serde_json::to_vec(&serde_json::json!({ "v": v })).unwrap();
-            let fa = Request::new("POST", "/p", &a).fingerprint();
-            let fb = Request::new("POST", "/p", &b).fingerprint();
-            let fc = Request::new("POST", "/p", &c).fingerprint();
-            let fd = Request::new("POST", "/p", &d).fingerprint();
+            let fa = IdempotentRequest::new("POST", "/p", &a).fingerprint();
+            let fb = IdempotentRequest::new("POST", "/p", &b).fingerprint();
+            let fc = IdempotentRequest::new("POST", "/p", &c).fingerprint();
+            let fd = IdempotentRequest::new("POST", "/p", &d).fingerprint();
             prop_assert_ne!(fa, fb);
             prop_assert_ne!(fc, fd);
             prop_assert_ne!(fa, fd);
@@ -850,8 +884,8 @@ mod tests {
 
         #[test]
         fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let f = Request::new("POST", "/p", &body).fingerprint();
-            prop_assert_eq!(f, Request::new("POST", "/p", &body).fingerprint());
+            let f = IdempotentRequest::new("POST", "/p", &body).fingerprint();
+            prop_assert_eq!(f, IdempotentRequest::new("POST", "/p", &body).fingerprint());
             if !is_json(&body) {
                 prop_assert_eq!(f.hash(), &raw_by_hand("POST", "/p", &body));
             }
@@ -859,7 +893,7 @@ mod tests {
 
         #[test]
         fn json_like_bodies_never_panic(body in "[\\[\\]{}\":,0-9eE+\\-. \\\\ubtrfaslnu]{0,64}") {
-            let _ = Request::new("POST", "/p", body.as_bytes()).fingerprint();
+            let _ = IdempotentRequest::new("POST", "/p", body.as_bytes()).fingerprint();
         }
     }
 }

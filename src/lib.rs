@@ -26,7 +26,7 @@
 //! ## Quick start
 //!
 //! ```no_run
-//! use pg_idempotency::{Begin, IdempotencyStore, Request, Scope, StoredResponse};
+//! use pg_idempotency::{Begin, IdempotencyStore, IdempotentRequest, Scope, StoredResponse};
 //!
 //! # async fn demo() -> anyhow::Result<()> {
 //! let pool = sqlx::PgPool::connect(&std::env::var("DATABASE_URL")?).await?;
@@ -37,7 +37,7 @@
 //! let scope = Scope::new("acct_42")?;
 //! let key = store.parse_key("6f1c1f0e-8d2a-4f55-9a3e-1b2c3d4e5f60")?;
 //! let body = br#"{"amount":1000,"currency":"EUR"}"#;
-//! let request = Request::new("POST", "/v1/payments", body);
+//! let request = IdempotentRequest::new("POST", "/v1/payments", body);
 //!
 //! let response = match store.begin(&scope, &key, &request).await? {
 //!     Begin::Replay(replay) => replay.response, // same request seen before: same answer
@@ -104,10 +104,10 @@ pub use claim::Claim;
 pub use config::Config;
 pub use db::prepare_connection;
 pub use error::Error;
-pub use fingerprint::{Fingerprint, Request};
+pub use fingerprint::{Fingerprint, IdempotentRequest};
 pub use key::{IdempotencyKey, KeyError, KeyPolicy};
 pub use outcome::{Begin, CommitOutcome, Completion, Outcome, Replay};
-pub use problem::{IDEMPOTENCY_KEY_HEADER, Problem, Problems};
+pub use problem::{IDEMPOTENCY_KEY_HEADER, Problem, ProblemKind, Problems};
 pub use provenance::Provenance;
 pub use response::{StorePolicy, StoredResponse};
 pub use schema::{MIGRATOR, migrate};

@@ -139,24 +139,30 @@ impl Problems {
         &self.key_header
     }
 
-    /// A problem of the application's own: `slug` is appended to the type base to form
-    /// `type`.
-    pub fn custom(
-        &self,
-        slug: &str,
-        status: u16,
-        title: impl Into<String>,
-        detail: impl Into<String>,
-        code: impl Into<String>,
-        advice_code: impl Into<String>,
-    ) -> Problem {
+    /// A problem of `kind` that says `detail`; the kind's slug is appended to the type
+    /// base to form `type`. For the application's own problems:
+    ///
+    /// ```
+    /// use pg_idempotency::{ProblemKind, Problems};
+    ///
+    /// const NOT_FOUND: ProblemKind = ProblemKind {
+    ///     slug: "not-found",
+    ///     status: 404,
+    ///     title: "Not found",
+    ///     code: "not_found",
+    ///     advice_code: "check_url",
+    /// };
+    /// let problem = Problems::default().custom(&NOT_FOUND, "There is no resource at this path.");
+    /// assert_eq!(problem.type_uri, "/problems/not-found");
+    /// ```
+    pub fn custom(&self, kind: &ProblemKind, detail: impl Into<String>) -> Problem {
         Problem {
-            type_uri: format!("{}{slug}", self.type_base),
-            title: title.into(),
-            status,
+            type_uri: format!("{}{}", self.type_base, kind.slug),
+            title: kind.title.to_owned(),
+            status: kind.status,
             detail: detail.into(),
-            code: code.into(),
-            advice_code: advice_code.into(),
+            code: kind.code.to_owned(),
+            advice_code: kind.advice_code.to_owned(),
             param: None,
             request_id: None,
             retry_after: None,
@@ -195,16 +201,12 @@ impl Problems {
             .map(|id| format!(" by request {id}"))
             .unwrap_or_default();
         self.custom(
-            "idempotency-conflict",
-            409,
-            "Idempotency key reused with different body",
+            &IDEMPOTENCY_CONFLICT,
             format!(
                 "{} '{key}' was used at {}{by} with a different request body.",
                 self.key_header,
                 first_used_at.to_rfc3339_opts(SecondsFormat::Secs, true)
             ),
-            "idempotency_conflict",
-            "use_new_idempotency_key",
         )
     }
 
@@ -212,17 +214,13 @@ impl Problems {
     pub fn in_flight(&self, key: &IdempotencyKey, retry_after: Duration) -> Problem {
         let seconds = retry_after_seconds(retry_after);
         let mut problem = self.custom(
-            "idempotency-key-in-use",
-            409,
-            "Idempotency key in use",
+            &IDEMPOTENCY_KEY_IN_USE,
             format!(
                 "A request with {} '{key}' is still being processed. \
                  Retry after {seconds} second{} to receive its response.",
                 self.key_header,
                 if seconds == 1 { "" } else { "s" }
             ),
-            "idempotency_key_in_use",
-            "retry_later",
         );
         problem.retry_after = Some(Duration::from_secs(seconds));
         problem
@@ -232,15 +230,11 @@ impl Problems {
     pub fn key_missing(&self) -> Problem {
         let header = &self.key_header;
         self.custom(
-            "idempotency-key-missing",
-            400,
-            "Idempotency key missing",
+            &IDEMPOTENCY_KEY_MISSING,
             format!(
                 "This request requires an {header} header. Mint a fresh UUID v4 for each \
                  logical operation and send it in {header}."
             ),
-            "idempotency_key_missing",
-            "add_idempotency_key",
         )
         .with_param(header)
     }
@@ -248,15 +242,11 @@ impl Problems {
     /// 400 `idempotency_key_invalid`: the key is malformed; `reason` says why.
     pub fn key_invalid(&self, reason: &dyn std::fmt::Display) -> Problem {
         self.custom(
-            "idempotency-key-invalid",
-            400,
-            "Idempotency key invalid",
+            &IDEMPOTENCY_KEY_INVALID,
             format!(
                 "The {} header is not a valid key: {reason}",
                 self.key_header
             ),
-            "idempotency_key_invalid",
-            "use_new_idempotency_key",
         )
         .with_param(&self.key_header)
     }
@@ -264,26 +254,15 @@ impl Problems {
     /// 400 `idempotency_scope_invalid`: the scope the request maps to is malformed.
     pub fn scope_invalid(&self, reason: &dyn std::fmt::Display) -> Problem {
         self.custom(
-            "idempotency-scope-invalid",
-            400,
-            "Idempotency scope invalid",
+            &IDEMPOTENCY_SCOPE_INVALID,
             format!("The request's idempotency scope is not valid: {reason}"),
-            "idempotency_scope_invalid",
-            "fix_request",
         )
     }
 
     /// 400 `invalid_request`: the request breaks the endpoint's rules; `param` names the
     /// field or header at fault, when there is one.
     pub fn invalid_request(&self, param: Option<&str>, detail: impl Into<String>) -> Problem {
-        let problem = self.custom(
-            "invalid-request",
-            400,
-            "Invalid request",
-            detail,
-            "invalid_request",
-            "fix_request",
-        );
+        let problem = self.custom(&INVALID_REQUEST, detail);
         match param {
             Some(param) => problem.with_param(param),
             None => problem,
@@ -293,12 +272,8 @@ impl Problems {
     /// 413 `payload_too_large`: the request body is longer than `limit` bytes.
     pub fn payload_too_large(&self, limit: usize) -> Problem {
         self.custom(
-            "payload-too-large",
-            413,
-            "Request body too large",
+            &PAYLOAD_TOO_LARGE,
             format!("The request body is larger than the limit of {limit} bytes."),
-            "payload_too_large",
-            "reduce_request_size",
         )
     }
 
@@ -306,13 +281,9 @@ impl Problems {
     /// same key is safe.
     pub fn internal_error(&self) -> Problem {
         self.custom(
-            "internal-error",
-            500,
-            "Internal server error",
+            &INTERNAL_ERROR,
             "The server failed to process the request and stored nothing for it. \
              Retrying with the same idempotency key is safe.",
-            "internal_error",
-            "retry_later",
         )
     }
 
@@ -320,14 +291,10 @@ impl Problems {
     /// the client should retry with the same key after `retry_after`.
     pub fn service_unavailable(&self, retry_after: Duration) -> Problem {
         let mut problem = self.custom(
-            "service-unavailable",
-            503,
-            "Service unavailable",
+            &SERVICE_UNAVAILABLE,
             "The server could not reach its database. Retry with the same \
              idempotency key: it answers with the stored response if the request \
              completed, and runs it otherwise.",
-            "service_unavailable",
-            "retry_later",
         );
         problem.retry_after = Some(Duration::from_secs(retry_after_seconds(retry_after)));
         problem
@@ -341,19 +308,111 @@ impl Problems {
     /// client may retry with the same key at once, so there is no `Retry-After`.
     pub fn not_committed(&self) -> Problem {
         self.custom(
-            "request-not-committed",
-            503,
-            "Request not completed",
+            &REQUEST_NOT_COMMITTED,
             format!(
                 "The server lost its database connection while completing this request and \
                  verified that nothing was done. Retry the request; the same {} is safe.",
                 self.key_header
             ),
-            "request_not_committed",
-            "retry_request",
         )
     }
 }
+
+/// A kind of problem: what every problem of the kind says besides its `detail`. Make one
+/// a constant, and a problem of it with [`Problems::custom`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProblemKind {
+    /// Appended to the type base to form `type`, e.g. `idempotency-conflict`.
+    pub slug: &'static str,
+    /// The HTTP status.
+    pub status: u16,
+    /// A short, human-readable summary, the same for every problem of the kind.
+    pub title: &'static str,
+    /// The machine-readable code, e.g. `idempotency_conflict`.
+    pub code: &'static str,
+    /// What the client should do, e.g. `use_new_idempotency_key`.
+    pub advice_code: &'static str,
+}
+
+const IDEMPOTENCY_CONFLICT: ProblemKind = ProblemKind {
+    slug: "idempotency-conflict",
+    status: 409,
+    title: "Idempotency key reused with different body",
+    code: "idempotency_conflict",
+    advice_code: "use_new_idempotency_key",
+};
+
+const IDEMPOTENCY_KEY_IN_USE: ProblemKind = ProblemKind {
+    slug: "idempotency-key-in-use",
+    status: 409,
+    title: "Idempotency key in use",
+    code: "idempotency_key_in_use",
+    advice_code: "retry_later",
+};
+
+const IDEMPOTENCY_KEY_MISSING: ProblemKind = ProblemKind {
+    slug: "idempotency-key-missing",
+    status: 400,
+    title: "Idempotency key missing",
+    code: "idempotency_key_missing",
+    advice_code: "add_idempotency_key",
+};
+
+const IDEMPOTENCY_KEY_INVALID: ProblemKind = ProblemKind {
+    slug: "idempotency-key-invalid",
+    status: 400,
+    title: "Idempotency key invalid",
+    code: "idempotency_key_invalid",
+    advice_code: "use_new_idempotency_key",
+};
+
+const IDEMPOTENCY_SCOPE_INVALID: ProblemKind = ProblemKind {
+    slug: "idempotency-scope-invalid",
+    status: 400,
+    title: "Idempotency scope invalid",
+    code: "idempotency_scope_invalid",
+    advice_code: "fix_request",
+};
+
+const INVALID_REQUEST: ProblemKind = ProblemKind {
+    slug: "invalid-request",
+    status: 400,
+    title: "Invalid request",
+    code: "invalid_request",
+    advice_code: "fix_request",
+};
+
+const PAYLOAD_TOO_LARGE: ProblemKind = ProblemKind {
+    slug: "payload-too-large",
+    status: 413,
+    title: "Request body too large",
+    code: "payload_too_large",
+    advice_code: "reduce_request_size",
+};
+
+const INTERNAL_ERROR: ProblemKind = ProblemKind {
+    slug: "internal-error",
+    status: 500,
+    title: "Internal server error",
+    code: "internal_error",
+    advice_code: "retry_later",
+};
+
+const SERVICE_UNAVAILABLE: ProblemKind = ProblemKind {
+    slug: "service-unavailable",
+    status: 503,
+    title: "Service unavailable",
+    code: "service_unavailable",
+    advice_code: "retry_later",
+};
+
+const REQUEST_NOT_COMMITTED: ProblemKind = ProblemKind {
+    slug: "request-not-committed",
+    status: 503,
+    title: "Request not completed",
+    code: "request_not_committed",
+    advice_code: "retry_request",
+};
 
 /// Whole seconds for `Retry-After`, at least one.
 fn retry_after_seconds(retry_after: Duration) -> u64 {

@@ -9,7 +9,7 @@ use crate::claim::Claim;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::fingerprint::Request;
+use crate::fingerprint::IdempotentRequest;
 use crate::key::{IdempotencyKey, KeyError};
 use crate::metrics;
 use crate::outcome::{Begin, CommitOutcome, Completion, Outcome};
@@ -105,7 +105,7 @@ impl IdempotencyStore {
         &self,
         scope: &Scope,
         key: &IdempotencyKey,
-        request: &Request<'_>,
+        request: &IdempotentRequest<'_>,
     ) -> Result<Begin<Claim>, Error> {
         let span = tracing::info_span!(
             "idempotency.begin",
@@ -137,12 +137,12 @@ impl IdempotencyStore {
     ///
     /// ```no_run
     /// # async fn demo(store: pg_idempotency::IdempotencyStore) -> anyhow::Result<()> {
-    /// use pg_idempotency::{Request, Scope, StoredResponse};
+    /// use pg_idempotency::{IdempotentRequest, Scope, StoredResponse};
     ///
     /// let scope = Scope::new("acct_42")?;
     /// let key = store.parse_key("6f1c1f0e-8d2a-4f55-9a3e-1b2c3d4e5f60")?;
     /// let body = br#"{"amount":1000,"currency":"EUR"}"#;
-    /// let request = Request::new("POST", "/v1/payments", body);
+    /// let request = IdempotentRequest::new("POST", "/v1/payments", body);
     ///
     /// let outcome = store
     ///     .run(&scope, &key, &request, async |claim| {
@@ -167,7 +167,7 @@ impl IdempotencyStore {
         &self,
         scope: &Scope,
         key: &IdempotencyKey,
-        request: &Request<'_>,
+        request: &IdempotentRequest<'_>,
         business: F,
     ) -> Result<Outcome, E>
     where

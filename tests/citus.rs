@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail, ensure};
 use pg_idempotency::{
-    Begin, Completion, Config, Error, IdempotencyKey, IdempotencyStore, Request, Scope,
+    Begin, Completion, Config, Error, IdempotencyKey, IdempotencyStore, IdempotentRequest, Scope,
     StoredResponse,
 };
 
@@ -55,7 +55,7 @@ async fn the_store_claims_replays_and_serialises_duplicates_on_distributed_keys(
         let scope = Scope::new(format!("tenant-{n}"))?;
         let key = new_key();
         let body = format!("{{\"n\":{n}}}");
-        let request = Request::new("POST", "/ledger", body.as_bytes());
+        let request = IdempotentRequest::new("POST", "/ledger", body.as_bytes());
         let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
             bail!("a fresh key must be claimed");
         };
@@ -68,7 +68,7 @@ async fn the_store_claims_replays_and_serialises_duplicates_on_distributed_keys(
             bail!("a retry must replay");
         };
         ensure!(replay.response.status == 201);
-        let other = Request::new("POST", "/ledger", b"{}");
+        let other = IdempotentRequest::new("POST", "/ledger", b"{}");
         ensure!(matches!(
             store.begin(&scope, &key, &other).await,
             Err(Error::Conflict { .. })
@@ -89,7 +89,7 @@ async fn the_store_claims_replays_and_serialises_duplicates_on_distributed_keys(
     for _ in 0..30 {
         let (store, scope, key) = (store.clone(), scope.clone(), key.clone());
         racers.spawn(async move {
-            let request = Request::new("POST", "/ledger", b"{}");
+            let request = IdempotentRequest::new("POST", "/ledger", b"{}");
             match store.begin(&scope, &key, &request).await? {
                 Begin::Claimed(mut claim) => {
                     sqlx::query("INSERT INTO ledger VALUES ('race', 'once')")
@@ -115,7 +115,7 @@ async fn the_store_claims_replays_and_serialises_duplicates_on_distributed_keys(
 
     // Expired keys count as unused: the next request runs fresh.
     expire_all(pool).await?;
-    let request = Request::new("POST", "/ledger", b"{}");
+    let request = IdempotentRequest::new("POST", "/ledger", b"{}");
     ensure!(matches!(
         store.begin(&scope, &key, &request).await?,
         Begin::Claimed(_)
@@ -143,7 +143,7 @@ async fn duplicates_through_two_nodes_never_both_commit() -> Result<()> {
         .await?;
     pg_idempotency::admin::colocate(citus.pool(), "ledger", "scope").await?;
     let (scope, key) = (Scope::new("two-nodes")?, new_key());
-    let request = Request::new("POST", "/ledger", b"{}");
+    let request = IdempotentRequest::new("POST", "/ledger", b"{}");
     let write = async |claim: &mut pg_idempotency::Claim, note: &str| {
         sqlx::query("INSERT INTO ledger VALUES ('two-nodes', $1)")
             .bind(note)
@@ -240,7 +240,7 @@ async fn the_command_line_tool_works_on_a_coordinator() -> Result<()> {
     let store = IdempotencyStore::new(citus.pool().clone());
     let (scope, key) = (Scope::new("acct 7")?, new_key());
     let Begin::Claimed(claim) = store
-        .begin(&scope, &key, &Request::new("POST", "/x", b"{}"))
+        .begin(&scope, &key, &IdempotentRequest::new("POST", "/x", b"{}"))
         .await?
     else {
         bail!("claim");
@@ -297,7 +297,11 @@ async fn the_command_line_tool_works_on_a_coordinator() -> Result<()> {
     for n in 0..20 {
         let scope = Scope::new(format!("s{n}"))?;
         let Begin::Claimed(claim) = store
-            .begin(&scope, &new_key(), &Request::new("POST", "/x", b"{}"))
+            .begin(
+                &scope,
+                &new_key(),
+                &IdempotentRequest::new("POST", "/x", b"{}"),
+            )
             .await?
         else {
             bail!("claim");
@@ -373,7 +377,7 @@ async fn phased_requests_run_resume_and_sweep_on_distributed_tables() -> Result<
     for n in 0..10 {
         let scope = Scope::new(format!("tenant-{n}"))?;
         let (key, note) = (new_key(), format!("note {n}"));
-        let request = Request::new("POST", "/notes", note.as_bytes());
+        let request = IdempotentRequest::new("POST", "/notes", note.as_bytes());
         let first = store
             .run_phased(&scope, &key, &request, &*operation, note.clone())
             .await?;
@@ -382,7 +386,7 @@ async fn phased_requests_run_resume_and_sweep_on_distributed_tables() -> Result<
             .run_phased(&scope, &key, &request, &*operation, note.clone())
             .await?;
         ensure!(again.is_replay() && again.response() == first.response());
-        let other = Request::new("POST", "/notes", b"another");
+        let other = IdempotentRequest::new("POST", "/notes", b"another");
         let conflict = store.begin_phased(&scope, &key, &other).await;
         ensure!(
             matches!(conflict, Err(Error::Conflict { .. })),
@@ -394,7 +398,7 @@ async fn phased_requests_run_resume_and_sweep_on_distributed_tables() -> Result<
     // second.
     let scope = Scope::new("tenant-abandoned")?;
     let (unstarted, started) = (new_key(), new_key());
-    let request = Request::new("POST", "/notes", b"x");
+    let request = IdempotentRequest::new("POST", "/notes", b"x");
     let Begin::Claimed(idle) = store.begin_phased(&scope, &unstarted, &request).await? else {
         bail!("fresh key");
     };

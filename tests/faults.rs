@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use pg_idempotency::testing::{LocalCluster, LocalClusterOptions, TestDatabase};
 use pg_idempotency::{
-    Begin, Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Request, Scope,
+    Begin, Config, Error, IdempotencyKey, IdempotencyStore, IdempotentRequest, Outcome, Scope,
     StoredResponse, SweepOptions,
 };
 use sqlx::PgPool;
@@ -75,7 +75,7 @@ async fn request_until_answered(
 ) -> Result<StoredResponse> {
     let scope = Scope::new("load")?;
     let body = format!(r#"{{"request":{n}}}"#);
-    let request = Request::new("POST", "/v1/payments", body.as_bytes());
+    let request = IdempotentRequest::new("POST", "/v1/payments", body.as_bytes());
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let attempt = store
@@ -197,7 +197,7 @@ async fn verify(
             .begin(
                 &scope,
                 key,
-                &Request::new("POST", "/v1/payments", body.as_bytes()),
+                &IdempotentRequest::new("POST", "/v1/payments", body.as_bytes()),
             )
             .await?
         {
@@ -432,7 +432,7 @@ async fn cancelling_begin_complete_and_sweep_at_random_points_leaves_nothing_stu
         Config::default().with_in_flight_wait(Duration::from_secs(10)),
     );
     let scope = Scope::new("cancel")?;
-    let request = Request::new("POST", "/x", b"{}");
+    let request = IdempotentRequest::new("POST", "/x", b"{}");
     let mut rng = Rng::from_env("cancellation");
     let mut keys: Vec<IdempotencyKey> = Vec::new();
     let total = env_usize("CANCELLATIONS", 10_000);
@@ -537,7 +537,7 @@ async fn one_key_in_two_scopes_under_concurrency_never_crosses() -> Result<()> {
                 .run(
                     &scope,
                     &key,
-                    &Request::new("POST", "/x", body.as_bytes()),
+                    &IdempotentRequest::new("POST", "/x", body.as_bytes()),
                     async |_claim| {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         Ok::<_, Error>(StoredResponse::new(201, format!("for {tenant}")))
@@ -734,7 +734,7 @@ async fn an_unreachable_old_backend_leaves_the_outcome_unknown_within_the_bound(
     // The store.
     let (scope, key) = (Scope::new("http")?, new_key());
     let Begin::Claimed(mut claim) = store
-        .begin(&scope, &key, &Request::new("POST", "/pay", b"1"))
+        .begin(&scope, &key, &IdempotentRequest::new("POST", "/pay", b"1"))
         .await?
     else {
         bail!("a new key replayed");
@@ -781,7 +781,7 @@ async fn an_unreachable_old_backend_leaves_the_outcome_unknown_within_the_bound(
         .run(
             &scope,
             &key,
-            &Request::new("POST", "/pay", b"1"),
+            &IdempotentRequest::new("POST", "/pay", b"1"),
             async |claim| {
                 sqlx::query("INSERT INTO payments (request_no) VALUES (1)")
                     .execute(&mut *claim)
@@ -856,7 +856,7 @@ async fn phased_requests_answer_lost_commits_truthfully() -> Result<()> {
     let mut answers = Vec::new();
     for n in 0..requests {
         let key = new_key();
-        let request = Request::new("POST", "/charge", b"");
+        let request = IdempotentRequest::new("POST", "/charge", b"");
         let answer = lossy.run_phased(&scope, &key, &request, &Recorded, n).await;
         answers.push((n, key, answer));
     }
@@ -894,7 +894,7 @@ async fn phased_requests_answer_lost_commits_truthfully() -> Result<()> {
                 );
                 // The retry, after the lease, finishes it.
                 tokio::time::sleep(Duration::from_millis(210)).await;
-                let request = Request::new("POST", "/charge", b"");
+                let request = IdempotentRequest::new("POST", "/charge", b"");
                 let retried = direct
                     .run_phased(&scope, &key, &request, &Recorded, n)
                     .await?;
@@ -934,7 +934,7 @@ async fn a_failed_completion_keeps_the_response_out_of_the_server_log() -> Resul
         .begin(
             &Scope::new("acct")?,
             &key,
-            &Request::new("POST", "/x", b"{}"),
+            &IdempotentRequest::new("POST", "/x", b"{}"),
         )
         .await?
     else {

@@ -20,7 +20,7 @@ use pg_idempotency::axum::{
     scope_from_header,
 };
 use pg_idempotency::testing::TestDatabase;
-use pg_idempotency::{IdempotencyStore, KeyPolicy, Problems, Scope};
+use pg_idempotency::{IdempotencyStore, KeyPolicy, ProblemKind, Problems, Scope};
 use sqlx::PgPool;
 use support::{Answer, Server, client, is_generated_request_id, new_key};
 
@@ -129,6 +129,14 @@ struct App {
     server: Server,
 }
 
+const UNAUTHORIZED: ProblemKind = ProblemKind {
+    slug: "unauthorized",
+    status: 401,
+    title: "Unauthorized",
+    code: "unauthorized",
+    advice_code: "log_in",
+};
+
 fn router(store: IdempotencyStore, runs: Arc<AtomicUsize>) -> Router {
     let scope = scope_from_header(
         HeaderName::from_static("x-account-id"),
@@ -140,14 +148,9 @@ fn router(store: IdempotencyStore, runs: Arc<AtomicUsize>) -> Router {
             store.clone(),
             |parts: &axum::http::request::Parts| match parts.headers.get("authorization") {
                 Some(value) => Ok(Scope::from_bytes(value.as_bytes())?),
-                None => Err(ScopeRejection::from(Problems::new("/errors/").custom(
-                    "unauthorized",
-                    401,
-                    "Unauthorized",
-                    "Log in first.",
-                    "unauthorized",
-                    "log_in",
-                ))),
+                None => Err(ScopeRejection::from(
+                    Problems::new("/errors/").custom(&UNAUTHORIZED, "Log in first."),
+                )),
             },
         )
         .with_key_header(HeaderName::from_static("x-idem-key"))
@@ -551,7 +554,7 @@ async fn the_concrete_path_query_and_method_are_fingerprinted() -> Result<()> {
 async fn rows_stored_under_fingerprint_v1_keep_replaying() -> Result<()> {
     let app = App::start().await?;
     let key = new_key();
-    let v1 = pg_idempotency::Request::new("POST", "/widgets/1", b"same")
+    let v1 = pg_idempotency::IdempotentRequest::new("POST", "/widgets/1", b"same")
         .with_route_template("/widgets/{id}")
         .fingerprint_at(1)
         .expect("v1 is known");
@@ -934,7 +937,8 @@ async fn duplicate_storm_leaves_the_bystander_p99_alone() -> Result<()> {
 async fn stored_framing_headers_never_desynchronise_a_replay() -> Result<()> {
     let app = App::start().await?;
     let key = new_key();
-    let fingerprint = pg_idempotency::Request::new("POST", "/widgets/1", b"same").fingerprint();
+    let fingerprint =
+        pg_idempotency::IdempotentRequest::new("POST", "/widgets/1", b"same").fingerprint();
     sqlx::query(
         "INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, \
          headers, body, expires_at) VALUES ('default', $1, $2, $3, 201, \

@@ -9,7 +9,8 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use anyhow::{Result, bail};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use pg_idempotency::{
-    Begin, Error, IdempotencyKey, IdempotencyStore, Provenance, Request, Scope, StoredResponse,
+    Begin, Error, IdempotencyKey, IdempotencyStore, IdempotentRequest, Provenance, Scope,
+    StoredResponse,
 };
 
 mod support;
@@ -24,7 +25,7 @@ async fn store_one(
     body: &[u8],
 ) -> Result<()> {
     let Begin::Claimed(mut claim) = store
-        .begin(scope, key, &Request::new("POST", "/x", body))
+        .begin(scope, key, &IdempotentRequest::new("POST", "/x", body))
         .await?
     else {
         bail!("expected a claim")
@@ -136,7 +137,7 @@ async fn the_command_line_tool_migrates_inspects_forgets_and_sweeps() -> Result<
     assert_eq!(gone.status.code(), Some(3), "not found");
     assert!(matches!(
         store
-            .begin(&scope, &key, &Request::new("POST", "/x", b"{}"))
+            .begin(&scope, &key, &IdempotentRequest::new("POST", "/x", b"{}"))
             .await?,
         Begin::Claimed(_)
     ));
@@ -186,7 +187,7 @@ async fn the_command_line_tool_escapes_text_and_keeps_opaque_keys_as_typed() -> 
     let key = store.parse_key(&upper)?;
     assert_eq!(key.as_str(), upper, "the opaque policy keeps the case");
     let Begin::Claimed(claim) = store
-        .begin(&scope, &key, &Request::new("POST", "/x", b"{}"))
+        .begin(&scope, &key, &IdempotentRequest::new("POST", "/x", b"{}"))
         .await?
     else {
         bail!("expected a claim")
@@ -297,7 +298,7 @@ async fn a_database_that_is_not_utf8_is_refused_at_migrate() -> Result<()> {
     let pid = || sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()").fetch_one(&pool);
     let before = pid().await?;
     let store = IdempotencyStore::new(pool.clone());
-    let request = Request::new("POST", "/x", b"{}");
+    let request = IdempotentRequest::new("POST", "/x", b"{}");
     for _ in 0..3 {
         let failed = store.begin(&Scope::new("é")?, &new_key(), &request).await;
         assert!(matches!(failed, Err(Error::Database(_))), "{failed:?}");
@@ -368,7 +369,7 @@ async fn least_privilege_migrate_and_functions() -> Result<()> {
                 .with_in_flight_wait(std::time::Duration::from_millis(100)),
         );
         let (scope, key) = (Scope::new("acct")?, new_key());
-        let request = Request::new("POST", "/x", b"{}");
+        let request = IdempotentRequest::new("POST", "/x", b"{}");
         let Begin::Claimed(claim) = store.begin(&scope, &key, &request).await? else {
             bail!("expected a claim")
         };
@@ -505,20 +506,20 @@ fn counters_and_histograms_move() -> Result<()> {
         let (scope, key) = (Scope::new("m")?, new_key());
         store_one(&store, &scope, &key, b"{}").await?; // claim
         let Begin::Replay(_) = store
-            .begin(&scope, &key, &Request::new("POST", "/x", b"{}"))
+            .begin(&scope, &key, &IdempotentRequest::new("POST", "/x", b"{}"))
             .await?
         else {
             bail!("replay")
         };
         let Err(Error::Conflict { .. }) = store
-            .begin(&scope, &key, &Request::new("POST", "/x", b"[]"))
+            .begin(&scope, &key, &IdempotentRequest::new("POST", "/x", b"[]"))
             .await
         else {
             bail!("conflict")
         };
         let other = new_key();
         let Begin::Claimed(claim) = store
-            .begin(&scope, &other, &Request::new("POST", "/x", b""))
+            .begin(&scope, &other, &IdempotentRequest::new("POST", "/x", b""))
             .await?
         else {
             bail!("claim")
@@ -528,7 +529,7 @@ fn counters_and_histograms_move() -> Result<()> {
             pg_idempotency::Config::default().with_in_flight_wait(std::time::Duration::ZERO),
         );
         let Err(Error::InFlight { .. }) = quick
-            .begin(&scope, &other, &Request::new("POST", "/x", b""))
+            .begin(&scope, &other, &IdempotentRequest::new("POST", "/x", b""))
             .await
         else {
             bail!("in flight")
@@ -573,7 +574,7 @@ async fn the_command_line_tool_shows_and_forgets_phased_requests() -> Result<()>
     let database = pg_idempotency::testing::TestDatabase::create().await?;
     let store = IdempotencyStore::new(database.pool().clone());
     let (scope, key) = (Scope::new("acct_p")?, new_key());
-    let request = Request::new("POST", "/charges", b"{}");
+    let request = IdempotentRequest::new("POST", "/charges", b"{}");
     let Begin::Claimed(mut claim) = store.begin_phased(&scope, &key, &request).await? else {
         bail!("fresh key")
     };

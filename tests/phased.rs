@@ -12,7 +12,8 @@ use pg_idempotency::phased::{
     Completer, CompleterOptions, Finished, Operation, Steps, downstream_key,
 };
 use pg_idempotency::{
-    Begin, Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Request, Scope, StoredResponse,
+    Begin, Config, Error, IdempotencyKey, IdempotencyStore, IdempotentRequest, Outcome, Scope,
+    StoredResponse,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
@@ -150,8 +151,8 @@ fn scope() -> Scope {
     Scope::new("acct_1").expect("valid scope")
 }
 
-fn request(body: &[u8]) -> Request<'_> {
-    Request::new("POST", "/v1/charges", body)
+fn request(body: &[u8]) -> IdempotentRequest<'_> {
+    IdempotentRequest::new("POST", "/v1/charges", body)
 }
 
 const BODY: &[u8] = br#"{"amount":1000}"#;

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use pg_idempotency::{
-    Begin, Completion, Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Problems, Request,
-    Scope, StorePolicy, StoredResponse, SweepOptions, Sweeper,
+    Begin, Completion, Config, Error, IdempotencyKey, IdempotencyStore, IdempotentRequest, Outcome,
+    Problems, Scope, StorePolicy, StoredResponse, SweepOptions, Sweeper,
 };
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, PgPool};
@@ -62,7 +62,7 @@ async fn pay(
     key: &IdempotencyKey,
     body: &[u8],
 ) -> Result<Outcome, Error> {
-    let request = Request::new("POST", "/v1/payments", body);
+    let request = IdempotentRequest::new("POST", "/v1/payments", body);
     store
         .run(scope, key, &request, async |claim| {
             let account = claim.scope().to_string();
@@ -145,7 +145,7 @@ async fn different_body_is_a_conflict_that_names_key_and_first_use() -> Result<(
     assert!(problem.detail.contains(key.as_str()), "{}", problem.detail);
 
     // Another method or route with the same body is another request too.
-    let request = Request::new("PUT", "/v1/payments", br#"{"amount":100}"#);
+    let request = IdempotentRequest::new("PUT", "/v1/payments", br#"{"amount":100}"#);
     assert!(matches!(
         store.begin(&scope, &key, &request).await,
         Err(Error::Conflict { .. })
@@ -253,7 +253,7 @@ async fn sixty_four_concurrent_requests_on_one_key_write_once() -> Result<()> {
         let (scope, key, start) = (scope.clone(), key.clone(), Arc::clone(&start));
         tasks.push(tokio::spawn(async move {
             start.wait().await;
-            let request = Request::new("POST", "/v1/payments", br#"{"amount":100}"#);
+            let request = IdempotentRequest::new("POST", "/v1/payments", br#"{"amount":100}"#);
             store
                 .run(&scope, &key, &request, async |claim| {
                     sqlx::query("INSERT INTO payments (account, amount) VALUES ('acct_1', 100)")
@@ -300,7 +300,7 @@ async fn in_flight_answer_comes_after_the_configured_wait() -> Result<()> {
     let store =
         IdempotencyStore::with_config(pool.clone(), Config::default().with_in_flight_wait(wait));
     let (scope, key) = (scope("acct_1"), new_key());
-    let request = Request::new("POST", "/v1/payments", b"{}");
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
     let Begin::Claimed(holder) = store.begin(&scope, &key, &request).await? else {
         bail!("claim")
     };
@@ -330,7 +330,7 @@ async fn drop_and_abort_roll_back_and_free_the_key() -> Result<()> {
     let pool = setup().await?;
     let store = IdempotencyStore::new(pool.clone());
     let (scope, key) = (scope("acct_1"), new_key());
-    let request = Request::new("POST", "/v1/payments", b"{}");
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
     let insert = "INSERT INTO payments (account, amount) VALUES ('acct_1', 1)";
 
     let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
@@ -368,7 +368,7 @@ async fn a_response_the_policy_does_not_keep_rolls_back_and_frees_the_key() -> R
         Config::default().with_store_policy(StorePolicy::default().excluding(409)),
     );
     let (scope, key) = (scope("acct_1"), new_key());
-    let request = Request::new("POST", "/v1/payments", b"{}");
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
     for status in [500, 503, 408, 429, 409] {
         let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
             bail!("claim")
@@ -413,7 +413,7 @@ async fn a_failing_business_step_rolls_back_and_frees_the_key() -> Result<()> {
     let pool = setup().await?;
     let store = IdempotencyStore::new(pool.clone());
     let (scope, key) = (scope("acct_1"), new_key());
-    let request = Request::new("POST", "/v1/payments", b"{}");
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
     let result = store
         .run(&scope, &key, &request, async |claim| {
             sqlx::query("INSERT INTO payments (account, amount) VALUES ('acct_1', 1)")
@@ -439,7 +439,7 @@ async fn cancelling_at_every_await_point_leaves_nothing_behind() -> Result<()> {
         Config::default().with_in_flight_wait(Duration::from_secs(10)),
     );
     let scope = scope("acct_1");
-    let request = Request::new("POST", "/v1/payments", b"{}");
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
     let insert = "INSERT INTO payments (account, amount) VALUES ('acct_1', 1)";
     let mut cancelled = 0;
 
@@ -630,7 +630,7 @@ async fn our_migrations_and_the_applications_coexist_in_either_order() -> Result
         ]
     );
     let store = IdempotencyStore::new(other.clone());
-    let request = Request::new("POST", "/x", b"");
+    let request = IdempotentRequest::new("POST", "/x", b"");
     let Begin::Claimed(claim) = store.begin(&scope("s"), &new_key(), &request).await? else {
         bail!("claim")
     };
@@ -660,7 +660,7 @@ async fn a_refused_statement_costs_no_pooled_connection() -> Result<()> {
     let before = pid().await?;
     let store = IdempotencyStore::new(single.clone());
     let (scope, key) = (scope("acct_1"), new_key());
-    let request = Request::new("POST", "/v1/payments", b"{}");
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
     for _ in 0..3 {
         let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
             bail!("the refused completion left the key free")
@@ -705,7 +705,7 @@ async fn the_claim_looks_its_key_up_by_primary_key() -> Result<()> {
         .connect_with((*pool.connect_options()).clone())
         .await?;
     let store = IdempotencyStore::new(single);
-    let request = Request::new("POST", "/v1/payments", b"{}");
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
     let Begin::Claimed(mut claim) = store.begin(&scope("acct_1"), &new_key(), &request).await?
     else {
         bail!("a fresh key should be claimed")
@@ -733,7 +733,7 @@ async fn a_key_stored_behind_the_claims_back_rolls_the_claim_back() -> Result<()
     let pool = setup().await?;
     let store = IdempotencyStore::new(pool.clone());
     let (scope, key) = (scope("acct_1"), new_key());
-    let request = Request::new("POST", "/v1/payments", b"{}");
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
     let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
         bail!("claim")
     };
@@ -886,7 +886,7 @@ async fn provenance_comes_back_and_rows_of_0_1_0_nodes_still_replay() -> Result<
     let pool = setup().await?;
     let store = IdempotencyStore::new(pool.clone());
     let (acct, key) = (scope("acct_p"), new_key());
-    let request = Request::new("POST", "/v1/payments", b"{}");
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
     let Begin::Claimed(mut claim) = store.begin(&acct, &key, &request).await? else {
         bail!("a new key replayed");
     };
@@ -901,7 +901,7 @@ async fn provenance_comes_back_and_rows_of_0_1_0_nodes_still_replay() -> Result<
         .begin(
             &acct,
             &key,
-            &Request::new("POST", "/v1/payments", b"{\"a\":1}"),
+            &IdempotentRequest::new("POST", "/v1/payments", b"{\"a\":1}"),
         )
         .await
     else {
@@ -968,7 +968,7 @@ async fn duplicates_leave_the_pool_alone(
     n: usize,
 ) -> Result<()> {
     let (scope, key) = (scope("acct_1"), new_key());
-    let request = Request::new("POST", "/v1/payments", b"{}");
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
     let Begin::Claimed(mut claim) = holder.begin(&scope, &key, &request).await? else {
         bail!("claim")
     };
@@ -979,7 +979,7 @@ async fn duplicates_leave_the_pool_alone(
         .map(|_| {
             let (store, scope, key) = (duplicates.clone(), scope.clone(), key.clone());
             tokio::spawn(async move {
-                let request = Request::new("POST", "/v1/payments", b"{}");
+                let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
                 store.begin(&scope, &key, &request).await
             })
         })
@@ -1033,7 +1033,7 @@ async fn waiting_duplicates_are_bounded_per_key() -> Result<()> {
     let pool = setup().await?;
     let store = patient(pool.clone(), Config::default().with_in_flight_waiters(2));
     let (scope, key) = (scope("acct_1"), new_key());
-    let request = Request::new("POST", "/v1/payments", b"{}");
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
     let Begin::Claimed(claim) = store.begin(&scope, &key, &request).await? else {
         bail!("claim")
     };
@@ -1041,7 +1041,7 @@ async fn waiting_duplicates_are_bounded_per_key() -> Result<()> {
     for _ in 0..5 {
         let (store, scope, key) = (store.clone(), scope.clone(), key.clone());
         duplicates.spawn(async move {
-            let request = Request::new("POST", "/v1/payments", b"{}");
+            let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
             store.begin(&scope, &key, &request).await
         });
     }
@@ -1129,7 +1129,7 @@ async fn large_bodies_are_stored_with_lz4_and_replay_byte_for_byte() -> Result<(
         body.extend(format!(r#"{{"line":{line},"sku":"a{}","qty":1}},"#, line % 97).bytes());
     }
     body.extend(0..=255u8);
-    let request = Request::new("POST", "/v1/orders", b"{}");
+    let request = IdempotentRequest::new("POST", "/v1/orders", b"{}");
     let stored =
         StoredResponse::new(201, body.clone()).with_header("content-type", "application/json");
     let first = store

@@ -8,6 +8,7 @@ PREPARE pgidem_lookup_v2(text, text) AS SELECT fingerprint_version, encode(finge
 -- not made"): the lock folded into the lookup, and a narrow lookup.
 PREPARE pgidem_claim_fused(bigint, text, text) AS SELECT pg_try_advisory_xact_lock($1), k.fingerprint_version, encode(k.fingerprint, 'hex'), k.status, k.headers, encode(k.body, 'hex'), (extract(epoch FROM k.created_at) * 1000000)::bigint, k.expires_at > now(), k.request_id, k.traceparent FROM (VALUES (1)) AS one LEFT JOIN idempotency_keys k ON k.scope = $2 AND k.key = $3;
 PREPARE pgidem_lookup_narrow(text, text) AS SELECT fingerprint_version, fingerprint, expires_at > now() FROM idempotency_keys WHERE scope = $1 AND key = $2;
-PREPARE pgidem_insert_v2(text, text, smallint, bytea, smallint, jsonb, bytea, bigint, text, text) AS INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, headers, body, created_at, expires_at, request_id, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now() + $8 * interval '1 millisecond', $9, $10);
+-- The key row's insert, as src/db/hot_path.rs sends it (bound parameters, sqlx prepares it).
+PREPARE pgidem_insert(text, text, smallint, bytea, smallint, jsonb, bytea, timestamptz, timestamptz, bigint, text, text) AS INSERT INTO idempotency_keys (scope, key, fingerprint_version, fingerprint, status, headers, body, created_at, expires_at, request_id, traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), coalesce($9, now() + $10::bigint * interval '1 millisecond'), $11, $12) RETURNING created_at;
 \set prepared 1
 \endif

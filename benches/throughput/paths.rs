@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail, ensure};
 use pg_idempotency::phased::{Finished, Operation, Steps};
 use pg_idempotency::{
-    Begin, Config, Error, IdempotencyKey, IdempotencyStore, Outcome, Request, Scope,
+    Begin, Config, Error, IdempotencyKey, IdempotencyStore, IdempotentRequest, Outcome, Scope,
     StoredResponse, SweepOptions, Sweeper,
 };
 use sqlx::PgPool;
@@ -263,7 +263,7 @@ async fn bare(ctx: &Ctx, account: &str, writes: Writes) -> Result<()> {
 /// lookup. The least that storing a response with the business write can cost.
 async fn floor(ctx: &Ctx, scope: &Scope, response: &StoredResponse) -> Result<()> {
     let key = new_key();
-    let fingerprint = Request::new("POST", ROUTE, BODY).fingerprint();
+    let fingerprint = IdempotentRequest::new("POST", ROUTE, BODY).fingerprint();
     let mut conn = ctx.pool.acquire().await?;
     sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
     Writes::Payment.run(&mut *conn, scope.as_str()).await?;
@@ -301,7 +301,7 @@ async fn zero2prod(
     response: &StoredResponse,
 ) -> Result<()> {
     let key = new_key();
-    let fingerprint = Request::new("POST", ROUTE, BODY).fingerprint();
+    let fingerprint = IdempotentRequest::new("POST", ROUTE, BODY).fingerprint();
     let mut tx = ctx.pool.begin().await?;
     let claimed = sqlx::query(
         "INSERT INTO idem_z2p (scope, key, fingerprint_version, fingerprint, created_at, expires_at)
@@ -340,7 +340,7 @@ async fn first_request(
     response: &StoredResponse,
 ) -> Result<IdempotencyKey> {
     let key = new_key();
-    let request = Request::new("POST", ROUTE, BODY);
+    let request = IdempotentRequest::new("POST", ROUTE, BODY);
     let Begin::Claimed(mut claim) = ctx.store.begin(scope, &key, &request).await? else {
         bail!("first request: a fresh key replayed");
     };
@@ -351,7 +351,7 @@ async fn first_request(
 
 /// Path 4: the same request again.
 async fn replay(ctx: &Ctx, scope: &Scope, key: &IdempotencyKey) -> Result<()> {
-    let request = Request::new("POST", ROUTE, BODY);
+    let request = IdempotentRequest::new("POST", ROUTE, BODY);
     match ctx.store.begin(scope, key, &request).await? {
         Begin::Replay(replay) => {
             ensure!(replay.response.status == 201, "replay: wrong status");
@@ -363,7 +363,7 @@ async fn replay(ctx: &Ctx, scope: &Scope, key: &IdempotencyKey) -> Result<()> {
 
 /// Path 5: the same key with another body.
 async fn conflict(ctx: &Ctx, scope: &Scope, key: &IdempotencyKey) -> Result<()> {
-    let request = Request::new("POST", ROUTE, OTHER_BODY);
+    let request = IdempotentRequest::new("POST", ROUTE, OTHER_BODY);
     match ctx.store.begin(scope, key, &request).await {
         Err(Error::Conflict { .. }) => Ok(()),
         Err(other) => Err(other.into()),
@@ -431,7 +431,7 @@ impl Operation for Charge {
 
 /// Path 6: a phased request (see [`Charge`]).
 async fn phased(ctx: &Ctx, scope: &Scope) -> Result<()> {
-    let request = Request::new("POST", "/v1/charges", BODY);
+    let request = IdempotentRequest::new("POST", "/v1/charges", BODY);
     let outcome = ctx
         .store
         .run_phased(scope, &new_key(), &request, &ctx.charge, 1000)
@@ -583,7 +583,7 @@ pub struct InFlight {
 
 pub async fn in_flight(ctx: &Arc<Ctx>, waits: &[Duration], reps: usize) -> Result<Vec<InFlight>> {
     let scope = Scope::new("acct_in_flight")?;
-    let request = Request::new("POST", ROUTE, BODY);
+    let request = IdempotentRequest::new("POST", ROUTE, BODY);
     let mut out = Vec::new();
     for &wait in waits {
         let waiter = IdempotencyStore::with_config(

@@ -22,7 +22,7 @@ use pg_idempotency::axum::{
     scope_from_header,
 };
 use pg_idempotency::phased::{Finished, Operation, Steps};
-use pg_idempotency::{IdempotencyStore, Problem, Problems, Scope, StoredResponse};
+use pg_idempotency::{IdempotencyStore, Problem, ProblemKind, Problems, Scope, StoredResponse};
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -577,17 +577,26 @@ async fn healthz(State(state): State<AppState>, request_id: RequestId) -> Respon
     }
 }
 
+const NOT_FOUND: ProblemKind = ProblemKind {
+    slug: "not-found",
+    status: 404,
+    title: "Not found",
+    code: "not_found",
+    advice_code: "check_url",
+};
+
+const METHOD_NOT_ALLOWED: ProblemKind = ProblemKind {
+    slug: "method-not-allowed",
+    status: 405,
+    title: "Method not allowed",
+    code: "method_not_allowed",
+    advice_code: "check_method",
+};
+
 async fn not_found(State(state): State<AppState>, request_id: RequestId) -> Response {
     state
         .problem(&request_id, |problems| {
-            problems.custom(
-                "not-found",
-                404,
-                "Not found",
-                "There is no resource at this path.",
-                "not_found",
-                "check_url",
-            )
+            problems.custom(&NOT_FOUND, "There is no resource at this path.")
         })
         .into_response()
 }
@@ -596,12 +605,8 @@ async fn method_not_allowed(State(state): State<AppState>, request_id: RequestId
     state
         .problem(&request_id, |problems| {
             problems.custom(
-                "method-not-allowed",
-                405,
-                "Method not allowed",
+                &METHOD_NOT_ALLOWED,
                 "This resource does not support the request's method.",
-                "method_not_allowed",
-                "check_method",
             )
         })
         .into_response()

@@ -3,10 +3,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pg_idempotency::{Fingerprint, Request};
+use pg_idempotency::{Fingerprint, IdempotentRequest};
 
 fuzz_target!(|data: &[u8]| {
-    let request = Request::new("POST", "/v1/payments", data);
+    let request = IdempotentRequest::new("POST", "/v1/payments", data);
     let fingerprint = request.fingerprint();
     assert_eq!(fingerprint, request.fingerprint(), "deterministic");
     assert_eq!(
@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
     if shallow && serde_json::from_str::<serde_json::Value>(text).is_ok() {
         let padded = format!(" \n{text}\t ");
         assert_eq!(
-            Request::new("POST", "/v1/payments", padded.as_bytes()).fingerprint(),
+            IdempotentRequest::new("POST", "/v1/payments", padded.as_bytes()).fingerprint(),
             fingerprint
         );
     }

@@ -30,7 +30,7 @@ use super::response::{from_stored, to_stored};
 use super::scope::{ScopeRejection, title_case};
 use crate::claim::Claim;
 use crate::error::Error;
-use crate::fingerprint::Request as Fingerprinted;
+use crate::fingerprint::IdempotentRequest;
 use crate::key::{IdempotencyKey, KeyPolicy};
 use crate::outcome::{Begin, CommitOutcome, Completion};
 use crate::phased::PhasedClaim;
@@ -60,7 +60,7 @@ type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
 /// 5. buffers the body up to the limit (over it → 413, unreadable → 400
 ///    `invalid_request`);
 /// 6. fingerprints method + concrete path and query string + body (no header takes part:
-///    [`Request`](crate::Request)), and
+///    [`IdempotentRequest`](crate::IdempotentRequest)), and
 ///    calls [`IdempotencyStore::begin`]: a replay is answered with the stored status,
 ///    headers and body plus `Idempotent-Replayed: true`; a conflict or a key still in
 ///    flight with a 409 problem (the latter with `Retry-After`);
@@ -428,7 +428,7 @@ impl Flow<'_> {
             .uri
             .path_and_query()
             .map_or("/", |target| target.as_str());
-        let fingerprinted = Fingerprinted::new(parts.method.as_str(), target, &body)
+        let fingerprinted = IdempotentRequest::new(parts.method.as_str(), target, &body)
             .with_route_template(self.route);
         let store = &self.settings.store;
         if self.settings.phased {

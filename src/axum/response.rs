@@ -146,6 +146,7 @@ fn http_date(at: chrono::DateTime<chrono::Utc>) -> String {
 mod tests {
     use super::*;
     use crate::axum::request_id::REQUEST_ID_HEADER;
+    use crate::problem::ProblemKind;
 
     fn parts(build: impl FnOnce(&mut HeaderMap)) -> Parts {
         let mut response = Response::new(());
@@ -162,9 +163,14 @@ mod tests {
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[CONTENT_TYPE], "application/problem+json");
         assert_eq!(response.headers()[RETRY_AFTER], "2");
-        let odd = problems
-            .custom("x", 1000, "t", "d", "c", "a")
-            .into_response();
+        let odd = ProblemKind {
+            slug: "x",
+            status: 1000,
+            title: "t",
+            code: "c",
+            advice_code: "a",
+        };
+        let odd = problems.custom(&odd, "d").into_response();
         assert_eq!(odd.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 

@@ -136,6 +136,7 @@ pub(crate) fn title_case(name: &HeaderName) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::problem::ProblemKind;
 
     fn parts(values: &[&[u8]]) -> Parts {
         let mut request = http::Request::new(());
@@ -207,7 +208,14 @@ mod tests {
         assert_eq!(problem.status, 400);
         assert_eq!(problem.code, "idempotency_scope_invalid");
         assert_eq!(problem.param.as_deref(), Some("X-Tenant"));
-        let own = problems.custom("unauthorized", 401, "t", "d", "unauthorized", "log_in");
+        let unauthorized = ProblemKind {
+            slug: "unauthorized",
+            status: 401,
+            title: "t",
+            code: "unauthorized",
+            advice_code: "log_in",
+        };
+        let own = problems.custom(&unauthorized, "d");
         let problem = ScopeRejection::from(own.clone())
             .with_param("x")
             .into_problem(&problems);

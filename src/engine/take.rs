@@ -10,7 +10,7 @@ use super::Engine;
 use super::waiters::{FIRST_POLL, Holding, MAX_POLL, Waited};
 use crate::db::{ExpiredRow, Found, StoredRow, TxConn, connection_broke};
 use crate::error::Error;
-use crate::fingerprint::{Fingerprint, Request};
+use crate::fingerprint::{Fingerprint, IdempotentRequest};
 use crate::key::IdempotencyKey;
 use crate::metrics;
 use crate::outcome::{Begin, Replay};
@@ -55,7 +55,7 @@ impl Engine {
         &self,
         scope: &Scope,
         key: &IdempotencyKey,
-        request: &Request<'_>,
+        request: &IdempotentRequest<'_>,
         claimed: &'static str,
         hold: impl FnMut(KeyHold) -> F,
     ) -> Result<Begin<T>, Error>
@@ -81,7 +81,7 @@ impl Engine {
         &self,
         scope: &Scope,
         key: &IdempotencyKey,
-        request: &Request<'_>,
+        request: &IdempotentRequest<'_>,
         mut hold: impl FnMut(KeyHold) -> F,
     ) -> Result<Begin<T>, Error>
     where
@@ -171,7 +171,7 @@ fn answer(
     stored: StoredRow,
     scope: &Scope,
     key: &IdempotencyKey,
-    request: &Request<'_>,
+    request: &IdempotentRequest<'_>,
 ) -> Result<Replay, Error> {
     if same_request(&stored.fingerprint, request)? {
         Ok(stored.replay)
@@ -207,7 +207,10 @@ pub(crate) fn conflict(
 /// # Errors
 ///
 /// [`Error::UnknownFingerprintVersion`] for a version this build does not know.
-pub(crate) fn same_request(stored: &Fingerprint, request: &Request<'_>) -> Result<bool, Error> {
+pub(crate) fn same_request(
+    stored: &Fingerprint,
+    request: &IdempotentRequest<'_>,
+) -> Result<bool, Error> {
     let version = stored.version();
     request
         .fingerprint_at(version)

@@ -12,7 +12,7 @@ use super::steps::Steps;
 use crate::db::TxConn;
 use crate::engine::{Engine, conflict, same_request};
 use crate::error::Error;
-use crate::fingerprint::{Fingerprint, Request};
+use crate::fingerprint::{Fingerprint, IdempotentRequest};
 use crate::key::IdempotencyKey;
 use crate::outcome::{Begin, Completion, Outcome};
 use crate::provenance::Provenance;
@@ -33,7 +33,7 @@ pub struct PhasedClaim {
 /// Who takes a request: a client's request (which may also be answered from a stored
 /// response), or the completer (which takes only an abandoned, started request).
 pub(super) enum Taker<'a> {
-    Client(&'a Request<'a>),
+    Client(&'a IdempotentRequest<'a>),
     Completer,
 }
 
@@ -55,7 +55,7 @@ impl IdempotencyStore {
         &self,
         scope: &Scope,
         key: &IdempotencyKey,
-        request: &Request<'_>,
+        request: &IdempotentRequest<'_>,
     ) -> Result<Begin<PhasedClaim>, Error> {
         let span = tracing::info_span!(
             "idempotency.begin_phased",
@@ -99,7 +99,7 @@ impl IdempotencyStore {
         &self,
         scope: &Scope,
         key: &IdempotencyKey,
-        request: &Request<'_>,
+        request: &IdempotentRequest<'_>,
         operation: &O,
         input: O::Input,
     ) -> Result<Outcome, O::Error> {
