@@ -36,6 +36,11 @@ pub struct Stats {
     /// Of those, the ones whose holder's lease ran out: a retry or the completer will take
     /// them over.
     pub phased_abandoned: i64,
+    /// The abandoned ones by the operation that started them (`None`: not started; the
+    /// completer frees their keys), most first. A completer finishes only the operations
+    /// registered with it: an operation no node registers stays here until its requests
+    /// expire.
+    pub phased_abandoned_by_operation: Vec<(Option<String>, i64)>,
 }
 
 /// Counts rows (full scans: meant for operators, not for a hot path) and reads sizes
@@ -77,6 +82,17 @@ pub async fn stats<'a>(conn: impl Acquire<'a, Database = Postgres>) -> Result<St
     )
     .fetch_one(&mut *conn)
     .await?;
+    let by_operation = sqlx::query!(
+        r#"
+        SELECT operation, count(*) AS "abandoned!"
+        FROM idempotency_requests
+        WHERE expires_at > now() AND leased_until <= now()
+        GROUP BY operation
+        ORDER BY 2 DESC, 1
+        "#
+    )
+    .fetch_all(&mut *conn)
+    .await?;
     Ok(Stats {
         rows: row.rows,
         expired_rows: row.expired_rows,
@@ -86,6 +102,10 @@ pub async fn stats<'a>(conn: impl Acquire<'a, Database = Postgres>) -> Result<St
         dead_tuples: row.dead_tuples,
         phased_in_progress: phased.in_progress,
         phased_abandoned: phased.abandoned,
+        phased_abandoned_by_operation: by_operation
+            .into_iter()
+            .map(|row| (row.operation, row.abandoned))
+            .collect(),
     })
 }
 

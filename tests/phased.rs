@@ -8,9 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use pg_idempotency::phased::{
-    Completer, CompleterOptions, Finished, Operation, Steps, downstream_key,
-};
+use pg_idempotency::phased::{Completer, CompleterOptions, Finished, Operation, Steps};
 use pg_idempotency::{
     Begin, Config, Error, IdempotencyKey, IdempotencyStore, IdempotentRequest, Outcome, Scope,
     StoredResponse,
@@ -212,13 +210,7 @@ async fn runs_once_replays_and_refuses_another_body() -> Result<()> {
         .await?;
     ensure!(again.is_replay() && again.response() == response);
     ensure!(processor.calls() == 1 && charges(&pool).await? == 1);
-    ensure!(
-        processor
-            .charges
-            .lock()
-            .unwrap()
-            .contains_key(&downstream_key(&scope, &key, "call_processor"))
-    );
+    ensure!(processor.charges.lock().unwrap().len() == 1);
 
     let other = store
         .run_phased(&scope, &key, &request(br#"{"amount":2}"#), &charge, INPUT)

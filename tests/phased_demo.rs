@@ -14,9 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use pg_idempotency::phased::downstream_key;
 use pg_idempotency::testing::TestDatabase;
-use pg_idempotency::{Config, IdempotencyKey, IdempotencyStore, Scope};
+use pg_idempotency::{Config, IdempotencyStore};
 use serde_json::Value;
 use sqlx::PgPool;
 use support::{Answer, Server, client, new_key, signal, spawn_example, stop_with};
@@ -44,31 +43,35 @@ async fn get_json(url: &str) -> Result<Value> {
     answer.json()
 }
 
-/// The charge the processor made for the downstream key of `(account, key)`.
-async fn processor_charge(processor: &str, account: &str, key: &str) -> Result<Option<String>> {
-    let downstream = downstream_key(
-        &Scope::new(account)?,
-        &IdempotencyKey::parse(key, Default::default())?,
-        "call_processor",
-    );
+/// The charge the processor made with `processor_key`: its id, amount and currency.
+async fn processor_charge(processor: &str, processor_key: &str) -> Result<Option<Value>> {
     let answer = Answer::of(
         client()
-            .get(format!("{processor}/charges/{downstream}"))
+            .get(format!("{processor}/charges/{processor_key}"))
             .send()
             .await?,
     )
     .await?;
     match answer.status {
         404 => Ok(None),
-        200 => Ok(answer.json()?["charge_id"].as_str().map(str::to_owned)),
+        200 => Ok(Some(answer.json()?)),
         other => bail!("the processor answered {other}"),
     }
 }
 
-/// The account's charges: (status, processor charge id).
-async fn charges_of(pool: &PgPool, account: &str) -> Result<Vec<(String, Option<String>)>> {
+/// A charge row of the demo.
+#[derive(Debug, PartialEq, sqlx::FromRow)]
+struct ChargeRow {
+    status: String,
+    processor_key: String,
+    processor_charge_id: Option<String>,
+}
+
+/// The account's charges, oldest first.
+async fn charges_of(pool: &PgPool, account: &str) -> Result<Vec<ChargeRow>> {
     Ok(sqlx::query_as(
-        "SELECT status, processor_charge_id FROM charges WHERE account = $1 ORDER BY created_at",
+        "SELECT status, processor_key::text, processor_charge_id FROM charges
+         WHERE account = $1 ORDER BY created_at",
     )
     .bind(account)
     .fetch_all(pool)
@@ -88,11 +91,16 @@ async fn check_exactly_once(
     ensure!(first.status == 201, "{first:?}");
     let charges = charges_of(pool, account).await?;
     ensure!(charges.len() == 1, "{} charges: {charges:?}", charges.len());
-    let made = processor_charge(processor, account, key)
+    let made = processor_charge(processor, &charges[0].processor_key)
         .await?
-        .context("the processor never saw the downstream key")?;
+        .context("the processor never saw the charge's downstream key")?;
+    let made = made["charge_id"]
+        .as_str()
+        .context("no charge id")?
+        .to_owned();
     ensure!(
-        charges[0] == ("succeeded".to_owned(), Some(made.clone())),
+        charges[0].status == "succeeded"
+            && charges[0].processor_charge_id.as_deref() == Some(made.as_str()),
         "recorded {charges:?}, the processor made {made}"
     );
     let body = first.json()?;

@@ -80,6 +80,7 @@ pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
             amount              bigint NOT NULL CHECK (amount > 0),
             currency            text NOT NULL,
             status              text NOT NULL DEFAULT 'pending',
+            processor_key       uuid NOT NULL,
             processor_charge_id text,
             created_at          timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (account, id)
@@ -161,15 +162,19 @@ impl Operation for Charges {
     type Error = anyhow::Error;
 
     async fn run(&self, input: &ChargeInput, steps: &mut Steps) -> anyhow::Result<Finished> {
+        // The key the processor dedupes this charge by, kept with the charge so that it can
+        // be reconciled with the processor's records.
+        let processor_key = steps.downstream_key("call_processor");
         let charge: Recorded = steps
             .local("record_charge", async |tx| {
                 let (id, created_at): (String, DateTime<Utc>) = sqlx::query_as(
-                    "INSERT INTO charges (account, amount, currency) VALUES ($1, $2, $3)
-                     RETURNING id::text, created_at",
+                    "INSERT INTO charges (account, amount, currency, processor_key)
+                     VALUES ($1, $2, $3, $4) RETURNING id::text, created_at",
                 )
                 .bind(&input.account)
                 .bind(input.amount)
                 .bind(&input.currency)
+                .bind(processor_key)
                 .fetch_one(&mut *tx)
                 .await?;
                 let created_at = created_at.to_rfc3339_opts(SecondsFormat::Micros, true);

@@ -327,6 +327,14 @@ fn print_stats(stats: &admin::Stats, json: bool) {
                 "dead_tuples": stats.dead_tuples,
                 "phased_in_progress": stats.phased_in_progress,
                 "phased_abandoned": stats.phased_abandoned,
+                "phased_abandoned_by_operation": stats
+                    .phased_abandoned_by_operation
+                    .iter()
+                    .map(|(operation, count)| serde_json::json!({
+                        "operation": operation,
+                        "abandoned": count,
+                    }))
+                    .collect::<Vec<_>>(),
             })
         );
         return;
@@ -341,6 +349,12 @@ fn print_stats(stats: &admin::Stats, json: bool) {
         "phased:        {} in progress, {} abandoned (lease ran out)",
         stats.phased_in_progress, stats.phased_abandoned
     );
+    for (operation, count) in &stats.phased_abandoned_by_operation {
+        let operation = operation
+            .as_deref()
+            .map_or(Cow::Borrowed("(not started)"), escaped);
+        println!("  abandoned {operation}: {count}");
+    }
 }
 
 fn print_request(scope: &Scope, key: &IdempotencyKey, info: &admin::RequestInfo, json: bool) {

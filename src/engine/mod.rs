@@ -26,6 +26,7 @@ use crate::key::IdempotencyKey;
 use crate::scope::Scope;
 
 pub(crate) use take::{KeyHold, conflict, same_request};
+pub(crate) use waiters::Holding;
 use waiters::Waiters;
 
 /// What both modes run on: the pool, the configuration, and the keys this process's
@@ -63,6 +64,12 @@ impl Engine {
 
     pub(crate) fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Registers `(scope, key)` as held by this process until the returned [`Holding`]
+    /// is dropped: this process's duplicates of the key wait for it without a connection.
+    pub(crate) fn hold(&self, scope: &Scope, key: &IdempotencyKey) -> Holding {
+        self.waiters.hold(scope, key)
     }
 
     /// [`Error::InFlight`] for this key, with the configured retry hint.

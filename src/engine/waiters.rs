@@ -113,19 +113,40 @@ impl Waiters {
             }
             return Waited::LookAgain;
         };
-        {
-            let mut waiting = held.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-            if *waiting >= limit {
-                return Waited::Refused;
-            }
-            *waiting += 1;
-        }
+        let Some(_waiting) = Waiting::enter(&held, limit) else {
+            return Waited::Refused;
+        };
         let _ = tokio::time::timeout(left, held.ended.cancelled()).await;
-        *held.waiting.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
         match held.answer.get() {
             Some(row) => Waited::Answered(row.clone()),
             None => Waited::LookAgain,
         }
+    }
+}
+
+/// A duplicate counted among a held key's waiters until it is dropped, however its wait
+/// ends: woken, timed out, or its future dropped (the client went away).
+struct Waiting<'a>(&'a Held);
+
+impl<'a> Waiting<'a> {
+    /// Counts a waiter in, unless `limit` already wait.
+    fn enter(held: &'a Held, limit: usize) -> Option<Self> {
+        let mut waiting = held.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        if *waiting >= limit {
+            return None;
+        }
+        *waiting += 1;
+        Some(Self(held))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        *self
+            .0
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) -= 1;
     }
 }
 
@@ -194,6 +215,25 @@ mod tests {
         assert!(matches!(first.await, Waited::LookAgain));
         assert!(matches!(second.await, Waited::LookAgain));
         assert!(waiters.held().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_that_gives_up_no_longer_counts() {
+        let waiters = Arc::new(Waiters::default());
+        let (scope, key) = name();
+        let _holding = waiters.hold(&scope, &key);
+        let long = Duration::from_secs(3600);
+        for _ in 0..3 {
+            // The only place, taken and given up (the client went away).
+            let mut waiting = Box::pin(waiters.wait(&scope, &key, None, long, 1));
+            assert!(waiting.as_mut().now_or_never().is_none());
+            drop(waiting);
+        }
+        let mut waiting = Box::pin(waiters.wait(&scope, &key, None, long, 1));
+        assert!(
+            waiting.as_mut().now_or_never().is_none(),
+            "refused: a place leaked"
+        );
     }
 
     #[tokio::test]

@@ -6,11 +6,11 @@ use std::time::Instant;
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::lease::{Holder, Lease, Taken};
+use super::lease::{Grant, Holder, Lease, Taken};
 use super::operation::Operation;
 use super::steps::Steps;
 use crate::db::TxConn;
-use crate::engine::{Engine, conflict, same_request};
+use crate::engine::{Engine, Holding, conflict, same_request};
 use crate::error::Error;
 use crate::fingerprint::{Fingerprint, IdempotentRequest};
 use crate::key::IdempotencyKey;
@@ -67,7 +67,7 @@ impl IdempotencyStore {
         async move {
             let engine = self.engine();
             let begun = engine
-                .take(scope, key, request, "held", |mut held| async move {
+                .take(scope, key, request, "held", |held| async move {
                     // The key's advisory lock, held until this transaction ends: no final
                     // step can store a response between the look at `idempotency_keys`
                     // and the commit (it takes the same lock).
@@ -77,7 +77,7 @@ impl IdempotencyStore {
                         key,
                         taker: Taker::Client(request),
                     };
-                    taking.take(&mut held.tx, held.began).await
+                    taking.take(held.tx, held.began, held.holding).await
                 })
                 .await;
             if let Ok(Begin::Claimed(claim)) = &begun {
@@ -121,7 +121,9 @@ pub(super) struct Taking<'a> {
 impl Taking<'_> {
     /// Locks the request's row without waiting and takes it if it is new, free or
     /// abandoned, in `tx`, which began at `began`; commits if it took it. `None` if
-    /// another holder has it (or is recording a step right now).
+    /// another holder has it (or is recording a step right now). A holder keeps
+    /// `holding`, so that this process's duplicates of the key wait for it without a
+    /// connection.
     ///
     /// # Errors
     ///
@@ -129,12 +131,20 @@ impl Taking<'_> {
     /// fingerprints; the server-side errors.
     pub(super) async fn take(
         &self,
-        tx: &mut TxConn,
+        mut tx: TxConn,
         began: Instant,
+        holding: Holding,
     ) -> Result<Option<PhasedClaim>, Error> {
-        match self.take_row(tx, began).await {
-            Ok(Some((lease, taken))) => {
+        let holder = Holder {
+            engine: self.engine,
+            scope: self.scope,
+            key: self.key,
+            began,
+        };
+        match self.take_row(&mut tx, &holder).await {
+            Ok(Some((grant, taken))) => {
                 tx.commit().await?;
+                let lease = Lease::new(&holder, grant, holding);
                 Ok(Some(PhasedClaim { lease, taken }))
             }
             Ok(None) => {
@@ -154,8 +164,8 @@ impl Taking<'_> {
     async fn take_row(
         &self,
         tx: &mut TxConn,
-        began: Instant,
-    ) -> Result<Option<(Lease, Taken)>, Error> {
+        holder: &Holder<'_>,
+    ) -> Result<Option<(Grant, Taken)>, Error> {
         let row = sqlx::query!(
             r#"SELECT fingerprint_version, fingerprint, operation, created_at, request_id,
                       traceparent, leased_until > now() AS "held!",
@@ -174,12 +184,6 @@ impl Taking<'_> {
             }
             // A row past its replay window counts as unused.
             row => row?.filter(|row| row.live),
-        };
-        let holder = Holder {
-            engine: self.engine,
-            scope: self.scope,
-            key: self.key,
-            began,
         };
         let Some(row) = row else {
             // New, or abandoned past its replay window; the completer leaves those alone.
@@ -304,7 +308,7 @@ impl PhasedClaim {
                     .into());
                 }
             }
-            let mut steps = Steps::new(lease, taken.progress);
+            let mut steps = Steps::new(lease, taken);
             match operation.run(&input, &mut steps).await {
                 Ok(finished) => {
                     tracing::Span::current().record("stored", finished.is_stored());

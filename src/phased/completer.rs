@@ -158,7 +158,7 @@ impl Completer {
 
     /// Completes the requests that `operation` started (by [`Operation::NAME`]).
     /// Requests of operations that are not registered are left alone (another node may
-    /// know them).
+    /// know them) and take no place in a pass's batch.
     #[must_use]
     pub fn register<O: Operation>(mut self, operation: Arc<O>) -> Self {
         self.operations.insert(O::NAME, operation);
@@ -192,15 +192,20 @@ impl Completer {
             forgotten = tracing::field::Empty,
         );
         async move {
+            let known: Vec<&str> = self.operations.keys().copied().collect();
             // A request whose earlier takeovers failed waits longer each time (its
             // attempts times the interval, at most 60 of them); one whose key got a
             // response meanwhile (the key was used by a transactional request too) can
             // never finish and is left to expire.
+            // Only requests it can finish: unstarted ones (their keys are freed), and
+            // those of the operations registered here; others are left to the nodes that
+            // know them, and never fill a batch (`stats` counts them by operation).
             let abandoned = sqlx::query!(
                 r#"SELECT scope, key, operation FROM idempotency_requests r
                    WHERE leased_until <= now() - ($1::bigint + least(attempts - 1, 60) * $3::bigint)
                                                  * interval '1 millisecond'
                      AND expires_at > now()
+                     AND (operation IS NULL OR operation = ANY($4::text[]))
                      AND NOT EXISTS (SELECT FROM idempotency_keys k
                                      WHERE k.scope = r.scope AND k.key = r.key
                                        AND k.expires_at > now())
@@ -209,6 +214,7 @@ impl Completer {
                 millis(self.options.grace),
                 i64::from(self.options.batch_size),
                 millis(self.options.interval),
+                &known as &[&str],
             )
             .fetch_all(self.store.pool())
             .await?;
@@ -224,13 +230,8 @@ impl Completer {
                     (Ok(request), Some(operation)) => match self.operations.get(operation.as_str())
                     {
                         Some(resume) => self.resume(&request, resume.as_ref()).await,
-                        None => {
-                            tracing::debug!(
-                                operation,
-                                "no such operation registered here; left alone"
-                            );
-                            Ok(CompleterPass::default())
-                        }
+                        // Registered when the pass began, so always there.
+                        None => Ok(CompleterPass::default()),
                     },
                 };
                 // One request's failure (a malformed row, a database error) is counted,
@@ -280,9 +281,10 @@ impl Completer {
             key: &request.key,
             taker: Taker::Completer,
         };
+        let holding = self.store.engine().hold(&request.scope, &request.key);
         let began = Instant::now();
-        let mut tx = TxConn::begin(self.store.pool()).await?;
-        let Some(mut claim) = taking.take(&mut tx, began).await? else {
+        let tx = TxConn::begin(self.store.pool()).await?;
+        let Some(mut claim) = taking.take(tx, began, holding).await? else {
             return Ok(CompleterPass::default());
         };
         // The completer takes only started requests, which have their input.

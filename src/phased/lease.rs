@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use sqlx::PgExecutor;
+use uuid::Uuid;
 
-use crate::db::{ExpiredRow, KeyRow, TxConn, Window, connection_broke};
-use crate::engine::Engine;
+use crate::db::{ExpiredRow, KeyRow, StoredRow, TxConn, Window, connection_broke};
+use crate::engine::{Engine, Holding};
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
-use crate::outcome::Completion;
+use crate::outcome::{Completion, Replay};
 use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
@@ -26,6 +27,21 @@ const BOUNDARY_TARGET: &str = "pg_idempotency::phased::boundary";
 /// Marks a boundary of a step (see [`BOUNDARY_TARGET`]).
 pub(super) fn boundary(step: &str, boundary: &'static str) {
     tracing::debug!(target: BOUNDARY_TARGET, step, boundary, "phased request boundary");
+}
+
+/// A fencing token for a new grant: 63 random bits.
+///
+/// Every grant draws one (a new request's first holder, every takeover), so a holder's
+/// token is never found on a row it was not granted on, also when its row was deleted
+/// (forget, the completer, the sweep) and created again: that would take a later grant
+/// on the same key drawing the same one of 2^63 values. Random rather than from a
+/// sequence: no round trip, and no sequence that Citus nodes would each keep a copy of.
+fn new_token() -> i64 {
+    // A UUID v4's low half has 62 random bits (the variant takes two), and the lowest bit
+    // of its high half is random too (the version sits in bits 12 to 15).
+    let (high, low) = Uuid::new_v4().as_u64_pair();
+    let bits = (low & (u64::MAX >> 2)) | ((high & 1) << 62);
+    i64::try_from(bits).expect("63 bits fit an i64")
 }
 
 /// `duration` in whole milliseconds, saturating.
@@ -56,6 +72,9 @@ pub(super) struct Taken {
     pub recovery_point: Option<String>,
     /// Holders so far, this one included.
     pub attempts: i32,
+    /// The request's nonce, from which its downstream keys are derived (`None`: a row
+    /// created before nonces existed).
+    pub nonce: Option<Uuid>,
 }
 
 /// A holder's hold on a request: the key and the fencing token it was granted.
@@ -75,6 +94,16 @@ pub(super) struct Lease {
     /// A connection broke around one of this holder's `COMMIT`s: its old backend may
     /// still hold the request's row, so a release could wait on it without bound.
     broken: bool,
+    /// This process's duplicates of the key wait for this holder without a connection
+    /// until the lease is dropped; they get the stored row when there is one.
+    holding: Holding,
+}
+
+/// What a grant gave a new holder: its fencing token, and the fingerprint of the request
+/// it holds.
+pub(super) struct Grant {
+    token: i64,
+    fingerprint: Fingerprint,
 }
 
 impl Lease {
@@ -83,10 +112,11 @@ impl Lease {
     /// response meanwhile (the next look replays it).
     pub(super) async fn start(
         tx: &mut TxConn,
-        holder: Holder<'_>,
+        holder: &Holder<'_>,
         fingerprint: Fingerprint,
-    ) -> Result<Option<(Self, Taken)>, Error> {
+    ) -> Result<Option<(Grant, Taken)>, Error> {
         let config = holder.engine.config();
+        let nonce = Uuid::new_v4();
         let token = sqlx::query_scalar!(
             // Only `excluded` and constants in DO UPDATE SET: Citus refuses functions
             // there on a distributed table.
@@ -96,18 +126,19 @@ impl Lease {
             // look that took the key.
             r#"INSERT INTO idempotency_requests AS r
                  (scope, key, fingerprint_version, fingerprint, lease_token, leased_until,
-                  created_at, expires_at)
-               SELECT $1, $2, $3, $4, 1, now() + $5::bigint * interval '1 millisecond',
-                      now(), now() + $6::bigint * interval '1 millisecond'
+                  created_at, expires_at, request_nonce)
+               SELECT $1, $2, $3, $4, $7, now() + $5::bigint * interval '1 millisecond',
+                      now(), now() + $6::bigint * interval '1 millisecond', $8
                WHERE NOT EXISTS (SELECT FROM idempotency_keys
                                  WHERE scope = $1 AND key = $2 AND expires_at > now())
                ON CONFLICT (scope, key) DO UPDATE SET
                  fingerprint_version = excluded.fingerprint_version,
                  fingerprint = excluded.fingerprint, operation = NULL, input = NULL,
                  recovery_point = NULL, progress = '{}',
-                 lease_token = r.lease_token + 1, leased_until = excluded.leased_until,
+                 lease_token = excluded.lease_token, leased_until = excluded.leased_until,
                  attempts = 1, request_id = NULL, traceparent = NULL,
-                 created_at = excluded.created_at, expires_at = excluded.expires_at
+                 created_at = excluded.created_at, expires_at = excluded.expires_at,
+                 request_nonce = excluded.request_nonce
                RETURNING lease_token"#,
             holder.scope.as_str(),
             holder.key.as_str(),
@@ -115,6 +146,8 @@ impl Lease {
             fingerprint.hash().as_slice(),
             millis(config.lease()),
             millis(config.ttl()),
+            new_token(),
+            nonce,
         )
         .fetch_optional(tx.conn())
         .await?;
@@ -124,27 +157,30 @@ impl Lease {
             progress: Map::new(),
             recovery_point: None,
             attempts: 1,
+            nonce: Some(nonce),
         };
-        Ok(token.map(|token| (Self::granted(holder, token, fingerprint), taken)))
+        Ok(token.map(|token| (Grant { token, fingerprint }, taken)))
     }
 
     /// Takes over the request row locked in `tx`, whose holder's lease ran out: a new
     /// fencing token and lease; the recorded progress stays.
     pub(super) async fn take_over(
         tx: &mut TxConn,
-        holder: Holder<'_>,
+        holder: &Holder<'_>,
         fingerprint: Fingerprint,
-    ) -> Result<(Self, Taken), Error> {
+    ) -> Result<(Grant, Taken), Error> {
         let row = sqlx::query!(
             r#"UPDATE idempotency_requests
-               SET lease_token = lease_token + 1,
+               SET lease_token = $4,
                    leased_until = now() + $3::bigint * interval '1 millisecond',
                    attempts = attempts + 1
                WHERE scope = $1 AND key = $2
-               RETURNING lease_token, operation, input, progress, recovery_point, attempts"#,
+               RETURNING lease_token, operation, input, progress, recovery_point, attempts,
+                         request_nonce"#,
             holder.scope.as_str(),
             holder.key.as_str(),
             millis(holder.engine.config().lease()),
+            new_token(),
         )
         .fetch_one(tx.conn())
         .await?;
@@ -166,20 +202,28 @@ impl Lease {
             progress,
             recovery_point: row.recovery_point,
             attempts: row.attempts,
+            nonce: row.request_nonce,
         };
-        Ok((Self::granted(holder, row.lease_token, fingerprint), taken))
+        let grant = Grant {
+            token: row.lease_token,
+            fingerprint,
+        };
+        Ok((grant, taken))
     }
 
-    fn granted(holder: Holder<'_>, token: i64, fingerprint: Fingerprint) -> Self {
+    /// The lease `grant` gave `holder`, once the grant is committed; `holding` registers
+    /// the key as held in this process for the lease's life.
+    pub(super) fn new(holder: &Holder<'_>, grant: Grant, holding: Holding) -> Self {
         Self {
             engine: holder.engine.clone(),
             scope: holder.scope.clone(),
             key: holder.key.clone(),
-            token,
-            fingerprint,
+            token: grant.token,
+            fingerprint: grant.fingerprint,
             provenance: Provenance::default(),
             renewed_at: holder.began,
             broken: false,
+            holding,
         }
     }
 
@@ -321,8 +365,17 @@ impl Lease {
             .store_and_commit(tx, &row, || boundary("finish", "before_commit"))
             .await;
         match stored {
-            Ok(_) => {
+            Ok(created_at) => {
                 boundary("finish", "after_commit");
+                // This process's duplicates of the key get the row without a look.
+                self.holding.answer(|| StoredRow {
+                    fingerprint: self.fingerprint,
+                    replay: Replay {
+                        response: response.clone(),
+                        first_used_at: created_at,
+                        first_request: provenance,
+                    },
+                });
                 Ok(Completion::Stored)
             }
             Err(error) => {

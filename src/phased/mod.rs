@@ -9,9 +9,10 @@
 //! - a **local step** ([`Steps::local`]) runs in a transaction of its own and commits its
 //!   writes together with its output (the *recovery point* it reaches);
 //! - a **foreign step** ([`Steps::foreign`]) runs outside any transaction and gets a
-//!   [downstream key](downstream_key) derived from the scope, the key and the step's
-//!   name, the same on every attempt, so that the other system can dedupe a repeated
-//!   call; its output is recorded as soon as it returns;
+//!   [downstream key](Steps::downstream_key) that names this request and this step, the
+//!   same on every attempt of the request and different for any other request, so that
+//!   the other system can dedupe a repeated call; its output is recorded as soon as it
+//!   returns;
 //! - the **final step** ([`Steps::finish`]) writes what it writes and stores the response
 //!   in `idempotency_keys`, in one transaction; retries replay it as they replay any
 //!   stored response.
@@ -95,4 +96,4 @@ mod steps;
 pub use claim::PhasedClaim;
 pub use completer::{Completer, CompleterOptions, CompleterPass, CompleterTask};
 pub use operation::Operation;
-pub use steps::{Finished, StepTx, Steps, downstream_key};
+pub use steps::{Finished, StepTx, Steps};

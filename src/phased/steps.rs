@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::lease::{Lease, boundary, rollback};
+use super::lease::{Lease, Taken, boundary, rollback};
 use crate::db::{TxConn, executor_over_tx};
 use crate::error::Error;
 use crate::key::IdempotencyKey;
@@ -18,16 +18,29 @@ use crate::outcome::{CommitOutcome, Completion};
 use crate::response::StoredResponse;
 use crate::scope::Scope;
 
-/// The downstream idempotency key of step `step` of the request `(scope, key)`: the same
-/// on every attempt, different for every step, scope and key, and spelled as a UUID v4
-/// (so that a service that accepts only UUID v4 keys, as this crate does by default,
-/// accepts it). 122 bits of SHA-256 over the three.
-pub fn downstream_key(scope: &Scope, key: &IdempotencyKey, step: &str) -> Uuid {
+/// The downstream idempotency key of step `step` of the request `(scope, key)` whose row
+/// has `nonce`: the same on every attempt of the request (retries, takeovers, the
+/// completer), different for every step, and different for another request with the same
+/// scope and key (after expiry, after `forget`, after the completer freed it), whose row
+/// has another nonce. Spelled as a UUID v4 (so that a service that accepts only UUID v4
+/// keys, as this crate does by default, accepts it): 122 bits of SHA-256 over the four.
+///
+/// A row created before nonces existed has none (`None`): its keys come from the scope,
+/// the key and the step, as they did when it started.
+fn downstream_key(scope: &Scope, key: &IdempotencyKey, nonce: Option<Uuid>, step: &str) -> Uuid {
     let mut hasher = Sha256::new();
-    hasher.update(b"pg-idempotency/downstream\0");
-    for part in [scope.as_str(), key.as_str(), step] {
+    let nonce = nonce.map(|nonce| nonce.into_bytes());
+    match &nonce {
+        Some(_) => hasher.update(b"pg-idempotency/downstream/v2\0"),
+        None => hasher.update(b"pg-idempotency/downstream\0"),
+    }
+    let parts = [scope.as_str().as_bytes(), key.as_str().as_bytes()]
+        .into_iter()
+        .chain(nonce.as_ref().map(<[u8; 16]>::as_slice))
+        .chain([step.as_bytes()]);
+    for part in parts {
         hasher.update((part.len() as u64).to_be_bytes());
-        hasher.update(part.as_bytes());
+        hasher.update(part);
     }
     let digest = hasher.finalize();
     let mut bytes = [0u8; 16];
@@ -43,6 +56,8 @@ pub fn downstream_key(scope: &Scope, key: &IdempotencyKey, step: &str) -> Uuid {
 pub struct Steps {
     lease: Lease,
     progress: Map<String, Value>,
+    /// The request's nonce (see [`downstream_key`]).
+    nonce: Option<Uuid>,
     /// The steps this run has passed, to catch a name used twice.
     passed: Vec<String>,
 }
@@ -94,10 +109,11 @@ fn phase_data(what: impl Into<String>) -> impl FnOnce(serde_json::Error) -> Erro
 }
 
 impl Steps {
-    pub(super) fn new(lease: Lease, progress: Map<String, Value>) -> Self {
+    pub(super) fn new(lease: Lease, taken: Taken) -> Self {
         Self {
             lease,
-            progress,
+            progress: taken.progress,
+            nonce: taken.nonce,
             passed: Vec::new(),
         }
     }
@@ -112,9 +128,12 @@ impl Steps {
         self.lease.key()
     }
 
-    /// The downstream key of step `step` of this request (see [`downstream_key`]).
+    /// The downstream idempotency key of step `step` of this request: the same on every
+    /// attempt of this request, different for every step, and different for any other
+    /// request, also one with the same scope and key after this one expired, was
+    /// forgotten or freed. Spelled as a UUID v4.
     pub fn downstream_key(&self, step: &str) -> Uuid {
-        downstream_key(self.lease.scope(), self.lease.key(), step)
+        downstream_key(self.lease.scope(), self.lease.key(), self.nonce, step)
     }
 
     /// Passes step `name`: its recorded output, if it has one.
@@ -321,14 +340,21 @@ mod tests {
         let key =
             IdempotencyKey::parse("6f1c1f0e-8d2a-4f55-9a3e-1b2c3d4e5f60", KeyPolicy::default())
                 .unwrap();
-        let a = downstream_key(&scope, &key, "charge");
-        assert_eq!(a, downstream_key(&scope, &key, "charge"));
+        let nonce = Some(Uuid::new_v4());
+        let a = downstream_key(&scope, &key, nonce, "charge");
+        assert_eq!(a, downstream_key(&scope, &key, nonce, "charge"));
         assert_eq!(a.get_version_num(), 4);
         assert_eq!(a.get_variant(), uuid::Variant::RFC4122);
         assert!(IdempotencyKey::parse(&a.to_string(), KeyPolicy::default()).is_ok());
-        assert_ne!(a, downstream_key(&scope, &key, "refund"));
+        assert_ne!(a, downstream_key(&scope, &key, nonce, "refund"));
         let other_scope = Scope::new("acct_2").unwrap();
-        assert_ne!(a, downstream_key(&other_scope, &key, "charge"));
+        assert_ne!(a, downstream_key(&other_scope, &key, nonce, "charge"));
+        // Another request with the same scope and key has another nonce.
+        assert_ne!(
+            a,
+            downstream_key(&scope, &key, Some(Uuid::new_v4()), "charge")
+        );
+        assert_ne!(a, downstream_key(&scope, &key, None, "charge"));
         // Lengths are part of the hash: moving bytes between parts changes the key.
         let (ab, c) = (
             Scope::new("ab").unwrap(),
@@ -338,6 +364,22 @@ mod tests {
             Scope::new("a").unwrap(),
             IdempotencyKey::parse("bc", KeyPolicy::Opaque).unwrap(),
         );
-        assert_ne!(downstream_key(&ab, &c, "s"), downstream_key(&a_, &bc, "s"));
+        assert_ne!(
+            downstream_key(&ab, &c, nonce, "s"),
+            downstream_key(&a_, &bc, nonce, "s")
+        );
+    }
+
+    #[test]
+    fn rows_without_a_nonce_keep_the_keys_they_started_with() {
+        let scope = Scope::new("acct_1").unwrap();
+        let key =
+            IdempotencyKey::parse("6f1c1f0e-8d2a-4f55-9a3e-1b2c3d4e5f60", KeyPolicy::default())
+                .unwrap();
+        // The key that releases before nonces derived for this request and step.
+        assert_eq!(
+            downstream_key(&scope, &key, None, "call_processor").to_string(),
+            "5be3d28c-e814-4077-b038-6f753aaef162"
+        );
     }
 }
