@@ -213,6 +213,20 @@ async fn sixty_four_concurrent_duplicates_charge_once() -> Result<()> {
     Ok(())
 }
 
+/// The boundaries at which a holder has not recorded the processor's answer yet: one that
+/// takes the request over calls the processor itself.
+const BEFORE_THE_CALL_IS_RECORDED: [&str; 5] = [
+    START,
+    "record_charge:before_commit",
+    "record_charge:after_commit",
+    "call_processor:before_call",
+    "call_processor:after_call",
+];
+
+/// The boundary before a charge's operation starts, which the SIGKILL test leaves out
+/// (a request killed there was never started, and the completer frees its key).
+const START: &str = "start:before_record";
+
 /// Every boundary of a charge: the local step's commit (before, after), the external
 /// call (before, after, before its result is recorded), the final step's commit.
 const BOUNDARIES: [&str; 6] = [
@@ -239,6 +253,18 @@ async fn spawn_demo(
     processor: &str,
     env: &[(&str, &str)],
 ) -> Result<(tokio::process::Child, String, support::Stdout)> {
+    spawn_demo_on(db.url(), processor, env).await
+}
+
+/// A database URL parameter that ends a session idle in a transaction after 1 s.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "options=-c%20idle_in_transaction_session_timeout%3D1000";
+
+/// [`spawn_demo`] on the database at `url`.
+async fn spawn_demo_on(
+    url: &str,
+    processor: &str,
+    env: &[(&str, &str)],
+) -> Result<(tokio::process::Child, String, support::Stdout)> {
     let (child, port, stdout) = spawn_example(
         "payments",
         env,
@@ -246,7 +272,7 @@ async fn spawn_demo(
             "--port",
             "0",
             "--database-url",
-            db.url(),
+            url,
             "--processor-url",
             processor,
             "--lease-secs",
@@ -406,6 +432,265 @@ async fn a_holder_paused_past_its_lease_cannot_commit_after_the_takeover() -> Re
 
     stop_with(&mut paused, "-TERM").await?;
     stop_with(&mut taker, "-TERM").await?;
+    stop_with(&mut processor_child, "-KILL").await?;
+    db.close().await?;
+    Ok(())
+}
+
+/// Who acts while a holder is paused past its lease.
+#[derive(Debug, Clone, Copy)]
+enum Actor {
+    /// The client retries on another instance: it takes the request over, or starts it
+    /// again if the completer freed it meanwhile.
+    Retry,
+    /// The other instance's completer finishes the request (or frees its key if it never
+    /// started); then the client asks again.
+    Completer,
+    /// An operator forgets the key; then the client sends the request again, which is a
+    /// new request.
+    Forget,
+}
+
+/// What the account's charges and the processor's records say after the scenario: every
+/// request has one charge row, every charge row its own downstream key, and every key
+/// the processor charged with belongs to one row, for that row's amount and currency.
+async fn one_charge_per_request(
+    pool: &PgPool,
+    processor: &str,
+    account: &str,
+    requests: usize,
+    answered: &Answer,
+) -> Result<usize> {
+    let rows = charges_of(pool, account).await?;
+    ensure!(
+        rows.len() <= requests,
+        "{} requests made {rows:?}",
+        requests
+    );
+    let keys: std::collections::BTreeSet<&str> =
+        rows.iter().map(|row| row.processor_key.as_str()).collect();
+    ensure!(
+        keys.len() == rows.len(),
+        "two charge rows share a request: {rows:?}"
+    );
+    let mut charged = 0;
+    for row in &rows {
+        match processor_charge(processor, &row.processor_key).await? {
+            Some(made) => {
+                charged += 1;
+                ensure!(
+                    made["amount"] == 1500 && made["currency"] == "EUR",
+                    "the processor charged {made} for {row:?}"
+                );
+                if row.status == "succeeded" {
+                    ensure!(row.processor_charge_id.as_deref() == made["charge_id"].as_str());
+                }
+            }
+            None => ensure!(row.status == "pending", "{row:?} without a charge"),
+        }
+    }
+    let body = answered.json()?;
+    ensure!(
+        rows.iter().any(|row| row.status == "succeeded"
+            && body["processor_charge_id"].as_str() == row.processor_charge_id.as_deref()),
+        "the answer {body} is no succeeded charge of {rows:?}"
+    );
+    Ok(charged)
+}
+
+/// The request is answered (stored) or gone (its key freed by the completer).
+async fn answered_or_freed(pool: &PgPool, key: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (stored, in_progress): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $1),
+                    EXISTS (SELECT 1 FROM idempotency_requests WHERE key = $1)",
+        )
+        .bind(key)
+        .fetch_one(pool)
+        .await?;
+        if stored || !in_progress {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the completer never finished {key}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_holder_paused_at_any_boundary_commits_nothing_once_others_acted() -> Result<()> {
+    let db = TestDatabase::create().await?;
+    let (mut processor_child, processor_port, _processor_out) =
+        spawn_example("processor", &[], &["--port", "0"]).await?;
+    let processor = format!("http://127.0.0.1:{processor_port}");
+    let mut charged = 0;
+    let mut scenario = 0;
+    for boundary in std::iter::once(START).chain(BOUNDARIES) {
+        for actor in [Actor::Retry, Actor::Completer, Actor::Forget] {
+            scenario += 1;
+            let (key, account) = (new_key(), format!("acct_paused_{scenario}"));
+            let context = format!("paused at {boundary}, then {actor:?}");
+            // A holder stopped inside a transaction holds the request's row until the
+            // server ends its session, as `idle_in_transaction_session_timeout` does in
+            // production; here after 1 s.
+            let separator = if db.url().contains('?') { '&' } else { '?' };
+            let (mut paused, paused_url, mut stdout) = spawn_demo_on(
+                &format!("{}{separator}{IDLE_IN_TRANSACTION_TIMEOUT}", db.url()),
+                &processor,
+                &[
+                    ("PAYMENTS_PAUSE_AT", boundary),
+                    ("PAYMENTS_PAUSE_SECS", "1"),
+                ],
+            )
+            .await?;
+            let request = tokio::spawn({
+                let (url, key, account) = (paused_url.clone(), key.clone(), account.clone());
+                async move { post_charge(&url, &key, &account, BODY).await }
+            });
+            paused_at(&mut stdout, boundary)
+                .await
+                .context(context.clone())?;
+            signal(&paused, "-STOP").await?;
+            // Past the 1 s lease.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+
+            // The other instance stops for 2 s after its processor call, when it makes
+            // one: the paused holder resumes while the other one holds the request.
+            let resumes_midway =
+                matches!(actor, Actor::Forget) || BEFORE_THE_CALL_IS_RECORDED.contains(&boundary);
+            let pause: &[(&str, &str)] = if resumes_midway {
+                &[
+                    ("PAYMENTS_PAUSE_AT", "call_processor:after_call"),
+                    ("PAYMENTS_PAUSE_SECS", "2"),
+                ]
+            } else {
+                &[]
+            };
+            let (mut other, url, mut other_stdout) = spawn_demo(&db, &processor, pause).await?;
+            let acting = tokio::spawn({
+                let (pool, key, account) = (db.pool().clone(), key.clone(), account.clone());
+                async move {
+                    match actor {
+                        Actor::Retry => {}
+                        Actor::Completer => answered_or_freed(&pool, &key).await?,
+                        Actor::Forget => {
+                            let scope = pg_idempotency::Scope::new(&account)?;
+                            let key =
+                                pg_idempotency::IdempotencyKey::parse(&key, Default::default())?;
+                            pg_idempotency::admin::forget(&pool, &scope, &key).await?;
+                        }
+                    }
+                    retry_until_created(&url, &key, &account).await
+                }
+            });
+            // Resumed while the other instance holds the request (or after it answered),
+            // the paused holder records nothing: its client gets a 5xx, or the answer it
+            // had committed before it stopped.
+            let answered = if resumes_midway {
+                paused_at(&mut other_stdout, "call_processor:after_call")
+                    .await
+                    .context(context.clone())?;
+                signal(&paused, "-CONT").await?;
+                acting.await?
+            } else {
+                let answered = acting.await?;
+                signal(&paused, "-CONT").await?;
+                answered
+            }
+            .context(context.clone())?;
+            let late = tokio::time::timeout(Duration::from_secs(30), request)
+                .await
+                .context(context.clone())???;
+            ensure!(
+                late.status == 503 || late.status == 201,
+                "{context}: the paused holder answered {late:?}"
+            );
+            // After `forget`, the client's request is a new one.
+            let requests = if matches!(actor, Actor::Forget) { 2 } else { 1 };
+            charged += one_charge_per_request(db.pool(), &processor, &account, requests, &answered)
+                .await
+                .context(context.clone())?;
+            let stats = get_json(&format!("{processor}/stats")).await?;
+            ensure!(
+                stats["distinct_keys"] == charged && stats["refused"] == 0,
+                "{context}: the processor charged with keys of no charge row: {stats}"
+            );
+            stop_with(&mut paused, "-TERM").await?;
+            stop_with(&mut other, "-TERM").await?;
+        }
+    }
+    stop_with(&mut processor_child, "-KILL").await?;
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_key_reused_after_its_window_is_a_new_request_downstream_too() -> Result<()> {
+    let db = TestDatabase::create().await?;
+    let (mut processor_child, processor_port, _processor_out) =
+        spawn_example("processor", &[], &["--port", "0"]).await?;
+    let processor = format!("http://127.0.0.1:{processor_port}");
+    let (mut demo, url, _stdout) = spawn_example(
+        "payments",
+        &[],
+        &[
+            "--port",
+            "0",
+            "--database-url",
+            db.url(),
+            "--processor-url",
+            &processor,
+            "--ttl-secs",
+            "1",
+        ],
+    )
+    .await?;
+    let url = format!("http://127.0.0.1:{url}");
+    let (key, account) = (new_key(), "acct_reuse".to_owned());
+    let bodies = [
+        r#"{"amount":100,"currency":"EUR"}"#,
+        r#"{"amount":99999,"currency":"USD"}"#,
+    ];
+    let mut made = Vec::new();
+    for body in bodies {
+        let answer = post_charge(&url, &key, &account, body).await?;
+        ensure!(
+            answer.status == 201 && answer.header("idempotent-replayed").is_none(),
+            "{answer:?}"
+        );
+        made.push(answer.json()?);
+        // Past the 1 s replay window.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    ensure!(
+        made[0]["processor_charge_id"] != made[1]["processor_charge_id"],
+        "{made:?}"
+    );
+    let rows = charges_of(db.pool(), &account).await?;
+    ensure!(
+        rows.len() == 2 && rows[0].processor_key != rows[1].processor_key,
+        "{rows:?}"
+    );
+    for (row, body) in rows.iter().zip(bodies) {
+        let sent: Value = serde_json::from_str(body)?;
+        let charge = processor_charge(&processor, &row.processor_key)
+            .await?
+            .context("no charge for a row")?;
+        ensure!(
+            charge["amount"] == sent["amount"] && charge["currency"] == sent["currency"],
+            "{charge} for {body}"
+        );
+        ensure!(row.status == "succeeded", "{row:?}");
+    }
+    let stats = get_json(&format!("{processor}/stats")).await?;
+    ensure!(
+        stats["distinct_keys"] == 2 && stats["refused"] == 0,
+        "{stats}"
+    );
+    stop_with(&mut demo, "-TERM").await?;
     stop_with(&mut processor_child, "-KILL").await?;
     db.close().await?;
     Ok(())

@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::lease::{Grant, Holder, Lease, Taken};
+use super::lease::{Grant, Holder, Lease, Taken, boundary};
 use super::operation::Operation;
 use super::steps::Steps;
 use crate::db::TxConn;
@@ -297,6 +297,7 @@ impl PhasedClaim {
                             what: "input".to_owned(),
                             source,
                         })?;
+                    boundary("start", "before_record");
                     lease.record_start(O::NAME, &recorded).await?;
                 }
                 Some(name) if name == O::NAME => {}

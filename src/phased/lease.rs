@@ -20,8 +20,9 @@ use crate::response::StoredResponse;
 use crate::scope::Scope;
 
 /// The tracing target of the events that mark a phased request's boundaries (`step`
-/// and `boundary` fields: `before_commit`, `after_commit`, `before_call`, `after_call`),
-/// for observability and for fault injection in tests.
+/// and `boundary` fields: `start` with `before_record`, the operation's start; a step's
+/// name with `before_commit`, `after_commit`, `before_call` or `after_call`), for
+/// observability and for fault injection in tests.
 const BOUNDARY_TARGET: &str = "pg_idempotency::phased::boundary";
 
 /// Marks a boundary of a step (see [`BOUNDARY_TARGET`]).
