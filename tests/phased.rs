@@ -417,6 +417,65 @@ async fn the_completer_finishes_abandoned_requests_and_frees_unstarted_ones() ->
 }
 
 #[tokio::test]
+async fn the_completer_is_not_blocked_by_operations_it_does_not_know() -> Result<()> {
+    let pool = setup().await?;
+    let config = Config::default().with_lease(Duration::from_millis(100));
+    let store = IdempotencyStore::with_config(pool.clone(), config);
+    let processor = Arc::new(Processor::default());
+    let charge = Arc::new(Charge::new(Arc::clone(&processor)));
+    let scope = scope();
+
+    // More abandoned requests of an operation this node does not know than a pass takes,
+    // all abandoned long before the one it knows.
+    sqlx::query(
+        "INSERT INTO idempotency_requests
+           (scope, key, fingerprint_version, fingerprint, operation, input, lease_token,
+            leased_until, created_at, expires_at)
+         SELECT 'acct_elsewhere', 'k' || i, 2, sha256(i::text::bytea), 'elsewhere.op', '{}',
+                i, now() - interval '1 hour', now() - interval '1 hour',
+                now() + interval '1 day'
+         FROM generate_series(1, 40) AS i",
+    )
+    .execute(&pool)
+    .await?;
+    let abandoned = new_key();
+    let Begin::Claimed(claim) = store
+        .begin_phased(&scope, &abandoned, &request(BODY))
+        .await?
+    else {
+        bail!("fresh key")
+    };
+    let mut slow = Charge::new(Arc::clone(&processor));
+    slow.call_delay = Duration::from_secs(60);
+    let vanished = tokio::time::timeout(Duration::from_millis(300), claim.run(&slow, INPUT)).await;
+    ensure!(vanished.is_err(), "the holder should have been cut off");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    let stats = pg_idempotency::admin::stats(&pool).await?;
+    ensure!(
+        stats.phased_abandoned_by_operation
+            == [
+                (Some("elsewhere.op".to_owned()), 40),
+                (Some("charge".to_owned()), 1)
+            ],
+        "{stats:?}"
+    );
+    let completer = Completer::new(store.clone()).register(Arc::clone(&charge));
+    let pass = completer.complete_abandoned().await?;
+    ensure!(pass.completed == 1 && pass.failed == 0, "{pass:?}");
+    let stats = pg_idempotency::admin::stats(&pool).await?;
+    ensure!(
+        stats.phased_abandoned_by_operation == [(Some("elsewhere.op".to_owned()), 40)],
+        "{stats:?}"
+    );
+    let replay = store
+        .run_phased(&scope, &abandoned, &request(BODY), &*charge, INPUT)
+        .await?;
+    ensure!(replay.is_replay() && replay.response().status == 201);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_final_status_that_is_not_kept_leaves_the_request_to_resume() -> Result<()> {
     let pool = setup().await?;
     let store = IdempotencyStore::new(pool.clone());
