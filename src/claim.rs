@@ -27,7 +27,7 @@ use crate::scope::Scope;
 ///   408 and 429) also rolls back the business write and frees the key.
 ///
 /// While the claim is open, other requests with the same scope and key wait (up to
-/// [`Config::in_flight_wait`], without holding a connection; those of this process are
+/// [`Config::in_flight_wait`](crate::Config::in_flight_wait), without holding a connection; those of this process are
 /// woken when the claim ends) and then replay the stored response or get
 /// [`Error::InFlight`].
 ///
@@ -100,7 +100,7 @@ impl Claim {
     /// `docs/OPERATIONS.md`; rolled back, a retry replays);
     /// [`Error::CommitInterrupted`] when the connection broke around `COMMIT`: the
     /// store then found out on another connection, waiting at most
-    /// [`Config::commit_resolution_wait`], whether the write is stored (with the stored
+    /// [`Config::commit_resolution_wait`](crate::Config::commit_resolution_wait), whether the write is stored (with the stored
     /// response), not stored, or, only when that wait passed, unknown; or
     /// [`Error::Database`] when the server refused the statement (nothing was stored).
     /// Retrying the request with the same key is always safe: it answers with the stored
