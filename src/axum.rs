@@ -152,8 +152,15 @@
 //!
 //! ## Routing
 //!
-//! Apply the layer with `MethodRouter::route_layer` (or `Router::route_layer`): it then
-//! runs after routing, and 404 and 405 answers pass untouched. The fingerprint covers
+//! The layer guards POST and PATCH requests
+//! ([`with_guarded_methods`](IdempotencyLayer::with_guarded_methods) to change that);
+//! requests with any other method (GET, HEAD, CORS `OPTIONS` preflights, TRACE) pass
+//! straight through, with no key needed and nothing stored or replayed. So it can go on a
+//! whole router (`Router::layer`, after the routes), or on the routes that need it
+//! (`MethodRouter::route_layer`, `Router::route_layer`, which run after routing and leave
+//! 404 and 405 answers alone). Answers no handler produced are never stored either: the
+//! router's fallback (404 for a path that matched no route) and a method router's 405
+//! (with `Allow`) go out as they are and leave the key free. The fingerprint covers
 //! the concrete path and query string (`/v1/orders/1?dry_run=true`), so reusing a key
 //! on `/v1/orders/1` and `/v1/orders/2` with the same body is a conflict. The route
 //! template from [`MatchedPath`] (`/v1/orders/{id}`; outside routing, the URI path) only

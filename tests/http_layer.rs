@@ -12,7 +12,7 @@ use anyhow::{Result, ensure};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Json, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use pg_idempotency::axum::{
@@ -158,7 +158,13 @@ fn router(store: IdempotencyStore, runs: Arc<AtomicUsize>) -> Router {
     Router::new()
         .route(
             "/widgets/{id}",
-            post(widget).put(widget).route_layer(layer.clone()),
+            post(widget)
+                .put(widget)
+                .route_layer(layer.clone().with_guarded_methods([
+                    Method::POST,
+                    Method::PUT,
+                    Method::PATCH,
+                ])),
         )
         .route(
             "/optional",
@@ -426,6 +432,102 @@ async fn replays_keep_header_order_duplicates_and_bytes() -> Result<()> {
     ensure!(replay.request_id()? != first.request_id()?);
     ensure!(replay.header("idempotent-replay-of") == Some(first.request_id()?));
     app.stop().await
+}
+
+/// A GET handler on the whole-router app: counts its runs, writes nothing.
+async fn listing(State(state): State<AppState>) -> String {
+    let run = state.runs.fetch_add(1, Ordering::SeqCst) + 1;
+    format!("listing {run}")
+}
+
+/// The layer on a whole router, as most users add a tower layer (`Router::layer`): POST
+/// and a GET on `/items`, and the router's fallback.
+async fn whole_router_app() -> Result<(TestDatabase, Arc<AtomicUsize>, Server)> {
+    let db = TestDatabase::create().await?;
+    sqlx::raw_sql("CREATE TABLE widgets (id bigserial PRIMARY KEY, note text NOT NULL)")
+        .execute(db.pool())
+        .await?;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let store = IdempotencyStore::new(db.pool().clone());
+    let scope = scope_from_header(
+        HeaderName::from_static("x-account-id"),
+        Some(Scope::new("default").unwrap()),
+    );
+    let app = Router::new()
+        .route("/items", post(widget).get(listing))
+        .with_state(AppState {
+            runs: Arc::clone(&runs),
+            pool: db.pool().clone(),
+        })
+        .layer(IdempotencyLayer::new(store, scope));
+    let server = Server::start(app).await?;
+    Ok((db, runs, server))
+}
+
+#[tokio::test]
+async fn on_a_whole_router_only_post_and_patch_are_guarded() -> Result<()> {
+    let (db, runs, server) = whole_router_app().await?;
+    let send = async |method: reqwest::Method, path: &str, key: Option<&str>| {
+        let mut request = client().request(method, server.url(path)).body("note");
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        Answer::of(request.send().await?).await
+    };
+    // GET, HEAD, OPTIONS and TRACE need no key; a GET with a key is neither stored nor
+    // replayed.
+    for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+        let answer = send(method.clone(), "/items", None).await?;
+        ensure!(answer.status == 200, "{method}: {answer:?}");
+    }
+    for method in [reqwest::Method::OPTIONS, reqwest::Method::TRACE] {
+        let answer = send(method.clone(), "/items", None).await?;
+        ensure!(answer.status == 405, "{method}: {answer:?}");
+    }
+    let key = new_key();
+    let first = send(reqwest::Method::GET, "/items", Some(&key)).await?;
+    let second = send(reqwest::Method::GET, "/items", Some(&key)).await?;
+    ensure!(
+        first.body != second.body && second.header("idempotent-replayed").is_none(),
+        "{first:?} {second:?}"
+    );
+    // A POST still needs its key, and is guarded.
+    send(reqwest::Method::POST, "/items", None)
+        .await?
+        .problem(400, "idempotency_key_missing")?;
+    let created = send(reqwest::Method::POST, "/items", Some(&key)).await?;
+    let replayed = send(reqwest::Method::POST, "/items", Some(&key)).await?;
+    ensure!(created.status == 201 && replayed.header("idempotent-replayed") == Some("true"));
+    // A DELETE with the used key passes to the router (405), no conflict.
+    let delete = send(reqwest::Method::DELETE, "/items", Some(&key)).await?;
+    ensure!(delete.status == 405, "{delete:?}");
+    // Answers no handler produced are not stored: the fallback's 404 and a 405 leave the
+    // key free for the request the client meant.
+    let fresh = new_key();
+    let missing = send(reqwest::Method::POST, "/nowhere", Some(&fresh)).await?;
+    // The layer saw it (it sets the request id), and stored nothing.
+    ensure!(
+        missing.status == 404 && missing.header("x-request-id").is_some(),
+        "{missing:?}"
+    );
+    let again = send(reqwest::Method::POST, "/nowhere", Some(&fresh)).await?;
+    ensure!(again.status == 404 && again.header("idempotent-replayed").is_none());
+    let meant = send(reqwest::Method::POST, "/items", Some(&fresh)).await?;
+    ensure!(
+        meant.status == 201 && meant.header("idempotent-replayed").is_none(),
+        "{meant:?}"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM widgets")
+        .fetch_one(db.pool())
+        .await?;
+    ensure!(rows == 2 && runs.load(Ordering::SeqCst) == 6, "{rows} rows");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys")
+        .fetch_one(db.pool())
+        .await?;
+    ensure!(stored == 2, "{stored} stored responses");
+    server.stop().await?;
+    db.close().await?;
+    Ok(())
 }
 
 #[tokio::test]

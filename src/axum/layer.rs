@@ -14,8 +14,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_core::future::BoxFuture;
 use futures_util::FutureExt;
-use http::HeaderName;
+use http::header::ALLOW;
 use http::request::Parts;
+use http::{HeaderName, Method, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tower_layer::Layer;
@@ -46,7 +47,8 @@ type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
 /// over an [`IdempotencyStore`].
 ///
 /// For each request it
-/// 1. assigns a [`RequestId`](super::RequestId) (kept if an outer layer already did);
+/// 1. assigns a [`RequestId`](super::RequestId) (kept if an outer layer already did), and
+///    passes a request whose method it does not guard straight to the handler;
 /// 2. answers 413 `payload_too_large` if the body declares more than the
 ///    [body limit](Self::with_body_limit);
 /// 3. reads the key header (default `Idempotency-Key`), a quoted Structured Field
@@ -85,10 +87,12 @@ type ScopeFn = dyn Fn(&Parts) -> Result<Scope, ScopeRejection> + Send + Sync;
 /// [`with_in_flight_wait`](Self::with_in_flight_wait) give one route settings of its
 /// own over the same store and pool.
 ///
-/// Apply it per route with `route_layer`, which runs after routing (so that rows stored
-/// under fingerprint version 1, which covered the route template, keep answering their
-/// retries) and leaves 404 and 405 answers alone:
-/// `.route("/v1/payments", post(create).route_layer(layer))`.
+/// Only POST and PATCH requests are guarded by default
+/// ([`with_guarded_methods`](Self::with_guarded_methods)); the others pass straight
+/// through. Put it on a whole router (`Router::layer`, after the routes), or per route with
+/// `route_layer` (which runs after routing):
+/// `.route("/v1/payments", post(create).route_layer(layer))`. The router's own answers
+/// (its fallback's 404, a 405) are never stored.
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     settings: Arc<Settings>,
@@ -102,6 +106,8 @@ struct Settings {
     /// How problems are spelled: type base, and the key header as named there.
     problems: Arc<Problems>,
     key_required: bool,
+    /// The methods whose requests are guarded; others pass straight through.
+    guarded: Vec<Method>,
     /// Claims are phased requests ([`IdempotencyLayer::phased`]).
     phased: bool,
     body_limit: usize,
@@ -134,6 +140,7 @@ impl IdempotencyLayer {
                 problems: Arc::new(Problems::default()),
                 key_header,
                 key_required: true,
+                guarded: vec![Method::POST, Method::PATCH],
                 phased: false,
                 body_limit: Self::DEFAULT_BODY_LIMIT,
                 request_id_header: REQUEST_ID_HEADER,
@@ -158,6 +165,26 @@ impl IdempotencyLayer {
     #[must_use]
     pub fn required(self) -> Self {
         self.with(|s| s.key_required = true)
+    }
+
+    /// Guards requests with these methods instead of POST and PATCH (the default, the
+    /// methods the IETF draft names as not idempotent by themselves). Requests with other
+    /// methods pass straight through: no key needed, no claim, nothing stored or replayed,
+    /// so that the layer can sit on a whole router beside GET, HEAD, OPTIONS (CORS
+    /// preflights) and TRACE. Opt PUT or DELETE in where a retry of them must not run
+    /// twice:
+    ///
+    /// ```no_run
+    /// # fn demo(layer: pg_idempotency::axum::IdempotencyLayer) {
+    /// use axum::http::Method;
+    ///
+    /// let layer = layer.with_guarded_methods([Method::POST, Method::PUT, Method::PATCH]);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_guarded_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
+        let methods = methods.into_iter().collect();
+        self.with(|s| s.guarded = methods)
     }
 
     /// Makes the routes it wraps [phased requests](crate::phased): instead of a claim's
@@ -259,6 +286,7 @@ impl fmt::Debug for IdempotencyLayer {
         f.debug_struct("IdempotencyLayer")
             .field("key_header", &s.key_header)
             .field("key_required", &s.key_required)
+            .field("guarded", &s.guarded)
             .field("phased", &s.phased)
             .field("body_limit", &s.body_limit)
             .field("request_id_header", &s.request_id_header)
@@ -319,7 +347,9 @@ where
     S::Future: Send + 'static,
 {
     let request_id = RequestId::of_request(&mut request, &settings.request_id_header);
-    let route = match request.extensions().get::<MatchedPath>() {
+    let matched = request.extensions().get::<MatchedPath>();
+    let routed = matched.is_some();
+    let route = match matched {
         Some(matched) => matched.as_str().to_owned(),
         None => request.uri().path().to_owned(),
     };
@@ -337,6 +367,7 @@ where
         settings,
         request_id: &request_id,
         route: &route,
+        routed,
     };
     let mut response = flow
         .run(inner, request)
@@ -359,6 +390,9 @@ struct Flow<'a> {
     settings: &'a Settings,
     request_id: &'a RequestId,
     route: &'a str,
+    /// Whether routing matched a route before the layer (no: a router's fallback, or the
+    /// layer outside routing).
+    routed: bool,
 }
 
 fn record(field: &str, value: &str) {
@@ -413,6 +447,10 @@ impl Flow<'_> {
         S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
         S::Future: Send + 'static,
     {
+        if !self.settings.guarded.contains(request.method()) {
+            record("outcome", "not_guarded");
+            return Ok(call(inner, request).await);
+        }
         let Some(key) = self.key(&request)? else {
             record("outcome", "pass_through");
             return Ok(call(inner, request).await);
@@ -631,6 +669,10 @@ impl Flow<'_> {
             record("outcome", "rolled_back");
             return Storable::Not(Response::from_parts(parts, body));
         }
+        if self.answered_by_the_router(&parts) {
+            record("outcome", "not_handled");
+            return Storable::Not(Response::from_parts(parts, body));
+        }
         let body: Bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(error) => {
@@ -647,6 +689,15 @@ impl Flow<'_> {
                 Storable::Not(self.internal_error())
             }
         }
+    }
+
+    /// Whether no handler produced `response`: a router's fallback (404 on a request
+    /// that matched no route) or a method router's 405 (which names the methods the
+    /// route has in `Allow`). Such answers are not stored: the key stays free.
+    fn answered_by_the_router(&self, response: &http::response::Parts) -> bool {
+        (response.status == StatusCode::NOT_FOUND && !self.routed)
+            || (response.status == StatusCode::METHOD_NOT_ALLOWED
+                && response.headers.contains_key(ALLOW))
     }
 
     /// A response that was just stored, sent exactly as it will be replayed.
