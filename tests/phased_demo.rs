@@ -313,32 +313,18 @@ async fn retry_until_created(demo: &str, key: &str, account: &str) -> Result<Ans
     }
 }
 
-/// Waits until the completer has stored the charge's response.
-async fn completed_by_the_completer(pool: &PgPool, key: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let stored: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = $1)")
-                .bind(key)
-                .fetch_one(pool)
-                .await?;
-        if stored {
-            return Ok(());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the completer never finished {key}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// A fresh database and the fake processor as a process of its own: the child, its URL
+/// and its stdout (kept open while the test runs).
+async fn database_and_processor()
+-> Result<(TestDatabase, tokio::process::Child, String, support::Stdout)> {
+    let db = TestDatabase::create().await?;
+    let (child, port, stdout) = spawn_example("processor", &[], &["--port", "0"]).await?;
+    Ok((db, child, format!("http://127.0.0.1:{port}"), stdout))
 }
 
 #[tokio::test]
 async fn sigkill_at_every_boundary_then_retry_or_completer_charges_once() -> Result<()> {
-    let db = TestDatabase::create().await?;
-    let (mut processor_child, processor_port, _processor_out) =
-        spawn_example("processor", &[], &["--port", "0"]).await?;
-    let processor = format!("http://127.0.0.1:{processor_port}");
+    let (db, mut processor_child, processor, _processor_out) = database_and_processor().await?;
     let mut charges = 0;
     for boundary in BOUNDARIES {
         for finisher in [Finisher::Retry, Finisher::Completer] {
@@ -363,7 +349,7 @@ async fn sigkill_at_every_boundary_then_retry_or_completer_charges_once() -> Res
             let first = match finisher {
                 Finisher::Retry => retry_until_created(&url, &key, &account).await,
                 Finisher::Completer => {
-                    completed_by_the_completer(db.pool(), &key).await?;
+                    answered_or_freed(db.pool(), &key).await?;
                     let replay = post_charge(&url, &key, &account, BODY).await?;
                     ensure!(
                         replay.header("idempotent-replayed") == Some("true"),
@@ -392,10 +378,7 @@ async fn sigkill_at_every_boundary_then_retry_or_completer_charges_once() -> Res
 
 #[tokio::test]
 async fn a_holder_paused_past_its_lease_cannot_commit_after_the_takeover() -> Result<()> {
-    let db = TestDatabase::create().await?;
-    let (mut processor_child, processor_port, _processor_out) =
-        spawn_example("processor", &[], &["--port", "0"]).await?;
-    let processor = format!("http://127.0.0.1:{processor_port}");
+    let (db, mut processor_child, processor, _processor_out) = database_and_processor().await?;
     let (key, account) = (new_key(), "acct_paused".to_owned());
 
     // The holder stops after the processor answered, before it records the answer.
@@ -498,7 +481,8 @@ async fn one_charge_per_request(
     Ok(charged)
 }
 
-/// The request is answered (stored) or gone (its key freed by the completer).
+/// Waits until the request is answered (stored) or gone (its key freed by the
+/// completer, which frees a request that never started).
 async fn answered_or_freed(pool: &PgPool, key: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -522,10 +506,7 @@ async fn answered_or_freed(pool: &PgPool, key: &str) -> Result<()> {
 
 #[tokio::test]
 async fn a_holder_paused_at_any_boundary_commits_nothing_once_others_acted() -> Result<()> {
-    let db = TestDatabase::create().await?;
-    let (mut processor_child, processor_port, _processor_out) =
-        spawn_example("processor", &[], &["--port", "0"]).await?;
-    let processor = format!("http://127.0.0.1:{processor_port}");
+    let (db, mut processor_child, processor, _processor_out) = database_and_processor().await?;
     let mut charged = 0;
     let mut scenario = 0;
     for boundary in std::iter::once(START).chain(BOUNDARIES) {
@@ -629,10 +610,7 @@ async fn a_holder_paused_at_any_boundary_commits_nothing_once_others_acted() -> 
 
 #[tokio::test]
 async fn a_key_reused_after_its_window_is_a_new_request_downstream_too() -> Result<()> {
-    let db = TestDatabase::create().await?;
-    let (mut processor_child, processor_port, _processor_out) =
-        spawn_example("processor", &[], &["--port", "0"]).await?;
-    let processor = format!("http://127.0.0.1:{processor_port}");
+    let (db, mut processor_child, processor, _processor_out) = database_and_processor().await?;
     let (mut demo, url, _stdout) = spawn_example(
         "payments",
         &[],
