@@ -695,6 +695,16 @@ async fn request_ids_are_taken_from_sane_clients() -> Result<()> {
     ensure!(is_generated_request_id(
         problem["request_id"].as_str().unwrap()
     ));
+    // An id in the server's own format is never the client's to give: the server mints
+    // another.
+    let forged = "req_01HZK2N5GQR9T8X4B6FJW3Y1AS";
+    let answer = app
+        .post("/widgets/1", None, &[("x-request-id", forged)], "w")
+        .await?;
+    let problem = answer.problem(400, "idempotency_key_missing")?;
+    let id = problem["request_id"].as_str().unwrap();
+    ensure!(id != forged && is_generated_request_id(id), "{id}");
+    ensure!(answer.request_id()? == id);
     app.stop().await
 }
 

@@ -17,6 +17,9 @@ use tower_service::Service;
 /// The default request id header, `X-Request-Id`.
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
+/// How the ids this server mints begin.
+const SERVER_PREFIX: &str = "req_";
+
 /// Crockford's base32 alphabet (no I, L, O, U).
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
@@ -24,7 +27,8 @@ const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// `X-Request-Id` response header.
 ///
 /// A client that sends a sane `X-Request-Id` (1 to [`RequestId::MAX_LEN`] bytes of ASCII
-/// letters, digits and `-_.:/+=@~`) gets its own id back; otherwise the server mints one:
+/// letters, digits and `-_.:/+=@~`, not starting with `req_`, which only the server's own
+/// ids do) gets its own id back; otherwise the server mints one:
 /// `req_` followed by 26 Crockford base32 characters (a 48-bit millisecond timestamp and
 /// 80 random bits, like a ULID), e.g. `req_01HZK2N5GQR9T8X4B6FJW3Y1AS`.
 ///
@@ -57,7 +61,7 @@ impl RequestId {
             bits |= u128::from(*byte) << (72 - 8 * i);
         }
         let mut id = String::with_capacity(30);
-        id.push_str("req_");
+        id.push_str(SERVER_PREFIX);
         for i in 0..26 {
             let index = (bits >> (125 - 5 * i)) & 31;
             id.push(char::from(CROCKFORD[index as usize]));
@@ -88,11 +92,18 @@ impl RequestId {
         HeaderValue::from_str(&self.0).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
     }
 
-    /// The client's id from `header`, if it sent exactly one and it is sane.
+    /// The client's id from `header`, if it sent exactly one, it is sane, and it is not
+    /// in the server's own format: an id that starts with `req_` (in any case) is always
+    /// one this server minted, so that a replay's `Idempotent-Replay-Of` or a conflict's
+    /// detail never presents a client's id as the server's.
     fn from_client(headers: &http::HeaderMap, header: &HeaderName) -> Option<Self> {
         let mut values = headers.get_all(header).iter();
         match (values.next(), values.next()) {
-            (Some(value), None) => Self::parse(value.as_bytes()),
+            (Some(value), None) => Self::parse(value.as_bytes()).filter(|id| {
+                !id.0
+                    .get(..SERVER_PREFIX.len())
+                    .is_some_and(|prefix| prefix.eq_ignore_ascii_case(SERVER_PREFIX))
+            }),
             _ => None,
         }
     }
@@ -291,6 +302,27 @@ mod tests {
             assert!(RequestId::parse(bad).is_none(), "{bad:?}");
         }
         assert!(RequestId::parse("x".repeat(RequestId::MAX_LEN).as_bytes()).is_some());
+    }
+
+    #[test]
+    fn a_client_id_in_the_server_format_is_never_taken() {
+        let headers = |value: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static(value));
+            headers
+        };
+        for forged in [
+            "req_01HZK2N5GQR9T8X4B6FJW3Y1AS",
+            "REQ_01HZK2N5GQR9T8X4B6FJW3Y1AS",
+            "Req_x",
+        ] {
+            let id = RequestId::from_client(&headers(forged), &REQUEST_ID_HEADER);
+            assert_eq!(id, None, "{forged}");
+        }
+        for kept in ["trace-42", "request_1", "req-1", "re"] {
+            let id = RequestId::from_client(&headers(kept), &REQUEST_ID_HEADER);
+            assert_eq!(id.as_ref().map(RequestId::as_str), Some(kept));
+        }
     }
 
     #[test]
