@@ -40,8 +40,6 @@ pub struct Claim {
     /// The transaction that holds the key.
     held: KeyHold,
     engine: Engine,
-    scope: Scope,
-    key: IdempotencyKey,
     fingerprint: Fingerprint,
     provenance: Provenance,
 }
@@ -49,12 +47,9 @@ pub struct Claim {
 impl Claim {
     /// A claim on the key `held` holds, for the request with `fingerprint`.
     pub(crate) fn new(engine: Engine, held: KeyHold, fingerprint: Fingerprint) -> Self {
-        let (scope, key) = held.holding.key().clone();
         Self {
             held,
             engine,
-            scope,
-            key,
             fingerprint,
             provenance: Provenance::default(),
         }
@@ -62,12 +57,12 @@ impl Claim {
 
     /// The scope of the claimed key.
     pub fn scope(&self) -> &Scope {
-        &self.scope
+        &self.held.holding.key().0
     }
 
     /// The claimed key.
     pub fn key(&self) -> &IdempotencyKey {
-        &self.key
+        &self.held.holding.key().1
     }
 
     /// The fingerprint of the request that holds the claim.
@@ -108,8 +103,8 @@ impl Claim {
     pub async fn complete(self, response: &StoredResponse) -> Result<Completion, Error> {
         let span = tracing::info_span!(
             "idempotency.complete",
-            scope = %self.scope,
-            key = %self.key,
+            scope = %self.scope(),
+            key = %self.key(),
             status = response.status,
             body_bytes = response.body.len(),
             stored = tracing::field::Empty,
@@ -119,8 +114,6 @@ impl Claim {
             let Claim {
                 held,
                 engine,
-                scope,
-                key,
                 fingerprint,
                 provenance,
             } = self;
@@ -139,9 +132,10 @@ impl Claim {
                 metrics::time(metrics::COMPLETE_SECONDS, started.elapsed());
                 return Ok(Completion::RolledBack);
             }
+            let (scope, key) = holding.key();
             let row = KeyRow {
-                scope: &scope,
-                key: &key,
+                scope,
+                key,
                 fingerprint: &fingerprint,
                 response,
                 provenance: &provenance,
@@ -183,8 +177,8 @@ impl Claim {
 impl fmt::Debug for Claim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Claim")
-            .field("scope", &self.scope)
-            .field("key", &self.key)
+            .field("scope", self.scope())
+            .field("key", self.key())
             .field("fingerprint", &self.fingerprint)
             .finish_non_exhaustive()
     }

@@ -81,8 +81,6 @@ pub(super) struct Taken {
 /// A holder's hold on a request: the key and the fencing token it was granted.
 pub(super) struct Lease {
     engine: Engine,
-    scope: Scope,
-    key: IdempotencyKey,
     token: i64,
     /// The request's fingerprint, to recognise its stored response.
     fingerprint: Fingerprint,
@@ -95,8 +93,8 @@ pub(super) struct Lease {
     /// A connection broke around one of this holder's `COMMIT`s: its old backend may
     /// still hold the request's row, so a release could wait on it without bound.
     broken: bool,
-    /// This process's duplicates of the key wait for this holder without a connection
-    /// until the lease is dropped; they get the stored row when there is one.
+    /// The key held: this process's duplicates of it wait for this holder without a
+    /// connection until the lease is dropped; they get the stored row when there is one.
     holding: Holding,
 }
 
@@ -217,8 +215,6 @@ impl Lease {
     pub(super) fn new(holder: &Holder<'_>, grant: Grant, holding: Holding) -> Self {
         Self {
             engine: holder.engine.clone(),
-            scope: holder.scope.clone(),
-            key: holder.key.clone(),
             token: grant.token,
             fingerprint: grant.fingerprint,
             provenance: Provenance::default(),
@@ -229,11 +225,11 @@ impl Lease {
     }
 
     pub(super) fn scope(&self) -> &Scope {
-        &self.scope
+        &self.holding.key().0
     }
 
     pub(super) fn key(&self) -> &IdempotencyKey {
-        &self.key
+        &self.holding.key().1
     }
 
     pub(super) fn engine(&self) -> &Engine {
@@ -246,8 +242,8 @@ impl Lease {
 
     fn lost(&self) -> Error {
         Error::LeaseLost {
-            scope: self.scope.clone(),
-            key: self.key.clone(),
+            scope: self.scope().clone(),
+            key: self.key().clone(),
         }
     }
 
@@ -340,7 +336,7 @@ impl Lease {
             self.release().await?;
             return Ok(Completion::RolledBack);
         }
-        let Some(ended) = tx.end_request(&self.scope, &self.key, self.token).await? else {
+        let Some(ended) = tx.end_request(self.scope(), self.key(), self.token).await? else {
             rollback(tx).await;
             return Err(self.lost());
         };
@@ -350,8 +346,8 @@ impl Lease {
             self.provenance.clone()
         };
         let row = KeyRow {
-            scope: &self.scope,
-            key: &self.key,
+            scope: self.scope(),
+            key: self.key(),
             fingerprint: &self.fingerprint,
             response,
             provenance: &provenance,
@@ -411,8 +407,8 @@ impl Lease {
                    request_id = coalesce($9, request_id),
                    traceparent = coalesce($10, traceparent)
                WHERE scope = $1 AND key = $2 AND lease_token = $3"#,
-            self.scope.as_str(),
-            self.key.as_str(),
+            self.scope().as_str(),
+            self.key().as_str(),
             self.token,
             record.step.map(|(name, _)| name),
             recorded,
@@ -438,8 +434,8 @@ impl Lease {
                UPDATE idempotency_requests SET leased_until = now()
                WHERE scope = $1 AND key = $2 AND lease_token = $3
                  AND operation IS NOT NULL"#,
-            self.scope.as_str(),
-            self.key.as_str(),
+            self.scope().as_str(),
+            self.key().as_str(),
             self.token,
         )
         .execute(self.engine.pool())
