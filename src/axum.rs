@@ -175,6 +175,7 @@
 //! [axum]: https://docs.rs/axum/0.8
 //! [`MatchedPath`]: ::axum::extract::MatchedPath
 
+mod dialect;
 mod extract;
 mod handoff;
 mod key_field;
@@ -184,11 +185,13 @@ mod request_id;
 mod response;
 mod scope;
 
+pub use dialect::{
+    Dialect, IDEMPOTENT_REPLAY_HEADER, IDEMPOTENT_REPLAY_OF_HEADER, IDEMPOTENT_REPLAYED_HEADER,
+};
 pub use extract::{IdempotentTx, Rollback, RollbackOnReject};
 pub use layer::{Idempotency, IdempotencyLayer};
 pub use phased::PhasedRequest;
 pub use request_id::{
     MakeRequestIds, REQUEST_ID_HEADER, RequestId, RequestIdLayer, RequestIdService,
 };
-pub use response::{IDEMPOTENT_REPLAY_OF_HEADER, IDEMPOTENT_REPLAYED_HEADER};
 pub use scope::{ScopeRejection, scope_from_header};

@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use tracing::Instrument;
 
-use crate::db::{KeyRow, StoredRow, Window};
+use crate::db::{KeyRow, Window};
 use crate::engine::{Engine, KeyHold};
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
 use crate::metrics;
-use crate::outcome::{Completion, Replay};
+use crate::outcome::Completion;
 use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
@@ -142,18 +142,9 @@ impl Claim {
                 window: Window::From(engine.config().ttl()),
                 expired,
             };
-            let stored = engine.store_and_commit(tx, &row, || {}).await;
+            let stored = engine.store_and_commit(tx, &row, &holding, || {}).await;
             metrics::time(metrics::COMPLETE_SECONDS, started.elapsed());
-            let created_at = stored?;
-            // This process's duplicates of the key get the row without a look.
-            holding.answer(|| StoredRow {
-                fingerprint,
-                replay: Replay {
-                    response: response.clone(),
-                    first_used_at: created_at,
-                    first_request: provenance,
-                },
-            });
+            stored?;
             tracing::Span::current().record("stored", true);
             metrics::size(metrics::RESPONSE_BYTES, response.body.len());
             Ok(Completion::Stored)

@@ -33,13 +33,15 @@ pub struct Config {
     key_policy: KeyPolicy,
     lease: Duration,
     pool_checks: bool,
+    stored_body_cap: usize,
 }
 
 impl Default for Config {
     /// 24-hour replay window, 2 s wait for an in-flight duplicate, at most 1024 of them
     /// waiting per key in one process, a 1 s retry hint,
     /// 5 s to resolve an interrupted commit, the default [`StorePolicy`], UUID v4 keys,
-    /// 30 s leases for phased requests, claims that check their connection themselves.
+    /// 30 s leases for phased requests, claims that check their connection themselves,
+    /// response bodies stored up to 1 MiB.
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(24 * 60 * 60),
@@ -51,11 +53,32 @@ impl Default for Config {
             key_policy: KeyPolicy::default(),
             lease: Duration::from_secs(30),
             pool_checks: false,
+            stored_body_cap: Self::DEFAULT_STORED_BODY_CAP,
         }
     }
 }
 
 impl Config {
+    /// The default [stored body cap](Self::with_stored_body_cap): 1 MiB.
+    ///
+    /// Why 1 MiB: every replay reads the whole row into memory and writes it out again,
+    /// and every byte stored is written twice (heap and WAL) and kept for the replay
+    /// window; an answer an API gives to a write is rarely larger than a few kilobytes.
+    /// 1 MiB is also the default request body limit of the axum layer and the cap the
+    /// IETF draft's peers use, so a client sees the same bound in both directions.
+    pub const DEFAULT_STORED_BODY_CAP: usize = 1024 * 1024;
+
+    /// Stores response bodies of at most `bytes` (default
+    /// [1 MiB](Self::DEFAULT_STORED_BODY_CAP)). A response with a longer body still
+    /// completes its request: its status and headers are stored without the body
+    /// ([`StoredResponse::body_omitted`](crate::StoredResponse::body_omitted)), the first
+    /// client gets the whole response, and replays say that the body was omitted.
+    #[must_use]
+    pub fn with_stored_body_cap(mut self, bytes: usize) -> Self {
+        self.stored_body_cap = bytes;
+        self
+    }
+
     /// How long a stored response is replayed (default 24 hours). After that the key
     /// counts as unused: a new request with it runs fresh and replaces the old row.
     /// Values below one millisecond are raised to one millisecond.
@@ -196,5 +219,10 @@ impl Config {
     /// The lease of a phased request's holder.
     pub fn lease(&self) -> Duration {
         self.lease
+    }
+
+    /// The largest response body that is stored.
+    pub fn stored_body_cap(&self) -> usize {
+        self.stored_body_cap
     }
 }

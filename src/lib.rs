@@ -107,7 +107,9 @@ pub use error::Error;
 pub use fingerprint::{Fingerprint, IdempotentRequest};
 pub use key::{IdempotencyKey, KeyError, KeyPolicy};
 pub use outcome::{Begin, CommitOutcome, Completion, Outcome, Replay};
-pub use problem::{IDEMPOTENCY_KEY_HEADER, Problem, ProblemKind, Problems};
+pub use problem::{
+    IDEMPOTENCY_KEY_HEADER, Problem, ProblemCatalogue, ProblemKind, Problems, Situation,
+};
 pub use provenance::Provenance;
 pub use response::{StorePolicy, StoredResponse};
 pub use schema::{MIGRATOR, migrate};

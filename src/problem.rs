@@ -83,8 +83,9 @@ impl Problem {
     }
 }
 
-/// How one API spells its problems: the base of their `type` URIs and the name of the
-/// header that carries idempotency keys. Every [`Problem`] is made through one.
+/// How one API spells its problems: the base of their `type` URIs, the name of the header
+/// that carries idempotency keys, and the [`ProblemCatalogue`] that gives each situation
+/// its status, code and title. Every [`Problem`] is made through one.
 ///
 /// The store knows nothing of either: its errors speak of keys and requests, and whoever
 /// answers the client (the [`axum` layer](crate::axum), or the application) turns them
@@ -102,6 +103,7 @@ impl Problem {
 pub struct Problems {
     type_base: String,
     key_header: String,
+    catalogue: ProblemCatalogue,
 }
 
 impl Default for Problems {
@@ -119,7 +121,21 @@ impl Problems {
         Self {
             type_base: type_base.into(),
             key_header: IDEMPOTENCY_KEY_HEADER.to_owned(),
+            catalogue: ProblemCatalogue::seed(),
         }
+    }
+
+    /// Answers each [`Situation`] with the kind `catalogue` names (builder style); the
+    /// default is [`ProblemCatalogue::seed`].
+    #[must_use]
+    pub fn with_catalogue(mut self, catalogue: ProblemCatalogue) -> Self {
+        self.catalogue = catalogue;
+        self
+    }
+
+    /// The kinds of problem each situation is answered with.
+    pub fn catalogue(&self) -> &ProblemCatalogue {
+        &self.catalogue
     }
 
     /// Names the key header `header` in details and `param` (builder style).
@@ -201,7 +217,7 @@ impl Problems {
             .map(|id| format!(" by request {id}"))
             .unwrap_or_default();
         self.custom(
-            &IDEMPOTENCY_CONFLICT,
+            self.catalogue.kind(Situation::Conflict),
             format!(
                 "{} '{key}' was used at {}{by} with a different request body.",
                 self.key_header,
@@ -214,7 +230,7 @@ impl Problems {
     pub fn in_flight(&self, key: &IdempotencyKey, retry_after: Duration) -> Problem {
         let seconds = retry_after_seconds(retry_after);
         let mut problem = self.custom(
-            &IDEMPOTENCY_KEY_IN_USE,
+            self.catalogue.kind(Situation::InFlight),
             format!(
                 "A request with {} '{key}' is still being processed. \
                  Retry after {seconds} second{} to receive its response.",
@@ -230,7 +246,7 @@ impl Problems {
     pub fn key_missing(&self) -> Problem {
         let header = &self.key_header;
         self.custom(
-            &IDEMPOTENCY_KEY_MISSING,
+            self.catalogue.kind(Situation::KeyMissing),
             format!(
                 "This request requires an {header} header. Mint a fresh UUID v4 for each \
                  logical operation and send it in {header}."
@@ -242,7 +258,7 @@ impl Problems {
     /// 400 `idempotency_key_invalid`: the key is malformed; `reason` says why.
     pub fn key_invalid(&self, reason: &dyn std::fmt::Display) -> Problem {
         self.custom(
-            &IDEMPOTENCY_KEY_INVALID,
+            self.catalogue.kind(Situation::KeyInvalid),
             format!(
                 "The {} header is not a valid key: {reason}",
                 self.key_header
@@ -254,7 +270,7 @@ impl Problems {
     /// 400 `idempotency_scope_invalid`: the scope the request maps to is malformed.
     pub fn scope_invalid(&self, reason: &dyn std::fmt::Display) -> Problem {
         self.custom(
-            &IDEMPOTENCY_SCOPE_INVALID,
+            self.catalogue.kind(Situation::ScopeInvalid),
             format!("The request's idempotency scope is not valid: {reason}"),
         )
     }
@@ -262,7 +278,7 @@ impl Problems {
     /// 400 `invalid_request`: the request breaks the endpoint's rules; `param` names the
     /// field or header at fault, when there is one.
     pub fn invalid_request(&self, param: Option<&str>, detail: impl Into<String>) -> Problem {
-        let problem = self.custom(&INVALID_REQUEST, detail);
+        let problem = self.custom(self.catalogue.kind(Situation::InvalidRequest), detail);
         match param {
             Some(param) => problem.with_param(param),
             None => problem,
@@ -272,7 +288,7 @@ impl Problems {
     /// 413 `payload_too_large`: the request body is longer than `limit` bytes.
     pub fn payload_too_large(&self, limit: usize) -> Problem {
         self.custom(
-            &PAYLOAD_TOO_LARGE,
+            self.catalogue.kind(Situation::PayloadTooLarge),
             format!("The request body is larger than the limit of {limit} bytes."),
         )
     }
@@ -281,7 +297,7 @@ impl Problems {
     /// same key is safe.
     pub fn internal_error(&self) -> Problem {
         self.custom(
-            &INTERNAL_ERROR,
+            self.catalogue.kind(Situation::InternalError),
             "The server failed to process the request and stored nothing for it. \
              Retrying with the same idempotency key is safe.",
         )
@@ -291,7 +307,7 @@ impl Problems {
     /// the client should retry with the same key after `retry_after`.
     pub fn service_unavailable(&self, retry_after: Duration) -> Problem {
         let mut problem = self.custom(
-            &SERVICE_UNAVAILABLE,
+            self.catalogue.kind(Situation::ServiceUnavailable),
             "The server could not reach its database. Retry with the same \
              idempotency key: it answers with the stored response if the request \
              completed, and runs it otherwise.",
@@ -308,7 +324,7 @@ impl Problems {
     /// client may retry with the same key at once, so there is no `Retry-After`.
     pub fn not_committed(&self) -> Problem {
         self.custom(
-            &REQUEST_NOT_COMMITTED,
+            self.catalogue.kind(Situation::NotCommitted),
             format!(
                 "The server lost its database connection while completing this request and \
                  verified that nothing was done. Retry the request; the same {} is safe.",
@@ -334,85 +350,251 @@ pub struct ProblemKind {
     pub advice_code: &'static str,
 }
 
-const IDEMPOTENCY_CONFLICT: ProblemKind = ProblemKind {
-    slug: "idempotency-conflict",
-    status: 409,
-    title: "Idempotency key reused with different body",
-    code: "idempotency_conflict",
-    advice_code: "use_new_idempotency_key",
-};
+/// A situation in which the crate answers a client with a problem of its own. A
+/// [`ProblemCatalogue`] gives each one its [`ProblemKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Situation {
+    /// The key was used with another request ([`Problems::conflict`]).
+    Conflict,
+    /// A request with the key is still being processed ([`Problems::in_flight`]).
+    InFlight,
+    /// The request needs a key and has none ([`Problems::key_missing`]).
+    KeyMissing,
+    /// The key is malformed ([`Problems::key_invalid`]).
+    KeyInvalid,
+    /// The request's scope is malformed ([`Problems::scope_invalid`]).
+    ScopeInvalid,
+    /// The request breaks the endpoint's rules ([`Problems::invalid_request`]).
+    InvalidRequest,
+    /// The request body is over the limit ([`Problems::payload_too_large`]).
+    PayloadTooLarge,
+    /// The server failed ([`Problems::internal_error`]).
+    InternalError,
+    /// The database cannot be reached ([`Problems::service_unavailable`]).
+    ServiceUnavailable,
+    /// The reply to `COMMIT` was lost and nothing was committed ([`Problems::not_committed`]).
+    NotCommitted,
+}
 
-const IDEMPOTENCY_KEY_IN_USE: ProblemKind = ProblemKind {
-    slug: "idempotency-key-in-use",
-    status: 409,
-    title: "Idempotency key in use",
-    code: "idempotency_key_in_use",
-    advice_code: "retry_later",
-};
+impl Situation {
+    /// Every situation, in declaration order (the catalogue's index).
+    pub const ALL: [Situation; 10] = [
+        Situation::Conflict,
+        Situation::InFlight,
+        Situation::KeyMissing,
+        Situation::KeyInvalid,
+        Situation::ScopeInvalid,
+        Situation::InvalidRequest,
+        Situation::PayloadTooLarge,
+        Situation::InternalError,
+        Situation::ServiceUnavailable,
+        Situation::NotCommitted,
+    ];
+}
 
-const IDEMPOTENCY_KEY_MISSING: ProblemKind = ProblemKind {
-    slug: "idempotency-key-missing",
-    status: 400,
-    title: "Idempotency key missing",
-    code: "idempotency_key_missing",
-    advice_code: "add_idempotency_key",
-};
+/// Which [`ProblemKind`] answers each [`Situation`]: the status, `code`, `title`,
+/// `advice_code` and `type` slug of the crate's own problems.
+///
+/// Two come with the crate: [`seed`](Self::seed), the error specification this crate
+/// follows by default (409 `idempotency_conflict` for a reused key), and
+/// [`ietf`](Self::ietf), the IETF draft and the peers that follow it (422
+/// `fingerprint-mismatch`). Override single entries with [`with`](Self::with):
+///
+/// ```
+/// use pg_idempotency::{ProblemCatalogue, ProblemKind, Situation};
+///
+/// let catalogue = ProblemCatalogue::seed().with(
+///     Situation::KeyMissing,
+///     ProblemKind { code: "missing_idempotency_key", ..*ProblemCatalogue::seed().kind(Situation::KeyMissing) },
+/// );
+/// assert_eq!(catalogue.kind(Situation::KeyMissing).code, "missing_idempotency_key");
+/// assert_eq!(catalogue.kind(Situation::KeyMissing).status, 400);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProblemCatalogue {
+    /// Indexed by `Situation as usize`, in the order of [`Situation::ALL`].
+    kinds: [ProblemKind; 10],
+}
 
-const IDEMPOTENCY_KEY_INVALID: ProblemKind = ProblemKind {
-    slug: "idempotency-key-invalid",
-    status: 400,
-    title: "Idempotency key invalid",
-    code: "idempotency_key_invalid",
-    advice_code: "use_new_idempotency_key",
-};
+impl Default for ProblemCatalogue {
+    /// [`ProblemCatalogue::seed`].
+    fn default() -> Self {
+        Self::seed()
+    }
+}
 
-const IDEMPOTENCY_SCOPE_INVALID: ProblemKind = ProblemKind {
-    slug: "idempotency-scope-invalid",
-    status: 400,
-    title: "Idempotency scope invalid",
-    code: "idempotency_scope_invalid",
-    advice_code: "fix_request",
-};
+impl ProblemCatalogue {
+    /// The error specification this crate follows by default: snake_case codes, 409
+    /// `idempotency_conflict` for a key reused with another request.
+    pub fn seed() -> Self {
+        let kind = |slug, status, title, code, advice_code| ProblemKind {
+            slug,
+            status,
+            title,
+            code,
+            advice_code,
+        };
+        Self {
+            kinds: [
+                kind(
+                    "idempotency-conflict",
+                    409,
+                    "Idempotency key reused with different body",
+                    "idempotency_conflict",
+                    "use_new_idempotency_key",
+                ),
+                kind(
+                    "idempotency-key-in-use",
+                    409,
+                    "Idempotency key in use",
+                    "idempotency_key_in_use",
+                    "retry_later",
+                ),
+                kind(
+                    "idempotency-key-missing",
+                    400,
+                    "Idempotency key missing",
+                    "idempotency_key_missing",
+                    "add_idempotency_key",
+                ),
+                kind(
+                    "idempotency-key-invalid",
+                    400,
+                    "Idempotency key invalid",
+                    "idempotency_key_invalid",
+                    "use_new_idempotency_key",
+                ),
+                kind(
+                    "idempotency-scope-invalid",
+                    400,
+                    "Idempotency scope invalid",
+                    "idempotency_scope_invalid",
+                    "fix_request",
+                ),
+                kind(
+                    "invalid-request",
+                    400,
+                    "Invalid request",
+                    "invalid_request",
+                    "fix_request",
+                ),
+                kind(
+                    "payload-too-large",
+                    413,
+                    "Request body too large",
+                    "payload_too_large",
+                    "reduce_request_size",
+                ),
+                kind(
+                    "internal-error",
+                    500,
+                    "Internal server error",
+                    "internal_error",
+                    "retry_later",
+                ),
+                kind(
+                    "service-unavailable",
+                    503,
+                    "Service unavailable",
+                    "service_unavailable",
+                    "retry_later",
+                ),
+                kind(
+                    "request-not-committed",
+                    503,
+                    "Request not completed",
+                    "request_not_committed",
+                    "retry_request",
+                ),
+            ],
+        }
+    }
 
-const INVALID_REQUEST: ProblemKind = ProblemKind {
-    slug: "invalid-request",
-    status: 400,
-    title: "Invalid request",
-    code: "invalid_request",
-    advice_code: "fix_request",
-};
+    /// The IETF draft (draft-ietf-httpapi-idempotency-key-header) and the peers that
+    /// follow it: 422 for a key reused with another request payload, and kebab-case codes
+    /// (`missing-key`, `invalid-key`, `fingerprint-mismatch`, ...) that equal the slug.
+    pub fn ietf() -> Self {
+        let kind = |code, status, title, advice_code| ProblemKind {
+            slug: code,
+            status,
+            title,
+            code,
+            advice_code,
+        };
+        Self {
+            kinds: [
+                kind(
+                    "fingerprint-mismatch",
+                    422,
+                    "Idempotency key reused with a different request",
+                    "use-new-idempotency-key",
+                ),
+                kind(
+                    "request-in-flight",
+                    409,
+                    "A request with this idempotency key is in progress",
+                    "retry-later",
+                ),
+                kind(
+                    "missing-key",
+                    400,
+                    "Idempotency key missing",
+                    "add-idempotency-key",
+                ),
+                kind(
+                    "invalid-key",
+                    400,
+                    "Idempotency key invalid",
+                    "use-new-idempotency-key",
+                ),
+                kind(
+                    "invalid-scope",
+                    400,
+                    "Idempotency scope invalid",
+                    "fix-request",
+                ),
+                kind("invalid-request", 400, "Invalid request", "fix-request"),
+                kind(
+                    "payload-too-large",
+                    413,
+                    "Request body too large",
+                    "reduce-request-size",
+                ),
+                kind(
+                    "internal-error",
+                    500,
+                    "Internal server error",
+                    "retry-later",
+                ),
+                kind(
+                    "service-unavailable",
+                    503,
+                    "Service unavailable",
+                    "retry-later",
+                ),
+                kind(
+                    "request-not-committed",
+                    503,
+                    "Request not completed",
+                    "retry-request",
+                ),
+            ],
+        }
+    }
 
-const PAYLOAD_TOO_LARGE: ProblemKind = ProblemKind {
-    slug: "payload-too-large",
-    status: 413,
-    title: "Request body too large",
-    code: "payload_too_large",
-    advice_code: "reduce_request_size",
-};
+    /// Answers `situation` with `kind` instead (builder style).
+    #[must_use]
+    pub fn with(mut self, situation: Situation, kind: ProblemKind) -> Self {
+        self.kinds[situation as usize] = kind;
+        self
+    }
 
-const INTERNAL_ERROR: ProblemKind = ProblemKind {
-    slug: "internal-error",
-    status: 500,
-    title: "Internal server error",
-    code: "internal_error",
-    advice_code: "retry_later",
-};
-
-const SERVICE_UNAVAILABLE: ProblemKind = ProblemKind {
-    slug: "service-unavailable",
-    status: 503,
-    title: "Service unavailable",
-    code: "service_unavailable",
-    advice_code: "retry_later",
-};
-
-const REQUEST_NOT_COMMITTED: ProblemKind = ProblemKind {
-    slug: "request-not-committed",
-    status: 503,
-    title: "Request not completed",
-    code: "request_not_committed",
-    advice_code: "retry_request",
-};
+    /// The kind that answers `situation`.
+    pub fn kind(&self, situation: Situation) -> &ProblemKind {
+        &self.kinds[situation as usize]
+    }
+}
 
 /// Whole seconds for `Retry-After`, at least one.
 fn retry_after_seconds(retry_after: Duration) -> u64 {
@@ -521,6 +703,41 @@ mod tests {
         assert_eq!(unavailable.retry_after, Some(Duration::from_secs(1)));
         let json: serde_json::Value = serde_json::from_slice(&unavailable.to_json()).unwrap();
         assert_eq!(json.as_object().unwrap().len(), 8);
+    }
+
+    #[test]
+    fn the_catalogues_answer_every_situation_by_its_own_index() {
+        for (index, situation) in Situation::ALL.into_iter().enumerate() {
+            assert_eq!(situation as usize, index);
+        }
+        let key_missing = |catalogue: ProblemCatalogue| {
+            Problems::new("/p/").with_catalogue(catalogue).key_missing()
+        };
+        assert_eq!(
+            key_missing(ProblemCatalogue::seed()).code,
+            "idempotency_key_missing"
+        );
+        let ietf = key_missing(ProblemCatalogue::ietf());
+        assert_eq!((ietf.status, ietf.code.as_str()), (400, "missing-key"));
+        assert_eq!(ietf.type_uri, "/p/missing-key");
+        let at = "2026-05-14T14:32:01Z".parse().unwrap();
+        let conflict = Problems::default()
+            .with_catalogue(ProblemCatalogue::ietf())
+            .conflict(&key(), at, None);
+        assert_eq!(
+            (conflict.status, conflict.code.as_str()),
+            (422, "fingerprint-mismatch")
+        );
+        let custom = ProblemKind {
+            code: "reused",
+            ..*ProblemCatalogue::ietf().kind(Situation::Conflict)
+        };
+        let catalogue = ProblemCatalogue::ietf().with(Situation::Conflict, custom);
+        assert_eq!(catalogue.kind(Situation::Conflict).code, "reused");
+        assert_eq!(
+            catalogue.kind(Situation::InFlight),
+            ProblemCatalogue::ietf().kind(Situation::InFlight)
+        );
     }
 
     #[test]

@@ -3,30 +3,58 @@
 
 use std::ops::RangeInclusive;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// An HTTP response as stored with an idempotency key and replayed, byte for byte, to
 /// every retry of the same request.
 ///
 /// Headers keep their order and duplicates. Header values are stored as strings; an HTTP
-/// integration decides what to do with values that are not UTF-8.
+/// integration decides what to do with values that are not UTF-8. The body is shared, not
+/// copied, between the replays and waiting duplicates that answer with it.
+///
+/// A body over the store's [cap](crate::Config::with_stored_body_cap) is not stored:
+/// the response is stored with an empty body and [`body_omitted`](Self::body_omitted)
+/// set, and replays say so.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredResponse {
     /// The status code, `100..=599`.
     pub status: u16,
     /// Header names and values, in order.
     pub headers: Vec<(String, String)>,
-    /// The body bytes.
-    pub body: Vec<u8>,
+    /// The body bytes (empty when the body was omitted).
+    pub body: Bytes,
+    /// The body was over the stored-body cap and is not stored.
+    pub body_omitted: bool,
 }
 
 impl StoredResponse {
     /// A response with a status and a body, and no headers.
-    pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Self {
+    pub fn new(status: u16, body: impl Into<Bytes>) -> Self {
         Self {
             status,
             headers: Vec::new(),
             body: body.into(),
+            body_omitted: false,
+        }
+    }
+
+    /// This response as it is stored under a body cap of `cap` bytes: itself when its
+    /// body fits, else its status and headers with the body omitted.
+    pub fn capped(&self, cap: usize) -> std::borrow::Cow<'_, Self> {
+        if self.body.len() <= cap {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        std::borrow::Cow::Owned(self.without_body())
+    }
+
+    /// Its status and headers, with the body omitted.
+    pub fn without_body(&self) -> Self {
+        Self {
+            status: self.status,
+            headers: self.headers.clone(),
+            body: Bytes::new(),
+            body_omitted: true,
         }
     }
 

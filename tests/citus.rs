@@ -177,7 +177,7 @@ async fn duplicates_through_two_nodes_never_both_commit() -> Result<()> {
     let Begin::Replay(replay) = second_node.begin(&scope, &key, &request).await? else {
         bail!("the retry replays");
     };
-    ensure!(replay.response.body == b"first");
+    ensure!(replay.response.body == b"first"[..]);
     let notes: Vec<String> = sqlx::query_scalar("SELECT note FROM ledger")
         .fetch_all(citus.pool())
         .await?;
@@ -424,7 +424,7 @@ async fn phased_requests_run_resume_and_sweep_on_distributed_tables() -> Result<
     let replay = store
         .run_phased(&scope, &started, &request, &*operation, "x".to_owned())
         .await?;
-    ensure!(replay.is_replay() && replay.response().body == b"x");
+    ensure!(replay.is_replay() && replay.response().body == b"x"[..]);
     let notes: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger")
         .fetch_one(pool)
         .await?;

@@ -16,11 +16,13 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use pg_idempotency::axum::{
-    IdempotencyLayer, IdempotentTx, RequestIdLayer, Rollback, RollbackOnReject, ScopeRejection,
-    scope_from_header,
+    Dialect, IdempotencyLayer, IdempotentTx, RequestIdLayer, Rollback, RollbackOnReject,
+    ScopeRejection, scope_from_header,
 };
 use pg_idempotency::testing::TestDatabase;
-use pg_idempotency::{IdempotencyStore, KeyPolicy, ProblemKind, Problems, Scope};
+use pg_idempotency::{
+    IdempotencyStore, KeyPolicy, ProblemCatalogue, ProblemKind, Problems, Scope, Situation,
+};
 use sqlx::PgPool;
 use support::{Answer, Server, client, is_generated_request_id, new_key};
 
@@ -1088,4 +1090,162 @@ async fn stored_framing_headers_never_desynchronise_a_replay() -> Result<()> {
     }
     ensure!(app.runs() == 0);
     app.stop().await
+}
+
+/// Writes a row, then answers 201 with as many bytes of `x` as the request body says,
+/// streamed in 1 kB chunks with no declared length.
+async fn large(State(state): State<AppState>, mut tx: IdempotentTx, body: Bytes) -> Response {
+    sqlx::query("INSERT INTO widgets (note) VALUES ('large')")
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+    state.runs.fetch_add(1, Ordering::SeqCst);
+    let len: usize = std::str::from_utf8(&body).unwrap().parse().unwrap();
+    let chunks: Vec<Result<Bytes, std::convert::Infallible>> = (0..len)
+        .step_by(1024)
+        .map(|at| Ok(Bytes::from(vec![b'x'; (len - at).min(1024)])))
+        .collect();
+    let body = axum::body::Body::from_stream(futures_util::stream::iter(chunks));
+    (StatusCode::CREATED, [("x-large", "yes")], body).into_response()
+}
+
+#[tokio::test]
+async fn a_response_over_the_cap_is_sent_whole_and_replayed_without_its_body() -> Result<()> {
+    let db = TestDatabase::create().await?;
+    sqlx::raw_sql("CREATE TABLE widgets (id bigserial PRIMARY KEY, note text NOT NULL)")
+        .execute(db.pool())
+        .await?;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let store = IdempotencyStore::new(db.pool().clone());
+    let layer = IdempotencyLayer::new(store, |_: &axum::http::request::Parts| {
+        Scope::new("default")
+    })
+    .with_stored_body_cap(4096);
+    let app = Router::new()
+        .route("/large", post(large))
+        .with_state(AppState {
+            runs: Arc::clone(&runs),
+            pool: db.pool().clone(),
+        })
+        .layer(layer);
+    let server = Server::start(app).await?;
+    let post = async |key: &str, len: usize| {
+        post_to(server.url("/large"), key.to_owned(), &[], &len.to_string()).await
+    };
+
+    // At the cap: stored and replayed whole.
+    let at_cap = new_key();
+    let first = post(&at_cap, 4096).await?;
+    let replay = post(&at_cap, 4096).await?;
+    ensure!(
+        first.body.len() == 4096 && replay.body == first.body,
+        "{replay:?}"
+    );
+    ensure!(replay.header("idempotent-replay").is_none());
+
+    // One byte over: the first client gets all of it, the row keeps no body, a replay
+    // answers status and headers with an empty body and says so.
+    let over = new_key();
+    let first = post(&over, 4097).await?;
+    ensure!(
+        first.status == 201 && first.body == vec![b'x'; 4097],
+        "{} bytes",
+        first.body.len()
+    );
+    ensure!(first.header("idempotent-replay").is_none() && first.header("x-large") == Some("yes"));
+    let (omitted, stored_bytes): (bool, i32) = sqlx::query_as(
+        "SELECT body_omitted, octet_length(body) FROM idempotency_keys WHERE key = $1",
+    )
+    .bind(&over)
+    .fetch_one(db.pool())
+    .await?;
+    ensure!(
+        omitted && stored_bytes == 0,
+        "omitted {omitted}, {stored_bytes} bytes stored"
+    );
+    for _ in 0..2 {
+        let replay = post(&over, 4097).await?;
+        ensure!(replay.status == 201 && replay.body.is_empty(), "{replay:?}");
+        ensure!(
+            replay.header("idempotent-replayed") == Some("true")
+                && replay.header("idempotent-replay") == Some("omitted")
+                && replay.header("x-large") == Some("yes"),
+            "{replay:?}"
+        );
+    }
+    // Done once each: the operation counted as done although its body was not stored.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM widgets")
+        .fetch_one(db.pool())
+        .await?;
+    ensure!(rows == 2 && runs.load(Ordering::SeqCst) == 2, "{rows} rows");
+    server.stop().await?;
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_ietf_dialect_answers_422_and_names_its_replay_headers() -> Result<()> {
+    let db = TestDatabase::create().await?;
+    sqlx::raw_sql("CREATE TABLE widgets (id bigserial PRIMARY KEY, note text NOT NULL)")
+        .execute(db.pool())
+        .await?;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let store = IdempotencyStore::new(db.pool().clone());
+    let in_flight = *ProblemCatalogue::ietf().kind(Situation::InFlight);
+    let dialect = Dialect::ietf().with_problem(
+        Situation::InFlight,
+        ProblemKind {
+            code: "still-running",
+            ..in_flight
+        },
+    );
+    let layer = IdempotencyLayer::new(store, |_: &axum::http::request::Parts| {
+        Scope::new("default")
+    })
+    .with_key_policy(KeyPolicy::Opaque)
+    .with_in_flight_wait(Duration::ZERO)
+    .with_dialect(dialect);
+    let app = Router::new()
+        .route("/items", post(widget))
+        .with_state(AppState {
+            runs: Arc::clone(&runs),
+            pool: db.pool().clone(),
+        })
+        .layer(layer);
+    let server = Server::start(app).await?;
+    let url = server.url("/items");
+
+    let first = post_to(url.clone(), "k-1".into(), &[], "a").await?;
+    let replay = post_to(url.clone(), "k-1".into(), &[], "a").await?;
+    ensure!(first.status == 201 && first.header("idempotency-replayed").is_none());
+    ensure!(
+        replay.header("idempotency-replayed") == Some("true")
+            && replay.header("idempotency-replay-of").is_some()
+            && replay.header("idempotent-replayed").is_none(),
+        "{replay:?}"
+    );
+    post_to(url.clone(), "k-1".into(), &[], "b")
+        .await?
+        .problem(422, "fingerprint-mismatch")?;
+    let missing = Answer::of(client().post(url.clone()).body("a").send().await?).await?;
+    missing.problem(400, "missing-key")?;
+    post_to(url.clone(), "\"\"".into(), &[], "a")
+        .await?
+        .problem(400, "invalid-key")?;
+    // The overridden code, on a duplicate while the first still runs.
+    let slow = tokio::spawn(post_to(
+        url.clone(),
+        "k-2".into(),
+        &[("x-sleep-ms", "1500")],
+        "a",
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let duplicate = post_to(url.clone(), "k-2".into(), &[("x-sleep-ms", "1500")], "a").await?;
+    duplicate.problem(409, "still-running")?;
+    ensure!(duplicate.header("retry-after").is_some());
+    ensure!(slow.await??.status == 201);
+    ensure!(runs.load(Ordering::SeqCst) == 2);
+    server.stop().await?;
+    db.close().await?;
+    Ok(())
 }

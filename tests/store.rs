@@ -109,6 +109,42 @@ async fn replay_returns_identical_bytes_without_running_again() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_body_over_the_cap_completes_and_replays_without_its_body() -> Result<()> {
+    let pool = setup().await?;
+    let response = rich_response(1);
+    let cap = response.body.len() - 1;
+    let store =
+        IdempotencyStore::with_config(pool.clone(), Config::default().with_stored_body_cap(cap));
+    let (scope, key) = (scope("acct_1"), new_key());
+    let first = pay(&store, &scope, &key, b"{}").await?;
+    // The caller keeps the whole response for its first answer.
+    let Outcome::Executed {
+        response: executed,
+        stored: true,
+    } = &first
+    else {
+        bail!("the request should complete: {first:?}");
+    };
+    assert!(!executed.body_omitted && executed.body.len() == cap + 1);
+    let Outcome::Replayed(replay) = pay(&store, &scope, &key, b"{}").await? else {
+        bail!("a retry should replay")
+    };
+    assert!(replay.response.body_omitted && replay.response.body.is_empty());
+    assert_eq!(
+        (replay.response.status, &replay.response.headers),
+        (executed.status, &executed.headers)
+    );
+    // A store with a larger cap reads the same row the same way.
+    let wide = IdempotencyStore::new(pool.clone());
+    let Outcome::Replayed(again) = pay(&wide, &scope, &key, b"{}").await? else {
+        bail!("a retry should replay")
+    };
+    assert_eq!(again.response, replay.response);
+    assert_eq!(payments(&pool).await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
 async fn different_body_is_a_conflict_that_names_key_and_first_use() -> Result<()> {
     let pool = setup().await?;
     let store = IdempotencyStore::new(pool.clone());
@@ -812,14 +848,14 @@ async fn a_connection_that_lost_its_prepared_statements_prepares_them_again() ->
         .fetch_all(&single)
         .await?)
     };
-    let both = vec!["pgidem_lookup_v2".to_owned()];
+    let both = vec!["pgidem_lookup_v3".to_owned()];
     assert!(prepared().await?.is_empty());
 
     let mut keys = Vec::new();
     for lost in [
         "",
-        "DEALLOCATE pgidem_lookup_v2",
-        "DEALLOCATE pgidem_lookup_v2",
+        "DEALLOCATE pgidem_lookup_v3",
+        "DEALLOCATE pgidem_lookup_v3",
     ] {
         if !lost.is_empty() {
             sqlx::raw_sql(AssertSqlSafe(lost)).execute(&single).await?;
@@ -864,7 +900,7 @@ async fn after_connect_prepares_the_statements_unless_the_table_is_missing() -> 
     };
 
     let single = with_hook(options.clone()).await?;
-    assert_eq!(prepared(&single).await?, ["pgidem_lookup_v2"]);
+    assert_eq!(prepared(&single).await?, ["pgidem_lookup_v3"]);
     let store = IdempotencyStore::new(single.clone());
     let Outcome::Executed { stored: true, .. } =
         pay(&store, &scope("acct_1"), &new_key(), b"{}").await?
@@ -937,7 +973,7 @@ async fn provenance_comes_back_and_rows_of_0_1_0_nodes_still_replay() -> Result<
     let Begin::Replay(old) = store.begin(&acct, &old_key, &request).await? else {
         bail!("the 0.1.0 row was not replayed");
     };
-    assert_eq!(old.response.body, b"old");
+    assert_eq!(old.response.body, &b"old"[..]);
     assert_eq!(old.first_request, pg_idempotency::Provenance::default());
     Ok(())
 }
@@ -996,7 +1032,7 @@ async fn duplicates_leave_the_pool_alone(
         .await?;
     for duplicate in waiting {
         match duplicate.await? {
-            Ok(Begin::Replay(replay)) => assert_eq!(replay.response.body, b"paid once"),
+            Ok(Begin::Replay(replay)) => assert_eq!(replay.response.body, &b"paid once"[..]),
             other => bail!("expected a replay, got {other:?}"),
         }
     }

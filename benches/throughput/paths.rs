@@ -324,7 +324,7 @@ async fn zero2prod(
     .bind(key.as_str())
     .bind(i16::try_from(response.status)?)
     .bind(Json(&response.headers))
-    .bind(&response.body)
+    .bind(&response.body[..])
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;

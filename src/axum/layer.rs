@@ -23,11 +23,12 @@ use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
 
+use super::dialect::Dialect;
 use super::extract::Rollback;
 use super::handoff::Handoff;
 use super::key_field::parse_key_field;
 use super::request_id::{REQUEST_ID_HEADER, RequestId};
-use super::response::{from_stored, to_stored};
+use super::response::{ReadBody, ReplayOf, from_stored, read_up_to, to_stored};
 use super::scope::{ScopeRejection, title_case};
 use crate::claim::Claim;
 use crate::error::Error;
@@ -103,8 +104,11 @@ struct Settings {
     store: IdempotencyStore,
     scope: Arc<ScopeFn>,
     key_header: HeaderName,
-    /// How problems are spelled: type base, and the key header as named there.
+    /// How problems are spelled: type base, the key header as named there, and the
+    /// dialect's catalogue.
     problems: Arc<Problems>,
+    /// The problem catalogue and the names of the replay headers.
+    dialect: Dialect,
     key_required: bool,
     /// The methods whose requests are guarded; others pass straight through.
     guarded: Vec<Method>,
@@ -138,6 +142,7 @@ impl IdempotencyLayer {
                 store,
                 scope: Arc::new(move |parts: &Parts| scope(parts).map_err(Into::into)),
                 problems: Arc::new(Problems::default()),
+                dialect: Dialect::seed(),
                 key_header,
                 key_required: true,
                 guarded: vec![Method::POST, Method::PATCH],
@@ -219,8 +224,45 @@ impl IdempotencyLayer {
     #[must_use]
     pub fn with_problem_type_base(self, base: impl Into<String>) -> Self {
         self.with(|s| {
-            let key_header = s.problems.key_header().to_owned();
-            s.problems = Arc::new(Problems::new(base).with_key_header(key_header));
+            let problems = Problems::new(base)
+                .with_key_header(s.problems.key_header())
+                .with_catalogue(s.dialect.catalogue().clone());
+            s.problems = Arc::new(problems);
+        })
+    }
+
+    /// Speaks `dialect` instead of the default error specification
+    /// ([`Dialect::seed`]): its problem statuses and codes, and its replay headers. For
+    /// the IETF draft and its peers (422 for a key reused with another payload,
+    /// `Idempotency-Replayed`): `.with_dialect(Dialect::ietf())`.
+    #[must_use]
+    pub fn with_dialect(self, dialect: Dialect) -> Self {
+        self.with(|s| {
+            let problems = (*s.problems)
+                .clone()
+                .with_catalogue(dialect.catalogue().clone());
+            s.problems = Arc::new(problems);
+            s.dialect = dialect;
+        })
+    }
+
+    /// The dialect this layer speaks.
+    pub fn dialect(&self) -> &Dialect {
+        &self.settings.dialect
+    }
+
+    /// Stores response bodies of at most `bytes` on this route instead of the store's
+    /// [cap](crate::Config::with_stored_body_cap) (1 MiB by default). A longer body
+    /// still completes the request: the first client gets all of it, streamed through
+    /// (the layer holds at most the cap of it), and the row keeps its status and headers;
+    /// replays answer those with an empty body and the dialect's omitted-body header
+    /// (`Idempotent-Replay: omitted`).
+    #[must_use]
+    pub fn with_stored_body_cap(self, bytes: usize) -> Self {
+        self.with(|s| {
+            s.store = s
+                .store
+                .reconfigured(|config| config.with_stored_body_cap(bytes))
         })
     }
 
@@ -421,7 +463,11 @@ impl Flow<'_> {
 
     /// A stored response as sent; a replay of `replay_of`'s response when that is given.
     fn send_stored(&self, response: &StoredResponse, replay_of: Option<&Provenance>) -> Response {
-        from_stored(response, replay_of).unwrap_or_else(|reason| {
+        let replay = replay_of.map(|first| ReplayOf {
+            first,
+            dialect: &self.settings.dialect,
+        });
+        from_stored(response, replay).unwrap_or_else(|reason| {
             tracing::error!(%reason, "a stored response cannot be sent");
             self.internal_error()
         })
@@ -632,7 +678,10 @@ impl Flow<'_> {
             }
         };
         match claim.store(&stored).await {
-            Ok(Completion::Stored) => self.stored(&stored),
+            Ok(Completion::Stored) => {
+                record("outcome", "stored");
+                Self::stored(&stored, response)
+            }
             Ok(_) => {
                 record("outcome", "not_kept");
                 response
@@ -643,9 +692,12 @@ impl Flow<'_> {
                 ..
             }) => {
                 record("outcome", "stored_after_lost_commit");
-                // Another identical request's response if this one rolled back: a replay.
-                let replay_of = (replay.response != stored).then_some(&replay.first_request);
-                self.send_stored(&replay.response, replay_of)
+                if replay.response == stored {
+                    Self::stored(&stored, response)
+                } else {
+                    // An identical request's response, stored after this one rolled back.
+                    self.send_stored(&replay.response, Some(&replay.first_request))
+                }
             }
             Err(Error::CommitInterrupted {
                 outcome: CommitOutcome::NotStored,
@@ -673,16 +725,23 @@ impl Flow<'_> {
             record("outcome", "not_handled");
             return Storable::Not(Response::from_parts(parts, body));
         }
-        let body: Bytes = match body.collect().await {
-            Ok(collected) => collected.to_bytes(),
+        let cap = self.settings.store.config().stored_body_cap();
+        let (body, send) = match read_up_to(body, cap).await {
+            Ok(ReadBody::Whole(body)) => (Some(body.clone()), Body::from(body)),
+            Ok(ReadBody::Over(body)) => (None, body),
             Err(error) => {
                 record("outcome", "response_body_failed");
                 tracing::error!(%error, "the handler's response body failed; rolled back");
                 return Storable::Not(self.internal_error());
             }
         };
-        match to_stored(&parts, &body, &self.settings.request_id_header) {
-            Ok(stored) => Storable::Store(stored, Response::from_parts(parts, Body::from(body))),
+        match to_stored(
+            &parts,
+            body,
+            &self.settings.request_id_header,
+            &self.settings.dialect,
+        ) {
+            Ok(stored) => Storable::Store(stored, Response::from_parts(parts, send)),
             Err(reason) => {
                 record("outcome", "unstorable");
                 tracing::error!(%reason, "the handler's response cannot be stored; rolled back");
@@ -700,16 +759,26 @@ impl Flow<'_> {
                 && response.headers.contains_key(ALLOW))
     }
 
-    /// A response that was just stored, sent exactly as it will be replayed.
-    fn stored(&self, stored: &StoredResponse) -> Response {
-        record("outcome", "stored");
-        self.send_stored(stored, None)
+    /// A response that was just stored, sent as it will be replayed (the same status
+    /// and headers) with `response`'s body: the stored one, or all of a body over the
+    /// cap, streamed through.
+    fn stored(stored: &StoredResponse, response: Response) -> Response {
+        match from_stored(stored, None) {
+            Ok(mut sent) => {
+                *sent.body_mut() = response.into_body();
+                sent
+            }
+            // Not for a status the handler produced: `from_stored` refuses only
+            // statuses outside HTTP's.
+            Err(_) => response,
+        }
     }
 }
 
 /// What [`Flow::storable`] made of a handler's response.
 enum Storable {
-    /// Store this; send the response if it is not kept.
+    /// Store this; the response (with all of its body) to send if it is not kept, and
+    /// whose body goes with the stored form if it is.
     Store(StoredResponse, Response),
     /// Send this, store nothing.
     Not(Response),

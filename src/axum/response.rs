@@ -1,23 +1,23 @@
 //! Responses: problems as `application/problem+json`, and handler responses to and from
 //! their stored form.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::header::{CONTENT_TYPE, DATE, RETRY_AFTER};
 use http::response::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
 
+use super::dialect::Dialect;
 use crate::problem::Problem;
 use crate::provenance::Provenance;
 use crate::response::StoredResponse;
-
-/// `Idempotent-Replayed: true` marks a replayed response.
-pub const IDEMPOTENT_REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
-
-/// `Idempotent-Replay-Of: <request id>` names the request whose stored response a replay
-/// carries (absent when the response was stored without a request id). The replay's own
-/// request id stays in the request id header.
-pub const IDEMPOTENT_REPLAY_OF_HEADER: HeaderName = HeaderName::from_static("idempotent-replay-of");
 
 /// Headers that describe one connection or the framing of one message (RFC 9110 §7.6.1,
 /// RFC 9112 §6), besides those starting with `proxy-`: never stored with a response, and
@@ -58,23 +58,93 @@ impl IntoResponse for Problem {
     }
 }
 
+/// A handler's response body, read up to a cap.
+pub(crate) enum ReadBody {
+    /// The whole body, no longer than the cap.
+    Whole(Bytes),
+    /// More than the cap: the body to send, the part already read first.
+    Over(Body),
+}
+
+/// Reads `body` until it ends or holds more than `cap` bytes: at most the cap plus one
+/// frame is held. A body that declares more than the cap is not read at all.
+pub(crate) async fn read_up_to(mut body: Body, cap: usize) -> Result<ReadBody, axum::Error> {
+    if body.size_hint().lower() > cap as u64 {
+        return Ok(ReadBody::Over(body));
+    }
+    let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    let mut len = 0;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue; // trailers are not stored
+        };
+        len += data.len();
+        chunks.push_back(data);
+        if len > cap {
+            return Ok(ReadBody::Over(Body::new(Prefixed {
+                prefix: chunks,
+                rest: body,
+            })));
+        }
+    }
+    Ok(ReadBody::Whole(match chunks.len() {
+        0 | 1 => chunks.pop_front().unwrap_or_default(),
+        _ => chunks.iter().flatten().copied().collect(),
+    }))
+}
+
+/// A body whose first chunks were read already: those, then the rest.
+struct Prefixed {
+    /// Still to be sent, in order.
+    prefix: VecDeque<Bytes>,
+    rest: Body,
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        if let Some(chunk) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let read: u64 = self.prefix.iter().map(|chunk| chunk.len() as u64).sum();
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(read + rest.lower());
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(read + upper);
+        }
+        hint
+    }
+}
+
 /// The stored form of a handler's response, or why it cannot be stored.
 ///
 /// Keeps every header in order except the hop-by-hop ones, `skip` (the request id
-/// header) and `Idempotent-Replayed`, and adds a `Date` (now) when there is none, so
-/// that replays carry the date of the original, as an HTTP cache would.
+/// header) and the `dialect`'s replay headers, and adds a `Date` (now) when there is
+/// none, so that replays carry the date of the original, as an HTTP cache would. `body`
+/// `None`: the body was over the cap and is omitted.
 pub(crate) fn to_stored(
     parts: &Parts,
-    body: &[u8],
+    body: Option<Bytes>,
     skip: &HeaderName,
+    dialect: &Dialect,
 ) -> Result<StoredResponse, String> {
     let mut headers = Vec::with_capacity(parts.headers.len() + 1);
     for (name, value) in &parts.headers {
-        if name == skip
-            || *name == IDEMPOTENT_REPLAYED_HEADER
-            || *name == IDEMPOTENT_REPLAY_OF_HEADER
-            || is_hop_by_hop(name)
-        {
+        if name == skip || dialect.is_replay_header(name) || is_hop_by_hop(name) {
             continue;
         }
         let value = std::str::from_utf8(value.as_bytes())
@@ -87,13 +157,23 @@ pub(crate) fn to_stored(
     Ok(StoredResponse {
         status: parts.status.as_u16(),
         headers,
-        body: body.to_vec(),
+        body_omitted: body.is_none(),
+        body: body.unwrap_or_default(),
     })
 }
 
+/// A replay: whose response it carries, and how the replay headers are named.
+#[derive(Clone, Copy)]
+pub(crate) struct ReplayOf<'a> {
+    pub first: &'a Provenance,
+    pub dialect: &'a Dialect,
+}
+
 /// The HTTP response for a stored one: the same status, headers (in order, less the
-/// hop-by-hop and framing ones, which an older version stored) and body, plus, when it is a replay of the response `replay_of` produced,
-/// `Idempotent-Replayed: true` and `Idempotent-Replay-Of` with that request's id.
+/// hop-by-hop and framing ones, which an older version stored) and body (shared, not
+/// copied). A replay adds the dialect's marker (`Idempotent-Replayed: true`), the first
+/// request's id (`Idempotent-Replay-Of`), and, when the body was omitted,
+/// `Idempotent-Replay: omitted`.
 ///
 /// # Errors
 ///
@@ -101,11 +181,11 @@ pub(crate) fn to_stored(
 /// Headers that are not valid HTTP are left out with a warning.
 pub(crate) fn from_stored(
     stored: &StoredResponse,
-    replay_of: Option<&Provenance>,
+    replay: Option<ReplayOf<'_>>,
 ) -> Result<Response, String> {
     let status = StatusCode::from_u16(stored.status)
         .map_err(|_| format!("stored status {} is not an HTTP status", stored.status))?;
-    let mut headers = HeaderMap::with_capacity(stored.headers.len() + 2);
+    let mut headers = HeaderMap::with_capacity(stored.headers.len() + 3);
     for (name, value) in &stored.headers {
         match (
             HeaderName::from_bytes(name.as_bytes()),
@@ -121,14 +201,23 @@ pub(crate) fn from_stored(
             ),
         }
     }
-    if let Some(first) = replay_of {
-        headers.insert(IDEMPOTENT_REPLAYED_HEADER, HeaderValue::from_static("true"));
+    if let Some(ReplayOf { first, dialect }) = replay {
+        headers.insert(
+            dialect.replayed_header().clone(),
+            HeaderValue::from_static("true"),
+        );
         if let Some(id) = first
             .request_id
             .as_deref()
             .and_then(|id| HeaderValue::from_str(id).ok())
         {
-            headers.insert(IDEMPOTENT_REPLAY_OF_HEADER, id);
+            headers.insert(dialect.replay_of_header().clone(), id);
+        }
+        if stored.body_omitted {
+            headers.insert(
+                dialect.replay_header().clone(),
+                HeaderValue::from_static("omitted"),
+            );
         }
     }
     let mut response = Response::new(Body::from(stored.body.clone()));
@@ -145,7 +234,17 @@ fn http_date(at: chrono::DateTime<chrono::Utc>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::axum::dialect::{IDEMPOTENT_REPLAY_HEADER, IDEMPOTENT_REPLAYED_HEADER};
     use crate::axum::request_id::REQUEST_ID_HEADER;
+
+    /// A replay in the default dialect, of a request without an id.
+    fn replay(first: &Provenance) -> Option<ReplayOf<'_>> {
+        static SEED: std::sync::LazyLock<Dialect> = std::sync::LazyLock::new(Dialect::seed);
+        Some(ReplayOf {
+            first,
+            dialect: &SEED,
+        })
+    }
     use crate::problem::ProblemKind;
 
     fn parts(build: impl FnOnce(&mut HeaderMap)) -> Parts {
@@ -187,14 +286,20 @@ mod tests {
             }
             h.append(IDEMPOTENT_REPLAYED_HEADER, HeaderValue::from_static("true"));
         });
-        let stored = to_stored(&parts, b"\x00\xff", &REQUEST_ID_HEADER).unwrap();
+        let stored = to_stored(
+            &parts,
+            Some(Bytes::from_static(b"\x00\xff")),
+            &REQUEST_ID_HEADER,
+            &Dialect::seed(),
+        )
+        .unwrap();
         let names: Vec<_> = stored.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
             ["content-type", "set-cookie", "set-cookie", "x-utf8", "date"]
         );
         assert_eq!(stored.status, 201);
-        let response = from_stored(&stored, Some(&Provenance::default())).unwrap();
+        let response = from_stored(&stored, replay(&Provenance::default())).unwrap();
         assert_eq!(response.status(), StatusCode::CREATED);
         let cookies: Vec<_> = response.headers().get_all("set-cookie").iter().collect();
         assert_eq!(cookies, ["a=1", "b=2"]);
@@ -226,7 +331,7 @@ mod tests {
         for (name, value) in FRAMING {
             stored = stored.with_header(name, value);
         }
-        let response = from_stored(&stored, Some(&Provenance::default())).unwrap();
+        let response = from_stored(&stored, replay(&Provenance::default())).unwrap();
         let names: Vec<_> = response.headers().keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-kept", IDEMPOTENT_REPLAYED_HEADER.as_str()]);
         // The length comes from the stored body.
@@ -238,20 +343,140 @@ mod tests {
         let parts = parts(|h| {
             h.append("x-bin", HeaderValue::from_bytes(b"\xff").unwrap());
         });
-        let err = to_stored(&parts, b"", &REQUEST_ID_HEADER).unwrap_err();
+        let err = to_stored(
+            &parts,
+            Some(Bytes::new()),
+            &REQUEST_ID_HEADER,
+            &Dialect::seed(),
+        )
+        .unwrap_err();
         assert!(err.contains("x-bin"), "{err}");
     }
 
     #[test]
     fn bad_stored_rows_never_panic() {
         let stored = StoredResponse::new(42, "x");
-        assert!(from_stored(&stored, Some(&Provenance::default())).is_err());
+        assert!(from_stored(&stored, replay(&Provenance::default())).is_err());
         let stored = StoredResponse::new(200, "x")
             .with_header("bad name", "v")
             .with_header("x-ok", "line\nbreak")
             .with_header("x-fine", "v");
         let response = from_stored(&stored, None).unwrap();
         assert_eq!(response.headers().len(), 1);
+    }
+
+    #[test]
+    fn an_omitted_body_is_replayed_empty_and_said_so_in_the_dialect() {
+        let stored = to_stored(
+            &parts(|h| {
+                h.append("content-type", HeaderValue::from_static("text/plain"));
+            }),
+            None,
+            &REQUEST_ID_HEADER,
+            &Dialect::seed(),
+        )
+        .unwrap();
+        assert!(stored.body_omitted && stored.body.is_empty());
+        let first = from_stored(&stored, None).unwrap();
+        assert!(first.headers().get(IDEMPOTENT_REPLAY_HEADER).is_none());
+        let replayed = from_stored(&stored, replay(&Provenance::default())).unwrap();
+        assert_eq!(replayed.status(), StatusCode::CREATED);
+        assert_eq!(replayed.headers()["content-type"], "text/plain");
+        assert_eq!(replayed.headers()[IDEMPOTENT_REPLAY_HEADER], "omitted");
+        assert_eq!(http_body::Body::size_hint(replayed.body()).exact(), Some(0));
+        let ietf = Dialect::ietf();
+        let replayed = from_stored(
+            &stored,
+            Some(ReplayOf {
+                first: &Provenance::new("req_1"),
+                dialect: &ietf,
+            }),
+        )
+        .unwrap();
+        let names: Vec<_> = replayed.headers().keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "content-type",
+                "date",
+                "idempotency-replayed",
+                "idempotency-replay-of",
+                "idempotency-replay"
+            ]
+        );
+    }
+
+    #[test]
+    fn replay_headers_of_either_dialect_are_never_stored_by_it() {
+        for dialect in [Dialect::seed(), Dialect::ietf()] {
+            let parts = parts(|h| {
+                for name in [
+                    dialect.replayed_header(),
+                    dialect.replay_of_header(),
+                    dialect.replay_header(),
+                ] {
+                    h.append(name.clone(), HeaderValue::from_static("x"));
+                }
+            });
+            let stored =
+                to_stored(&parts, Some(Bytes::new()), &REQUEST_ID_HEADER, &dialect).unwrap();
+            let names: Vec<_> = stored.headers.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, ["date"]);
+        }
+    }
+
+    /// A body of `chunks` frames, with no size hint (as a stream has).
+    fn streamed(chunks: &[&'static [u8]]) -> Body {
+        let frames: Vec<_> = chunks
+            .iter()
+            .map(|chunk| Ok::<_, std::convert::Infallible>(Bytes::from_static(chunk)))
+            .collect();
+        Body::from_stream(futures_util::stream::iter(frames))
+    }
+
+    async fn collect(body: Body) -> Vec<u8> {
+        body.collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_up_to_its_cap_and_the_rest_streams_through() {
+        // At the cap: read whole, from several frames.
+        match read_up_to(streamed(&[b"ab", b"cd"]), 4).await.unwrap() {
+            ReadBody::Whole(body) => assert_eq!(&body[..], b"abcd"),
+            ReadBody::Over(_) => panic!("4 bytes are not over a cap of 4"),
+        }
+        // One byte over: what was read, then the rest, in order.
+        let ReadBody::Over(body) = read_up_to(streamed(&[b"ab", b"cde", b"fg"]), 4)
+            .await
+            .unwrap()
+        else {
+            panic!("5 bytes are over a cap of 4");
+        };
+        assert_eq!(collect(body).await, b"abcdefg");
+        // A body that declares its length over the cap is not read at all, and keeps its
+        // length for the answer's Content-Length.
+        let ReadBody::Over(body) = read_up_to(Body::from(vec![7u8; 10]), 4).await.unwrap() else {
+            panic!("10 bytes are over a cap of 4");
+        };
+        assert_eq!(http_body::Body::size_hint(&body).exact(), Some(10));
+        assert_eq!(collect(body).await, vec![7u8; 10]);
+        // An empty body.
+        assert!(matches!(
+            read_up_to(Body::empty(), 0).await.unwrap(),
+            ReadBody::Whole(body) if body.is_empty()
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_body_read_past_its_cap_keeps_its_length() {
+        let mut frames = vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")];
+        let rest = Body::from(Bytes::from_static(b"fgh"));
+        let prefixed = Prefixed {
+            prefix: frames.drain(..).collect(),
+            rest,
+        };
+        assert_eq!(http_body::Body::size_hint(&prefixed).exact(), Some(8));
+        assert_eq!(collect(Body::new(prefixed)).await, b"abcdefgh");
     }
 
     #[test]
@@ -267,12 +492,17 @@ mod tests {
             headers in proptest::collection::vec((".{0,20}", ".{0,40}"), 0..8),
             body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
         ) {
-            let stored = StoredResponse { status, headers, body };
-            if let Ok(response) = from_stored(&stored, Some(&Provenance::default())) {
+            let stored = StoredResponse { status, headers, body: body.into(), body_omitted: false };
+            if let Ok(response) = from_stored(&stored, replay(&Provenance::default())) {
                 proptest::prop_assert_eq!(response.status().as_u16(), status);
                 let parts = response.into_parts().0;
                 // What was sent can be stored again.
-                let again = to_stored(&parts, &stored.body, &crate::axum::request_id::REQUEST_ID_HEADER);
+                let again = to_stored(
+                    &parts,
+                    Some(stored.body.clone()),
+                    &crate::axum::request_id::REQUEST_ID_HEADER,
+                    &Dialect::ietf(),
+                );
                 proptest::prop_assert!(again.is_ok());
             }
         }

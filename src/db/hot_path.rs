@@ -58,13 +58,13 @@ struct Prepared {
 /// runs its own text, which stays valid on the migrated table, so old and new nodes serve
 /// side by side during a rolling deploy.
 const LOOKUP: Prepared = Prepared {
-    name: "pgidem_lookup_v2",
-    prepare: "PREPARE pgidem_lookup_v2(text, text) AS \
+    name: "pgidem_lookup_v3",
+    prepare: "PREPARE pgidem_lookup_v3(text, text) AS \
               SELECT fingerprint_version, encode(fingerprint, 'hex'), status, headers, \
               encode(body, 'hex'), (extract(epoch FROM created_at) * 1000000)::bigint, \
-              expires_at > now(), request_id, traceparent \
+              expires_at > now(), request_id, traceparent, body_omitted \
               FROM idempotency_keys WHERE scope = $1 AND key = $2",
-    execute: "EXECUTE pgidem_lookup_v2(",
+    execute: "EXECUTE pgidem_lookup_v3(",
 };
 
 /// Every prepared statement of the hot path. The response is never among them: it is
@@ -109,7 +109,7 @@ fn lock_id(scope: &Scope, key: &IdempotencyKey) -> i64 {
     i64::from_be_bytes(first)
 }
 
-/// `EXECUTE pgidem_lookup_v2(scope, key)`, behind `lock` (a statement that yields one
+/// `EXECUTE pgidem_lookup_v3(scope, key)`, behind `lock` (a statement that yields one
 /// boolean row: whether the key's advisory lock is held).
 fn lookup(lock: Statement, scope: &Scope, key: &IdempotencyKey) -> Statement {
     lock.sql("; ")
@@ -140,6 +140,7 @@ fn wait_and_lookup(wait_ms: i32, scope: &Scope, key: &IdempotencyKey) -> Stateme
 }
 
 /// The key row that [`TxConn::insert_key_row`] writes.
+#[derive(Clone, Copy)]
 pub(crate) struct KeyRow<'a> {
     pub scope: &'a Scope,
     pub key: &'a IdempotencyKey,
@@ -248,9 +249,9 @@ async fn insert(conn: &mut PgConnection, row: &KeyRow<'_>) -> Result<DateTime<Ut
     sqlx::query!(
         "INSERT INTO idempotency_keys \
          (scope, key, fingerprint_version, fingerprint, status, headers, body, \
-         created_at, expires_at, request_id, traceparent) \
+         created_at, expires_at, request_id, traceparent, body_omitted) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), \
-         coalesce($9, now() + $10::bigint * interval '1 millisecond'), $11, $12) \
+         coalesce($9, now() + $10::bigint * interval '1 millisecond'), $11, $12, $13) \
          RETURNING created_at",
         scope,
         key,
@@ -258,12 +259,13 @@ async fn insert(conn: &mut PgConnection, row: &KeyRow<'_>) -> Result<DateTime<Ut
         row.fingerprint.hash().as_slice(),
         status,
         Json(&response.headers) as _,
-        response.body.as_slice(),
+        &response.body[..],
         created_at,
         expires_at,
         ttl_ms,
         row.provenance.request_id.as_deref(),
         row.provenance.traceparent.as_deref(),
+        response.body_omitted,
     )
     .fetch_one(conn)
     .await
@@ -384,7 +386,7 @@ impl TxConn {
 /// [`PgPoolOptions::after_connect`](sqlx::postgres::PgPoolOptions::after_connect).
 ///
 /// Optional: without it, a connection's first claim prepares them itself, after the
-/// server has answered (and logged) `prepared statement "pgidem_lookup_v2" does not exist`
+/// server has answered (and logged) `prepared statement "pgidem_lookup_v3" does not exist`
 /// once. With it, that error never appears. Does nothing while the migrations have not
 /// created `idempotency_keys` yet, so a pool that runs them can still connect.
 ///
@@ -473,7 +475,8 @@ impl FoundRow {
         let status: i16 = row.try_get(2)?;
         let Json(headers): Json<Vec<(String, String)>> = row.try_get(3)?;
         let body = decode_hex(&row.try_get::<String, _>(4)?)
-            .ok_or_else(|| malformed("body is not hex"))?;
+            .ok_or_else(|| malformed("body is not hex"))?
+            .into();
         let created_at = DateTime::from_timestamp_micros(row.try_get(5)?)
             .ok_or_else(|| malformed("created_at is out of range"))?;
         Ok(StoredRow {
@@ -483,6 +486,7 @@ impl FoundRow {
                     status: u16::try_from(status).map_err(|_| malformed("status is negative"))?,
                     headers,
                     body,
+                    body_omitted: row.try_get(9)?,
                 },
                 first_used_at: created_at,
                 first_request: Provenance {
@@ -515,14 +519,14 @@ mod tests {
             &try_lock_and_lookup(&scope, &key),
             &[scope_bytes, key_bytes],
             &format!(
-                "SELECT pg_try_advisory_xact_lock({lock}); EXECUTE pgidem_lookup_v2(E'', E'')"
+                "SELECT pg_try_advisory_xact_lock({lock}); EXECUTE pgidem_lookup_v3(E'', E'')"
             ),
         );
         assert_spells(
             &wait_and_lookup(2000, &scope, &key),
             &[scope_bytes, key_bytes],
             &format!(
-                "SELECT idempotency_wait_lock({lock}, 2000); EXECUTE pgidem_lookup_v2(E'', E'')"
+                "SELECT idempotency_wait_lock({lock}, 2000); EXECUTE pgidem_lookup_v3(E'', E'')"
             ),
         );
     }
@@ -551,7 +555,7 @@ mod tests {
         let all = prepare_missing(&[]);
         assert!(
             all.as_str()
-                .starts_with("PREPARE pgidem_lookup_v2(text, text) AS SELECT ")
+                .starts_with("PREPARE pgidem_lookup_v3(text, text) AS SELECT ")
         );
         assert!(all.as_str().ends_with("; "));
         assert_eq!(all.as_str().matches("PREPARE ").count(), PREPARED.len());

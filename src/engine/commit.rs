@@ -7,10 +7,11 @@ use chrono::{DateTime, Utc};
 use tracing::Instrument;
 
 use super::Engine;
-use crate::db::{ExpiredRow, KeyRow, TxConn, connection_broke, key_taken};
+use super::waiters::Holding;
+use crate::db::{ExpiredRow, KeyRow, StoredRow, TxConn, connection_broke, key_taken};
 use crate::error::Error;
 use crate::metrics;
-use crate::outcome::CommitOutcome;
+use crate::outcome::{CommitOutcome, Replay};
 
 /// At most this much is added to
 /// [`Config::commit_resolution_wait`](crate::Config::commit_resolution_wait) for the
@@ -31,8 +32,10 @@ impl Engine {
         }
     }
 
-    /// Stores `row` in `tx`, runs `before_commit`, and commits; returns the row's
-    /// `created_at`.
+    /// Stores `row` in `tx` (its response's body omitted when it is over the
+    /// [cap](crate::Config::with_stored_body_cap)), runs `before_commit`, and commits;
+    /// then hands the stored row to this process's duplicates waiting on `holding`.
+    /// Returns the row's `created_at`.
     ///
     /// # Errors
     ///
@@ -46,8 +49,14 @@ impl Engine {
         &self,
         mut tx: TxConn,
         row: &KeyRow<'_>,
+        holding: &Holding,
         before_commit: impl FnOnce(),
     ) -> Result<DateTime<Utc>, Error> {
+        let capped = row.response.capped(self.config.stored_body_cap());
+        let row = &KeyRow {
+            response: &capped,
+            ..*row
+        };
         let stored = match tx.insert_key_row(row).await {
             Ok(created_at) => {
                 before_commit();
@@ -60,7 +69,18 @@ impl Engine {
             Err(error) => Err(error),
         };
         match stored {
-            Ok(created_at) => Ok(created_at),
+            Ok(created_at) => {
+                // This process's duplicates of the key get the row without a look.
+                holding.answer(|| StoredRow {
+                    fingerprint: *row.fingerprint,
+                    replay: Replay {
+                        response: row.response.clone(),
+                        first_used_at: created_at,
+                        first_request: row.provenance.clone(),
+                    },
+                });
+                Ok(created_at)
+            }
             Err(source) if connection_broke(&source) => {
                 // The COMMIT may or may not have happened. Close this connection (its
                 // backend rolls back if it did not commit yet), then look.

@@ -271,15 +271,22 @@ mod tests {
 
         let holding = waiters.hold(&scope, &key);
         let long = Duration::from_secs(3600);
-        let waiting = waiters.wait(&scope, &key, None, long, 8);
-        tokio::pin!(waiting);
-        assert!(waiting.as_mut().now_or_never().is_none());
-        holding.answer(|| row.clone());
+        let first = waiters.wait(&scope, &key, None, long, 8);
+        let second = waiters.wait(&scope, &key, None, long, 8);
+        tokio::pin!(first, second);
+        assert!(first.as_mut().now_or_never().is_none());
+        assert!(second.as_mut().now_or_never().is_none());
+        let body = row.replay.response.body.as_ptr();
+        holding.answer(|| row);
         drop(holding);
-        match waiting.await {
-            Waited::Answered(answered) => assert_eq!(answered.replay.response.body, b"paid"),
-            other => panic!("expected the row, got {other:?}"),
-        }
+        let (Waited::Answered(first), Waited::Answered(second)) = (first.await, second.await)
+        else {
+            panic!("both waiters expected the row");
+        };
+        assert_eq!(first.replay.response.body, &b"paid"[..]);
+        // One copy of the body, shared by every woken duplicate.
+        assert_eq!(first.replay.response.body.as_ptr(), body);
+        assert_eq!(second.replay.response.body.as_ptr(), body);
     }
 
     #[tokio::test]

@@ -9,12 +9,12 @@ use serde_json::{Map, Value};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::db::{ExpiredRow, KeyRow, StoredRow, TxConn, Window, connection_broke};
+use crate::db::{ExpiredRow, KeyRow, TxConn, Window, connection_broke};
 use crate::engine::{Engine, Holding};
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
-use crate::outcome::{Completion, Replay};
+use crate::outcome::Completion;
 use crate::provenance::Provenance;
 use crate::response::StoredResponse;
 use crate::scope::Scope;
@@ -359,20 +359,13 @@ impl Lease {
         };
         let stored = self
             .engine
-            .store_and_commit(tx, &row, || boundary("finish", "before_commit"))
+            .store_and_commit(tx, &row, &self.holding, || {
+                boundary("finish", "before_commit");
+            })
             .await;
         match stored {
-            Ok(created_at) => {
+            Ok(_created_at) => {
                 boundary("finish", "after_commit");
-                // This process's duplicates of the key get the row without a look.
-                self.holding.answer(|| StoredRow {
-                    fingerprint: self.fingerprint,
-                    replay: Replay {
-                        response: response.clone(),
-                        first_used_at: created_at,
-                        first_request: provenance,
-                    },
-                });
                 Ok(Completion::Stored)
             }
             Err(error) => {
