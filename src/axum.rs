@@ -106,7 +106,7 @@
 //! | scope function refused the request | 400 | `idempotency_scope_invalid` (or the application's problem) |
 //! | body over the limit (default 1 MiB) | 413 | `payload_too_large` |
 //! | body unreadable (client broke off) | 400 | `invalid_request` |
-//! | same key, another method, path, query string or body | 409 | `idempotency_conflict` |
+//! | same key, another method, path, query string or body | 409 (422 in the [IETF dialect](#dialects)) | `idempotency_conflict` |
 //! | same key still being processed | 409 + `Retry-After` | `idempotency_key_in_use` |
 //! | database unreachable or failing | 503 + `Retry-After` | `service_unavailable` |
 //! | connection broke around `COMMIT`, verified that nothing was committed | 503 | `request_not_committed` |
@@ -130,7 +130,8 @@
 //! `Idempotent-Replay-Of` with the id of the request whose response it replays
 //! ([`IDEMPOTENT_REPLAY_OF_HEADER`]; absent for responses stored before provenance was).
 //! The first answer is sent from the stored form too, so the two are byte for byte the
-//! same apart from those headers. Hop-by-hop headers are not stored; a `Date` is added
+//! same apart from those headers (and a body over the cap, which only the first answer
+//! has). The header names are the [dialect's](#dialects). Hop-by-hop headers are not stored; a `Date` is added
 //! when the handler set none, so a replay carries the date of the original, as an HTTP
 //! cache would.
 //!
@@ -169,8 +170,26 @@
 //! A route may make the key [optional](IdempotencyLayer::optional): without one, the
 //! request passes through untouched and the handler takes `Option<IdempotentTx>`.
 //!
-//! Both the request body (up to the limit) and the handler's response are held in
-//! memory, and the response is stored in the database: keep idempotent responses small.
+//! The request body is held in memory up to the body limit (1 MiB by default). The
+//! handler's response is held up to the stored-body cap (1 MiB by default,
+//! [`Config::with_stored_body_cap`](crate::Config::with_stored_body_cap), per route
+//! [`with_stored_body_cap`](IdempotencyLayer::with_stored_body_cap)): a longer body still
+//! completes the request, and is streamed to the first client while the row keeps only its
+//! status and headers; a replay answers those with an empty body and
+//! `Idempotent-Replay: omitted`. Stored bodies are shared, not copied, between replays and
+//! the duplicates that waited for them.
+//!
+//! ## Dialects
+//!
+//! By default the layer speaks the error specification this crate follows (409
+//! `idempotency_conflict`, `Idempotent-Replayed`). [`Dialect::ietf`] speaks the IETF
+//! draft and the peers that follow it: 422 `fingerprint-mismatch` for a key reused with
+//! another payload, `Idempotency-Replayed`, `Idempotency-Replay-Of`,
+//! `Idempotency-Replay: omitted`, and kebab-case codes (`missing-key`, `invalid-key`,
+//! ...). Give it with [`IdempotencyLayer::with_dialect`]; override single problems with
+//! [`Dialect::with_problem`] (a [`ProblemCatalogue`](crate::ProblemCatalogue) entry per
+//! [`Situation`](crate::Situation)). `examples/conformance.rs` passes the anyonce
+//! conformance suite, 20 of 20, in the IETF dialect.
 //!
 //! [axum]: https://docs.rs/axum/0.8
 //! [`MatchedPath`]: ::axum::extract::MatchedPath
