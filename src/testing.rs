@@ -33,7 +33,7 @@
 //! |---|---|
 //! | `DATABASE_URL` | Use this `postgres://` server (step 1). |
 //! | `PG_TEST_DOCKER` | `0`, `false`, `no` or `off` skips Docker (step 2). |
-//! | `PG_TEST_IMAGE` | The whole image reference to run, such as `mirror.example:5000/library/postgres:17-alpine` (default `postgres:17-alpine`; without a tag, `latest`). It must behave like the official `postgres` image, version 13 or later. |
+//! | `PG_TEST_IMAGE` | The whole image reference to run, such as `mirror.example:5000/library/postgres:17-alpine` (default `postgres:17-alpine`; without a tag, `latest`). It must behave like the official `postgres` image, version 14 or later (the majors the crate supports). |
 //! | `PG_TEST_IMAGE_TAG` | Older, and ignored when `PG_TEST_IMAGE` is set: runs `postgres:<tag>`. |
 //! | `PG_TEST_PULL_TIMEOUT` | Seconds a pull of a missing image may take before Docker is given up (default 60). A present image is never pulled. |
 //! | `DOCKER_HOST`, `DOCKER_TLS_VERIFY`, `DOCKER_CERT_PATH`, `DOCKER_CONFIG`, `DOCKER_AUTH_CONFIG`, `DOCKER_DEFAULT_PLATFORM` | Read by testcontainers, as it documents: where the daemon is (else `/var/run/docker.sock`, then the rootless and Docker Desktop sockets under `$XDG_RUNTIME_DIR` and `~/.docker`), and the credentials and platform for pulls. |

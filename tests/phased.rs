@@ -277,10 +277,19 @@ async fn a_holder_whose_lease_was_taken_over_records_nothing() -> Result<()> {
     let other = store.begin_phased(&scope, &key, &request(b"{}")).await;
     ensure!(matches!(other, Err(Error::Conflict { .. })), "{other:?}");
 
-    // After it, a retry takes over and finishes; the old holder then cannot record.
+    // After it, a retry takes over and finishes; the old holder then cannot record. The
+    // lease runs from the old holder's last record (its local step), which a loaded machine
+    // can delay until the lease outlasts the sleep below: until the old call returns, a
+    // retry that finds the request still held tries again.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let Begin::Claimed(new) = store.begin_phased(&scope, &key, &request(BODY)).await? else {
-        bail!("the lease did not run out")
+    let new = loop {
+        match store.begin_phased(&scope, &key, &request(BODY)).await {
+            Ok(Begin::Claimed(new)) => break new,
+            Err(Error::InFlight { .. }) if processor.calls() == 0 => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => bail!("the lease did not run out before the old call returned: {other:?}"),
+        }
     };
     ensure!(new.attempt() == 2);
     let finished = new.run(&fast, INPUT).await?;

@@ -1195,3 +1195,31 @@ async fn large_bodies_are_stored_with_lz4_and_replay_byte_for_byte() -> Result<(
     assert_eq!(method.as_deref(), Some(expected));
     Ok(())
 }
+
+/// The server is PostgreSQL 14 or later, the oldest major the crate supports
+/// (docs/OPERATIONS.md, "Supported PostgreSQL versions"). Says on stderr which server the
+/// tests ran on, and whether it has lz4: `.ci/postgres-majors.sh` checks that line to be sure
+/// each run used the major it was meant for.
+#[tokio::test]
+async fn the_server_is_a_supported_major() -> Result<()> {
+    let pool = pg_idempotency::testing::fresh_pool().await?;
+    let (version, number, lz4): (String, i32, bool) = sqlx::query_as(
+        "SELECT version(), current_setting('server_version_num')::int, \
+                EXISTS (SELECT FROM pg_settings WHERE name = 'default_toast_compression' \
+                        AND 'lz4' = ANY (enumvals))",
+    )
+    .fetch_one(&pool)
+    .await?;
+    // Written to stderr itself: `eprintln!` in a test is shown only if the test fails.
+    let lz4 = match lz4 {
+        true => "built in",
+        false => "not built in (bodies use pglz)",
+    };
+    let line = format!("pg-idempotency: the server is {version}; lz4 {lz4}\n");
+    std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes())?;
+    anyhow::ensure!(
+        number >= 140_000,
+        "server_version_num {number}: the oldest supported major is 14"
+    );
+    Ok(())
+}
