@@ -362,6 +362,37 @@ async fn in_flight_answer_comes_after_the_configured_wait() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_duplicate_of_a_local_holder_needs_no_connection() -> Result<()> {
+    let pool = setup().await?;
+    // One connection, which the holder takes: a duplicate that asked the pool for one
+    // would wait the pool's timeout and fail with it.
+    let single = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await?;
+    let store = IdempotencyStore::with_config(
+        single,
+        Config::default().with_in_flight_wait(Duration::from_millis(100)),
+    );
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
+    let Begin::Claimed(holder) = store.begin(&scope, &key, &request).await? else {
+        bail!("claim")
+    };
+    let duplicate =
+        tokio::time::timeout(Duration::from_secs(10), store.begin(&scope, &key, &request))
+            .await
+            .context("the duplicate waited for a connection")?;
+    assert!(
+        matches!(duplicate, Err(Error::InFlight { .. })),
+        "{duplicate:?}"
+    );
+    holder.abort().await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn drop_and_abort_roll_back_and_free_the_key() -> Result<()> {
     let pool = setup().await?;
     let store = IdempotencyStore::new(pool.clone());

@@ -94,7 +94,7 @@ impl Engine {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.waiters.wait(scope, key, pause, left, limit).await {
-                Waited::Refused => return Err(self.in_flight(scope, key)),
+                Waited::Refused | Waited::StillHeld => return Err(self.in_flight(scope, key)),
                 Waited::Answered(row) => {
                     return answer(row, scope, key, request).map(Begin::Replay);
                 }

@@ -59,6 +59,9 @@ pub(crate) enum Waited {
     Answered(StoredRow),
     /// Too many duplicates already wait for this key: answer "in flight" now.
     Refused,
+    /// The claim of this process still holds the key when the wait ran out: it is in
+    /// flight, and a look would only say so after waiting for a connection.
+    StillHeld,
 }
 
 /// Registration of a key a claim holds; dropping it (when the claim ends, after its
@@ -116,10 +119,13 @@ impl Waiters {
         let Some(_waiting) = Waiting::enter(&held, limit) else {
             return Waited::Refused;
         };
-        let _ = tokio::time::timeout(left, held.ended.cancelled()).await;
+        let ended = tokio::time::timeout(left, held.ended.cancelled())
+            .await
+            .is_ok();
         match held.answer.get() {
             Some(row) => Waited::Answered(row.clone()),
-            None => Waited::LookAgain,
+            None if ended => Waited::LookAgain,
+            None => Waited::StillHeld,
         }
     }
 }
@@ -234,6 +240,17 @@ mod tests {
             waiting.as_mut().now_or_never().is_none(),
             "refused: a place leaked"
         );
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_runs_out_while_the_key_is_held_says_so() {
+        let waiters = Arc::new(Waiters::default());
+        let (scope, key) = name();
+        let _holding = waiters.hold(&scope, &key);
+        let waited = waiters
+            .wait(&scope, &key, None, Duration::from_millis(10), 8)
+            .await;
+        assert!(matches!(waited, Waited::StillHeld), "{waited:?}");
     }
 
     #[tokio::test]
