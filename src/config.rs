@@ -34,6 +34,7 @@ pub struct Config {
     lease: Duration,
     pool_checks: bool,
     stored_body_cap: usize,
+    connection_wait: Duration,
 }
 
 impl Default for Config {
@@ -41,7 +42,7 @@ impl Default for Config {
     /// waiting per key in one process, a 1 s retry hint,
     /// 5 s to resolve an interrupted commit, the default [`StorePolicy`], UUID v4 keys,
     /// 30 s leases for phased requests, claims that check their connection themselves,
-    /// response bodies stored up to 1 MiB.
+    /// response bodies stored up to 1 MiB, at most 2 s of waiting for a connection.
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(24 * 60 * 60),
@@ -54,6 +55,7 @@ impl Default for Config {
             lease: Duration::from_secs(30),
             pool_checks: false,
             stored_body_cap: Self::DEFAULT_STORED_BODY_CAP,
+            connection_wait: Duration::from_secs(2),
         }
     }
 }
@@ -76,6 +78,21 @@ impl Config {
     #[must_use]
     pub fn with_stored_body_cap(mut self, bytes: usize) -> Self {
         self.stored_body_cap = bytes;
+        self
+    }
+
+    /// Lets a request wait at most `wait` (default 2 s) for a pooled connection to take
+    /// its key with; then it gets [`Error::NoConnection`](crate::Error::NoConnection),
+    /// which the axum layer answers with a 503 and `Retry-After`. A duplicate that looks
+    /// again at a key held by another process waits for its connection no longer than its
+    /// [in-flight wait](Self::with_in_flight_wait) leaves it.
+    ///
+    /// The transactional mode holds a connection for as long as its handler runs: slow
+    /// handlers exhaust a pool. This wait turns that into fast, clear answers instead of
+    /// requests that hang for the pool's own timeout (sqlx's default: 30 s).
+    #[must_use]
+    pub fn with_connection_wait(mut self, wait: Duration) -> Self {
+        self.connection_wait = wait;
         self
     }
 
@@ -224,5 +241,10 @@ impl Config {
     /// The largest response body that is stored.
     pub fn stored_body_cap(&self) -> usize {
         self.stored_body_cap
+    }
+
+    /// How long a request waits for a pooled connection.
+    pub fn connection_wait(&self) -> Duration {
+        self.connection_wait
     }
 }

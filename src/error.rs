@@ -121,6 +121,22 @@ pub enum Error {
         /// The serde error.
         source: serde_json::Error,
     },
+    /// No pooled connection was free for the request within
+    /// [`Config::connection_wait`](crate::Config::connection_wait): the pool is
+    /// exhausted. Nothing was done; the client may retry after `retry_after`.
+    #[error(
+        "no database connection was free for a request in scope '{scope}' within {waited:?}: \
+         the pool is exhausted (answer 503 with Retry-After; give the pool more connections \
+         or make the handlers that hold them faster)"
+    )]
+    NoConnection {
+        /// The scope of the request.
+        scope: Scope,
+        /// How long it waited.
+        waited: std::time::Duration,
+        /// How long the client should wait before retrying.
+        retry_after: std::time::Duration,
+    },
     /// The database failed.
     #[error(transparent)]
     Database(#[from] sqlx::Error),

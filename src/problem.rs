@@ -308,7 +308,7 @@ impl Problems {
     pub fn service_unavailable(&self, retry_after: Duration) -> Problem {
         let mut problem = self.custom(
             self.catalogue.kind(Situation::ServiceUnavailable),
-            "The server could not reach its database. Retry with the same \
+            "The server could not reach its database in time (it is down or busy). Retry with the same \
              idempotency key: it answers with the stored response if the request \
              completed, and runs it otherwise.",
         );

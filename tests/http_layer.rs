@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Json, State};
@@ -744,6 +744,54 @@ async fn a_database_outage_is_a_503_problem() -> Result<()> {
     answer.problem(503, "service_unavailable")?;
     ensure!(answer.header("retry-after") == Some("1"));
     ensure!(runs.load(Ordering::SeqCst) == 0);
+    server.stop().await?;
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_exhausted_pool_is_a_503_problem_at_the_connection_wait() -> Result<()> {
+    let db = TestDatabase::create().await?;
+    sqlx::raw_sql("CREATE TABLE widgets (id bigserial PRIMARY KEY, note text NOT NULL)")
+        .execute(db.pool())
+        .await?;
+    // One connection, held by a slow handler; the pool itself would wait 30 s.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(db.url())
+        .await?;
+    let store = IdempotencyStore::with_config(
+        pool,
+        pg_idempotency::Config::default().with_connection_wait(Duration::from_millis(200)),
+    );
+    let runs = Arc::new(AtomicUsize::new(0));
+    let server = Server::start(router(store, Arc::clone(&runs))).await?;
+    let url = server.url("/widgets/1");
+    let slow = tokio::spawn(post_to(
+        url.clone(),
+        new_key(),
+        &[("x-sleep-ms", "6000")],
+        "w",
+    ));
+    // Once the slow request holds the connection, another one is told at once.
+    let mut refused = None;
+    for _ in 0..50 {
+        let answer = post_to(url.clone(), new_key(), &[], "w").await?;
+        if answer.status == 503 {
+            refused = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.context("no request was refused while the slow one ran")?;
+    let problem = refused.problem(503, "service_unavailable")?;
+    ensure!(refused.header("retry-after") == Some("1"));
+    ensure!(
+        !problem["detail"].as_str().unwrap_or("").contains("pool"),
+        "{problem}"
+    );
+    ensure!(slow.await??.status == 201);
     server.stop().await?;
     db.close().await?;
     Ok(())

@@ -393,6 +393,46 @@ async fn a_duplicate_of_a_local_holder_needs_no_connection() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_request_without_a_free_connection_is_told_so_within_its_wait() -> Result<()> {
+    let pool = setup().await?;
+    // One connection, which a claim holds; the pool itself would wait 30 s.
+    let single = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await?;
+    let store = IdempotencyStore::with_config(
+        single,
+        Config::default().with_connection_wait(Duration::from_millis(100)),
+    );
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
+    let Begin::Claimed(holder) = store.begin(&scope("acct_1"), &new_key(), &request).await? else {
+        bail!("claim")
+    };
+    let other = tokio::time::timeout(
+        Duration::from_secs(10),
+        store.begin(&scope("acct_2"), &new_key(), &request),
+    )
+    .await
+    .context("the request waited for the pool's own timeout")?;
+    let Err(error @ Error::NoConnection { .. }) = &other else {
+        bail!("expected NoConnection, got {other:?}");
+    };
+    assert!(!error.is_client_error());
+    assert!(
+        Problems::default().for_error(error).is_none(),
+        "a server-side error"
+    );
+    holder.abort().await?;
+    // The connection is back: the next request is served.
+    let Begin::Claimed(next) = store.begin(&scope("acct_2"), &new_key(), &request).await? else {
+        bail!("claim")
+    };
+    next.abort().await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn drop_and_abort_roll_back_and_free_the_key() -> Result<()> {
     let pool = setup().await?;
     let store = IdempotencyStore::new(pool.clone());

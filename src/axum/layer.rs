@@ -473,15 +473,30 @@ impl Flow<'_> {
         })
     }
 
-    /// The answer to a failure of the store: 503 for the database, 500 otherwise.
+    /// The answer to a failure of the store: 503 for the database (busy or failing), 500
+    /// otherwise.
     fn server_error(&self, error: &Error) -> Response {
-        tracing::error!(%error, "idempotency store failed");
-        match error {
-            Error::Database(_) | Error::CommitInterrupted { .. } => self.problem(
+        let unavailable = || {
+            self.problem(
                 self.problems()
                     .service_unavailable(self.settings.store.config().retry_after()),
-            ),
-            _ => self.internal_error(),
+            )
+        };
+        match error {
+            // Load, not a fault: the pool was exhausted for the whole connection wait.
+            Error::NoConnection { .. } => {
+                record("outcome", "no_connection");
+                tracing::warn!(%error, "no database connection in time");
+                unavailable()
+            }
+            Error::Database(_) | Error::CommitInterrupted { .. } => {
+                tracing::error!(%error, "idempotency store failed");
+                unavailable()
+            }
+            _ => {
+                tracing::error!(%error, "idempotency store failed");
+                self.internal_error()
+            }
         }
     }
 

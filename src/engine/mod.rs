@@ -17,8 +17,11 @@ mod take;
 mod waiters;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::Postgres;
 
 use crate::config::Config;
 use crate::error::Error;
@@ -70,6 +73,30 @@ impl Engine {
     /// is dropped: this process's duplicates of the key wait for it without a connection.
     pub(crate) fn hold(&self, scope: &Scope, key: &IdempotencyKey) -> Holding {
         self.waiters.hold(scope, key)
+    }
+
+    /// A pooled connection for a request of `scope`, waited for until `deadline` at the
+    /// latest (the pool's own timeout, if it is shorter, counts the same).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoConnection`] when none was free in time; [`Error::Database`] when
+    /// connecting failed.
+    pub(crate) async fn connection(
+        &self,
+        scope: &Scope,
+        deadline: Instant,
+    ) -> Result<PoolConnection<Postgres>, Error> {
+        let started = Instant::now();
+        match tokio::time::timeout_at(deadline.into(), self.pool.acquire()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) => Err(Error::NoConnection {
+                scope: scope.clone(),
+                waited: started.elapsed(),
+                retry_after: self.config.retry_after(),
+            }),
+            Ok(Err(error)) => Err(error.into()),
+        }
     }
 
     /// [`Error::InFlight`] for this key, with the configured retry hint.

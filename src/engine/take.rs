@@ -49,8 +49,9 @@ impl Engine {
     /// # Errors
     ///
     /// [`Error::InFlight`] if the key stayed held, or too many duplicates of the key
-    /// already wait in this process; [`Error::Conflict`]; the errors of `hold`; the
-    /// store's server-side errors.
+    /// already wait in this process; [`Error::Conflict`]; [`Error::NoConnection`] when no
+    /// connection was free within [`Config::connection_wait`](crate::Config::connection_wait);
+    /// the errors of `hold`; the store's server-side errors.
     pub(crate) async fn take<T, F>(
         &self,
         scope: &Scope,
@@ -101,7 +102,21 @@ impl Engine {
                 Waited::LookAgain => {}
             }
             let began = Instant::now();
-            let (mut tx, found) = self.look(scope, key).await?;
+            let connection_deadline = began + self.config.connection_wait();
+            let (mut tx, found) = match pause {
+                None => self.look(scope, key, connection_deadline).await?,
+                // Looking again at a key another process holds: no longer than the wait
+                // leaves; a connection that comes too late would only say "in flight".
+                Some(_) => match self
+                    .look(scope, key, connection_deadline.min(deadline))
+                    .await
+                {
+                    Err(Error::NoConnection { .. }) if Instant::now() >= deadline => {
+                        return Err(self.in_flight(scope, key));
+                    }
+                    looked => looked?,
+                },
+            };
             match found.row {
                 // A live row answers, whoever holds the lock: it cannot change until it
                 // expires.
@@ -134,8 +149,9 @@ impl Engine {
         }
     }
 
-    /// Takes a pooled connection and, in one round trip, opens a transaction on it, tries
-    /// the key's lock and reads the key's row.
+    /// Takes a pooled connection (waiting for one until `deadline` at the latest) and, in
+    /// one round trip, opens a transaction on it, tries the key's lock and reads the key's
+    /// row.
     ///
     /// That round trip checks the connection too, so unless the configuration asks for
     /// the pool's checks ([`Config::with_pool_checks`](crate::Config::with_pool_checks)),
@@ -143,7 +159,12 @@ impl Engine {
     /// no ping, no `before_acquire` hook). If the server closed it while it sat in the
     /// pool (a restart, a proxy's idle timeout), nothing has run: it is closed, and the
     /// look runs on a connection taken with the pool's checks.
-    async fn look(&self, scope: &Scope, key: &IdempotencyKey) -> Result<(TxConn, Found), Error> {
+    async fn look(
+        &self,
+        scope: &Scope,
+        key: &IdempotencyKey,
+        deadline: Instant,
+    ) -> Result<(TxConn, Found), Error> {
         let idle = if self.config.pool_checks() {
             None
         } else {
@@ -159,7 +180,7 @@ impl Engine {
                 found => return found.map(|found| (tx, found)),
             }
         }
-        let mut tx = TxConn::new(self.pool.acquire().await?);
+        let mut tx = TxConn::new(self.connection(scope, deadline).await?);
         let found = tx.begin_claim(scope, key).await?;
         Ok((tx, found))
     }

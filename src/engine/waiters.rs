@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -47,6 +48,9 @@ struct Held {
     waiting: Mutex<usize>,
     /// The row the claim committed, for the duplicates it wakes.
     answer: OnceLock<StoredRow>,
+    /// The holder is a phased request's lease, which another may take over once it runs
+    /// out: only a look can tell, so a wait that runs out looks.
+    leased: AtomicBool,
 }
 
 /// How a wait ended.
@@ -59,8 +63,8 @@ pub(crate) enum Waited {
     Answered(StoredRow),
     /// Too many duplicates already wait for this key: answer "in flight" now.
     Refused,
-    /// The claim of this process still holds the key when the wait ran out: it is in
-    /// flight, and a look would only say so after waiting for a connection.
+    /// The transactional claim of this process still holds the key when the wait ran
+    /// out: it is in flight, and a look would only say so after waiting for a connection.
     StillHeld,
 }
 
@@ -124,7 +128,7 @@ impl Waiters {
             .is_ok();
         match held.answer.get() {
             Some(row) => Waited::Answered(row.clone()),
-            None if ended => Waited::LookAgain,
+            None if ended || held.leased.load(Ordering::Relaxed) => Waited::LookAgain,
             None => Waited::StillHeld,
         }
     }
@@ -157,6 +161,14 @@ impl Drop for Waiting<'_> {
 }
 
 impl Holding {
+    /// Marks the holder as a lease that may run out and be taken over (a phased request):
+    /// duplicates whose wait runs out then look at the key instead of answering "in
+    /// flight" at once.
+    pub(crate) fn leased(self) -> Self {
+        self.held.leased.store(true, Ordering::Relaxed);
+        self
+    }
+
     /// The key held.
     pub(crate) fn key(&self) -> &(Scope, IdempotencyKey) {
         &self.key
@@ -246,11 +258,14 @@ mod tests {
     async fn a_wait_that_runs_out_while_the_key_is_held_says_so() {
         let waiters = Arc::new(Waiters::default());
         let (scope, key) = name();
-        let _holding = waiters.hold(&scope, &key);
-        let waited = waiters
-            .wait(&scope, &key, None, Duration::from_millis(10), 8)
-            .await;
+        let holding = waiters.hold(&scope, &key);
+        let wait = || waiters.wait(&scope, &key, None, Duration::from_millis(10), 8);
+        let waited = wait().await;
         assert!(matches!(waited, Waited::StillHeld), "{waited:?}");
+        // A lease may have run out and be taken over: only a look can tell.
+        let _leased = holding.leased();
+        let waited = wait().await;
+        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
     }
 
     #[tokio::test]

@@ -220,7 +220,7 @@ impl Lease {
             provenance: Provenance::default(),
             renewed_at: holder.began,
             broken: false,
-            holding,
+            holding: holding.leased(),
         }
     }
 
