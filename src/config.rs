@@ -35,6 +35,7 @@ pub struct Config {
     pool_checks: bool,
     stored_body_cap: usize,
     connection_wait: Duration,
+    scope_share: f64,
 }
 
 impl Default for Config {
@@ -42,7 +43,8 @@ impl Default for Config {
     /// waiting per key in one process, a 1 s retry hint,
     /// 5 s to resolve an interrupted commit, the default [`StorePolicy`], UUID v4 keys,
     /// 30 s leases for phased requests, claims that check their connection themselves,
-    /// response bodies stored up to 1 MiB, at most 2 s of waiting for a connection.
+    /// response bodies stored up to 1 MiB, at most 2 s of waiting for a connection, half
+    /// of the pool for one scope.
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(24 * 60 * 60),
@@ -56,6 +58,7 @@ impl Default for Config {
             pool_checks: false,
             stored_body_cap: Self::DEFAULT_STORED_BODY_CAP,
             connection_wait: Duration::from_secs(2),
+            scope_share: 0.5,
         }
     }
 }
@@ -93,6 +96,23 @@ impl Config {
     #[must_use]
     pub fn with_connection_wait(mut self, wait: Duration) -> Self {
         self.connection_wait = wait;
+        self
+    }
+
+    /// Lets the requests of one scope hold at most `share` of the pool's connections at
+    /// once (default 0.5: half; rounded up, at least one), so that one tenant's flood of
+    /// slow requests leaves connections for the others. A request over its scope's share
+    /// waits for a place within the [connection wait](Self::with_connection_wait), like
+    /// one for a connection. `1.0` turns shares off: do so for a service with a single
+    /// scope, which would otherwise use half its pool. Values outside `0.0..=1.0` are
+    /// clamped. The share is the store's: routes with settings of their own share it.
+    #[must_use]
+    pub fn with_scope_share(mut self, share: f64) -> Self {
+        self.scope_share = if share.is_nan() {
+            1.0
+        } else {
+            share.clamp(0.0, 1.0)
+        };
         self
     }
 
@@ -246,5 +266,10 @@ impl Config {
     /// How long a request waits for a pooled connection.
     pub fn connection_wait(&self) -> Duration {
         self.connection_wait
+    }
+
+    /// The share of the pool one scope may hold.
+    pub fn scope_share(&self) -> f64 {
+        self.scope_share
     }
 }

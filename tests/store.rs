@@ -433,6 +433,61 @@ async fn a_request_without_a_free_connection_is_told_so_within_its_wait() -> Res
 }
 
 #[tokio::test]
+async fn one_scope_cannot_take_every_connection() -> Result<()> {
+    let pool = setup().await?;
+    let four = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await?;
+    // Half of the pool per scope (the default share).
+    let store = IdempotencyStore::with_config(
+        four,
+        Config::default().with_connection_wait(Duration::from_millis(200)),
+    );
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
+    let flood = scope("acct_flood");
+    // The flooding scope's claims hold their connections (slow handlers).
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..4 {
+        match store.begin(&flood, &new_key(), &request).await {
+            Ok(Begin::Claimed(claim)) => held.push(claim),
+            Err(Error::NoConnection { .. }) => refused += 1,
+            other => bail!("expected a claim or NoConnection, got {other:?}"),
+        }
+    }
+    assert_eq!((held.len(), refused), (2, 2));
+    // Another tenant is served at once, while the flood holds its share.
+    let Begin::Claimed(other) = store.begin(&scope("acct_other"), &new_key(), &request).await? else {
+        bail!("claim")
+    };
+    other.abort().await?;
+    for claim in held {
+        claim.abort().await?;
+    }
+    // With shares off, one scope may take every connection.
+    let whole = IdempotencyStore::with_config(
+        store.pool().clone(),
+        Config::default()
+            .with_connection_wait(Duration::from_millis(200))
+            .with_scope_share(1.0),
+    );
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let Begin::Claimed(claim) = whole.begin(&flood, &new_key(), &request).await? else {
+            bail!("claim")
+        };
+        held.push(claim);
+    }
+    let starved = whole.begin(&scope("acct_other"), &new_key(), &request).await;
+    assert!(matches!(starved, Err(Error::NoConnection { .. })), "{starved:?}");
+    for claim in held {
+        claim.abort().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn drop_and_abort_roll_back_and_free_the_key() -> Result<()> {
     let pool = setup().await?;
     let store = IdempotencyStore::new(pool.clone());

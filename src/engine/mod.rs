@@ -13,6 +13,7 @@
 //! second takes the key to record a request row and lets it go.
 
 mod commit;
+mod shares;
 mod take;
 mod waiters;
 
@@ -28,6 +29,8 @@ use crate::error::Error;
 use crate::key::IdempotencyKey;
 use crate::scope::Scope;
 
+pub(crate) use shares::Place;
+use shares::Shares;
 pub(crate) use take::{KeyHold, conflict, same_request};
 pub(crate) use waiters::Holding;
 use waiters::Waiters;
@@ -40,14 +43,18 @@ pub(crate) struct Engine {
     config: Arc<Config>,
     /// Shared by [`reconfigured`](Self::reconfigured) copies.
     waiters: Arc<Waiters>,
+    /// Each scope's share of the pool; shared by reconfigured copies.
+    shares: Arc<Shares>,
 }
 
 impl Engine {
     pub(crate) fn new(pool: PgPool, config: Config) -> Self {
+        let shares = Shares::new(pool.options().get_max_connections(), config.scope_share());
         Self {
             pool,
             config: Arc::new(config),
             waiters: Arc::default(),
+            shares: Arc::new(shares),
         }
     }
 
@@ -58,6 +65,7 @@ impl Engine {
             pool: self.pool.clone(),
             config: Arc::new(change((*self.config).clone())),
             waiters: Arc::clone(&self.waiters),
+            shares: Arc::clone(&self.shares),
         }
     }
 
@@ -75,6 +83,19 @@ impl Engine {
         self.waiters.hold(scope, key)
     }
 
+    /// A place among the connections `scope` may hold, waited for until `deadline`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoConnection`] when the scope's places stayed taken.
+    pub(crate) async fn place(&self, scope: &Scope, deadline: Instant) -> Result<Place, Error> {
+        let started = Instant::now();
+        self.shares
+            .enter(scope, deadline)
+            .await
+            .ok_or_else(|| self.no_connection(scope, started))
+    }
+
     /// A pooled connection for a request of `scope`, waited for until `deadline` at the
     /// latest (the pool's own timeout, if it is shorter, counts the same).
     ///
@@ -90,12 +111,17 @@ impl Engine {
         let started = Instant::now();
         match tokio::time::timeout_at(deadline.into(), self.pool.acquire()).await {
             Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) => Err(Error::NoConnection {
-                scope: scope.clone(),
-                waited: started.elapsed(),
-                retry_after: self.config.retry_after(),
-            }),
+            Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) => Err(self.no_connection(scope, started)),
             Ok(Err(error)) => Err(error.into()),
+        }
+    }
+
+    /// [`Error::NoConnection`] for a request of `scope` that waited since `started`.
+    fn no_connection(&self, scope: &Scope, started: Instant) -> Error {
+        Error::NoConnection {
+            scope: scope.clone(),
+            waited: started.elapsed(),
+            retry_after: self.config.retry_after(),
         }
     }
 

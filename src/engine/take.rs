@@ -7,6 +7,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 
 use super::Engine;
+use super::shares::Place;
 use super::waiters::{FIRST_POLL, Holding, MAX_POLL, Waited};
 use crate::db::{ExpiredRow, Found, StoredRow, TxConn, connection_broke};
 use crate::error::Error;
@@ -27,6 +28,9 @@ pub(crate) struct KeyHold {
     pub began: Instant,
     /// Whether the key has an expired row, which the new row replaces.
     pub expired: ExpiredRow,
+    /// The scope's place among the connections it may hold, given back after the
+    /// transaction.
+    pub _place: Place,
     /// Wakes this process's duplicates of the key when dropped, handing them the row
     /// stored under this hold, if [`Holding::answer`] was given one.
     pub holding: Holding,
@@ -103,7 +107,7 @@ impl Engine {
             }
             let began = Instant::now();
             let connection_deadline = began + self.config.connection_wait();
-            let (mut tx, found) = match pause {
+            let (mut tx, place, found) = match pause {
                 None => self.look(scope, key, connection_deadline).await?,
                 // Looking again at a key another process holds: no longer than the wait
                 // leaves; a connection that comes too late would only say "in flight".
@@ -127,6 +131,7 @@ impl Engine {
                 row if found.locked => {
                     let held = KeyHold {
                         tx,
+                        _place: place,
                         began,
                         expired: if row.is_some() {
                             ExpiredRow::Present
@@ -149,9 +154,9 @@ impl Engine {
         }
     }
 
-    /// Takes a pooled connection (waiting for one until `deadline` at the latest) and, in
-    /// one round trip, opens a transaction on it, tries the key's lock and reads the key's
-    /// row.
+    /// Takes a place among the connections the scope may hold and a pooled connection
+    /// (waiting for them until `deadline` at the latest) and, in one round trip, opens a
+    /// transaction on it, tries the key's lock and reads the key's row.
     ///
     /// That round trip checks the connection too, so unless the configuration asks for
     /// the pool's checks ([`Config::with_pool_checks`](crate::Config::with_pool_checks)),
@@ -164,7 +169,8 @@ impl Engine {
         scope: &Scope,
         key: &IdempotencyKey,
         deadline: Instant,
-    ) -> Result<(TxConn, Found), Error> {
+    ) -> Result<(TxConn, Place, Found), Error> {
+        let place = self.place(scope, deadline).await?;
         let idle = if self.config.pool_checks() {
             None
         } else {
@@ -177,12 +183,12 @@ impl Engine {
                     tracing::debug!(%error, "an idle connection was closed; claiming on another");
                     tx.discard();
                 }
-                found => return found.map(|found| (tx, found)),
+                found => return found.map(|found| (tx, place, found)),
             }
         }
         let mut tx = TxConn::new(self.connection(scope, deadline).await?);
         let found = tx.begin_claim(scope, key).await?;
-        Ok((tx, found))
+        Ok((tx, place, found))
     }
 }
 
