@@ -194,6 +194,7 @@
 //! [axum]: https://docs.rs/axum/0.8
 //! [`MatchedPath`]: ::axum::extract::MatchedPath
 
+mod budget;
 mod dialect;
 mod extract;
 mod handoff;
@@ -204,6 +205,7 @@ mod request_id;
 mod response;
 mod scope;
 
+pub use budget::BodyBudget;
 pub use dialect::{
     Dialect, IDEMPOTENT_REPLAY_HEADER, IDEMPOTENT_REPLAY_OF_HEADER, IDEMPOTENT_REPLAYED_HEADER,
 };

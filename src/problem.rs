@@ -303,14 +303,15 @@ impl Problems {
         )
     }
 
-    /// 503 `service_unavailable`: the store (the database) cannot be reached or failed;
+    /// 503 `service_unavailable`: the store (the database) cannot be reached or failed, or
+    /// the server is too busy to take the request (no connection or body budget in time);
     /// the client should retry with the same key after `retry_after`.
     pub fn service_unavailable(&self, retry_after: Duration) -> Problem {
         let mut problem = self.custom(
             self.catalogue.kind(Situation::ServiceUnavailable),
-            "The server could not reach its database in time (it is down or busy). Retry with the same \
-             idempotency key: it answers with the stored response if the request \
-             completed, and runs it otherwise.",
+            "The server could not take the request in time: it is busy, or its database \
+             cannot be reached. Retry with the same idempotency key: it answers with the \
+             stored response if the request completed, and runs it otherwise.",
         );
         problem.retry_after = Some(Duration::from_secs(retry_after_seconds(retry_after)));
         problem

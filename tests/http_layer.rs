@@ -16,8 +16,8 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use pg_idempotency::axum::{
-    Dialect, IdempotencyLayer, IdempotentTx, RequestIdLayer, Rollback, RollbackOnReject,
-    ScopeRejection, scope_from_header,
+    BodyBudget, Dialect, IdempotencyLayer, IdempotentTx, RequestIdLayer, Rollback,
+    RollbackOnReject, ScopeRejection, scope_from_header,
 };
 use pg_idempotency::testing::TestDatabase;
 use pg_idempotency::{
@@ -792,6 +792,69 @@ async fn an_exhausted_pool_is_a_503_problem_at_the_connection_wait() -> Result<(
         "{problem}"
     );
     ensure!(slow.await??.status == 201);
+    server.stop().await?;
+    db.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_body_budget_bounds_what_is_buffered_at_once() -> Result<()> {
+    let db = TestDatabase::create().await?;
+    sqlx::raw_sql("CREATE TABLE widgets (id bigserial PRIMARY KEY, note text NOT NULL)")
+        .execute(db.pool())
+        .await?;
+    let store = IdempotencyStore::with_config(
+        db.pool().clone(),
+        pg_idempotency::Config::default().with_connection_wait(Duration::from_millis(200)),
+    );
+    let budget = BodyBudget::new(100);
+    let layer = IdempotencyLayer::new(store, |_: &axum::http::request::Parts| {
+        Scope::new("default")
+    })
+    .with_body_limit(64)
+    .with_body_budget(budget.clone());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route("/items", post(widget))
+        .with_state(AppState {
+            runs: Arc::clone(&runs),
+            pool: db.pool().clone(),
+        })
+        .layer(layer);
+    let server = Server::start(app).await?;
+    let url = server.url("/items");
+    let body = |byte: char, len: usize| byte.to_string().repeat(len);
+
+    let slow = {
+        let (url, big) = (url.clone(), body('a', 60));
+        tokio::spawn(async move { post_to(url, new_key(), &[("x-sleep-ms", "5000")], &big).await })
+    };
+    for _ in 0..500 {
+        if budget.available() == 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    ensure!(
+        budget.available() == 40,
+        "the slow request holds {} bytes",
+        100 - budget.available()
+    );
+    // Over what is left: refused before its body is read, the handler never runs.
+    let refused = post_to(url.clone(), new_key(), &[], &body('b', 60)).await?;
+    refused.problem(503, "service_unavailable")?;
+    ensure!(refused.header("retry-after") == Some("1"));
+    // What fits is served.
+    let small = post_to(url.clone(), new_key(), &[], &body('c', 30)).await?;
+    ensure!(small.status == 201, "{small:?}");
+    ensure!(slow.await??.status == 201);
+    ensure!(runs.load(Ordering::SeqCst) == 2);
+    // Nothing is held once the requests have been answered.
+    ensure!(
+        budget.available() == 100,
+        "{} bytes still held",
+        100 - budget.available()
+    );
     server.stop().await?;
     db.close().await?;
     Ok(())

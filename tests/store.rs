@@ -458,7 +458,10 @@ async fn one_scope_cannot_take_every_connection() -> Result<()> {
     }
     assert_eq!((held.len(), refused), (2, 2));
     // Another tenant is served at once, while the flood holds its share.
-    let Begin::Claimed(other) = store.begin(&scope("acct_other"), &new_key(), &request).await? else {
+    let Begin::Claimed(other) = store
+        .begin(&scope("acct_other"), &new_key(), &request)
+        .await?
+    else {
         bail!("claim")
     };
     other.abort().await?;
@@ -479,8 +482,13 @@ async fn one_scope_cannot_take_every_connection() -> Result<()> {
         };
         held.push(claim);
     }
-    let starved = whole.begin(&scope("acct_other"), &new_key(), &request).await;
-    assert!(matches!(starved, Err(Error::NoConnection { .. })), "{starved:?}");
+    let starved = whole
+        .begin(&scope("acct_other"), &new_key(), &request)
+        .await;
+    assert!(
+        matches!(starved, Err(Error::NoConnection { .. })),
+        "{starved:?}"
+    );
     for claim in held {
         claim.abort().await?;
     }

@@ -19,10 +19,12 @@ use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
 use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::sync::OwnedSemaphorePermit;
 use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
 
+use super::budget::BodyBudget;
 use super::dialect::Dialect;
 use super::extract::Rollback;
 use super::handoff::Handoff;
@@ -115,6 +117,8 @@ struct Settings {
     /// Claims are phased requests ([`IdempotencyLayer::phased`]).
     phased: bool,
     body_limit: usize,
+    /// Shared with the other layers that buffer bodies under it.
+    body_budget: BodyBudget,
     request_id_header: HeaderName,
 }
 
@@ -148,6 +152,7 @@ impl IdempotencyLayer {
                 guarded: vec![Method::POST, Method::PATCH],
                 phased: false,
                 body_limit: Self::DEFAULT_BODY_LIMIT,
+                body_budget: BodyBudget::process(),
                 request_id_header: REQUEST_ID_HEADER,
             }),
         }
@@ -277,6 +282,14 @@ impl IdempotencyLayer {
     #[must_use]
     pub fn with_body_limit(self, bytes: usize) -> Self {
         self.with(|s| s.body_limit = bytes)
+    }
+
+    /// Buffers request bodies under `budget` instead of the
+    /// [process-wide one](BodyBudget::process) (64 MiB). Layers given clones of one budget
+    /// share it.
+    #[must_use]
+    pub fn with_body_budget(self, budget: BodyBudget) -> Self {
+        self.with(|s| s.body_budget = budget)
     }
 
     /// Reads a client's request id from, and writes it to, `header` instead of
@@ -520,6 +533,8 @@ impl Flow<'_> {
         let (parts, body) = request.into_parts();
         let scope = self.scope(&parts)?;
         record("scope", scope.as_str());
+        // Held until the request is answered: the body lives as long.
+        let _budget = self.budget(body.size_hint().exact()).await?;
         let body = self.body(body).await?;
         // The concrete path and query string; the route template only for rows stored
         // under fingerprint version 1.
@@ -580,6 +595,24 @@ impl Flow<'_> {
             record("outcome", "scope_rejected");
             self.early(rejection.into_problem(self.problems()))
         })
+    }
+
+    /// The request body's share of the body budget: its `declared` length, or the body
+    /// limit; a 503 when the budget stays spent for the connection wait.
+    async fn budget(&self, declared: Option<u64>) -> Result<OwnedSemaphorePermit, Early> {
+        let settings = self.settings;
+        let limit = settings.body_limit as u64;
+        let bytes = declared.unwrap_or(limit).min(limit);
+        let config = settings.store.config();
+        let deadline = std::time::Instant::now() + config.connection_wait();
+        match settings.body_budget.reserve(bytes, deadline).await {
+            Some(reserved) => Ok(reserved),
+            None => {
+                record("outcome", "body_budget_spent");
+                tracing::warn!(bytes, "the body budget stayed spent; answered 503");
+                Err(self.early(self.problems().service_unavailable(config.retry_after())))
+            }
+        }
     }
 
     /// The request's body, read up to the limit.
