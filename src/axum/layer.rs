@@ -333,6 +333,29 @@ impl IdempotencyLayer {
     pub fn store(&self) -> &IdempotencyStore {
         &self.settings.store
     }
+
+    /// Whether requests without a key are refused (the default) or passed through
+    /// ([`optional`](Self::optional)).
+    pub fn is_key_required(&self) -> bool {
+        self.settings.key_required
+    }
+
+    /// The methods whose requests are guarded (POST and PATCH unless
+    /// [`with_guarded_methods`](Self::with_guarded_methods) said otherwise).
+    pub fn guarded_methods(&self) -> &[Method] {
+        &self.settings.guarded
+    }
+
+    /// The request body limit in bytes ([`with_body_limit`](Self::with_body_limit)).
+    pub fn body_limit(&self) -> usize {
+        self.settings.body_limit
+    }
+
+    /// The header that carries request ids
+    /// ([`with_request_id_header`](Self::with_request_id_header)).
+    pub fn request_id_header(&self) -> &HeaderName {
+        &self.settings.request_id_header
+    }
 }
 
 impl fmt::Debug for IdempotencyLayer {
