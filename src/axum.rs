@@ -191,7 +191,49 @@
 //! [`Situation`](crate::Situation)). `examples/conformance.rs` passes the anyonce
 //! conformance suite, 20 of 20, in the IETF dialect.
 //!
+//! ## Publishing the policy (OpenAPI)
+//!
+//! The IETF draft says that a server MUST publish its idempotency policy, the expiry
+//! included. With the cargo feature `openapi`, [`IdempotencyPolicy`] writes a layer's
+//! policy into an OpenAPI document made with [utoipa] 6 (by hand, with
+//! `#[derive(utoipa::OpenApi)]`, or with utoipa-axum's `OpenApiRouter`): for every
+//! operation the layer guards, the key header parameter, the replay headers, the table
+//! above as `application/problem+json` responses (by the dialect's statuses: 409 or 422
+//! for a reused key), `Retry-After`, and the expiry, in words and in the `x-idempotency`
+//! extension. It reads the layer's settings rather than repeating them, so the document
+//! changes when the layer does; [`Problem`](crate::Problem) implements
+//! `utoipa::ToSchema` for handlers' own problem responses.
+//!
+//! ```no_run
+//! # fn demo(idempotency: pg_idempotency::axum::IdempotencyLayer) {
+//! use axum::routing::get;
+//! use axum::{Json, Router};
+//! use pg_idempotency::axum::IdempotencyPolicy;
+//! use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+//! use utoipa_axum::routes;
+//!
+//! /// Creates an order.
+//! #[utoipa::path(post, path = "/v1/orders", responses((status = 201, description = "Created.")))]
+//! async fn create_order() -> &'static str {
+//!     "created"
+//! }
+//!
+//! let (router, mut document) = OpenApiRouter::new()
+//!     .routes(routes!(create_order).map(|route| route.route_layer(idempotency.clone())))
+//!     .split_for_parts();
+//! IdempotencyPolicy::new(&idempotency).apply(&mut document);
+//! let app: Router = router.route("/openapi.json", get(move || async move { Json(document) }));
+//! # }
+//! ```
+//!
+//! Why utoipa: it is the OpenAPI crate of the axum ecosystem that is kept up (utoipa-axum
+//! collects the document from the routes themselves, so they cannot drift apart), and its
+//! [`Modify`](utoipa::Modify) is the hook it offers for exactly this, a change to the
+//! whole document after it is built. The crate uses only utoipa's document model and
+//! builds it by hand; the derives are the application's.
+//!
 //! [axum]: https://docs.rs/axum/0.8
+//! [utoipa]: https://docs.rs/utoipa/6
 //! [`MatchedPath`]: ::axum::extract::MatchedPath
 
 mod budget;
@@ -200,6 +242,8 @@ mod extract;
 mod handoff;
 mod key_field;
 mod layer;
+#[cfg(feature = "openapi")]
+mod openapi;
 mod phased;
 mod request_id;
 mod response;
@@ -211,6 +255,8 @@ pub use dialect::{
 };
 pub use extract::{IdempotentTx, Rollback, RollbackOnReject};
 pub use layer::{Idempotency, IdempotencyLayer};
+#[cfg(feature = "openapi")]
+pub use openapi::IdempotencyPolicy;
 pub use phased::PhasedRequest;
 pub use request_id::{
     MakeRequestIds, REQUEST_ID_HEADER, RequestId, RequestIdLayer, RequestIdService,
