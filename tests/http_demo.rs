@@ -535,6 +535,58 @@ async fn health_and_unknown_routes() -> Result<()> {
 }
 
 #[tokio::test]
+async fn the_document_publishes_the_idempotency_policy() -> Result<()> {
+    let demo = Demo::start().await?;
+    let answer = demo.get("/openapi.json").await?;
+    ensure!(answer.status == 200, "{answer:?}");
+    ensure!(answer.header("content-type") == Some("application/json"));
+    ensure!(is_generated_request_id(answer.request_id()?));
+    let document = answer.json()?;
+    ensure!(document["openapi"] == "3.1.0", "{}", document["openapi"]);
+    for path in [PAY, "/v1/charges"] {
+        let operation = &document["paths"][path]["post"];
+        let key = operation["parameters"]
+            .as_array()
+            .and_then(|parameters| {
+                parameters
+                    .iter()
+                    .find(|p| p["name"] == "Idempotency-Key" && p["in"] == "header")
+            })
+            .with_context(|| format!("{path}: no Idempotency-Key parameter"))?;
+        ensure!(key["required"] == true, "{key}");
+        ensure!(
+            operation["x-idempotency"]["expires_after_seconds"] == 86_400,
+            "{path}: {}",
+            operation["x-idempotency"]
+        );
+        let created = &operation["responses"]["201"];
+        ensure!(
+            created["headers"]["Idempotent-Replayed"].is_object(),
+            "{created}"
+        );
+        for status in ["400", "409", "413", "503"] {
+            let problem = &operation["responses"][status]["content"]["application/problem+json"];
+            ensure!(
+                problem["schema"]["$ref"] == "#/components/schemas/Problem",
+                "{path} {status}"
+            );
+        }
+        ensure!(operation["responses"]["503"]["headers"]["Retry-After"].is_object());
+        ensure!(operation["responses"].get("422").is_none());
+    }
+    // GET passes the layer: the counts are documented without the policy.
+    let count = &document["paths"]["/v1/payments/count"]["get"];
+    ensure!(count.get("x-idempotency").is_none(), "{count}");
+    ensure!(
+        document["components"]["schemas"]["Problem"]["required"]
+            .as_array()
+            .map(Vec::len)
+            == Some(8)
+    );
+    demo.stop().await
+}
+
+#[tokio::test]
 async fn a_key_in_flight_is_409_with_retry_after() -> Result<()> {
     let demo = Demo::start().await?;
     let key = new_key();
@@ -798,6 +850,12 @@ async fn binary_serves_prints_its_port_and_stops_on_sigterm() -> Result<()> {
     check_created(&created, "default", 1000, "EUR")?;
     let replay = Answer::of(post(EUR_1000).await?).await?;
     ensure!(replay.body == created.body && replay.header("idempotent-replayed") == Some("true"));
+    // The document publishes the expiry the flag set.
+    let document = Answer::of(client().get(url("/openapi.json")).send().await?)
+        .await?
+        .json()?;
+    let published = &document["paths"][PAY]["post"]["x-idempotency"]["expires_after_seconds"];
+    ensure!(published == 1, "expires_after_seconds {published}");
     // --ttl-secs 1: a second later the key is free again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let again = Answer::of(post(r#"{"amount":3,"currency":"EUR"}"#).await?).await?;

@@ -5,6 +5,11 @@
 //! Payments are transactional (one transaction per request); charges are phased requests
 //! (`pg_idempotency::phased`): the charge is recorded, the card processor is called with a
 //! downstream key outside any transaction, and its answer is recorded with the response.
+//!
+//! The routes are documented with utoipa (`#[utoipa::path]` on each handler, collected by
+//! utoipa-axum's `OpenApiRouter`, so that the document lists exactly the routes served),
+//! and the idempotency layer's policy is written into the document by
+//! `IdempotencyPolicy`: `GET /openapi.json`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +19,13 @@ use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use chrono::{DateTime, SecondsFormat, Utc};
 use pg_idempotency::axum::{
-    IdempotencyLayer, IdempotentTx, PhasedRequest, RequestId, RequestIdLayer, Rollback,
-    scope_from_header,
+    IdempotencyLayer, IdempotencyPolicy, IdempotentTx, PhasedRequest, RequestId, RequestIdLayer,
+    Rollback, scope_from_header,
 };
 use pg_idempotency::phased::{Finished, Operation, Steps};
 use pg_idempotency::{IdempotencyStore, Problem, ProblemKind, Problems, Scope, StoredResponse};
@@ -27,6 +33,9 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sqlx::PgPool;
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 /// Request bodies above this many bytes get a 413 problem.
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -239,8 +248,9 @@ impl AppState {
 }
 
 /// The service: `POST /v1/payments` (idempotent), `POST /v1/charges` (idempotent,
-/// phased), `GET /v1/payments/count`, `GET /v1/charges/count`, `GET /healthz`; every
-/// response has an `X-Request-Id`, every error is a problem.
+/// phased), `GET /v1/payments/count`, `GET /v1/charges/count`, `GET /healthz`, and their
+/// OpenAPI document with the idempotency policy, `GET /openapi.json`; every response has
+/// an `X-Request-Id`, every error is a problem.
 ///
 /// **The demo trusts `X-Account-Id`: the scope comes from a header the client chooses, a demo's
 /// shortcut, unsafe in a real service.** Anyone who knows a key and can guess the body
@@ -257,18 +267,22 @@ pub fn router(store: IdempotencyStore, charges: Arc<Charges>) -> Router {
     )
     .with_body_limit(BODY_LIMIT);
     let problems = idempotency.problems().clone();
-    Router::new()
-        .route(
-            "/v1/payments",
-            post(create_payment).route_layer(idempotency.clone()),
-        )
-        .route(
-            "/v1/charges",
-            post(create_charge).route_layer(idempotency.phased()),
-        )
-        .route("/v1/payments/count", get(count_payments))
-        .route("/v1/charges/count", get(count_charges))
-        .route("/healthz", get(healthz))
+    let (routes, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(create_payment).map(|route| route.route_layer(idempotency.clone())))
+        .routes(routes!(create_charge).map(|route| route.route_layer(idempotency.clone().phased())))
+        .routes(routes!(count_payments))
+        .routes(routes!(count_charges))
+        .routes(routes!(healthz))
+        .split_for_parts();
+    // What the layer on the two POST routes does (phased or not, the HTTP contract is
+    // the same), read from its settings. GET passes the layer untouched: the counts are
+    // left alone.
+    IdempotencyPolicy::new(&idempotency)
+        .on_paths(["/v1/payments", "/v1/charges"])
+        .apply(&mut document);
+    let document = Bytes::from(document.to_pretty_json().expect("a serializable document"));
+    routes
+        .route("/openapi.json", get(move || openapi_json(document.clone())))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(AppState {
@@ -277,6 +291,72 @@ pub fn router(store: IdempotencyStore, charges: Arc<Charges>) -> Router {
             problems,
         })
         .layer(RequestIdLayer::new())
+}
+
+/// The document's head; utoipa-axum adds the routes.
+#[derive(OpenApi)]
+#[openapi(info(
+    title = "pg-idempotency payments demo",
+    description = "Exactly-once payments and charges over PostgreSQL. **The demo trusts \
+        `X-Account-Id`**: a real service takes the account from authentication."
+))]
+struct ApiDoc;
+
+/// `GET /openapi.json`: the document, serialized once when the router was built.
+async fn openapi_json(document: Bytes) -> Response {
+    ([(CONTENT_TYPE, "application/json")], document).into_response()
+}
+
+/// The body of `POST /v1/payments`, for the document (`parse_payment` reads the body field
+/// by field and refuses any other field).
+#[derive(ToSchema)]
+#[allow(dead_code)] // never built: it describes what `parse_payment` accepts
+struct PaymentBody {
+    /// In minor units (cents), 1 to 10^12.
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
+    amount: i64,
+    /// Three upper-case letters, such as `EUR`.
+    #[schema(pattern = "^[A-Z]{3}$")]
+    currency: String,
+    /// How long the business step takes, in milliseconds, inside the transaction (0 to
+    /// 10000; default 0).
+    #[schema(maximum = 10_000)]
+    delay_ms: Option<u64>,
+}
+
+/// The body of `POST /v1/charges`, for the document.
+#[derive(ToSchema)]
+#[allow(dead_code)] // never built: it describes what `parse_payment` accepts
+struct ChargeBody {
+    /// In minor units (cents), 1 to 10^12.
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_i64)]
+    amount: i64,
+    /// Three upper-case letters, such as `EUR`.
+    #[schema(pattern = "^[A-Z]{3}$")]
+    currency: String,
+}
+
+/// A charge as `POST /v1/charges` answers it, for the document (the final step writes
+/// it as JSON).
+#[derive(ToSchema)]
+#[allow(dead_code)] // never built: the final step writes the JSON itself
+struct Charge {
+    id: String,
+    account: String,
+    amount: i64,
+    currency: String,
+    /// `succeeded`.
+    status: String,
+    /// The card processor's id of the charge.
+    processor_charge_id: String,
+    created_at: String,
+}
+
+/// `{"count": N}`, for the document.
+#[derive(ToSchema)]
+#[allow(dead_code)] // never built: `count` writes the JSON itself
+struct Count {
+    count: i64,
 }
 
 /// A payment request, validated.
@@ -402,7 +482,7 @@ fn unknown_field(fields: &Map<String, Value>, accepted: &[&str]) -> Option<Strin
 }
 
 /// The 201 body.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Payment {
     id: String,
     account: String,
@@ -411,6 +491,23 @@ struct Payment {
     created_at: String,
 }
 
+/// Creates a payment, exactly once per key.
+#[utoipa::path(
+    post,
+    path = "/v1/payments",
+    tag = "payments",
+    params(("X-Account-Id" = Option<String>, Header,
+        description = "The account the key belongs to (default `default`). The demo trusts \
+            this header; a real service takes the account from authentication.")),
+    request_body(content = PaymentBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The payment was created.", body = Payment),
+        (status = 400, description = "The body is not a valid payment; nothing was written \
+            and the key is still free.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The payment could not be written; retry with the same key.",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn create_payment(
     State(state): State<AppState>,
     request_id: RequestId,
@@ -459,6 +556,23 @@ async fn create_payment(
 /// `POST /v1/charges`: a phased request. Nothing is written for an invalid body (the key
 /// stays free); a failed step answers 503 and the charge resumes on a retry (or in the
 /// completer) after its last recorded step.
+#[utoipa::path(
+    post,
+    path = "/v1/charges",
+    tag = "charges",
+    params(("X-Account-Id" = Option<String>, Header,
+        description = "The account the key belongs to (default `default`). The demo trusts \
+            this header; a real service takes the account from authentication.")),
+    request_body(content = ChargeBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The card was charged.", body = Charge),
+        (status = 400, description = "The body is not a valid charge; nothing was written \
+            and the key is still free.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A step failed; a retry with the same key resumes the \
+            charge after its last recorded step.", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
 async fn create_charge(
     State(state): State<AppState>,
     request_id: RequestId,
@@ -509,6 +623,19 @@ impl Counted {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/payments/count",
+    tag = "payments",
+    params(("account" = Option<String>, Query, description = "Count only this account's payments.")),
+    responses(
+        (status = 200, description = "The number of payments.", body = Count),
+        (status = 400, description = "`account` is not a valid account id.", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 503, description = "The database could not be reached.", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
 async fn count_payments(
     state: State<AppState>,
     request_id: RequestId,
@@ -517,6 +644,19 @@ async fn count_payments(
     count(state, request_id, query, Counted::Payments).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/charges/count",
+    tag = "charges",
+    params(("account" = Option<String>, Query, description = "Count only this account's charges.")),
+    responses(
+        (status = 200, description = "The number of charges.", body = Count),
+        (status = 400, description = "`account` is not a valid account id.", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 503, description = "The database could not be reached.", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
 async fn count_charges(
     state: State<AppState>,
     request_id: RequestId,
@@ -570,6 +710,17 @@ async fn count(
     }
 }
 
+/// 200 once the database answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The database answers: `{\"status\": \"ok\"}`."),
+        (status = 503, description = "The database does not answer.", body = Problem,
+            content_type = "application/problem+json"),
+    )
+)]
 async fn healthz(State(state): State<AppState>, request_id: RequestId) -> Response {
     let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(state.store.pool());
     match tokio::time::timeout(Duration::from_secs(2), ping).await {

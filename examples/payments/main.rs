@@ -26,6 +26,9 @@
 //! - `GET /v1/payments/count[?account=X]`, `GET /v1/charges/count[?account=X]` →
 //!   `{"count": N}`.
 //! - `GET /healthz` → 200 once the database answers.
+//! - `GET /openapi.json` → the OpenAPI 3.1 document of these routes, with the idempotency
+//!   policy the layer applies (`IdempotencyPolicy`): the `Idempotency-Key` header, the
+//!   replay headers, the problem responses and the expiry (`x-idempotency`).
 //!
 //! **The demo trusts `X-Account-Id`.** Anyone who knows a key and can guess the body
 //! reads another account's stored payment. A real service takes the scope from
