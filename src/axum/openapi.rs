@@ -382,8 +382,11 @@ impl IdempotencyPolicy {
                 ),
                 Situation::ServiceUnavailable => (
                     problems.service_unavailable(retry_after),
-                    "the database could not be reached, or the outcome of a commit stayed \
-                     unknown; retry with the same key after `Retry-After` seconds"
+                    "the server is short of database connections or of memory for request \
+                     bodies, the database could not be reached, or the outcome of a commit \
+                     stayed unknown; retry with the same key after `Retry-After` seconds: \
+                     the retry gets the stored response if the request was done, and runs \
+                     it otherwise"
                         .to_owned(),
                     true,
                 ),
