@@ -52,7 +52,9 @@ pub struct Stats {
 /// [`Error::Database`].
 #[tracing::instrument(name = "idempotency.stats", skip_all)]
 pub async fn stats<'a>(conn: impl Acquire<'a, Database = Postgres>) -> Result<Stats, Error> {
-    let mut conn = conn.acquire().await?;
+    // One transaction: through a pooler in transaction mode, each query keeps its server
+    // connection (crate::db::in_transaction).
+    let mut conn = conn.begin().await?;
     // The counts are a subquery of their own: Citus refuses a catalog subquery beside an
     // aggregate over a distributed table, and plans this one shard by shard.
     let row = sqlx::query!(
@@ -93,6 +95,7 @@ pub async fn stats<'a>(conn: impl Acquire<'a, Database = Postgres>) -> Result<St
     )
     .fetch_all(&mut *conn)
     .await?;
+    conn.commit().await?;
     Ok(Stats {
         rows: row.rows,
         expired_rows: row.expired_rows,

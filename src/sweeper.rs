@@ -31,10 +31,16 @@ pub async fn delete_expired<'e>(
     batch_size: u32,
 ) -> Result<u64, Error> {
     let batch = i32::try_from(batch_size).unwrap_or(i32::MAX);
-    let deleted = sqlx::query_scalar!(r#"SELECT idempotency_sweep($1) AS "deleted!""#, batch)
+    // One simple-query message with the batch size as a literal (an integer: nothing to
+    // escape), not a statement with a bound parameter, which sqlx sends as two exchanges:
+    // a pooler in transaction mode could give the second to another server connection,
+    // and a caller may pass the pool itself.
+    let sweep = format!("SELECT idempotency_sweep({batch})");
+    let row = sqlx::raw_sql(sqlx::AssertSqlSafe(sweep))
         .fetch_one(executor)
         .await?;
-    let deleted = u64::try_from(deleted).unwrap_or(0);
+    let deleted: Option<i64> = sqlx::Row::try_get(&row, 0)?;
+    let deleted = u64::try_from(deleted.unwrap_or(0)).unwrap_or(0);
     metrics::count(metrics::SWEPT_ROWS, deleted);
     Ok(deleted)
 }

@@ -185,12 +185,16 @@ async fn run(cli: Cli) -> Result<Exit> {
             },
             Some((scope, keys)),
         ) => {
+            // Each command's statements in one transaction: through a pooler in
+            // transaction mode (PgBouncer), a statement with bound parameters outside one
+            // could reach two server connections.
+            let mut tx = pool.begin().await?;
             for key in &keys {
-                if let Some(info) = admin::inspect(&pool, &scope, key, show_body).await? {
+                if let Some(info) = admin::inspect(&mut *tx, &scope, key, show_body).await? {
                     print_key(&scope, key, &info, json);
                     return Ok(Exit::Ok);
                 }
-                if let Some(request) = admin::inspect_request(&pool, &scope, key).await? {
+                if let Some(request) = admin::inspect_request(&mut *tx, &scope, key).await? {
                     print_request(&scope, key, &request, json);
                     return Ok(Exit::Ok);
                 }
@@ -198,8 +202,10 @@ async fn run(cli: Cli) -> Result<Exit> {
             return Ok(not_found(&scope, &keys));
         }
         (Command::Forget { .. }, Some((scope, keys))) => {
+            let mut tx = pool.begin().await?;
             for key in &keys {
-                if admin::forget(&pool, &scope, key).await? {
+                if admin::forget(&mut *tx, &scope, key).await? {
+                    tx.commit().await?;
                     let (key, scope) = (escaped(key.as_str()), escaped(scope.as_str()));
                     println!("forgot key {key} in scope {scope}");
                     return Ok(Exit::Ok);

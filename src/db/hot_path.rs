@@ -406,20 +406,24 @@ impl TxConn {
 ///
 /// The database error if a statement fails, which makes sqlx discard the connection.
 pub async fn prepare_connection(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    // In a transaction, so that a pooler in transaction mode keeps one server connection
+    // for the query's two exchanges and the `PREPARE`s (crate::db::in_transaction). It
+    // writes nothing, so it ends with `ROLLBACK`, which keeps the prepared statements
+    // (`PREPARE` is not transactional); no `COMMIT` whose reply could be lost, which
+    // matters when this runs to resolve a lost reply to a claim's `COMMIT`.
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let found = sqlx::query!(
         r#"SELECT to_regclass('idempotency_keys') IS NOT NULL AS "migrated!",
                   array(SELECT name::text FROM pg_prepared_statements
                         WHERE starts_with(name, 'pgidem_')) AS "present!""#
     )
-    .fetch_one(&mut *conn)
+    .fetch_one(&mut *tx)
     .await?;
     let prepare = prepare_missing(&found.present);
     if found.migrated && !prepare.is_empty() {
-        sqlx::raw_sql(prepare.into_sql())
-            .execute(&mut *conn)
-            .await?;
+        sqlx::raw_sql(prepare.into_sql()).execute(&mut *tx).await?;
     }
-    Ok(())
+    tx.rollback().await
 }
 
 /// What a claim's lookup found.

@@ -22,6 +22,28 @@ pub use hot_path::prepare_connection;
 pub(crate) use hot_path::{ExpiredRow, Found, KeyRow, StoredRow, Window, key_taken};
 pub(crate) use tx::{TxConn, executor_over_tx};
 
+use sqlx::{PgConnection, PgPool};
+
+use crate::error::Error;
+
+/// Runs `f` on a pooled connection inside a transaction of its own, committed if `f`
+/// succeeds (two more round trips: `BEGIN`, `COMMIT`).
+///
+/// For every statement with bound parameters (and every `query!`) sent outside a
+/// transaction this crate opened: sqlx sends such a statement as two exchanges (`Parse`
+/// and `Describe`, then `Bind` and `Execute`, each ending with `Sync`), and between them a
+/// pooler in transaction mode may hand the connection's next exchange to another server
+/// connection. Inside a transaction, it keeps one server connection for all of them.
+pub(crate) async fn in_transaction<T>(
+    pool: &PgPool,
+    f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let mut tx = pool.begin().await?;
+    let value = f(&mut tx).await?;
+    tx.commit().await?;
+    Ok(value)
+}
+
 /// Whether `error` says that the connection failed (I/O, protocol, TLS) or that the
 /// server ended the session (SQLSTATE class 57, operator intervention, or 08, connection
 /// exception). Sent with a `COMMIT`, that leaves its outcome unknown (the server may have

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::claim::{PhasedClaim, Taker, Taking};
 use super::lease::millis;
 use super::operation::Operation;
-use crate::db::TxConn;
+use crate::db::{TxConn, in_transaction};
 use crate::error::Error;
 use crate::key::{IdempotencyKey, KeyPolicy};
 use crate::outcome::Outcome;
@@ -200,7 +200,8 @@ impl Completer {
             // Only requests it can finish: unstarted ones (their keys are freed), and
             // those of the operations registered here; others are left to the nodes that
             // know them, and never fill a batch (`stats` counts them by operation).
-            let abandoned = sqlx::query!(
+            let abandoned = in_transaction(self.store.pool(), async |conn| {
+                Ok(sqlx::query!(
                 r#"SELECT scope, key, operation FROM idempotency_requests r
                    WHERE leased_until <= now() - ($1::bigint + least(attempts - 1, 60) * $3::bigint)
                                                  * interval '1 millisecond'
@@ -216,7 +217,9 @@ impl Completer {
                 millis(self.options.interval),
                 &known as &[&str],
             )
-            .fetch_all(self.store.pool())
+            .fetch_all(&mut *conn)
+            .await?)
+            })
             .await?;
             let mut pass = CompleterPass::default();
             for row in abandoned {
@@ -256,13 +259,16 @@ impl Completer {
 
     /// Frees the key of a request no operation started (nothing was done for it).
     async fn forget_unstarted(&self, request: &Abandoned) -> Result<CompleterPass, Error> {
-        let deleted = sqlx::query!(
-            r#"DELETE FROM idempotency_requests
+        let deleted = in_transaction(self.store.pool(), async |conn| {
+            Ok(sqlx::query!(
+                r#"DELETE FROM idempotency_requests
                WHERE scope = $1 AND key = $2 AND operation IS NULL AND leased_until <= now()"#,
-            request.scope.as_str(),
-            request.key.as_str(),
-        )
-        .execute(self.store.pool())
+                request.scope.as_str(),
+                request.key.as_str(),
+            )
+            .execute(&mut *conn)
+            .await?)
+        })
         .await?;
         Ok(CompleterPass {
             forgotten: deleted.rows_affected(),

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::db::{ExpiredRow, KeyRow, TxConn, Window, connection_broke};
+use crate::db::{ExpiredRow, KeyRow, TxConn, Window, connection_broke, in_transaction};
 use crate::engine::{Engine, Holding};
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
@@ -270,7 +270,10 @@ impl Lease {
             step: None,
             start: Some((operation, input)),
         };
-        self.extend(self.engine.pool(), record).await?;
+        in_transaction(self.engine.pool(), async |conn| {
+            self.extend(conn, record).await
+        })
+        .await?;
         self.renewed_at = sent;
         Ok(())
     }
@@ -280,7 +283,10 @@ impl Lease {
     pub(super) async fn renew(&mut self, step: Option<(&str, &Value)>) -> Result<(), Error> {
         let sent = Instant::now();
         let record = Record { step, start: None };
-        self.extend(self.engine.pool(), record).await?;
+        in_transaction(self.engine.pool(), async |conn| {
+            self.extend(conn, record).await
+        })
+        .await?;
         self.renewed_at = sent;
         Ok(())
     }
@@ -419,21 +425,24 @@ impl Lease {
     /// Ends the lease now, so that a retry or the completer can take the request at once;
     /// forgets the request if no operation started it.
     pub(super) async fn release(&self) -> Result<(), Error> {
-        sqlx::query!(
-            r#"WITH unstarted AS (
+        in_transaction(self.engine.pool(), async |conn| {
+            sqlx::query!(
+                r#"WITH unstarted AS (
                    DELETE FROM idempotency_requests
                    WHERE scope = $1 AND key = $2 AND lease_token = $3 AND operation IS NULL
                    RETURNING 1)
                UPDATE idempotency_requests SET leased_until = now()
                WHERE scope = $1 AND key = $2 AND lease_token = $3
                  AND operation IS NOT NULL"#,
-            self.scope().as_str(),
-            self.key().as_str(),
-            self.token,
-        )
-        .execute(self.engine.pool())
-        .await?;
-        Ok(())
+                self.scope().as_str(),
+                self.key().as_str(),
+                self.token,
+            )
+            .execute(&mut *conn)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// After the operation failed: [`release`](Self::release)s the request, best effort

@@ -11,7 +11,8 @@
 mod citus;
 mod db;
 mod http;
+mod pooler;
 mod process;
 
 #[allow(unused_imports)] // see above
-pub use {citus::*, db::*, http::*, process::*};
+pub use {citus::*, db::*, http::*, pooler::*, process::*};
