@@ -109,7 +109,7 @@
 //! | same key, another method, path, query string or body | 409 (422 in the [IETF dialect](#dialects)) | `idempotency_conflict` |
 //! | same key still being processed | 409 + `Retry-After` | `idempotency_key_in_use` |
 //! | database unreachable or failing | 503 + `Retry-After` | `service_unavailable` |
-//! | connection broke around `COMMIT`, verified that nothing was committed | 503 | `request_not_committed` |
+//! | connection broke around `COMMIT`, verified that nothing was committed | 503 + `Retry-After: 0` | `request_not_committed` |
 //! | connection broke around `COMMIT`, outcome unknown after the wait | 503 + `Retry-After` | `service_unavailable` |
 //! | handler panicked, other server failures | 500 | `internal_error` |
 //!
@@ -147,7 +147,7 @@
 //! [`Config::commit_resolution_wait`](crate::Config::commit_resolution_wait) for the old
 //! transaction to end, see [`CommitOutcome`](crate::CommitOutcome)). If the write is
 //! stored, the client gets the stored response, as if nothing had happened; if nothing
-//! was committed, a 503 `request_not_committed` problem that says so (retry at once);
+//! was committed, a 503 `request_not_committed` problem that says so (`Retry-After: 0`: retry at once);
 //! only if the old backend still held the key when the wait passed, the 503
 //! `service_unavailable` with `Retry-After`.
 //!

@@ -322,16 +322,18 @@ impl Problems {
     /// 503 `request_not_committed`: the connection to the database broke while the
     /// request was being committed, and the server then verified that nothing was
     /// committed ([`CommitOutcome::NotStored`](crate::CommitOutcome::NotStored)). The
-    /// client may retry with the same key at once, so there is no `Retry-After`.
+    /// client may retry with the same key at once: `Retry-After: 0`.
     pub fn not_committed(&self) -> Problem {
-        self.custom(
+        let mut problem = self.custom(
             self.catalogue.kind(Situation::NotCommitted),
             format!(
                 "The server lost its database connection while completing this request and \
                  verified that nothing was done. Retry the request; the same {} is safe.",
                 self.key_header
             ),
-        )
+        );
+        problem.retry_after = Some(Duration::ZERO);
+        problem
     }
 }
 

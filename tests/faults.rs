@@ -690,7 +690,7 @@ async fn lost_commits_are_resolved_before_the_http_answer() -> Result<()> {
                     answer.status
                 );
                 let problem = answer.problem(503, "request_not_committed")?;
-                ensure!(answer.header("retry-after").is_none());
+                ensure!(answer.header("retry-after") == Some("0"), "retry at once");
                 ensure!(
                     problem["detail"]
                         .as_str()

@@ -411,7 +411,7 @@ fn app(pool: PgPool) -> Router {
 /// The answers a client may get while the pooler is away: its 201 (a first run or a
 /// replay), a 503 with Retry-After from the layer or from the handler (its write failed),
 /// or the 503 `request_not_committed` that says the connection broke around `COMMIT` and
-/// nothing was committed (retry at once, so it has no Retry-After).
+/// nothing was committed (`Retry-After: 0`: at once).
 const ACCEPTED: [&str; 4] = [
     "201",
     "503 with Retry-After",
@@ -432,8 +432,12 @@ fn classify(answer: &Answer) -> &'static str {
         503 if answer.header("retry-after").is_some() && answer.body.is_empty() => {
             "503 with Retry-After, from the handler"
         }
+        503 if code().as_deref() == Some("request_not_committed")
+            && answer.header("retry-after") == Some("0") =>
+        {
+            "503 not committed"
+        }
         503 if answer.header("retry-after").is_some() => "503 with Retry-After",
-        503 if code().as_deref() == Some("request_not_committed") => "503 not committed",
         503 => "503 without Retry-After",
         409 => "409",
         500 => "500",

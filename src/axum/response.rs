@@ -40,8 +40,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 impl IntoResponse for Problem {
-    /// The problem as `application/problem+json` with its status, plus `Retry-After`
-    /// when it has a retry hint. A status outside `100..=999` becomes 500.
+    /// The problem as `application/problem+json` with its status, plus `Retry-After` (in
+    /// whole seconds, rounded up) when it has a retry hint. A status outside `100..=999` becomes 500.
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = Response::new(Body::from(self.to_json()));
@@ -52,7 +52,9 @@ impl IntoResponse for Problem {
             HeaderValue::from_static(Problem::CONTENT_TYPE),
         );
         if let Some(retry_after) = self.retry_after {
-            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
+            // Whole seconds, rounded up; 0 means "at once".
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
