@@ -70,7 +70,8 @@ pub async fn connect(url: &str) -> anyhow::Result<PgPool> {
 /// column in every unique constraint), and they serve the per-account counts.
 pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
     pg_idempotency::migrate(pool).await?;
-    sqlx::query(
+    // Simple queries (`raw_sql`): one exchange each, also through a pooler.
+    sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS payments (
             id         uuid NOT NULL DEFAULT gen_random_uuid(),
             account    text NOT NULL,
@@ -82,7 +83,7 @@ pub async fn prepare(pool: &PgPool) -> anyhow::Result<()> {
     )
     .execute(pool)
     .await?;
-    sqlx::query(
+    sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS charges (
             id                  uuid NOT NULL DEFAULT gen_random_uuid(),
             account             text NOT NULL,
@@ -688,16 +689,28 @@ async fn count(
         },
         Err(rejection) => return invalid(format!("The query string is not valid: {rejection}.")),
     };
-    let pool = state.store.pool();
-    let count: Result<i64, sqlx::Error> = match &account {
-        None => sqlx::query_scalar(table.sql(false)).fetch_one(pool).await,
-        Some(account) => {
-            sqlx::query_scalar(table.sql(true))
-                .bind(account.as_str())
-                .fetch_one(pool)
-                .await
-        }
-    };
+    // In a transaction: behind a pooler in transaction mode, a statement with bound
+    // parameters outside one may reach two server connections (docs/OPERATIONS.md,
+    // "Poolers").
+    let count: Result<i64, sqlx::Error> = async {
+        let mut tx = state.store.pool().begin().await?;
+        let count = match &account {
+            None => {
+                sqlx::query_scalar(table.sql(false))
+                    .fetch_one(&mut *tx)
+                    .await?
+            }
+            Some(account) => {
+                sqlx::query_scalar(table.sql(true))
+                    .bind(account.as_str())
+                    .fetch_one(&mut *tx)
+                    .await?
+            }
+        };
+        tx.commit().await?;
+        Ok(count)
+    }
+    .await;
     match count {
         Ok(count) => axum::Json(serde_json::json!({ "count": count })).into_response(),
         Err(error) => {
@@ -722,7 +735,8 @@ async fn count(
     )
 )]
 async fn healthz(State(state): State<AppState>, request_id: RequestId) -> Response {
-    let ping = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(state.store.pool());
+    // A simple query: one exchange, whatever pooler is in between.
+    let ping = sqlx::raw_sql("SELECT 1").execute(state.store.pool());
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
         Ok(Ok(_)) => axum::Json(serde_json::json!({ "status": "ok" })).into_response(),
         _ => state
