@@ -194,7 +194,7 @@
 //! ## Publishing the policy (OpenAPI)
 //!
 //! The IETF draft says that a server MUST publish its idempotency policy, the expiry
-//! included. With the cargo feature `openapi`, [`IdempotencyPolicy`] writes a layer's
+//! included. With the cargo feature `openapi`, `IdempotencyPolicy` writes a layer's
 //! policy into an OpenAPI document made with [utoipa] 6 (by hand, with
 //! `#[derive(utoipa::OpenApi)]`, or with utoipa-axum's `OpenApiRouter`): for every
 //! operation the layer guards, the key header parameter, the replay headers, the table
@@ -228,7 +228,7 @@
 //!
 //! Why utoipa: it is the OpenAPI crate of the axum ecosystem that is kept up (utoipa-axum
 //! collects the document from the routes themselves, so they cannot drift apart), and its
-//! [`Modify`](utoipa::Modify) is the hook it offers for exactly this, a change to the
+//! `Modify` is the hook it offers for exactly this, a change to the
 //! whole document after it is built. The crate uses only utoipa's document model and
 //! builds it by hand; the derives are the application's.
 //!
