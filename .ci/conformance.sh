@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The anyonce conformance suite (../shared/conformance/anyonce/, run unmodified) against
-# examples/conformance.rs: this crate's layer on a whole router, as a user writes it.
+# The anyonce conformance suite (tests/conformance/anyonce/: vectors and runner copied
+# unmodified from the peer project, see its NOTICE.md) against examples/conformance.rs:
+# this crate's layer on a whole router, as a user writes it.
 #
-#   bash .ci/conformance.sh [SUITE_DIR]
+#   bash .ci/conformance.sh [SUITE_DIR]   # default: the copy in tests/conformance/anyonce
 #
 # - in the IETF dialect (`--dialect ietf`) every vector must pass: 20/20;
 # - in the default dialect (the error specification in ../shared/seeds/) every failure must
@@ -16,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-suite=${1:-../shared/conformance/anyonce}
+suite=${1:-tests/conformance/anyonce}
 [ -f "$suite/packages/conformance/src/cli.ts" ] || {
     echo "no conformance suite at $suite (pass its directory as the first argument)" >&2
     exit 1

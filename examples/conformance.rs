@@ -1,4 +1,4 @@
-//! The fixture of the anyonce conformance suite (`../shared/conformance/anyonce/`,
+//! The fixture of the anyonce conformance suite (a copy in `tests/conformance/anyonce/`,
 //! FIXTURE.md), served on this crate's layer as a user would write it: one
 //! [`IdempotencyLayer`] on the whole router.
 //!
