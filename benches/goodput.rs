@@ -599,6 +599,16 @@ async fn goodput(
         .fetch_one(db.pool())
         .await?;
     let postmaster = parent_of(&backend.to_string()).unwrap_or_default();
+    let sessions = || async {
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(db.pool())
+            .await?;
+        sqlx::query_scalar::<_, i64>(
+            "SELECT sessions FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(db.pool())
+        .await
+    };
     let capacity = capacity(
         client,
         demo,
@@ -612,6 +622,7 @@ async fn goodput(
     let mut quiet_unloaded_p99 = None;
     let mut mix = Mix::new();
     for multiple in [0.1, 1.0, 2.0, 4.0] {
+        let sessions_before = sessions().await?;
         let phase = open_loop(
             client,
             demo,
@@ -622,7 +633,9 @@ async fn goodput(
             &postmaster,
         )
         .await;
-        let summary = phase.summary(multiple, quiet_unloaded_p99);
+        let mut summary = phase.summary(multiple, quiet_unloaded_p99);
+        // Connections the demo opened (PostgreSQL sessions begun) during the phase.
+        summary["sessions_opened"] = json!(sessions().await? - sessions_before);
         if multiple == 0.1 {
             quiet_unloaded_p99 = summary["quiet_fresh_p99_ms"].as_f64();
         }
@@ -938,8 +951,13 @@ fn print_phases(phases: &[Value]) {
     for p in phases {
         let c = &p["cores_busy"];
         println!(
-            "  {:>4}×: {} / {} / {} / {}",
-            p["multiple"], c["demo"], c["bench_clients"], c["postgres"], c["machine"]
+            "  {:>4}×: {} / {} / {} / {}; PostgreSQL sessions opened: {}",
+            p["multiple"],
+            c["demo"],
+            c["bench_clients"],
+            c["postgres"],
+            c["machine"],
+            p["sessions_opened"]
         );
     }
     println!("503s by kind of request:");
