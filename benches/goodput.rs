@@ -840,8 +840,8 @@ impl Phase {
             .filter(|o| o.status == 503)
             .map(|o| o.latency_ms())
             .collect();
-        let mut share = vec![0u64; QUIET_TENANTS + 1];
-        let mut offered = vec![0u64; QUIET_TENANTS + 1];
+        let mut share = [0u64; QUIET_TENANTS + 1];
+        let mut offered = [0u64; QUIET_TENANTS + 1];
         for o in &counted {
             offered[o.tenant] += 1;
         }
