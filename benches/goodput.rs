@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench goodput                    # 10 s per phase
-//! cargo bench --bench goodput -- --quick         # 4 s per phase, about 2 minutes
+//! cargo bench --bench goodput -- --quick         # 4 s per phase, about 3 minutes
 //! cargo bench --bench goodput -- --json out.json --sections goodput,memory
 //! ```
 //!
