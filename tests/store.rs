@@ -496,6 +496,54 @@ async fn one_scope_cannot_take_every_connection() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_connection_checked_too_late_goes_back_to_the_pool_intact() -> Result<()> {
+    let pool = setup().await?;
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&opened);
+    // The pool checks each connection before it hands it out, slowly: longer than the
+    // request's connection wait.
+    let slow_checks = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(move |_, _| {
+            let counted = Arc::clone(&counted);
+            Box::pin(async move {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            })
+        })
+        .before_acquire(|_, _| {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok(true)
+            })
+        })
+        .connect_with(pool.connect_options().as_ref().clone())
+        .await?;
+    let store = IdempotencyStore::with_config(
+        slow_checks.clone(),
+        Config::default()
+            .with_pool_checks(true)
+            .with_connection_wait(Duration::from_millis(50)),
+    );
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
+    for _ in 0..3 {
+        let refused = store.begin(&scope("acct_1"), &new_key(), &request).await;
+        assert!(
+            matches!(refused, Err(Error::NoConnection { .. })),
+            "{refused:?}"
+        );
+        // The check the request gave up on finishes, and the connection is kept.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(
+        opened.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "connections were closed and opened again"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn drop_and_abort_roll_back_and_free_the_key() -> Result<()> {
     let pool = setup().await?;
     let store = IdempotencyStore::new(pool.clone());

@@ -96,8 +96,14 @@ impl Engine {
             .ok_or_else(|| self.no_connection(scope, started))
     }
 
-    /// A pooled connection for a request of `scope`, waited for until `deadline` at the
-    /// latest (the pool's own timeout, if it is shorter, counts the same).
+    /// A pooled connection for a request of `scope` that holds its [`Place`], waited for
+    /// until `deadline` at the latest (the pool's own timeout, if it is shorter, counts
+    /// the same).
+    ///
+    /// The pool may be checking a connection when the wait runs out (its ping, its
+    /// `before_acquire` hook): cancelled then, the connection would be closed. So the
+    /// acquire runs on as a task of its own, and a connection that comes too late goes
+    /// back to the pool intact.
     ///
     /// # Errors
     ///
@@ -109,10 +115,14 @@ impl Engine {
         deadline: Instant,
     ) -> Result<PoolConnection<Postgres>, Error> {
         let started = Instant::now();
-        match tokio::time::timeout_at(deadline.into(), self.pool.acquire()).await {
-            Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) => Err(self.no_connection(scope, started)),
-            Ok(Err(error)) => Err(error.into()),
+        let pool = self.pool.clone();
+        let mut acquire = tokio::spawn(async move { pool.acquire().await });
+        match tokio::time::timeout_at(deadline.into(), &mut acquire).await {
+            Ok(Ok(Ok(conn))) => Ok(conn),
+            Ok(Ok(Err(error))) if !matches!(error, sqlx::Error::PoolTimedOut) => Err(error.into()),
+            // Too late, timed out in the pool, or the task failed (the runtime is
+            // shutting down): no connection.
+            _ => Err(self.no_connection(scope, started)),
         }
     }
 

@@ -1,6 +1,11 @@
-//! Each scope's share of the pool: how many connections the requests of one scope (a
-//! tenant, an account) may hold at once, so that one scope's flood of slow requests
-//! leaves connections for the others.
+//! Places in the pool: how many requests may hold a connection at once (the pool's
+//! size), and how many of them one scope (a tenant, an account) may hold, so that one
+//! scope's flood of slow requests leaves connections for the others.
+//!
+//! Requests wait for their places here, in queues that a request leaves cleanly when its
+//! wait runs out, and only then ask the pool: a request that gave up in the pool's own
+//! queue could cancel the pool halfway through checking a connection, which closes it,
+//! and under overload the pool would spend its time opening connections again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,9 +15,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::scope::Scope;
 
-/// The shares of one pool.
+/// The places of one pool.
 #[derive(Debug)]
 pub(crate) struct Shares {
+    /// One per connection of the pool.
+    pool: Arc<Semaphore>,
     /// Connections one scope may hold at once; `None` when a scope may hold them all.
     limit: Option<usize>,
     scopes: Mutex<Scopes>,
@@ -25,10 +32,12 @@ struct Scopes {
     prune_at: usize,
 }
 
-/// A scope's place among the connections it may hold; given back when dropped.
+/// A request's place in the pool and among the connections its scope may hold; given
+/// back when dropped.
 #[derive(Debug)]
 pub(crate) struct Place {
-    _permit: Option<OwnedSemaphorePermit>,
+    _scope: Option<OwnedSemaphorePermit>,
+    _pool: OwnedSemaphorePermit,
 }
 
 /// Fewer scopes than this are never pruned.
@@ -48,6 +57,7 @@ impl Shares {
         )]
         let limit = ((pool_size as f64 * share).ceil() as usize).clamp(1, pool_size.max(1));
         Self {
+            pool: Arc::new(Semaphore::new(pool_size.max(1))),
             limit: (limit < pool_size).then_some(limit),
             scopes: Mutex::new(Scopes {
                 places: HashMap::new(),
@@ -62,20 +72,25 @@ impl Shares {
         self.limit
     }
 
-    /// A place for a request of `scope`, waited for until `deadline`; `None` when its
-    /// scope's places stayed taken until then.
+    /// A place for a request of `scope`, waited for until `deadline` (first among its
+    /// scope's places, then in the pool); `None` when none came free in time.
     pub(crate) async fn enter(&self, scope: &Scope, deadline: Instant) -> Option<Place> {
-        let Some(limit) = self.limit else {
-            return Some(Place { _permit: None });
+        let wait = |places: Arc<Semaphore>| async move {
+            match tokio::time::timeout_at(deadline.into(), places.acquire_owned()).await {
+                // The semaphores are never closed.
+                Ok(Ok(permit)) => Some(permit),
+                _ => None,
+            }
         };
-        let places = self.places(scope, limit);
-        match tokio::time::timeout_at(deadline.into(), places.acquire_owned()).await {
-            // The semaphore is never closed.
-            Ok(Ok(permit)) => Some(Place {
-                _permit: Some(permit),
-            }),
-            _ => None,
-        }
+        let scope = match self.limit {
+            Some(limit) => Some(wait(self.places(scope, limit)).await?),
+            None => None,
+        };
+        let pool = wait(Arc::clone(&self.pool)).await?;
+        Some(Place {
+            _scope: scope,
+            _pool: pool,
+        })
     }
 
     /// The semaphore of `scope`'s places, made on first use; idle scopes are forgotten
@@ -142,6 +157,20 @@ mod tests {
             shares.enter(&a, soon()).await.is_some(),
             "a's place came back"
         );
+    }
+
+    #[tokio::test]
+    async fn the_pool_has_as_many_places_as_connections() {
+        let shares = Shares::new(2, 1.0);
+        let (a, b) = (Scope::new("a").unwrap(), Scope::new("b").unwrap());
+        let first = shares.enter(&a, soon()).await.unwrap();
+        let _second = shares.enter(&b, soon()).await.unwrap();
+        assert!(
+            shares.enter(&b, soon()).await.is_none(),
+            "a third place in a pool of 2"
+        );
+        drop(first);
+        assert!(shares.enter(&a, soon()).await.is_some());
     }
 
     #[tokio::test]

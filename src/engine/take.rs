@@ -154,9 +154,10 @@ impl Engine {
         }
     }
 
-    /// Takes a place among the connections the scope may hold and a pooled connection
-    /// (waiting for them until `deadline` at the latest) and, in one round trip, opens a
-    /// transaction on it, tries the key's lock and reads the key's row.
+    /// Takes a place in the pool (and among the connections the scope may hold) and a
+    /// pooled connection, waiting for them until `deadline` at the latest, and, in one
+    /// round trip, opens a transaction on it, tries the key's lock and reads the key's
+    /// row.
     ///
     /// That round trip checks the connection too, so unless the configuration asks for
     /// the pool's checks ([`Config::with_pool_checks`](crate::Config::with_pool_checks)),
