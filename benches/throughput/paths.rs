@@ -404,6 +404,9 @@ impl Operation for Charge {
                     .http
                     .post(&self.url)
                     .header("idempotency-key", downstream_key.to_string())
+                    // What the charge is for: the processor refuses a charge without it.
+                    .header("content-type", "application/json")
+                    .body(format!(r#"{{"amount":{amount},"currency":"EUR"}}"#))
                     .send()
                     .await?
                     .error_for_status()?
