@@ -445,25 +445,44 @@ async fn listing(State(state): State<AppState>) -> String {
 /// The layer on a whole router, as most users add a tower layer (`Router::layer`): POST
 /// and a GET on `/items`, and the router's fallback.
 async fn whole_router_app() -> Result<(TestDatabase, Arc<AtomicUsize>, Server)> {
+    let scope = scope_from_header(
+        HeaderName::from_static("x-account-id"),
+        Some(Scope::new("default").unwrap()),
+    );
+    layered_app(
+        pg_idempotency::Config::default(),
+        Router::new().route("/items", post(widget).get(listing)),
+        |store| IdempotencyLayer::new(store, scope),
+    )
+    .await
+}
+
+/// `routes` on a fresh database with a `widgets` table, behind one layer on the whole
+/// router, made by `layer` from a store with `config`; the runs of the handlers counted.
+async fn layered_app(
+    config: pg_idempotency::Config,
+    routes: Router<AppState>,
+    layer: impl FnOnce(IdempotencyStore) -> IdempotencyLayer,
+) -> Result<(TestDatabase, Arc<AtomicUsize>, Server)> {
     let db = TestDatabase::create().await?;
     sqlx::raw_sql("CREATE TABLE widgets (id bigserial PRIMARY KEY, note text NOT NULL)")
         .execute(db.pool())
         .await?;
     let runs = Arc::new(AtomicUsize::new(0));
-    let store = IdempotencyStore::new(db.pool().clone());
-    let scope = scope_from_header(
-        HeaderName::from_static("x-account-id"),
-        Some(Scope::new("default").unwrap()),
-    );
-    let app = Router::new()
-        .route("/items", post(widget).get(listing))
+    let store = IdempotencyStore::with_config(db.pool().clone(), config);
+    let app = routes
         .with_state(AppState {
             runs: Arc::clone(&runs),
             pool: db.pool().clone(),
         })
-        .layer(IdempotencyLayer::new(store, scope));
+        .layer(layer(store));
     let server = Server::start(app).await?;
     Ok((db, runs, server))
+}
+
+/// Every request in the scope `default`.
+fn default_scope(_: &axum::http::request::Parts) -> Result<Scope, pg_idempotency::ScopeError> {
+    Scope::new("default")
 }
 
 #[tokio::test]
@@ -799,29 +818,17 @@ async fn an_exhausted_pool_is_a_503_problem_at_the_connection_wait() -> Result<(
 
 #[tokio::test]
 async fn the_body_budget_bounds_what_is_buffered_at_once() -> Result<()> {
-    let db = TestDatabase::create().await?;
-    sqlx::raw_sql("CREATE TABLE widgets (id bigserial PRIMARY KEY, note text NOT NULL)")
-        .execute(db.pool())
-        .await?;
-    let store = IdempotencyStore::with_config(
-        db.pool().clone(),
-        pg_idempotency::Config::default().with_connection_wait(Duration::from_millis(200)),
-    );
     let budget = BodyBudget::new(100);
-    let layer = IdempotencyLayer::new(store, |_: &axum::http::request::Parts| {
-        Scope::new("default")
-    })
-    .with_body_limit(64)
-    .with_body_budget(budget.clone());
-    let runs = Arc::new(AtomicUsize::new(0));
-    let app = Router::new()
-        .route("/items", post(widget))
-        .with_state(AppState {
-            runs: Arc::clone(&runs),
-            pool: db.pool().clone(),
-        })
-        .layer(layer);
-    let server = Server::start(app).await?;
+    let (db, runs, server) = layered_app(
+        pg_idempotency::Config::default().with_connection_wait(Duration::from_millis(200)),
+        Router::new().route("/items", post(widget)),
+        |store| {
+            IdempotencyLayer::new(store, default_scope)
+                .with_body_limit(64)
+                .with_body_budget(budget.clone())
+        },
+    )
+    .await?;
     let url = server.url("/items");
     let body = |byte: char, len: usize| byte.to_string().repeat(len);
 
@@ -1222,24 +1229,12 @@ async fn large(State(state): State<AppState>, mut tx: IdempotentTx, body: Bytes)
 
 #[tokio::test]
 async fn a_response_over_the_cap_is_sent_whole_and_replayed_without_its_body() -> Result<()> {
-    let db = TestDatabase::create().await?;
-    sqlx::raw_sql("CREATE TABLE widgets (id bigserial PRIMARY KEY, note text NOT NULL)")
-        .execute(db.pool())
-        .await?;
-    let runs = Arc::new(AtomicUsize::new(0));
-    let store = IdempotencyStore::new(db.pool().clone());
-    let layer = IdempotencyLayer::new(store, |_: &axum::http::request::Parts| {
-        Scope::new("default")
-    })
-    .with_stored_body_cap(4096);
-    let app = Router::new()
-        .route("/large", post(large))
-        .with_state(AppState {
-            runs: Arc::clone(&runs),
-            pool: db.pool().clone(),
-        })
-        .layer(layer);
-    let server = Server::start(app).await?;
+    let (db, runs, server) = layered_app(
+        pg_idempotency::Config::default(),
+        Router::new().route("/large", post(large)),
+        |store| IdempotencyLayer::new(store, default_scope).with_stored_body_cap(4096),
+    )
+    .await?;
     let post = async |key: &str, len: usize| {
         post_to(server.url("/large"), key.to_owned(), &[], &len.to_string()).await
     };
@@ -1296,12 +1291,6 @@ async fn a_response_over_the_cap_is_sent_whole_and_replayed_without_its_body() -
 
 #[tokio::test]
 async fn the_ietf_dialect_answers_422_and_names_its_replay_headers() -> Result<()> {
-    let db = TestDatabase::create().await?;
-    sqlx::raw_sql("CREATE TABLE widgets (id bigserial PRIMARY KEY, note text NOT NULL)")
-        .execute(db.pool())
-        .await?;
-    let runs = Arc::new(AtomicUsize::new(0));
-    let store = IdempotencyStore::new(db.pool().clone());
     let in_flight = *ProblemCatalogue::ietf().kind(Situation::InFlight);
     let dialect = Dialect::ietf().with_problem(
         Situation::InFlight,
@@ -1310,20 +1299,17 @@ async fn the_ietf_dialect_answers_422_and_names_its_replay_headers() -> Result<(
             ..in_flight
         },
     );
-    let layer = IdempotencyLayer::new(store, |_: &axum::http::request::Parts| {
-        Scope::new("default")
-    })
-    .with_key_policy(KeyPolicy::Opaque)
-    .with_in_flight_wait(Duration::ZERO)
-    .with_dialect(dialect);
-    let app = Router::new()
-        .route("/items", post(widget))
-        .with_state(AppState {
-            runs: Arc::clone(&runs),
-            pool: db.pool().clone(),
-        })
-        .layer(layer);
-    let server = Server::start(app).await?;
+    let (db, runs, server) = layered_app(
+        pg_idempotency::Config::default(),
+        Router::new().route("/items", post(widget)),
+        |store| {
+            IdempotencyLayer::new(store, default_scope)
+                .with_key_policy(KeyPolicy::Opaque)
+                .with_in_flight_wait(Duration::ZERO)
+                .with_dialect(dialect)
+        },
+    )
+    .await?;
     let url = server.url("/items");
 
     let first = post_to(url.clone(), "k-1".into(), &[], "a").await?;

@@ -17,7 +17,7 @@ use axum::http::{HeaderName, StatusCode};
 use pg_idempotency::axum::{Dialect, IdempotencyLayer, IdempotencyPolicy, scope_from_header};
 use pg_idempotency::{IdempotencyStore, KeyPolicy, Problem, Scope};
 use serde_json::{Value, json};
-use support::{Answer, Server, client};
+use support::{Answer, PROBLEM_FIELDS, Server, client};
 use utoipa::Modify;
 use utoipa::openapi::OpenApi;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
@@ -215,25 +215,13 @@ async fn a_seed_layer_publishes_its_key_statuses_headers_and_expiry() -> Result<
     ensure!(headers(read, "200").is_empty());
 
     let problem = &document["components"]["schemas"]["Problem"];
-    let fields: Vec<&String> = problem["properties"]
+    let fields: Vec<&str> = problem["properties"]
         .as_object()
         .context("no properties")?
         .keys()
+        .map(String::as_str)
         .collect();
-    ensure!(
-        fields
-            == [
-                "advice_code",
-                "code",
-                "detail",
-                "param",
-                "request_id",
-                "status",
-                "title",
-                "type"
-            ],
-        "{fields:?}"
-    );
+    ensure!(fields == PROBLEM_FIELDS, "{fields:?}");
     ensure!(
         problem["required"]
             == json!([

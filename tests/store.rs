@@ -366,11 +366,7 @@ async fn a_duplicate_of_a_local_holder_needs_no_connection() -> Result<()> {
     let pool = setup().await?;
     // One connection, which the holder takes: a duplicate that asked the pool for one
     // would wait the pool's timeout and fail with it.
-    let single = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect_with(pool.connect_options().as_ref().clone())
-        .await?;
+    let single = small_pool(&pool, 1).await?;
     let store = IdempotencyStore::with_config(
         single,
         Config::default().with_in_flight_wait(Duration::from_millis(100)),
@@ -395,12 +391,9 @@ async fn a_duplicate_of_a_local_holder_needs_no_connection() -> Result<()> {
 #[tokio::test]
 async fn a_request_without_a_free_connection_is_told_so_within_its_wait() -> Result<()> {
     let pool = setup().await?;
-    // One connection, which a claim holds; the pool itself would wait 30 s.
-    let single = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect_with(pool.connect_options().as_ref().clone())
-        .await?;
+    // One connection, which a claim holds; the pool itself would wait 2 s, and fail
+    // with its own timeout.
+    let single = small_pool(&pool, 1).await?;
     let store = IdempotencyStore::with_config(
         single,
         Config::default().with_connection_wait(Duration::from_millis(100)),
@@ -435,10 +428,7 @@ async fn a_request_without_a_free_connection_is_told_so_within_its_wait() -> Res
 #[tokio::test]
 async fn one_scope_cannot_take_every_connection() -> Result<()> {
     let pool = setup().await?;
-    let four = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(pool.connect_options().as_ref().clone())
-        .await?;
+    let four = small_pool(&pool, 4).await?;
     // Half of the pool per scope (the default share).
     let store = IdempotencyStore::with_config(
         four,

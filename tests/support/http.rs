@@ -59,6 +59,18 @@ pub fn new_key() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// The fields of every problem body, sorted.
+pub const PROBLEM_FIELDS: [&str; 8] = [
+    "advice_code",
+    "code",
+    "detail",
+    "param",
+    "request_id",
+    "status",
+    "title",
+    "type",
+];
+
 /// A response read whole.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -109,20 +121,7 @@ impl Answer {
         let object = json.as_object().context("problem is not an object")?;
         let mut fields: Vec<&str> = object.keys().map(String::as_str).collect();
         fields.sort_unstable();
-        ensure!(
-            fields
-                == [
-                    "advice_code",
-                    "code",
-                    "detail",
-                    "param",
-                    "request_id",
-                    "status",
-                    "title",
-                    "type"
-                ],
-            "problem fields: {fields:?}"
-        );
+        ensure!(fields == PROBLEM_FIELDS, "problem fields: {fields:?}");
         ensure!(json["status"] == status, "status field {}", json["status"]);
         ensure!(
             json["code"] == code,
