@@ -25,8 +25,6 @@
 //! (default 2000: the suite's `short-ttl` capability), answers a duplicate of a request
 //! still in flight at once (no in-flight wait), and stores response bodies up to 1 MiB.
 
-use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -45,6 +43,9 @@ use pg_idempotency::testing::TestDatabase;
 use pg_idempotency::{Config, IdempotencyStore, KeyPolicy, Scope};
 use serde::Deserialize;
 use sqlx::PgPool;
+
+#[path = "common/serve.rs"]
+mod serve;
 
 /// The anyonce conformance fixture on pg-idempotency's axum layer.
 #[derive(Debug, Parser)]
@@ -193,28 +194,13 @@ async fn main() -> Result<()> {
         pool: pool.clone(),
     };
 
-    let listener =
-        tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, args.port)))
-            .await
-            .with_context(|| format!("binding 127.0.0.1:{}", args.port))?;
-    println!("listening on http://{}", listener.local_addr()?);
-    std::io::stdout().flush()?;
+    let listener = serve::listen(args.port).await?;
     let served = axum::serve(listener, router(store, dialect, fixture))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(serve::shutdown_signal())
         .await;
     pool.close().await;
     if let Some(database) = throwaway {
         database.close().await?;
     }
     served.context("serving HTTP")
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        Some(()) = async { terminate.as_mut()?.recv().await } => {}
-    }
 }

@@ -47,9 +47,10 @@ mod app;
 #[path = "../processor/fake.rs"]
 mod fake_processor;
 mod pause;
+#[path = "../common/serve.rs"]
+mod serve;
 
-use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -132,17 +133,10 @@ async fn main() -> Result<()> {
         .with_options(CompleterOptions::default().with_interval(Duration::from_secs(1)))
         .spawn();
 
-    let listener =
-        tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, args.port)))
-            .await
-            .with_context(|| format!("binding 127.0.0.1:{}", args.port))?;
-    let address = listener.local_addr()?;
-    // The one line on stdout: the port is known and connections are accepted from now on.
-    println!("listening on http://{address}");
-    std::io::stdout().flush()?;
+    let listener = serve::listen(args.port).await?;
 
     let served = axum::serve(listener, app::router(store, charges))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(serve::shutdown_signal())
         .await;
 
     let swept = sweeper.stop().await;
@@ -154,33 +148,4 @@ async fn main() -> Result<()> {
     served.context("serving HTTP")?;
     tracing::info!(swept, completed = completed.completed, "stopped");
     Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        result = interrupt => {
-            if let Err(error) = result {
-                tracing::warn!(%error, "cannot listen for SIGINT");
-                std::future::pending::<()>().await;
-            }
-        }
-        () = terminate => {}
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
 }

@@ -13,9 +13,9 @@
 //! in memory until the process ends, so restarting the payments demo does not reset it.
 
 mod fake;
+#[path = "../common/serve.rs"]
+mod serve;
 
-use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -36,16 +36,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let listener =
-        tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, args.port)))
-            .await
-            .with_context(|| format!("binding 127.0.0.1:{}", args.port))?;
-    println!("listening on http://{}", listener.local_addr()?);
-    std::io::stdout().flush()?;
+    let listener = serve::listen(args.port).await?;
     axum::serve(listener, fake::router(Duration::from_millis(args.delay_ms)))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(serve::shutdown_signal())
         .await
         .context("serving HTTP")
 }
