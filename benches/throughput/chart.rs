@@ -1,13 +1,16 @@
-//! The TPS chart (SVG, with plotters): bare, the floor, the zero2prod shape and the
-//! first request against the client count.
+//! The charts (SVG, with plotters): TPS of bare, the floor, the zero2prod shape and the
+//! first request against the client count, and the first request against the table's
+//! size.
 
 use std::path::Path as FsPath;
 
 use anyhow::Result;
 
 use crate::paths::{Cell, Path};
-use crate::report::Row;
+use crate::report::{Growth, Row};
 use crate::server::{Server, cores};
+use crate::soak::Sample;
+use crate::table::Settings;
 
 pub fn draw(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -> Result<()> {
     use plotters::prelude::*;
@@ -106,6 +109,195 @@ pub fn draw(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -> 
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK.mix(0.4))
         .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// The growth chart (SVG): what the first request keeps on each table size of its
+/// throughput on the smallest ([`Growth::kept`]), and its TPS as a fraction of bare's,
+/// a line each per settings.
+pub fn draw_growth(file: &FsPath, growth: &[Growth], server: &Server) -> Result<()> {
+    use plotters::prelude::*;
+
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let millions = |rows: i64| rows as f64 / 1e6;
+    let widest = growth
+        .iter()
+        .map(|g| millions(g.table.rows))
+        .fold(1.0_f64, f64::max);
+    let root = SVGBackend::new(file, (820, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let caption = format!(
+        "First request against the table's size (PostgreSQL {}, {} cores)",
+        server.version.split_whitespace().nth(1).unwrap_or("?"),
+        cores(),
+    );
+    let mut chart = ChartBuilder::on(&root)
+        .caption(caption, ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0.0..widest * 1.05, 0.0..1.2)?;
+    chart
+        .configure_mesh()
+        .light_line_style(TRANSPARENT)
+        .x_desc("live keys in idempotency_keys (millions)")
+        .y_desc("ratio")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    let mut settings: Vec<Settings> = growth.iter().map(|g| g.table.settings).collect();
+    settings.dedup();
+    let colors = [
+        RGBColor(33, 102, 172),
+        RGBColor(214, 96, 77),
+        RGBColor(90, 174, 97),
+    ];
+    for (i, &which) in settings.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        let points = |ratio: fn(&Growth) -> f64| -> Vec<(f64, f64)> {
+            growth
+                .iter()
+                .filter(|g| g.table.settings == which)
+                .map(|g| (millions(g.table.rows), ratio(g)))
+                .collect()
+        };
+        for (ratio, style, label) in [
+            (
+                (|g: &Growth| g.kept) as fn(&Growth) -> f64,
+                color.stroke_width(3),
+                "kept (x bare / x bare on the smallest table)",
+            ),
+            (
+                |g: &Growth| g.ratio_to_bare,
+                color.mix(0.5).stroke_width(2),
+                "TPS / bare's TPS",
+            ),
+        ] {
+            let line = points(ratio);
+            chart
+                .draw_series(LineSeries::new(line.clone(), style))?
+                .label(format!("{} settings: {label}", which.name()))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
+            chart.draw_series(line.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.4))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// The soak chart (SVG): over the soak's minutes, a panel each for the requests per
+/// second answered, their p99, the table's sizes, and its dead and expired rows.
+pub fn draw_soak(file: &FsPath, samples: &[Sample], rate: f64, server: &Server) -> Result<()> {
+    use plotters::prelude::*;
+
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let minutes = |s: &Sample| s.at_secs / 60.0;
+    let end = samples.last().map_or(1.0, minutes);
+    let mb = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
+    let root = SVGBackend::new(file, (820, 960)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(
+        &format!(
+            "Soak: {rate:.0} first requests/s, the default sweeper (PostgreSQL {}, {} cores)",
+            server.version.split_whitespace().nth(1).unwrap_or("?"),
+            cores()
+        ),
+        ("sans-serif", 20),
+    )?;
+    let panels = root.split_evenly((4, 1));
+    type Series<'a> = (&'a str, RGBColor, Box<dyn Fn(&Sample) -> f64>);
+    let blue = RGBColor(33, 102, 172);
+    let red = RGBColor(214, 96, 77);
+    let green = RGBColor(90, 174, 97);
+    let specs: [(&str, Vec<Series>); 4] = [
+        (
+            "answered per second",
+            vec![(
+                "first requests answered per second",
+                blue,
+                Box::new(|s| s.tps),
+            )],
+        ),
+        ("ms", vec![("p99 latency", red, Box::new(|s| s.p99_ms))]),
+        (
+            "MB",
+            vec![
+                ("heap", blue, Box::new(move |s| mb(s.sizes.heap))),
+                (
+                    "primary key",
+                    red,
+                    Box::new(move |s| mb(s.sizes.primary_key)),
+                ),
+                (
+                    "expires_at index",
+                    green,
+                    Box::new(move |s| mb(s.sizes.expires_at)),
+                ),
+            ],
+        ),
+        (
+            "thousand rows",
+            vec![
+                ("live rows", blue, Box::new(|s| s.live_rows as f64 / 1000.0)),
+                ("dead rows", red, Box::new(|s| s.dead_rows as f64 / 1000.0)),
+                (
+                    "expired, not yet swept",
+                    green,
+                    Box::new(|s| s.expired_rows as f64 / 1000.0),
+                ),
+            ],
+        ),
+    ];
+    for (panel, (unit, series)) in panels.iter().zip(specs) {
+        let top = series
+            .iter()
+            .flat_map(|(_, _, value)| samples.iter().map(value))
+            .fold(0.0_f64, f64::max)
+            * 1.2;
+        let mut chart = ChartBuilder::on(panel)
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.0..end, 0.0..top.max(1.0))?;
+        chart
+            .configure_mesh()
+            .light_line_style(TRANSPARENT)
+            .x_desc("minutes")
+            .y_desc(unit)
+            .label_style(("sans-serif", 12))
+            .draw()?;
+        for (label, color, value) in series {
+            chart
+                .draw_series(LineSeries::new(
+                    samples.iter().map(|s| (minutes(s), value(s))),
+                    color.stroke_width(2),
+                ))?
+                .label(label)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 12))
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK.mix(0.4))
+            .draw()?;
+    }
     root.present()?;
     Ok(())
 }

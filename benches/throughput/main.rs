@@ -31,8 +31,22 @@
 //!   `--response-sizes` bytes.
 //!
 //! Then `in flight`: how long a duplicate waits before [`Error::InFlight`], and
-//! `sweeper`: rows per second on its own, and `first_request` writers with and without
-//! the default [`Sweeper`].
+//! `sweeper`: rows per second on its own, the `VACUUM` after it, and `first_request`
+//! writers with and without the default [`Sweeper`].
+//!
+//! The table's size: `--rows 0,10000000,50000000` runs the grid and the sweeper once per
+//! size, on `idempotency_keys` filled with that many live keys (a day of first requests:
+//! random UUID v4 keys over 1,000 scopes, `table.rs`), and `--settings default,production`
+//! once per size under each of the server settings (restarting the throwaway cluster in
+//! between; `DATABASE_URL`'s server is measured as it is). Each result carries the
+//! table's `rows`, `settings` and sizes; `--growth-svg` draws the first request's TPS
+//! against the table's size.
+//!
+//! ```text
+//! cargo bench --bench throughput -- --quick --sections grid,sweeper \
+//!     --paths floor,first-request,replay --response-sizes 0 \
+//!     --rows 0,10000000,50000000 --settings default,production --growth-svg docs/growth.svg
+//! ```
 //!
 //! The server: `DATABASE_URL` (or `--database-url`) if set, else a throwaway local
 //! cluster with fsync on (`pg_idempotency::testing::LocalCluster`, from the installed
@@ -46,6 +60,8 @@ mod meters;
 mod paths;
 mod report;
 mod server;
+mod soak;
+mod table;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,6 +76,8 @@ use crate::meters::Meter;
 use crate::paths::{Cell, Ctx, MAX_RESPONSE_SIZE, Path, grid, in_flight, sweeper};
 use crate::report::{Report, Results};
 use crate::server::{Database, cores, describe_server, load_average, open_all, redact};
+use crate::soak::{SoakPlan, soak};
+use crate::table::{Settings, Sizes, Table};
 
 /// Measures every path of pg-idempotency against a bare transaction and the zero2prod
 /// shape, on real PostgreSQL.
@@ -92,7 +110,24 @@ struct Args {
     /// (the response-size sweep), comma-separated; `0` for none.
     #[arg(long, value_delimiter = ',', default_value = "100,1024,10240,102400")]
     response_sizes: Vec<usize>,
-    /// Sections to run, comma-separated, from `grid`, `in-flight`, `sweeper`.
+    /// First requests per second of the soak.
+    #[arg(long, default_value_t = 1000.0)]
+    soak_rate: f64,
+    /// The soak's TTL in seconds (a day compressed).
+    #[arg(long, default_value_t = 60)]
+    soak_ttl: u64,
+    /// Minutes the soak runs.
+    #[arg(long, default_value_t = 15.0)]
+    soak_minutes: f64,
+    /// Seconds between the soak's samples of the table.
+    #[arg(long, default_value_t = 10)]
+    soak_sample: u64,
+    /// Draw the soak's samples (SVG) to this file.
+    #[arg(long)]
+    soak_svg: Option<PathBuf>,
+    /// Sections to run, comma-separated, from `grid`, `in-flight`, `sweeper`, `soak`
+    /// (first requests at `--soak-rate` for `--soak-minutes` with a TTL of `--soak-ttl`
+    /// and the default sweeper, on the first table; not in the default).
     #[arg(long, value_delimiter = ',', default_value = "grid,in-flight,sweeper")]
     sections: Vec<Section>,
     /// Write the results as JSON to this file.
@@ -111,6 +146,18 @@ struct Args {
     /// every path alike).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     ping_before_acquire: bool,
+    /// Table sizes in live keys, comma-separated: the grid and the sweeper run once per
+    /// size, on `idempotency_keys` filled up to it (ascending; each fill adds to the last).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    rows: Vec<i64>,
+    /// Server settings to measure each table size under, comma-separated, from `as-is`,
+    /// `default` and `production`; anything but `as-is` restarts the throwaway cluster
+    /// with those settings, so it needs that cluster (no `DATABASE_URL`).
+    #[arg(long, value_delimiter = ',', default_value = "as-is")]
+    settings: Vec<Settings>,
+    /// Draw the first request's TPS against the table's size (SVG) to this file.
+    #[arg(long)]
+    growth_svg: Option<PathBuf>,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -121,6 +168,7 @@ enum Section {
     Grid,
     InFlight,
     Sweeper,
+    Soak,
 }
 
 #[tokio::main]
@@ -148,6 +196,19 @@ async fn main() -> Result<()> {
             .then(|| PathBuf::from("docs/throughput.svg"))
     });
 
+    let mut table_rows = args.rows.clone();
+    table_rows.sort_unstable();
+    table_rows.dedup();
+    ensure!(
+        table_rows.first().is_some_and(|&rows| rows >= 0),
+        "--rows takes sizes of 0 and more"
+    );
+    ensure!(
+        args.database_url.is_none() || args.settings.iter().all(|s| *s == Settings::AsIs),
+        "--settings default or production restarts the server: they need the throwaway \
+         cluster, so leave DATABASE_URL unset (its server is measured as-is)"
+    );
+
     // 64 clients, plus the in-flight pair and the sweeper, plus headroom.
     let max_clients = clients.iter().copied().max().unwrap_or(16).max(16);
     let pool_size = u32::try_from(max_clients + 8)?;
@@ -169,21 +230,12 @@ async fn main() -> Result<()> {
             )
         }
     };
-    let db = Database::create(&url, pool_size, args.ping_before_acquire).await?;
-    let pool = db.pool.clone();
-    let server = describe_server(&pool, description).await?;
+    let mut db = Database::create(&url, pool_size, args.ping_before_acquire).await?;
+    let server = describe_server(&db.pool, description).await?;
     let load_before = load_average();
     println!("server:   {}", server.description);
     println!("          {}", server.version);
-    println!(
-        "settings: {}",
-        server
-            .settings
-            .iter()
-            .map(|(n, v)| format!("{n}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("settings: {}", server.settings_line());
     println!("machine:  {} cores, load average {load_before}", cores());
     println!(
         "run:      {}clients {clients:?}, {rounds} rounds of {seconds} s slices, pool of {pool_size}{}",
@@ -202,88 +254,161 @@ async fn main() -> Result<()> {
     tokio::spawn(
         async move { axum::serve(processor, fake_processor::router(Duration::ZERO)).await },
     );
-    let ctx = Arc::new(Ctx::new(pool.clone(), processor_url));
-    open_all(&pool, pool_size).await?;
-    let meter = Meter::new(&pool).await?;
 
-    let mut rows = Vec::new();
-    if args.sections.contains(&Section::Grid) {
-        eprintln!("the grid:");
-        let paths: Vec<Path> = Path::ALL
-            .into_iter()
-            .filter(|p| *p == Path::Bare || args.paths.as_ref().is_none_or(|only| only.contains(p)))
-            .collect();
-        if paths.contains(&Path::Replay) || paths.contains(&Path::Conflict) {
-            ensure!(
-                paths.contains(&Path::FirstRequest),
-                "replay and conflict need first-request"
-            );
+    let mut results = Results {
+        rows: Vec::new(),
+        flights: Vec::new(),
+        sweeps: Vec::new(),
+        fills: Vec::new(),
+        soak: Vec::new(),
+    };
+    let mut filled = 0;
+    let mut meter = None;
+    for &rows in &table_rows {
+        if rows > filled {
+            eprintln!("filling idempotency_keys to {rows} live keys");
+            let secs = table::fill(&db.pool, filled, rows).await?;
+            eprintln!("  done in {secs:.0} s");
+            results.fills.push((rows, secs));
+            filled = rows;
         }
-        let sizes: Vec<usize> = args
-            .response_sizes
-            .iter()
-            .copied()
-            .filter(|&s| s > 0)
-            .collect();
-        ensure!(
-            sizes.iter().all(|&size| size <= MAX_RESPONSE_SIZE),
-            "response sizes go up to {MAX_RESPONSE_SIZE} bytes"
-        );
-        let mut cells: Vec<Cell> = paths.iter().copied().map(Cell::usual).collect();
-        for &size in &sizes {
-            cells.extend(paths.iter().filter(|path| path.sized()).map(|&path| Cell {
-                path,
-                size: Some(size),
-            }));
+        for &settings in &args.settings {
+            if settings.write(&db.pool).await? {
+                let cluster = cluster
+                    .as_ref()
+                    .context("--settings needs the throwaway cluster")?;
+                eprintln!(
+                    "restarting the server with the {} settings",
+                    settings.name()
+                );
+                db.pool.close().await;
+                tokio::task::block_in_place(|| cluster.restart())?;
+                db.reconnect().await?;
+                table::prewarm(&db.pool).await?;
+                let now = describe_server(&db.pool, String::new()).await?;
+                eprintln!("  {}", now.settings_line());
+            }
+            let table = Table {
+                rows,
+                settings,
+                sizes: Sizes::read(&db.pool).await?,
+            };
+            let pool = db.pool.clone();
+            let ctx = Arc::new(Ctx::new(pool.clone(), processor_url.clone()));
+            open_all(&pool, pool_size).await?;
+            let block_meter = Meter::new(&pool).await?;
+            if table_rows.len() > 1 || args.settings.len() > 1 {
+                eprintln!("table: {rows} live keys, {} settings", settings.name());
+            }
+            if args.sections.contains(&Section::Grid) {
+                eprintln!("the grid:");
+                let cells = cells(&args)?;
+                results.rows.extend(
+                    grid(&ctx, &block_meter, table, &cells, &clients, rounds, seconds).await?,
+                );
+            }
+            if args.sections.contains(&Section::InFlight) && results.flights.is_empty() {
+                eprintln!("path 7: in flight");
+                results.flights = in_flight(
+                    &ctx,
+                    &[Duration::from_millis(50), Duration::from_millis(200)],
+                    in_flight_reps,
+                )
+                .await?;
+            }
+            if args.sections.contains(&Section::Sweeper) {
+                eprintln!("path 8: sweeper");
+                results
+                    .sweeps
+                    .push(sweeper(&ctx, &block_meter, table, sweep_rows, sweeper_seconds).await?);
+            }
+            if args.sections.contains(&Section::Soak) && meter.is_none() {
+                let plan = SoakPlan {
+                    rate: args.soak_rate,
+                    ttl: Duration::from_secs(args.soak_ttl),
+                    duration: Duration::from_secs_f64(args.soak_minutes * 60.0),
+                    sample_every: Duration::from_secs(args.soak_sample),
+                };
+                eprintln!(
+                    "soak: {} first requests/s for {} min, TTL {} s, the default sweeper",
+                    plan.rate, args.soak_minutes, args.soak_ttl
+                );
+                results.soak = soak(&pool, &processor_url, plan).await?;
+            }
+            meter = Some(block_meter);
         }
-        rows = grid(&ctx, &meter, &cells, &clients, rounds, seconds).await?;
-    }
-    let mut flights = Vec::new();
-    if args.sections.contains(&Section::InFlight) {
-        eprintln!("path 7: in flight");
-        flights = in_flight(
-            &ctx,
-            &[Duration::from_millis(50), Duration::from_millis(200)],
-            in_flight_reps,
-        )
-        .await?;
-    }
-    let mut sweep = None;
-    if args.sections.contains(&Section::Sweeper) {
-        eprintln!("path 8: sweeper");
-        sweep = Some(sweeper(&ctx, &meter, sweep_rows, sweeper_seconds).await?);
     }
     let load_after = load_average();
+    let meter = meter.context("nothing ran")?;
 
-    let report = Report::new(
-        Results {
-            rows,
-            flights,
-            sweep,
-        },
-        &meter,
-        &load_before,
-        &load_after,
-        total,
-    )?;
+    let report = Report::new(results, &meter, &load_before, &load_after, total)?;
     print!("{}", report.text);
 
     if let Some(file) = &args.json {
-        let run = json!({ "quick": args.quick, "clients": clients, "rounds": rounds, "slice_seconds": seconds, "response_sizes": args.response_sizes, "ping_before_acquire": args.ping_before_acquire });
+        let run = json!({ "quick": args.quick, "clients": clients, "rounds": rounds, "slice_seconds": seconds, "response_sizes": args.response_sizes, "ping_before_acquire": args.ping_before_acquire, "rows": table_rows, "settings": args.settings.iter().map(|s| s.name()).collect::<Vec<_>>() });
         let doc = report.json(&server, run);
         std::fs::write(file, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("writing {}", file.display()))?;
         println!("wrote {}", file.display());
     }
     if let Some(file) = &svg {
-        if report.results.rows.is_empty() {
+        // The chart of the client counts: the first table and settings.
+        let first: Vec<_> = report
+            .results
+            .rows
+            .iter()
+            .filter(|r| Some(r.table) == report.results.rows.first().map(|f| f.table))
+            .cloned()
+            .collect();
+        if first.is_empty() {
             eprintln!("no chart: the grid did not run");
         } else {
-            chart::draw(file, &report.results.rows, &clients, &server)?;
+            chart::draw(file, &first, &clients, &server)?;
             println!("wrote {}", file.display());
         }
+    }
+    if let Some(file) = &args.soak_svg {
+        chart::draw_soak(file, &report.results.soak, args.soak_rate, &server)?;
+        println!("wrote {}", file.display());
+    }
+    if let Some(file) = &args.growth_svg {
+        chart::draw_growth(file, &report.growth(), &server)?;
+        println!("wrote {}", file.display());
     }
     db.drop_now().await?;
     drop(cluster);
     Ok(())
+}
+
+/// The grid's cells: the paths asked for (`bare` always), then the sized ones at each
+/// response size.
+fn cells(args: &Args) -> Result<Vec<Cell>> {
+    let paths: Vec<Path> = Path::ALL
+        .into_iter()
+        .filter(|p| *p == Path::Bare || args.paths.as_ref().is_none_or(|only| only.contains(p)))
+        .collect();
+    if paths.contains(&Path::Replay) || paths.contains(&Path::Conflict) {
+        ensure!(
+            paths.contains(&Path::FirstRequest),
+            "replay and conflict need first-request"
+        );
+    }
+    let sizes: Vec<usize> = args
+        .response_sizes
+        .iter()
+        .copied()
+        .filter(|&s| s > 0)
+        .collect();
+    ensure!(
+        sizes.iter().all(|&size| size <= MAX_RESPONSE_SIZE),
+        "response sizes go up to {MAX_RESPONSE_SIZE} bytes"
+    );
+    let mut cells: Vec<Cell> = paths.iter().copied().map(Cell::usual).collect();
+    for &size in &sizes {
+        cells.extend(paths.iter().filter(|path| path.sized()).map(|&path| Cell {
+            path,
+            size: Some(size),
+        }));
+    }
+    Ok(cells)
 }

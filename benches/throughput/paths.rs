@@ -19,6 +19,7 @@ use sqlx::types::Json;
 
 use crate::meters::{Meter, Tally};
 use crate::report::Row;
+use crate::table::{SCOPES, Table};
 
 /// The paths of the grid, in the order of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -124,8 +125,13 @@ impl Ctx {
     /// The paths on `pool`; the phased one calls the fake card processor at
     /// `processor_url`.
     pub fn new(pool: PgPool, processor_url: String) -> Self {
+        Self::with_config(pool, processor_url, Config::default())
+    }
+
+    /// [`Ctx::new`] with a store of this configuration.
+    pub fn with_config(pool: PgPool, processor_url: String, config: Config) -> Self {
         Self {
-            store: IdempotencyStore::new(pool.clone()),
+            store: IdempotencyStore::with_config(pool.clone(), config),
             charge: Charge {
                 http: reqwest::Client::new(),
                 url: format!("{processor_url}/charge"),
@@ -151,7 +157,7 @@ impl Ctx {
 
 /// The response of operation `n` of `client`: about 70 bytes, or exactly `size` bytes
 /// (the start of an order with line items, see [`line_items`]).
-fn response(client: usize, n: u64, size: Option<usize>) -> StoredResponse {
+pub fn response(client: usize, n: u64, size: Option<usize>) -> StoredResponse {
     let head =
         format!(r#"{{"id":"pay_{client}_{n}","status":"paid","amount":1000,"currency":"EUR""#);
     let body = match size {
@@ -197,7 +203,7 @@ fn new_key() -> IdempotencyKey {
 /// The business writes of a path: one payment, or the realistic transaction's four
 /// statements.
 #[derive(Debug, Clone, Copy)]
-enum Writes {
+pub enum Writes {
     /// `INSERT INTO payments`.
     Payment,
     /// Insert a payment, update the account's balance row, insert a ledger row and an
@@ -261,12 +267,12 @@ async fn bare(ctx: &Ctx, account: &str, writes: Writes) -> Result<()> {
 /// The floor: bare plus the key row (the columns `idempotency_keys` holds for a first
 /// request) inserted in the same transaction, in one string with `COMMIT`; no lock, no
 /// lookup. The least that storing a response with the business write can cost.
-async fn floor(ctx: &Ctx, scope: &Scope, response: &StoredResponse) -> Result<()> {
+async fn floor(ctx: &Ctx, scope: &Scope, account: &str, response: &StoredResponse) -> Result<()> {
     let key = new_key();
     let fingerprint = IdempotentRequest::new("POST", ROUTE, BODY).fingerprint();
     let mut conn = ctx.pool.acquire().await?;
     sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
-    Writes::Payment.run(&mut *conn, scope.as_str()).await?;
+    Writes::Payment.run(&mut *conn, account).await?;
     // The values are this benchmark's own (an ASCII scope, a UUID, hex), so they are
     // spelled into the string as they are.
     let insert = format!(
@@ -297,6 +303,7 @@ fn hex(bytes: &[u8]) -> String {
 async fn zero2prod(
     ctx: &Ctx,
     scope: &Scope,
+    account: &str,
     writes: Writes,
     response: &StoredResponse,
 ) -> Result<()> {
@@ -316,7 +323,7 @@ async fn zero2prod(
     .await?
     .rows_affected();
     ensure!(claimed == 1, "zero2prod: fresh key not claimed");
-    writes.run(&mut *tx, scope.as_str()).await?;
+    writes.run(&mut *tx, account).await?;
     sqlx::query(
         "UPDATE idem_z2p SET status = $3, headers = $4, body = $5 WHERE scope = $1 AND key = $2",
     )
@@ -333,9 +340,10 @@ async fn zero2prod(
 
 /// `first_request` and `realistic_first_request`: claim, the writes, complete. Returns
 /// the key it stored.
-async fn first_request(
+pub async fn first_request(
     ctx: &Ctx,
     scope: &Scope,
+    account: &str,
     writes: Writes,
     response: &StoredResponse,
 ) -> Result<IdempotencyKey> {
@@ -344,7 +352,7 @@ async fn first_request(
     let Begin::Claimed(mut claim) = ctx.store.begin(scope, &key, &request).await? else {
         bail!("first request: a fresh key replayed");
     };
-    writes.run(&mut claim, scope.as_str()).await?;
+    writes.run(&mut claim, account).await?;
     claim.complete(response).await?;
     Ok(key)
 }
@@ -460,24 +468,31 @@ async fn slice(ctx: &Arc<Ctx>, cell: Cell, clients: usize, duration: Duration) -
         let ctx = Arc::clone(ctx);
         let keys = Arc::clone(&keys);
         tasks.push(tokio::spawn(async move {
-            let scope = Scope::new(format!("acct_{client}"))?;
+            // The business account is the client's own; the key rows' scope moves over
+            // all the scopes, so that new keys land all over the index.
+            let account = format!("acct_{client}");
             let mut latencies = Vec::with_capacity(4096);
             let mut stored = Vec::new();
             let mut n = 0_u64;
             while Instant::now() < deadline {
+                let scope =
+                    Scope::new(format!("acct_{}", (client + n as usize * clients) % SCOPES))?;
                 let t0 = Instant::now();
                 match path {
-                    Path::Bare => bare(&ctx, scope.as_str(), Writes::Payment).await?,
-                    Path::RealisticBare => bare(&ctx, scope.as_str(), Writes::Realistic).await?,
-                    Path::Floor => floor(&ctx, &scope, &response(client, n, None)).await?,
+                    Path::Bare => bare(&ctx, &account, Writes::Payment).await?,
+                    Path::RealisticBare => bare(&ctx, &account, Writes::Realistic).await?,
+                    Path::Floor => {
+                        floor(&ctx, &scope, &account, &response(client, n, None)).await?
+                    }
                     Path::Phased => phased(&ctx, &scope).await?,
                     Path::Zero2Prod | Path::RealisticZero2Prod => {
                         let response = response(client, n, size);
-                        zero2prod(&ctx, &scope, path.writes(), &response).await?;
+                        zero2prod(&ctx, &scope, &account, path.writes(), &response).await?;
                     }
                     Path::FirstRequest | Path::RealisticFirstRequest => {
                         let response = response(client, n, size);
-                        let key = first_request(&ctx, &scope, path.writes(), &response).await?;
+                        let key =
+                            first_request(&ctx, &scope, &account, path.writes(), &response).await?;
                         // Replays and conflicts read back the usual responses.
                         if path == Path::FirstRequest && size.is_none() {
                             stored.push((scope.clone(), key));
@@ -518,6 +533,7 @@ async fn slice(ctx: &Arc<Ctx>, cell: Cell, clients: usize, duration: Duration) -
 pub async fn grid(
     ctx: &Arc<Ctx>,
     meter: &Meter,
+    table: Table,
     cells: &[Cell],
     clients: &[usize],
     rounds: u32,
@@ -556,6 +572,7 @@ pub async fn grid(
         for &cell in cells {
             let tally = tallies.get_mut(&(cell, n)).expect("every cell ran");
             rows.push(Row {
+                table,
                 cell,
                 clients: n,
                 tps: tally.tps(),
@@ -648,10 +665,13 @@ pub const SWEEP_WRITERS: usize = 16;
 /// Path 8.
 #[derive(Debug)]
 pub struct SweepResult {
+    pub table: Table,
     pub rows: i64,
     pub fill_secs: f64,
     pub alone_deleted: u64,
     pub alone_secs: f64,
+    /// The `VACUUM` after the sweep alone: it reads every index of the table whole.
+    pub vacuum_secs: f64,
     pub without: Tally,
     pub with: Tally,
     pub with_deleted: u64,
@@ -680,14 +700,15 @@ impl SweepResult {
     }
 }
 
-/// Inserts `rows` expired keys in one statement.
+/// Inserts `rows` expired keys in one statement: random keys over [`SCOPES`] scopes,
+/// like the live ones, so that their index entries lie all over the primary key.
 async fn fill_expired(pool: &PgPool, tag: &str, rows: i64) -> Result<f64> {
     let t0 = Instant::now();
     sqlx::query(
         r#"INSERT INTO idempotency_keys
                (scope, key, fingerprint_version, fingerprint, status, headers, body,
                 created_at, expires_at)
-           SELECT 'sweep_' || $1, 'expired-' || g, 1, sha256(g::text::bytea), 201,
+           SELECT 'acct_' || (g % $3), gen_random_uuid()::text, 1, sha256(($1 || g)::bytea), 201,
                   '[["content-type","application/json"]]'::jsonb,
                   convert_to('{"id":"pay_' || g || '","status":"paid","amount":1000,"currency":"EUR"}', 'UTF8'),
                   now() - interval '48 hours' + g * interval '1 ms',
@@ -696,6 +717,7 @@ async fn fill_expired(pool: &PgPool, tag: &str, rows: i64) -> Result<f64> {
     )
     .bind(tag)
     .bind(rows)
+    .bind(i64::try_from(SCOPES)?)
     .execute(pool)
     .await?;
     let secs = t0.elapsed().as_secs_f64();
@@ -717,6 +739,7 @@ async fn checkpoint(pool: &PgPool) {
 pub async fn sweeper(
     ctx: &Arc<Ctx>,
     meter: &Meter,
+    table: Table,
     rows: i64,
     seconds_each_way: f64,
 ) -> Result<SweepResult> {
@@ -732,9 +755,11 @@ pub async fn sweeper(
     let alone_deleted = pg_idempotency::sweep(pool, &options).await?;
     let alone_secs = t0.elapsed().as_secs_f64();
     // What autovacuum would do next; the writers below start from a clean table.
+    let t0 = Instant::now();
     sqlx::raw_sql("VACUUM idempotency_keys")
         .execute(pool)
         .await?;
+    let vacuum_secs = t0.elapsed().as_secs_f64();
 
     eprintln!("  inserting a fresh backlog of {rows} expired rows");
     fill_expired(pool, "backlog", rows).await?;
@@ -787,10 +812,12 @@ pub async fn sweeper(
             .fetch_one(pool)
             .await?;
     Ok(SweepResult {
+        table,
         rows,
         fill_secs,
         alone_deleted,
         alone_secs,
+        vacuum_secs,
         without,
         with,
         with_deleted,

@@ -23,6 +23,15 @@ impl Server {
             .find(|(n, _)| n == name)
             .map_or("?", |(_, v)| v.as_str())
     }
+
+    /// The settings as `name=value` pairs on one line.
+    pub fn settings_line(&self) -> String {
+        self.settings
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 pub async fn describe_server(pool: &PgPool, description: String) -> Result<Server> {
@@ -37,6 +46,8 @@ pub async fn describe_server(pool: &PgPool, description: String) -> Result<Serve
         "wal_level",
         "shared_buffers",
         "max_wal_size",
+        "checkpoint_timeout",
+        "wal_compression",
         "autovacuum",
         "max_connections",
     ] {
@@ -72,6 +83,8 @@ pub fn redact(url: &str) -> String {
 pub struct Database {
     db: TestDatabase,
     pub pool: PgPool,
+    max_connections: u32,
+    ping: bool,
 }
 
 impl Database {
@@ -80,13 +93,7 @@ impl Database {
             .await
             .with_context(|| format!("creating a database on {}", redact(server_url)))?;
         db.pool().close().await;
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .min_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(60))
-            .test_before_acquire(ping)
-            .connect(db.url())
-            .await?;
+        let pool = connect(db.url(), max_connections, ping).await?;
         sqlx::raw_sql(
             "CREATE TABLE payments (
                  id      bigserial PRIMARY KEY,
@@ -133,7 +140,19 @@ impl Database {
         )
         .execute(&pool)
         .await?;
-        Ok(Self { db, pool })
+        Ok(Self {
+            db,
+            pool,
+            max_connections,
+            ping,
+        })
+    }
+
+    /// A new pool, after the server restarted (the old one's connections are gone).
+    pub async fn reconnect(&mut self) -> Result<()> {
+        self.pool.close().await;
+        self.pool = connect(self.db.url(), self.max_connections, self.ping).await?;
+        Ok(())
     }
 
     pub async fn drop_now(self) -> Result<()> {
@@ -141,6 +160,16 @@ impl Database {
         self.db.close().await?;
         Ok(())
     }
+}
+
+async fn connect(url: &str, max_connections: u32, ping: bool) -> Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(60))
+        .test_before_acquire(ping)
+        .connect(url)
+        .await?)
 }
 
 /// Every connection opened and used once before anything is measured.
