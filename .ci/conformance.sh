@@ -7,7 +7,7 @@
 #
 # - in the IETF dialect (`--dialect ietf`) every vector must pass: 20/20;
 # - in the default dialect (the error specification in ../shared/seeds/) every failure must
-#   be one of the departures of dialect README.md lists (409 instead of 422 for a changed
+#   be one of the departures of dialect docs/POLICY.md lists (409 instead of 422 for a changed
 #   payload, `Idempotent-Replayed` instead of `Idempotency-Replayed`, snake_case codes);
 #   a failure of behaviour fails this script.
 #

@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::Result;
 use sqlx::PgPool;
 
+use crate::server::one;
+
 /// What one slice (or several, added up) measured.
 #[derive(Debug, Default, Clone)]
 pub struct Tally {
@@ -112,9 +114,7 @@ struct Reading {
 impl Meter {
     /// Finds the server's postmaster if the server runs on this machine.
     pub async fn new(pool: &PgPool) -> Result<Self> {
-        let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(pool)
-            .await?;
+        let backend: i32 = one(pool, "SELECT pg_backend_pid()").await?;
         let postmaster = proc_stat(u32::try_from(backend)?)
             .filter(|stat| stat.comm == "postgres")
             .map(|stat| stat.ppid)
@@ -145,10 +145,10 @@ impl Meter {
     }
 
     async fn read(&self, pool: &PgPool) -> Reading {
-        let wal_lsn = sqlx::query_scalar::<_, i64>(
+        let wal_lsn = one::<i64>(
+            pool,
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
         )
-        .fetch_one(pool)
         .await
         .ok()
         .and_then(|lsn| u64::try_from(lsn).ok());

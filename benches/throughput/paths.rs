@@ -116,6 +116,8 @@ pub struct Ctx {
     store: IdempotencyStore,
     /// The phased path's operation, calling the fake card processor.
     charge: Charge,
+    /// The key rows' scopes, `acct_0` to `acct_999` ([`SCOPES`]).
+    scopes: Vec<Scope>,
     /// Keys that path 3 stored, for paths 4 and 5.
     keys: Mutex<Arc<Vec<(Scope, IdempotencyKey)>>>,
     cursor: AtomicUsize,
@@ -137,6 +139,9 @@ impl Ctx {
                 url: format!("{processor_url}/charge"),
             },
             pool,
+            scopes: (0..SCOPES)
+                .map(|n| Scope::new(format!("acct_{n}")).expect("a valid scope"))
+                .collect(),
             keys: Mutex::new(Arc::new(Vec::new())),
             cursor: AtomicUsize::new(0),
         }
@@ -475,24 +480,21 @@ async fn slice(ctx: &Arc<Ctx>, cell: Cell, clients: usize, duration: Duration) -
             let mut stored = Vec::new();
             let mut n = 0_u64;
             while Instant::now() < deadline {
-                let scope =
-                    Scope::new(format!("acct_{}", (client + n as usize * clients) % SCOPES))?;
+                let scope = &ctx.scopes[(client + n as usize * clients) % SCOPES];
                 let t0 = Instant::now();
                 match path {
                     Path::Bare => bare(&ctx, &account, Writes::Payment).await?,
                     Path::RealisticBare => bare(&ctx, &account, Writes::Realistic).await?,
-                    Path::Floor => {
-                        floor(&ctx, &scope, &account, &response(client, n, None)).await?
-                    }
-                    Path::Phased => phased(&ctx, &scope).await?,
+                    Path::Floor => floor(&ctx, scope, &account, &response(client, n, None)).await?,
+                    Path::Phased => phased(&ctx, scope).await?,
                     Path::Zero2Prod | Path::RealisticZero2Prod => {
                         let response = response(client, n, size);
-                        zero2prod(&ctx, &scope, &account, path.writes(), &response).await?;
+                        zero2prod(&ctx, scope, &account, path.writes(), &response).await?;
                     }
                     Path::FirstRequest | Path::RealisticFirstRequest => {
                         let response = response(client, n, size);
                         let key =
-                            first_request(&ctx, &scope, &account, path.writes(), &response).await?;
+                            first_request(&ctx, scope, &account, path.writes(), &response).await?;
                         // Replays and conflicts read back the usual responses.
                         if path == Path::FirstRequest && size.is_none() {
                             stored.push((scope.clone(), key));

@@ -34,10 +34,19 @@ impl Server {
     }
 }
 
+/// The first column of the one row `sql` answers, sent as a simple query: one exchange,
+/// so that a transaction-mode pooler cannot split it over two server connections, as it
+/// may a statement outside a transaction (sqlx sends those as two exchanges).
+pub async fn one<T>(pool: &PgPool, sql: impl sqlx::SqlSafeStr) -> Result<T>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    let row = sqlx::raw_sql(sql).fetch_one(pool).await?;
+    Ok(sqlx::Row::try_get(&row, 0)?)
+}
+
 pub async fn describe_server(pool: &PgPool, description: String) -> Result<Server> {
-    let version: String = sqlx::query_scalar("SELECT version()")
-        .fetch_one(pool)
-        .await?;
+    let version: String = one(pool, "SELECT version()").await?;
     let mut settings = Vec::new();
     for name in [
         "fsync",
@@ -51,9 +60,7 @@ pub async fn describe_server(pool: &PgPool, description: String) -> Result<Serve
         "autovacuum",
         "max_connections",
     ] {
-        let value: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {name}")))
-            .fetch_one(pool)
-            .await?;
+        let value: String = one(pool, sqlx::AssertSqlSafe(format!("SHOW {name}"))).await?;
         settings.push((name.to_owned(), value));
     }
     Ok(Server {
