@@ -149,8 +149,12 @@ pub fn draw_growth(file: &FsPath, growth: &[Growth], server: &Server) -> Result<
         .y_label_formatter(&|v| format!("{v:.1}"))
         .label_style(("sans-serif", 14))
         .draw()?;
-    let mut settings: Vec<Settings> = growth.iter().map(|g| g.table.settings).collect();
-    settings.dedup();
+    let mut settings: Vec<Settings> = Vec::new();
+    for g in growth {
+        if !settings.contains(&g.table.settings) {
+            settings.push(g.table.settings);
+        }
+    }
     let colors = [
         RGBColor(33, 102, 172),
         RGBColor(214, 96, 77),
