@@ -189,8 +189,8 @@ pub async fn fill(pool: &PgPool, from: i64, to: i64) -> Result<f64> {
 }
 
 /// Reads the table's indexes into shared buffers (`pg_prewarm`, if the server has it),
-/// as a server that has been serving them for a while holds them; a no-op under settings
-/// whose buffers are smaller than the indexes, which then evict each other anyway.
+/// as a server that has been serving them for a while holds them. Under buffers smaller
+/// than the indexes, only what fits stays (and the OS cache holds the rest).
 pub async fn prewarm(pool: &PgPool) -> Result<()> {
     let has: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT FROM pg_available_extensions WHERE name = 'pg_prewarm')",
