@@ -39,8 +39,8 @@
 //! random UUID v4 keys over 1,000 scopes, `table.rs`), and `--settings default,production`
 //! once per size under each of the server settings (restarting the throwaway cluster in
 //! between; `DATABASE_URL`'s server is measured as it is). Each result carries the
-//! table's `rows`, `settings` and sizes; `--growth-svg` draws the first request's TPS
-//! against the table's size.
+//! table's `rows`, `settings` and sizes; `--growth-svg` draws how much of its throughput
+//! on the smallest table the first request keeps on each size.
 //!
 //! ```text
 //! cargo bench --bench throughput -- --quick --sections grid,sweeper \
@@ -155,7 +155,8 @@ struct Args {
     /// with those settings, so it needs that cluster (no `DATABASE_URL`).
     #[arg(long, value_delimiter = ',', default_value = "as-is")]
     settings: Vec<Settings>,
-    /// Draw the first request's TPS against the table's size (SVG) to this file.
+    /// Draw what the first request keeps of its throughput against the table's size (SVG)
+    /// to this file.
     #[arg(long)]
     growth_svg: Option<PathBuf>,
     /// Passed by `cargo bench`; ignored.
