@@ -10,14 +10,38 @@ use crate::paths::{Cell, Path};
 use crate::report::{Growth, Row};
 use crate::server::{Server, cores};
 use crate::soak::Sample;
-use crate::table::Settings;
+use crate::table::{Settings, mb};
 
-pub fn draw(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -> Result<()> {
-    use plotters::prelude::*;
+use plotters::coord::{CoordTranslate, Shift};
+use plotters::prelude::*;
 
+/// A white SVG canvas of `size` pixels at `file`, its folder made first.
+fn canvas(file: &FsPath, size: (u32, u32)) -> Result<DrawingArea<SVGBackend<'_>, Shift>> {
     if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
+    let root = SVGBackend::new(file, size).into_drawing_area();
+    root.fill(&WHITE)?;
+    Ok(root)
+}
+
+/// The series' labels in a box at `position`, in a font of `size` points.
+fn legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    position: SeriesLabelPosition,
+    size: u32,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font(("sans-serif", size))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.4))
+        .draw()?;
+    Ok(())
+}
+
+pub fn draw(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -> Result<()> {
     let series = [
         (
             Path::Bare,
@@ -51,11 +75,10 @@ pub fn draw(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -> 
         .fold(0.0_f64, f64::max)
         * 1.15;
 
-    let root = SVGBackend::new(file, (820, 500)).into_drawing_area();
-    root.fill(&WHITE)?;
+    let root = canvas(file, (820, 500))?;
     let caption = format!(
         "Transactions per second (PostgreSQL {}, fsync {}, {} cores)",
-        server.version.split_whitespace().nth(1).unwrap_or("?"),
+        server.postgres_version(),
         server.setting("fsync"),
         cores(),
     );
@@ -102,13 +125,7 @@ pub fn draw(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -> 
                 .map(|p| Circle::new(p, 4, color.filled())),
         )?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK.mix(0.4))
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft, 14)?;
     root.present()?;
     Ok(())
 }
@@ -117,21 +134,15 @@ pub fn draw(file: &FsPath, rows: &[Row], clients: &[usize], server: &Server) -> 
 /// throughput on the smallest ([`Growth::kept`]), and its TPS as a fraction of bare's,
 /// a line each per settings.
 pub fn draw_growth(file: &FsPath, growth: &[Growth], server: &Server) -> Result<()> {
-    use plotters::prelude::*;
-
-    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
     let millions = |rows: i64| rows as f64 / 1e6;
     let widest = growth
         .iter()
         .map(|g| millions(g.table.rows))
         .fold(1.0_f64, f64::max);
-    let root = SVGBackend::new(file, (820, 500)).into_drawing_area();
-    root.fill(&WHITE)?;
+    let root = canvas(file, (820, 500))?;
     let caption = format!(
         "First request against the table's size (PostgreSQL {}, {} cores)",
-        server.version.split_whitespace().nth(1).unwrap_or("?"),
+        server.postgres_version(),
         cores(),
     );
     let mut chart = ChartBuilder::on(&root)
@@ -189,13 +200,7 @@ pub fn draw_growth(file: &FsPath, growth: &[Growth], server: &Server) -> Result<
             chart.draw_series(line.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK.mix(0.4))
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::LowerLeft, 14)?;
     root.present()?;
     Ok(())
 }
@@ -203,20 +208,13 @@ pub fn draw_growth(file: &FsPath, growth: &[Growth], server: &Server) -> Result<
 /// The soak chart (SVG): over the soak's minutes, a panel each for the requests per
 /// second answered, their p99, the table's sizes, and its dead and expired rows.
 pub fn draw_soak(file: &FsPath, samples: &[Sample], rate: f64, server: &Server) -> Result<()> {
-    use plotters::prelude::*;
-
-    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
     let minutes = |s: &Sample| s.at_secs / 60.0;
     let end = samples.last().map_or(1.0, minutes);
-    let mb = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
-    let root = SVGBackend::new(file, (820, 960)).into_drawing_area();
-    root.fill(&WHITE)?;
+    let root = canvas(file, (820, 960))?;
     let root = root.titled(
         &format!(
             "Soak: {rate:.0} first requests/s, the default sweeper (PostgreSQL {}, {} cores)",
-            server.version.split_whitespace().nth(1).unwrap_or("?"),
+            server.postgres_version(),
             cores()
         ),
         ("sans-serif", 20),
@@ -294,13 +292,7 @@ pub fn draw_soak(file: &FsPath, samples: &[Sample], rate: f64, server: &Server) 
                     PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(2))
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(("sans-serif", 12))
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK.mix(0.4))
-            .draw()?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight, 12)?;
     }
     root.present()?;
     Ok(())

@@ -373,7 +373,7 @@ async fn main() -> Result<()> {
         println!("wrote {}", file.display());
     }
     if let Some(file) = &args.growth_svg {
-        chart::draw_growth(file, &report.growth(), &server)?;
+        chart::draw_growth(file, &report.growth, &server)?;
         println!("wrote {}", file.display());
     }
     db.drop_now().await?;

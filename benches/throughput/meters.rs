@@ -145,13 +145,10 @@ impl Meter {
     }
 
     async fn read(&self, pool: &PgPool) -> Reading {
-        let wal_lsn = one::<i64>(
-            pool,
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
-        )
-        .await
-        .ok()
-        .and_then(|lsn| u64::try_from(lsn).ok());
+        let wal_lsn = wal_lsn(pool)
+            .await
+            .ok()
+            .and_then(|lsn| u64::try_from(lsn).ok());
         Reading {
             client_ticks: std::fs::read_to_string("/proc/self/stat")
                 .ok()
@@ -180,6 +177,15 @@ impl Meter {
     fn micros_per_op(&self, ticks: u64, ops: u64) -> f64 {
         ticks as f64 * 1e6 / self.ticks_per_second as f64 / ops.max(1) as f64
     }
+}
+
+/// The server's WAL position in bytes (a simple query: [`one`]).
+pub async fn wal_lsn(pool: &PgPool) -> Result<i64> {
+    one(
+        pool,
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
+    )
+    .await
 }
 
 /// The fields of `/proc/PID/stat` that [`Meter`] needs.

@@ -147,6 +147,11 @@ impl Ctx {
         }
     }
 
+    /// The `n`th key row's scope, round the [`SCOPES`] scopes.
+    pub fn scope(&self, n: usize) -> &Scope {
+        &self.scopes[n % SCOPES]
+    }
+
     fn keys(&self) -> Arc<Vec<(Scope, IdempotencyKey)>> {
         Arc::clone(&self.keys.lock().expect("keys lock"))
     }
@@ -480,7 +485,7 @@ async fn slice(ctx: &Arc<Ctx>, cell: Cell, clients: usize, duration: Duration) -
             let mut stored = Vec::new();
             let mut n = 0_u64;
             while Instant::now() < deadline {
-                let scope = &ctx.scopes[(client + n as usize * clients) % SCOPES];
+                let scope = ctx.scope(client + n as usize * clients);
                 let t0 = Instant::now();
                 match path {
                     Path::Bare => bare(&ctx, &account, Writes::Payment).await?,
@@ -809,10 +814,7 @@ pub async fn sweeper(
             }
         }
     }
-    let backlog_left: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE expires_at <= now()")
-            .fetch_one(pool)
-            .await?;
+    let backlog_left = pg_idempotency::admin::stats(pool).await?.expired_rows;
     Ok(SweepResult {
         table,
         rows,

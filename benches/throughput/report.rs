@@ -12,7 +12,7 @@ use crate::meters::{Meter, Tally};
 use crate::paths::{Cell, InFlight, Path, SWEEP_WRITERS, SweepResult};
 use crate::server::{Server, cores};
 use crate::soak::Sample;
-use crate::table::{Settings, Table};
+use crate::table::{Settings, Table, mb};
 
 /// What the sections measured (each empty if it did not run), table after table.
 pub struct Results {
@@ -50,6 +50,8 @@ pub struct Report {
     pub text: String,
     flight_json: Vec<Value>,
     sweep_json: Vec<Value>,
+    /// The first request at each table size and settings.
+    pub growth: Vec<Growth>,
     targets: Vec<Target>,
 }
 
@@ -102,13 +104,9 @@ impl Report {
             text: out,
             flight_json,
             sweep_json,
+            growth,
             targets,
         })
-    }
-
-    /// The growth: the first request at each table size and settings.
-    pub fn growth(&self) -> Vec<Growth> {
-        growth(&self.results.rows)
     }
 
     /// The whole JSON document; `run` holds the run's parameters.
@@ -125,7 +123,7 @@ impl Report {
             "in_flight": self.flight_json,
             "sweeper": self.sweep_json,
             "soak": self.results.soak.iter().map(Sample::json).collect::<Vec<_>>(),
-            "growth": self.growth().iter().map(Growth::json).collect::<Vec<_>>(),
+            "growth": self.growth.iter().map(Growth::json).collect::<Vec<_>>(),
             "targets": self.targets.iter().map(Target::json).collect::<Vec<_>>(),
         })
     }
@@ -174,7 +172,6 @@ fn write_table(out: &mut String, rows: &[Row], meter: &Meter) -> Result<()> {
 
 /// A table's heading: its live keys, settings and sizes.
 fn describe(table: &Table) -> String {
-    let mb = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
     format!(
         "table: {} live keys, {} settings (heap {:.0} MB, primary key {:.0} MB, expires_at index {:.0} MB)",
         table.rows,
@@ -378,7 +375,7 @@ fn write_growth(out: &mut String, growth: &[Growth]) -> Result<()> {
             g.kept,
             g.p99_ms,
             whole_or_dash(g.wal_bytes_per_op),
-            g.table.sizes.primary_key as f64 / (1024.0 * 1024.0),
+            mb(g.table.sizes.primary_key),
             g.replay_ratio_to_bare
                 .map_or_else(|| "-".to_owned(), |ratio| format!("{ratio:.2}")),
         )?;
@@ -408,8 +405,8 @@ fn write_soak(out: &mut String, samples: &[Sample]) -> Result<()> {
         "\nsoak, {:.0} s: first minute {first_tps:.0} tps (worst p99 {first_p99:.2} ms), last minute {last_tps:.0} tps (worst p99 {last_p99:.2} ms); \
          at most: heap {:.1} MB, primary key {:.1} MB, {} live rows, {} dead rows, {} expired rows not yet swept; {} requests failed",
         end,
-        max(|s| s.sizes.heap) as f64 / (1024.0 * 1024.0),
-        max(|s| s.sizes.primary_key) as f64 / (1024.0 * 1024.0),
+        mb(max(|s| s.sizes.heap)),
+        mb(max(|s| s.sizes.primary_key)),
         max(|s| s.live_rows),
         max(|s| s.dead_rows),
         max(|s| s.expired_rows),

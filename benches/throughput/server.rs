@@ -24,6 +24,11 @@ impl Server {
             .map_or("?", |(_, v)| v.as_str())
     }
 
+    /// The server's version number, as `version()` spells it (`15.20`).
+    pub fn postgres_version(&self) -> &str {
+        self.version.split_whitespace().nth(1).unwrap_or("?")
+    }
+
     /// The settings as `name=value` pairs on one line.
     pub fn settings_line(&self) -> String {
         self.settings

@@ -12,14 +12,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
-use pg_idempotency::{Config, Scope, SweepOptions, Sweeper};
+use pg_idempotency::{Config, SweepOptions, Sweeper};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::meters::Tally;
+use crate::meters::{Tally, wal_lsn};
 use crate::paths::{Ctx, Writes, first_request, response};
-use crate::table::{SCOPES, Sizes};
+use crate::server::one;
+use crate::table::{Sizes, mb};
 
 /// Requests running at once, at most.
 pub const IN_FLIGHT: usize = 64;
@@ -47,6 +48,7 @@ pub struct Sample {
     pub p99_ms: f64,
     pub wal_bytes_per_request: f64,
     pub sizes: Sizes,
+    /// Rows in the table not yet deleted, expired ones included (as `n_live_tup` counts).
     pub live_rows: i64,
     pub dead_rows: i64,
     /// Rows past their expiry that are still in the table: the sweeper's backlog.
@@ -102,12 +104,11 @@ pub async fn soak(pool: &PgPool, processor_url: &str, plan: SoakPlan) -> Result<
                 let place = places.clone().acquire_owned().await?;
                 let (ctx, latencies, failed) = (ctx.clone(), latencies.clone(), failed.clone());
                 tokio::spawn(async move {
-                    let scope =
-                        Scope::new(format!("acct_{}", i as usize % SCOPES)).expect("a valid scope");
+                    let scope = ctx.scope(i as usize);
                     let account = format!("acct_{}", i % 64);
                     let answer = first_request(
                         &ctx,
-                        &scope,
+                        scope,
                         &account,
                         Writes::Payment,
                         &response(0, i, None),
@@ -192,16 +193,14 @@ async fn read_sample(
     wal_bytes: i64,
     failed: u64,
 ) -> Result<Sample> {
-    let (live_rows, dead_rows, autovacuums): (i64, i64, i64) = sqlx::query_as(
-        "SELECT n_live_tup, n_dead_tup, autovacuum_count FROM pg_stat_user_tables \
+    // Rows, expired rows and dead tuples as `pg-idempotency stats` reads them.
+    let stats = pg_idempotency::admin::stats(pool).await?;
+    let autovacuums: i64 = one(
+        pool,
+        "SELECT autovacuum_count FROM pg_stat_user_tables \
          WHERE relid = 'idempotency_keys'::regclass",
     )
-    .fetch_one(pool)
     .await?;
-    let expired_rows: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE expires_at <= now()")
-            .fetch_one(pool)
-            .await?;
     Ok(Sample {
         at_secs,
         answered: window.ops,
@@ -211,21 +210,9 @@ async fn read_sample(
         p99_ms: window.quantile_ms(0.99),
         wal_bytes_per_request: wal_bytes as f64 / window.ops.max(1) as f64,
         sizes: Sizes::read(pool).await?,
-        live_rows,
-        dead_rows,
-        expired_rows,
+        live_rows: stats.rows,
+        dead_rows: stats.dead_tuples,
+        expired_rows: stats.expired_rows,
         autovacuums,
     })
-}
-
-async fn wal_lsn(pool: &PgPool) -> Result<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
-            .fetch_one(pool)
-            .await?,
-    )
-}
-
-fn mb(bytes: i64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
 }

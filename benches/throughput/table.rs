@@ -95,6 +95,11 @@ fn memory_bytes() -> Result<u64> {
     }
 }
 
+/// Bytes in MiB, as the reports print sizes.
+pub fn mb(bytes: i64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 /// The size of `idempotency_keys` in bytes: heap (with TOAST), the primary key, and the
 /// `expires_at` index.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
