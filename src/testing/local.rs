@@ -265,6 +265,9 @@ pub struct LocalCluster {
     port: u16,
     run_as: Option<RunAs>,
     watchdog: Option<Child>,
+    /// The options it started with (a standby starts with the same: hot standby needs
+    /// at least its primary's `max_connections`).
+    options: LocalClusterOptions,
 }
 
 impl LocalCluster {
@@ -290,19 +293,7 @@ impl LocalCluster {
         bin: PathBuf,
         options: &LocalClusterOptions,
     ) -> Result<LocalCluster, TestServerError> {
-        let run_as = run_as(env)?;
-        let dir = make_dir(run_as.as_ref())?;
-        let mut cluster = LocalCluster {
-            data: dir.join("data"),
-            log: dir.join("server.log"),
-            dir,
-            bin,
-            port: 0,
-            run_as,
-            watchdog: None,
-        };
-        // From here on, dropping `cluster` (on any early return) cleans up.
-        cluster.watchdog = Some(cluster.spawn_watchdog()?);
+        let cluster = Self::prepare(env, bin, options)?;
         let mut initdb = cluster.command(cluster.bin.join("initdb"));
         initdb.arg("-D").arg(&cluster.data).args([
             "-U",
@@ -315,24 +306,137 @@ impl LocalCluster {
             "--no-sync",
         ]);
         cluster.run(initdb, format!("initdb -D {}", cluster.data.display()))?;
+        cluster.first_start()
+    }
+
+    /// A cluster value for a new directory, with its watchdog, before its data exists.
+    fn prepare(
+        env: Env<'_>,
+        bin: PathBuf,
+        options: &LocalClusterOptions,
+    ) -> Result<LocalCluster, TestServerError> {
+        let run_as = run_as(env)?;
+        let dir = make_dir(run_as.as_ref())?;
+        let mut cluster = LocalCluster {
+            data: dir.join("data"),
+            log: dir.join("server.log"),
+            dir,
+            bin,
+            port: 0,
+            run_as,
+            watchdog: None,
+            options: options.clone(),
+        };
+        // From here on, dropping `cluster` (on any early return) cleans up.
+        cluster.watchdog = Some(cluster.spawn_watchdog()?);
+        Ok(cluster)
+    }
+
+    /// Starts the server on its new data directory: on the port asked for, or on a free
+    /// one (another if a process takes it first).
+    fn first_start(mut self) -> Result<LocalCluster, TestServerError> {
         let mut attempt = 1;
         loop {
-            cluster.port = match options.port {
+            self.port = match self.options.port {
                 Some(port) => port,
                 None => free_port()?,
             };
-            cluster.append_config(options)?;
-            match cluster.pg_ctl_start() {
+            self.append_config()?;
+            match self.pg_ctl_start() {
                 Err(TestServerError::Cluster { detail, .. })
-                    if options.port.is_none()
+                    if self.options.port.is_none()
                         && attempt < PORT_ATTEMPTS
                         && (detail.contains("could not bind") || detail.contains("in use")) =>
                 {
                     attempt += 1;
                 }
-                result => return result.map(|()| cluster),
+                result => return result.map(|()| self),
             }
         }
+    }
+
+    /// Creates and starts a streaming standby of this cluster (blocking; a few seconds):
+    /// `pg_basebackup` of this server, reached at `upstream_port` on 127.0.0.1 (this
+    /// cluster's [`port`](Self::port), or a proxy in front of it), written with the
+    /// settings that make it stream from there (`-R`). It runs on a free port, with this
+    /// cluster's options, as `application_name` `standby`, and accepts read-only
+    /// connections until [`promote`](Self::promote)d.
+    ///
+    /// For synchronous replication, set `synchronous_standby_names` on this cluster
+    /// (`ALTER SYSTEM SET synchronous_standby_names = 'standby'` and
+    /// `SELECT pg_reload_conf()`).
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start); [`TestServerError::Cluster`] when `pg_basebackup`
+    /// fails, with its output.
+    pub fn start_standby(&self, upstream_port: u16) -> Result<LocalCluster, TestServerError> {
+        let options = LocalClusterOptions {
+            port: None,
+            ..self.options.clone()
+        };
+        let standby = Self::prepare(&process_env, self.bin.clone(), &options)?;
+        let mut backup = standby.command(standby.bin.join("pg_basebackup"));
+        backup.arg("-D").arg(&standby.data).args([
+            "-d",
+            &format!("host=127.0.0.1 port={upstream_port} user=postgres application_name=standby"),
+            "--wal-method=stream",
+            "--write-recovery-conf",
+            "--checkpoint=fast",
+            "--no-sync",
+        ]);
+        standby.run(backup, format!("pg_basebackup from port {upstream_port}"))?;
+        standby.first_start()
+    }
+
+    /// Promotes a standby (see [`start_standby`](Self::start_standby)) to a primary and
+    /// returns once it accepts writes (`pg_ctl promote -w`).
+    ///
+    /// # Errors
+    ///
+    /// [`TestServerError::Cluster`] when `pg_ctl promote` fails, for example because
+    /// this cluster is no standby; [`TestServerError::Io`] when it cannot be run.
+    pub fn promote(&self) -> Result<(), TestServerError> {
+        let cmd = self.pg_ctl(&["-w", "-t", "60", "-s", "promote"]);
+        self.run(cmd, "pg_ctl promote".to_owned())
+    }
+
+    /// Kills the server and every process of it with SIGKILL at once, as the sudden death
+    /// of its machine would: nothing is flushed, sent to a standby or answered after this.
+    /// Returns once the server is gone. [`restart`](Self::restart) starts it again
+    /// (crash recovery); dropping the value cleans up as usual.
+    ///
+    /// # Errors
+    ///
+    /// [`TestServerError::Cluster`] when the server is not running or does not die;
+    /// [`TestServerError::Io`] when its pid file cannot be read or `kill` cannot be run.
+    pub fn kill(&self) -> Result<(), TestServerError> {
+        let pid_file = self.data.join("postmaster.pid");
+        let pid = fs::read_to_string(&pid_file)
+            .map_err(|e| TestServerError::io(format!("cannot read {}", pid_file.display()), e))?
+            .lines()
+            .next()
+            .and_then(|line| line.trim().parse::<u32>().ok())
+            .ok_or_else(|| TestServerError::Cluster {
+                action: "kill".to_owned(),
+                detail: format!("{} names no process", pid_file.display()),
+            })?;
+        // `pg_ctl start` makes the postmaster lead a process group of its own (setsid),
+        // which every server process joins: signal the group.
+        let mut kill = Command::new("kill");
+        kill.args(["-KILL", "--", &format!("-{pid}")])
+            .stdin(Stdio::null());
+        self.run(kill, format!("kill -KILL -{pid}"))?;
+        for _ in 0..500 {
+            if !self.is_running()? {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Err(TestServerError::Cluster {
+            action: format!("kill -KILL -{pid}"),
+            detail: "the server still runs 5 s after SIGKILL".to_owned(),
+        })
     }
 
     /// The URL of the maintenance database: `postgres://postgres@127.0.0.1:PORT/postgres`.
@@ -423,7 +527,8 @@ impl LocalCluster {
     }
 
     /// Appends this start's settings to `postgresql.conf`; the last setting of a name wins.
-    fn append_config(&self, options: &LocalClusterOptions) -> Result<(), TestServerError> {
+    fn append_config(&self) -> Result<(), TestServerError> {
+        let options = &self.options;
         let dir = self
             .dir
             .to_string_lossy()
