@@ -36,6 +36,8 @@ pub struct Config {
     stored_body_cap: usize,
     connection_wait: Duration,
     scope_share: f64,
+    confirming_standbys: u32,
+    standby_wait: Duration,
 }
 
 impl Default for Config {
@@ -44,7 +46,7 @@ impl Default for Config {
     /// 5 s to resolve an interrupted commit, the default [`StorePolicy`], UUID v4 keys,
     /// 30 s leases for phased requests, claims that check their connection themselves,
     /// response bodies stored up to 1 MiB, at most 2 s of waiting for a connection, half
-    /// of the pool for one scope.
+    /// of the pool for one scope, no standby confirmation before external calls.
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(24 * 60 * 60),
@@ -59,6 +61,8 @@ impl Default for Config {
             stored_body_cap: Self::DEFAULT_STORED_BODY_CAP,
             connection_wait: Duration::from_secs(2),
             scope_share: 0.5,
+            confirming_standbys: 0,
+            standby_wait: Duration::from_secs(5),
         }
     }
 }
@@ -194,6 +198,35 @@ impl Config {
         self
     }
 
+    /// Before the first external call ([`Steps::foreign`](crate::phased::Steps::foreign))
+    /// of each holder of a phased request, waits until `standbys` streaming standbys have
+    /// flushed the primary's write-ahead log up to that moment, for at most `wait`
+    /// (default: `0` standbys, no wait). Set it when you fail over to an asynchronous
+    /// standby (docs/RELIABILITY.md, "Failover").
+    ///
+    /// Why: a request's downstream keys come from the nonce its row got when it was
+    /// created. A failover to a standby that had not received that row forgets the
+    /// nonce; the client's retry creates the row again with another nonce and calls the
+    /// other system with another key, which it charges a second time. Once a standby has
+    /// the row, a failover to it keeps the nonce, so a retry sends the same keys. With
+    /// synchronous replication every `COMMIT` already waits for the standby, and this is
+    /// not needed.
+    ///
+    /// The wait reads `pg_stat_replication` on the primary: the database role needs the
+    /// privileges of `pg_read_all_stats` (e.g. `GRANT pg_monitor TO app`), without which
+    /// the call fails with [`Error::StandbysHidden`](crate::Error::StandbysHidden). When
+    /// fewer than `standbys` confirm within `wait`, no call is made and the step fails
+    /// with [`Error::StandbysBehind`](crate::Error::StandbysBehind) (503 with
+    /// `Retry-After` over HTTP); the request is released for a retry. Count only
+    /// standbys you would fail over to; a failover manager that promotes the most
+    /// advanced standby needs `1`.
+    #[must_use]
+    pub fn with_standby_confirmation(mut self, standbys: u32, wait: Duration) -> Self {
+        self.confirming_standbys = standbys;
+        self.standby_wait = wait;
+        self
+    }
+
     /// Whether a claim takes its connection through the pool's checks (default `false`).
     ///
     /// A claim's first round trip (`BEGIN`, the key's lock, the key's row) tells whether
@@ -271,5 +304,16 @@ impl Config {
     /// The share of the pool one scope may hold.
     pub fn scope_share(&self) -> f64 {
         self.scope_share
+    }
+
+    /// How many standbys must have a phased request's row before its first external call
+    /// (`0`: none, no wait).
+    pub fn confirming_standbys(&self) -> u32 {
+        self.confirming_standbys
+    }
+
+    /// How long a phased request waits for its standbys before an external call.
+    pub fn standby_wait(&self) -> Duration {
+        self.standby_wait
     }
 }

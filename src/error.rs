@@ -137,6 +137,41 @@ pub enum Error {
         /// How long the client should wait before retrying.
         retry_after: std::time::Duration,
     },
+    /// Fewer standbys than [`Config::with_standby_confirmation`](crate::Config::with_standby_confirmation)
+    /// asks for had flushed a phased request's row within the wait: no external call was
+    /// made, and the request was released. The client may retry after `retry_after`.
+    #[error(
+        "{confirmed} of the {wanted} standbys asked for had the phased request with key \
+         '{key}' in scope '{scope}' after {waited:?}; the external call was not made (answer \
+         503 with Retry-After; check pg_stat_replication for a standby that is down or \
+         lagging)"
+    )]
+    StandbysBehind {
+        /// The scope the key lives in.
+        scope: Scope,
+        /// The key.
+        key: IdempotencyKey,
+        /// How many standbys had the request's row.
+        confirmed: u32,
+        /// How many were asked for.
+        wanted: u32,
+        /// How long it waited.
+        waited: std::time::Duration,
+        /// How long the client should wait before retrying.
+        retry_after: std::time::Duration,
+    },
+    /// [`Config::with_standby_confirmation`](crate::Config::with_standby_confirmation) is
+    /// set, but the database role cannot see the standbys' positions in
+    /// `pg_stat_replication`: a configuration error.
+    #[error(
+        "{hidden} standby position(s) in pg_stat_replication are hidden from this database \
+         role, so a phased request cannot wait for its standbys; grant the role pg_monitor \
+         (or pg_read_all_stats), or turn standby confirmation off"
+    )]
+    StandbysHidden {
+        /// How many `pg_stat_replication` rows showed no position.
+        hidden: u32,
+    },
     /// The database failed.
     #[error(transparent)]
     Database(#[from] sqlx::Error),

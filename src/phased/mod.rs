@@ -91,6 +91,7 @@ mod claim;
 mod completer;
 mod lease;
 mod operation;
+mod standbys;
 mod steps;
 
 pub use claim::PhasedClaim;

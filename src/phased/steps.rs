@@ -11,6 +11,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::lease::{Lease, Taken, boundary, rollback};
+use super::standbys;
 use crate::db::{TxConn, executor_over_tx};
 use crate::error::Error;
 use crate::key::IdempotencyKey;
@@ -60,6 +61,9 @@ pub struct Steps {
     nonce: Option<Uuid>,
     /// The steps this run has passed, to catch a name used twice.
     passed: Vec<String>,
+    /// Whether the standbys asked for have confirmed the request's row (see
+    /// [`standbys::confirm`]): once per holder, before its first external call.
+    standbys_confirmed: bool,
 }
 
 /// The final step's transaction, or a local step's: run the step's writes through it
@@ -115,6 +119,7 @@ impl Steps {
             progress: taken.progress,
             nonce: taken.nonce,
             passed: Vec::new(),
+            standbys_confirmed: false,
         }
     }
 
@@ -212,7 +217,10 @@ impl Steps {
     /// # Errors
     ///
     /// The call's error (nothing recorded: the next run calls again);
-    /// [`Error::LeaseLost`] (before the call: no call is made), [`Error::PhaseData`],
+    /// [`Error::LeaseLost`] (before the call: no call is made),
+    /// [`Error::StandbysBehind`] and [`Error::StandbysHidden`] (no call is made; see
+    /// [`Config::with_standby_confirmation`](crate::Config::with_standby_confirmation)),
+    /// [`Error::PhaseData`],
     /// [`Error::PhaseMisuse`], [`Error::Database`] (converted).
     pub async fn foreign<T, E, F>(&mut self, name: &str, call: F) -> Result<T, E>
     where
@@ -231,6 +239,12 @@ impl Steps {
             downstream_key = %downstream
         );
         async move {
+            // A failover must not forget the nonce behind the downstream key once the
+            // other system has seen that key.
+            if !self.standbys_confirmed {
+                standbys::confirm(self.lease.engine(), self.scope(), self.key()).await?;
+                self.standbys_confirmed = true;
+            }
             // A holder that lost its lease makes no call: renew it first, unless the last
             // renewal left more than half of it (then no takeover can have happened).
             if !self.lease.fresh() {
