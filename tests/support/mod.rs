@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: [`db`] for the store and the fault suite,
 //! [`http`] for the HTTP tests, [`process`] for the examples run as processes, [`citus`]
-//! for the tests that need a Citus coordinator. All are re-exported:
+//! for the tests that need a Citus coordinator, [`relay`] for a moved address and a
+//! stalled network. All are re-exported:
 //! `use support::{expire, Server, CitusSchema}`.
 
 // Cargo builds every tests/*.rs as a binary of its own, with its own copy of this module,
@@ -13,6 +14,7 @@ mod db;
 mod http;
 mod pooler;
 mod process;
+mod relay;
 
 #[allow(unused_imports)] // see above
-pub use {citus::*, db::*, http::*, pooler::*, process::*};
+pub use {citus::*, db::*, http::*, pooler::*, process::*, relay::*};
