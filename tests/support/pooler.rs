@@ -1,21 +1,131 @@
-//! A private PgBouncer in transaction mode in front of a test database: [`Pooler`].
+//! A private PgBouncer in transaction mode in front of a test database: [`Pooler`], run
+//! once per [`Flavour`] the machine offers ([`pooler_flavours`]).
 //!
-//! The pooler runs from the machine's `pgbouncer` (Debian's package, 1.18), with its own
-//! configuration in a temporary directory, on a free port of 127.0.0.1. It logs in to the
-//! server as the database URL's user (`auth_type = any`: the client's user name is not
-//! checked), and keeps at most `pool_size` server connections per database. As root it
+//! Two flavours: the machine's `pgbouncer` (Debian's package, 1.18: no protocol-level
+//! prepared statements, so the client's URL turns sqlx's statement cache off with
+//! `statement-cache-capacity=0`), and, when [`PGBOUNCER`] names one, a PgBouncer 1.21 or
+//! later with `max_prepared_statements` set, whose clients keep sqlx's statement cache (its
+//! named statements go through the pooler's protocol-level support). Each pooler runs with
+//! its own configuration in a temporary directory, on a free port of 127.0.0.1. It logs in
+//! to the server as the database URL's user (`auth_type = any`: the client's user name is
+//! not checked), and keeps at most `pool_size` server connections per database. As root it
 //! runs as `PG_TEST_USER`, else `nobody` (PgBouncer refuses to run as root).
 
+use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 /// Set (to `1`) by `.ci/run`: a missing `pgbouncer` then fails the pooler tests instead of
 /// skipping them.
 pub const REQUIRE_POOLER: &str = "PG_IDEMPOTENCY_REQUIRE_POOLER";
+
+/// Names a PgBouncer binary, 1.21 or later (e.g. built by `.ci/pgbouncer-from-source.sh`):
+/// the pooler tests then also run through it, with `max_prepared_statements` set and sqlx's
+/// statement cache on. Unset or empty: the machine's `pgbouncer` only.
+pub const PGBOUNCER: &str = "PG_IDEMPOTENCY_PGBOUNCER";
+
+/// The first PgBouncer release with protocol-level prepared statements
+/// (`max_prepared_statements`).
+pub const PREPARED_STATEMENTS_SINCE: (u32, u32, u32) = (1, 21, 0);
+
+/// `max_prepared_statements` for the flavour that has them (PgBouncer's own default since
+/// 1.24; the crate and the tests prepare far fewer).
+pub const MAX_PREPARED_STATEMENTS: u32 = 200;
+
+/// A PgBouncer binary, and whether the tests use its protocol-level prepared statements.
+#[derive(Debug, Clone)]
+pub struct Flavour {
+    /// The `pgbouncer` binary.
+    pub binary: PathBuf,
+    /// Its version, from `pgbouncer --version`.
+    pub version: (u32, u32, u32),
+    /// `max_prepared_statements`: `Some` for a PgBouncer with protocol-level prepared
+    /// statements, whose clients keep sqlx's statement cache; `None` for one without, whose
+    /// clients' URL carries `statement-cache-capacity=0` (and which, if 1.21 or later, is
+    /// given `max_prepared_statements = 0`).
+    pub max_prepared_statements: Option<u32>,
+}
+
+impl Flavour {
+    /// The machine's `pgbouncer`, used without prepared statements.
+    pub fn without_prepared_statements(binary: PathBuf) -> Result<Self> {
+        let version = pgbouncer_version(&binary)?;
+        Ok(Self {
+            binary,
+            version,
+            max_prepared_statements: None,
+        })
+    }
+
+    /// A PgBouncer 1.21 or later, with `max_prepared_statements` set.
+    pub fn with_prepared_statements(binary: PathBuf) -> Result<Self> {
+        let version = pgbouncer_version(&binary)?;
+        ensure!(
+            version >= PREPARED_STATEMENTS_SINCE,
+            "{} is PgBouncer {}.{}.{}: protocol-level prepared statements need 1.21 or later",
+            binary.display(),
+            version.0,
+            version.1,
+            version.2
+        );
+        Ok(Self {
+            binary,
+            version,
+            max_prepared_statements: Some(MAX_PREPARED_STATEMENTS),
+        })
+    }
+
+    /// Whether this PgBouncer knows `max_prepared_statements`.
+    fn knows_prepared_statements(&self) -> bool {
+        self.version >= PREPARED_STATEMENTS_SINCE
+    }
+}
+
+impl fmt::Display for Flavour {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (major, minor, patch) = self.version;
+        write!(f, "PgBouncer {major}.{minor}.{patch} ")?;
+        match self.max_prepared_statements {
+            Some(n) => write!(f, "with max_prepared_statements = {n}")?,
+            None => write!(f, "with statement-cache-capacity=0")?,
+        }
+        write!(f, " ({})", self.binary.display())
+    }
+}
+
+/// The version `binary --version` prints on its first line (`PgBouncer 1.25.2`; before
+/// 1.12, `PgBouncer version 1.x.y`).
+pub fn pgbouncer_version(binary: &Path) -> Result<(u32, u32, u32)> {
+    let output = Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} --version", binary.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let first = stdout.lines().next().unwrap_or_default();
+    ensure!(
+        output.status.success() && first.starts_with("PgBouncer"),
+        "{} --version: not a PgBouncer ({}): {first:?}",
+        binary.display(),
+        output.status
+    );
+    let version = first
+        .split_whitespace()
+        .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))
+        .with_context(|| format!("{} --version: no version in {first:?}", binary.display()))?;
+    let mut numbers = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    Ok((
+        numbers.next().unwrap_or(0),
+        numbers.next().unwrap_or(0),
+        numbers.next().unwrap_or(0),
+    ))
+}
 
 /// How a [`Pooler`] is configured.
 #[derive(Debug, Clone, Copy)]
@@ -37,7 +147,7 @@ impl Default for PoolerConfig {
 
 /// A running PgBouncer, stopped when dropped.
 pub struct Pooler {
-    binary: PathBuf,
+    flavour: Flavour,
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
@@ -46,8 +156,8 @@ pub struct Pooler {
     database: String,
 }
 
-/// The `pgbouncer` binary, if installed (Debian puts it in /usr/sbin, which a user's PATH
-/// may lack).
+/// The machine's `pgbouncer` binary, if installed (Debian puts it in /usr/sbin, which a
+/// user's PATH may lack).
 pub fn pgbouncer_binary() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
@@ -56,8 +166,8 @@ pub fn pgbouncer_binary() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// The `pgbouncer` binary, or `None` after saying why the test is skipped; panics instead
-/// when [`REQUIRE_POOLER`] is set.
+/// The machine's `pgbouncer` binary, or `None` after saying why the test is skipped;
+/// panics instead when [`REQUIRE_POOLER`] is set.
 pub fn pgbouncer_or_skip(test: &str) -> Option<PathBuf> {
     let found = pgbouncer_binary();
     if found.is_none() {
@@ -69,6 +179,36 @@ pub fn pgbouncer_or_skip(test: &str) -> Option<PathBuf> {
         eprintln!("{test}: skipped, pgbouncer is not installed (apt-get install pgbouncer)");
     }
     found
+}
+
+/// The flavours to run `test` through, in order: the machine's `pgbouncer` without
+/// prepared statements (skipped with a message when not installed, a panic when
+/// [`REQUIRE_POOLER`] is set), then the PgBouncer that [`PGBOUNCER`] names, with them.
+/// Panics when [`PGBOUNCER`] names something missing, not a PgBouncer, or older than 1.21.
+pub fn pooler_flavours(test: &str) -> Vec<Flavour> {
+    let mut flavours = Vec::new();
+    if let Some(binary) = pgbouncer_or_skip(test) {
+        flavours.push(
+            Flavour::without_prepared_statements(binary)
+                .unwrap_or_else(|error| panic!("{test}: {error:#}")),
+        );
+    }
+    match std::env::var_os(PGBOUNCER) {
+        Some(binary) if !binary.is_empty() => {
+            let binary = PathBuf::from(binary);
+            assert!(
+                binary.is_file(),
+                "{test}: {PGBOUNCER}={} is not a file (build one with \
+                 .ci/pgbouncer-from-source.sh, see docs/OPERATIONS.md, \"Poolers\")",
+                binary.display()
+            );
+            let flavour = Flavour::with_prepared_statements(binary)
+                .unwrap_or_else(|error| panic!("{test}: {PGBOUNCER}: {error:#}"));
+            flavours.push(flavour);
+        }
+        _ => {}
+    }
+    flavours
 }
 
 /// The parts of a `postgres://user[:password]@host[:port]/database[?..]` URL that the
@@ -116,8 +256,9 @@ fn free_port() -> Result<u16> {
 }
 
 impl Pooler {
-    /// Starts a pooler in front of the server and database that `database_url` names.
-    pub fn start(binary: &Path, database_url: &str, config: PoolerConfig) -> Result<Self> {
+    /// Starts a pooler of `flavour` in front of the server and database that
+    /// `database_url` names.
+    pub fn start(flavour: &Flavour, database_url: &str, config: PoolerConfig) -> Result<Self> {
         let server = parse_url(database_url)?;
         let dir = tempfile::Builder::new()
             .prefix("pg-idempotency-pgbouncer-")
@@ -128,6 +269,14 @@ impl Pooler {
             .as_deref()
             .map(|p| format!(" password={p}"))
             .unwrap_or_default();
+        // `max_prepared_statements`: only PgBouncer 1.21 and later know it; 0 turns the
+        // protocol-level prepared statements off (1.24 and later default to 200).
+        let prepared = if flavour.knows_prepared_statements() {
+            let max = flavour.max_prepared_statements.unwrap_or(0);
+            format!("max_prepared_statements = {max}\n")
+        } else {
+            String::new()
+        };
         // `ignore_startup_parameters`: sqlx sends extra_float_digits at login, which
         // PgBouncer refuses unless told to ignore it.
         let ini = format!(
@@ -142,7 +291,8 @@ impl Pooler {
              default_pool_size = {pool_size}\n\
              max_client_conn = {max_client_conn}\n\
              ignore_startup_parameters = extra_float_digits\n\
-             server_login_retry = 1\n",
+             server_login_retry = 1\n\
+             {prepared}",
             host = server.host,
             server_port = server.port,
             user = server.user,
@@ -157,7 +307,7 @@ impl Pooler {
             std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         }
         let mut pooler = Self {
-            binary: binary.to_owned(),
+            flavour: flavour.clone(),
             dir,
             port,
             child: None,
@@ -168,13 +318,23 @@ impl Pooler {
         Ok(pooler)
     }
 
-    /// The URL of the database through the pooler, as sqlx users behind a pooler without
-    /// protocol-level prepared statements write it.
+    /// The URL of the database through the pooler, as sqlx users write it behind this
+    /// flavour: with `statement-cache-capacity=0` when the pooler has no protocol-level
+    /// prepared statements, as it is (sqlx names and caches its statements) when it has.
     pub fn url(&self) -> String {
+        let options = match self.flavour.max_prepared_statements {
+            Some(_) => "",
+            None => "?statement-cache-capacity=0",
+        };
         format!(
-            "postgres://{}@127.0.0.1:{}/{}?statement-cache-capacity=0",
+            "postgres://{}@127.0.0.1:{}/{}{options}",
             self.user, self.port, self.database
         )
+    }
+
+    /// The flavour this pooler runs.
+    pub fn flavour(&self) -> &Flavour {
+        &self.flavour
     }
 
     /// The pooler's log (its stderr).
@@ -198,7 +358,7 @@ impl Pooler {
             .create(true)
             .append(true)
             .open(self.dir.path().join("pgbouncer.log"))?;
-        let mut command = Command::new(&self.binary);
+        let mut command = Command::new(&self.flavour.binary);
         command.arg(self.dir.path().join("pgbouncer.ini"));
         #[cfg(unix)]
         if is_root() {
@@ -210,7 +370,7 @@ impl Pooler {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {}", self.binary.display()))?;
+            .with_context(|| format!("starting {}", self.flavour.binary.display()))?;
         self.child = Some(child);
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -220,10 +380,14 @@ impl Pooler {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                bail!("pgbouncer exited ({status}):\n{}", self.log());
+                bail!("{} exited ({status}):\n{}", self.flavour, self.log());
             }
             if Instant::now() > deadline {
-                bail!("pgbouncer did not listen within 10 s:\n{}", self.log());
+                bail!(
+                    "{} did not listen within 10 s:\n{}",
+                    self.flavour,
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
