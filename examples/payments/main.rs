@@ -82,6 +82,11 @@ struct Args {
     /// completer may take it over, in seconds.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     lease_secs: u64,
+    /// Before a charge calls the card processor, wait (at most 5 s) until this many
+    /// streaming standbys have its row; 0: no wait. Set it when the database fails over
+    /// to an asynchronous standby (docs/OPERATIONS.md, "Standbys and failover").
+    #[arg(long, default_value_t = 0)]
+    confirm_standbys: u32,
 }
 
 #[tokio::main]
@@ -125,7 +130,8 @@ async fn main() -> Result<()> {
 
     let config = Config::default()
         .with_ttl(Duration::from_secs(args.ttl_secs))
-        .with_lease(Duration::from_secs(args.lease_secs));
+        .with_lease(Duration::from_secs(args.lease_secs))
+        .with_standby_confirmation(args.confirm_standbys, Duration::from_secs(5));
     let store = IdempotencyStore::with_config(pool.clone(), config);
     let sweeper = Sweeper::spawn(pool.clone(), SweepOptions::default());
     let completer = Completer::new(store.clone())
