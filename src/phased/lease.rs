@@ -240,7 +240,13 @@ impl Lease {
         self.provenance = provenance;
     }
 
-    fn lost(&self) -> Error {
+    /// The fencing token this holder was granted.
+    pub(super) fn token(&self) -> i64 {
+        self.token
+    }
+
+    /// [`Error::LeaseLost`] for this holder's request.
+    pub(super) fn lost(&self) -> Error {
         Error::LeaseLost {
             scope: self.scope().clone(),
             key: self.key().clone(),

@@ -1,14 +1,19 @@
 //! Standby confirmation: before a holder's first external call, the standbys a failover
 //! may promote have the request's row, and with it the nonce its downstream keys come
 //! from ([`Config::with_standby_confirmation`](crate::Config::with_standby_confirmation)).
+//!
+//! Every look checks, in one statement, that the row is still the holder's on the server
+//! it reads: a failover between two looks may promote a standby that lacks the row, and
+//! positions on the new server's timeline say nothing about rows it never had. A server
+//! that has the row and standbys that flushed past the first look's position (taken on a
+//! server that had the row too, so past its creation) have it: the first position is past
+//! the row's creation on every timeline that holds the row.
 
 use std::time::{Duration, Instant};
 
+use super::lease::Lease;
 use crate::db::in_transaction;
-use crate::engine::Engine;
 use crate::error::Error;
-use crate::key::IdempotencyKey;
-use crate::scope::Scope;
 
 /// The first pause between two looks at the standbys; it doubles up to [`MAX_PAUSE`].
 /// Replication usually lags by milliseconds.
@@ -20,25 +25,33 @@ struct Look {
     /// The position waited for: the primary's WAL insert position at the first look,
     /// past every commit made before it (the request row's creation included).
     target: String,
+    /// Whether the request's row still carries the holder's token on this server.
+    held: bool,
     /// Standbys that have flushed the WAL up to `target`.
     confirmed: u32,
     /// Standbys whose positions this role may not see.
     hidden: u32,
 }
 
-/// Looks at the standbys: how many have flushed up to `target` (`None`: up to the
-/// primary's WAL insert position now, which the answer carries).
-async fn look(engine: &Engine, target: Option<&str>) -> Result<Look, Error> {
+/// Looks at the request's row and the standbys: whether the holder still holds the row,
+/// and how many standbys have flushed up to `target` (`None`: up to the primary's WAL
+/// insert position now, which the answer carries).
+async fn look(lease: &Lease, target: Option<&str>) -> Result<Look, Error> {
     // In a transaction of its own, so that a pooler in transaction mode keeps the
     // statement's two exchanges on one server connection.
-    let row = in_transaction(engine.pool(), async |conn| {
+    let row = in_transaction(lease.engine().pool(), async |conn| {
         Ok(sqlx::query!(
-            r#"WITH target AS (SELECT coalesce($1::text::pg_lsn, pg_current_wal_insert_lsn()) AS lsn)
+            r#"WITH target AS (SELECT coalesce($4::text::pg_lsn, pg_current_wal_insert_lsn()) AS lsn)
                SELECT t.lsn::text AS "target!",
+                      EXISTS (SELECT FROM idempotency_requests
+                              WHERE scope = $1 AND key = $2 AND lease_token = $3) AS "held!",
                       count(r.pid) FILTER (WHERE r.flush_lsn >= t.lsn) AS "confirmed!",
                       count(r.pid) FILTER (WHERE r.state IS NULL) AS "hidden!"
                FROM target t LEFT JOIN pg_stat_replication r ON true
                GROUP BY t.lsn"#,
+            lease.scope().as_str(),
+            lease.key().as_str(),
+            lease.token(),
             target,
         )
         .fetch_one(&mut *conn)
@@ -47,6 +60,7 @@ async fn look(engine: &Engine, target: Option<&str>) -> Result<Look, Error> {
     .await?;
     Ok(Look {
         target: row.target,
+        held: row.held,
         confirmed: u32::try_from(row.confirmed).unwrap_or(u32::MAX),
         hidden: u32::try_from(row.hidden).unwrap_or(u32::MAX),
     })
@@ -58,23 +72,27 @@ async fn look(engine: &Engine, target: Option<&str>) -> Result<Look, Error> {
 ///
 /// # Errors
 ///
-/// [`Error::StandbysBehind`] after the wait, [`Error::StandbysHidden`] when the role
-/// cannot see the standbys' positions, [`Error::Database`].
-pub(super) async fn confirm(
-    engine: &Engine,
-    scope: &Scope,
-    key: &IdempotencyKey,
-) -> Result<(), Error> {
-    let config = engine.config();
+/// [`Error::LeaseLost`] when the row is no longer the holder's (taken over, deleted, or
+/// missing on a promoted standby), [`Error::StandbysBehind`] after the wait,
+/// [`Error::StandbysHidden`] when the role cannot see the standbys' positions,
+/// [`Error::Database`].
+pub(super) async fn confirm(lease: &Lease) -> Result<(), Error> {
+    let config = lease.engine().config();
     let wanted = config.confirming_standbys();
     if wanted == 0 {
         return Ok(());
     }
     let started = Instant::now();
     let deadline = started + config.standby_wait();
-    let mut seen = look(engine, None).await?;
+    let mut seen = look(lease, None).await?;
     let mut pause = FIRST_PAUSE;
-    while seen.confirmed < wanted {
+    loop {
+        if !seen.held {
+            return Err(lease.lost());
+        }
+        if seen.confirmed >= wanted {
+            return Ok(());
+        }
         if seen.hidden > 0 {
             return Err(Error::StandbysHidden {
                 hidden: seen.hidden,
@@ -83,8 +101,8 @@ pub(super) async fn confirm(
         let now = Instant::now();
         if now >= deadline {
             return Err(Error::StandbysBehind {
-                scope: scope.clone(),
-                key: key.clone(),
+                scope: lease.scope().clone(),
+                key: lease.key().clone(),
                 confirmed: seen.confirmed,
                 wanted,
                 waited: started.elapsed(),
@@ -93,7 +111,6 @@ pub(super) async fn confirm(
         }
         tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(MAX_PAUSE);
-        seen = look(engine, Some(&seen.target)).await?;
+        seen = look(lease, Some(&seen.target)).await?;
     }
-    Ok(())
 }

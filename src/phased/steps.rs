@@ -242,7 +242,7 @@ impl Steps {
             // A failover must not forget the nonce behind the downstream key once the
             // other system has seen that key.
             if !self.standbys_confirmed {
-                standbys::confirm(self.lease.engine(), self.scope(), self.key()).await?;
+                standbys::confirm(&self.lease).await?;
                 self.standbys_confirmed = true;
             }
             // A holder that lost its lease makes no call: renew it first, unless the last
