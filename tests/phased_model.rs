@@ -7,11 +7,16 @@
 //! pause between any two of them for as long as the others act, and any lease may run
 //! out at any moment. The checker visits every interleaving.
 //!
-//! The rules come in two forms: [`Rules::CURRENT`], what `src/phased/` does, and
-//! [`Rules::BEFORE`], what it did before issue 21 (a re-created row's token started at 1
-//! again, and downstream keys were derived from the scope, the key and the step alone).
-//! The properties hold for the first; for the second the checker finds both faults, and
-//! the tests print the traces.
+//! An asynchronous standby copies the database whenever it catches up, and a failover
+//! (once) puts its copy in the primary's place, losing what it had not received; the
+//! standby of the new primary starts from its copy (issue 22).
+//!
+//! The rules come in three forms: [`Rules::CURRENT`], what `src/phased/` does with
+//! standby confirmation (`Config::with_standby_confirmation`); [`Rules::UNCONFIRMED`],
+//! the same without it; and [`Rules::BEFORE`], what it did before issue 21 (a re-created
+//! row's token started at 1 again, and downstream keys were derived from the scope, the
+//! key and the step alone). The properties hold for the first; for the others the checker
+//! finds the faults, and the tests print the traces.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -25,16 +30,24 @@ struct Rules {
     fresh_tokens: bool,
     /// Downstream keys from the row's nonce; else from the scope, key and step alone.
     keys_from_nonce: bool,
+    /// A holder calls the other system only once the standby has its row's creation.
+    confirm_before_call: bool,
 }
 
 impl Rules {
     const CURRENT: Rules = Rules {
         fresh_tokens: true,
         keys_from_nonce: true,
+        confirm_before_call: true,
+    };
+    const UNCONFIRMED: Rules = Rules {
+        confirm_before_call: false,
+        ..Rules::CURRENT
     };
     const BEFORE: Rules = Rules {
         fresh_tokens: false,
         keys_from_nonce: false,
+        confirm_before_call: false,
     };
 }
 
@@ -84,6 +97,16 @@ struct Row {
     resume_at: Pc,
 }
 
+/// What the standby has: the database as it was when it last caught up.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Replica {
+    row: Option<Row>,
+    answered: Option<u8>,
+    charges: Vec<u8>,
+    /// Rows created up to then (generations are numbered in order).
+    generations: u8,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct State {
     row: Option<Row>,
@@ -92,6 +115,15 @@ struct State {
     holders: Vec<Holder>,
     /// Charge rows written, by the generation of the row they were recorded in.
     charges: Vec<u8>,
+    standby: Replica,
+    /// Failovers that may still happen; times the standby may still catch up.
+    failovers: u8,
+    catch_ups: u8,
+    /// The request each generation serves: its own, or, for a row created again after a
+    /// failover lost one, the lost row's (the client's retry of the same request).
+    request_of: BTreeMap<u8, u8>,
+    /// A request body whose row a failover lost, and the request that row served.
+    lost: Option<(u8, u8)>,
     /// Processor calls: (the caller's generation, the downstream key it sent).
     calls: BTreeSet<(u8, u8)>,
     /// Writes that committed for a holder whose grant was on another row.
@@ -114,10 +146,60 @@ enum Action {
     CompleterFrees,
     Forget,
     WindowEnds,
+    StandbyCatchesUp,
+    Failover,
+    /// A holder whose standby confirmation ran out: no call; it releases the request.
+    GiveUp(usize),
+}
+
+impl State {
+    /// The database as the standby would copy it now.
+    fn replica(&self) -> Replica {
+        Replica {
+            row: self.row.clone(),
+            answered: self.answered,
+            charges: self.charges.clone(),
+            generations: self.next_generation,
+        }
+    }
+}
+
+/// How often each outside event may happen in one run. Each is a budget the checker
+/// spends in every possible order; the failover runs spend less on the others, since a
+/// standby's copy of the database multiplies the states.
+#[derive(Clone, Copy, Debug)]
+struct Bounds {
+    expiries: u8,
+    frees: u8,
+    forgets: u8,
+    windows: u8,
+    failovers: u8,
+    /// How often the standby may catch up.
+    catch_ups: u8,
+}
+
+impl Bounds {
+    const NO_FAILOVER: Bounds = Bounds {
+        expiries: 3,
+        frees: 1,
+        forgets: 1,
+        windows: 1,
+        failovers: 0,
+        catch_ups: 0,
+    };
+    const FAILOVER: Bounds = Bounds {
+        expiries: 2,
+        frees: 1,
+        forgets: 0,
+        windows: 1,
+        failovers: 1,
+        catch_ups: 2,
+    };
 }
 
 struct PhasedModel {
     rules: Rules,
+    bounds: Bounds,
 }
 
 impl PhasedModel {
@@ -165,20 +247,32 @@ impl Model for PhasedModel {
             takes: 1,
             ..client(0)
         };
-        vec![State {
+        let mut state = State {
             row: None,
             answered: None,
             holders: vec![client(0), client(1), completer],
             charges: Vec::new(),
+            standby: Replica {
+                row: None,
+                answered: None,
+                charges: Vec::new(),
+                generations: 0,
+            },
+            failovers: self.bounds.failovers,
+            catch_ups: self.bounds.catch_ups,
+            request_of: BTreeMap::new(),
+            lost: None,
             calls: BTreeSet::new(),
             fenced_out_writes: 0,
             next_generation: 0,
             next_token: 0,
-            expiries: 3,
-            frees: 1,
-            forgets: 1,
-            windows: 1,
-        }]
+            expiries: self.bounds.expiries,
+            frees: self.bounds.frees,
+            forgets: self.bounds.forgets,
+            windows: self.bounds.windows,
+        };
+        state.standby = state.replica();
+        vec![state]
     }
 
     fn actions(&self, state: &State, actions: &mut Vec<Action>) {
@@ -186,8 +280,29 @@ impl Model for PhasedModel {
             match holder.pc {
                 Pc::Idle if holder.takes > 0 => actions.push(Action::Take(h)),
                 Pc::Idle | Pc::Done => {}
+                // Standby confirmation: the call waits until the row is still the
+                // holder's on the server and the standby has its creation, or gives up
+                // (the wait ran out, or the lease was lost) and releases the request.
+                // (Without failovers the model has no standby to wait for.)
+                Pc::Call
+                    if self.rules.confirm_before_call
+                        && self.bounds.failovers > 0
+                        && !(state
+                            .row
+                            .as_ref()
+                            .is_some_and(|row| row.token == holder.token)
+                            && state.standby.generations >= holder.generation) =>
+                {
+                    actions.push(Action::GiveUp(h));
+                }
                 _ => actions.push(Action::Step(h)),
             }
+        }
+        if state.catch_ups > 0 && state.standby != state.replica() {
+            actions.push(Action::StandbyCatchesUp);
+        }
+        if state.failovers > 0 {
+            actions.push(Action::Failover);
         }
         if let Some(row) = &state.row {
             if row.leased && state.expiries > 0 {
@@ -222,6 +337,14 @@ impl Model for PhasedModel {
                         let token = self.token(&mut state, None);
                         state.next_generation += 1;
                         let generation = state.next_generation;
+                        let serves = match state.lost {
+                            Some((body, served)) if body == request => {
+                                state.lost = None;
+                                served
+                            }
+                            _ => generation,
+                        };
+                        state.request_of.insert(generation, serves);
                         state.row = Some(Row {
                             generation,
                             request,
@@ -314,6 +437,35 @@ impl Model for PhasedModel {
                 state.windows -= 1;
                 (state.row, state.answered) = (None, None);
             }
+            Action::StandbyCatchesUp => {
+                state.catch_ups -= 1;
+                state.standby = state.replica();
+            }
+            Action::GiveUp(h) => {
+                if let Some(row) = fenced(&mut state, h) {
+                    row.leased = false;
+                }
+                let holder = &mut state.holders[h];
+                holder.pc = if holder.takes > 0 { Pc::Idle } else { Pc::Done };
+            }
+            Action::Failover => {
+                // The standby's copy becomes the database; a row it lacks is lost, and
+                // its client's retry serves the same request. The processor forgets
+                // nothing.
+                state.failovers -= 1;
+                let standby = state.standby.clone();
+                if let Some(row) = state.row.take()
+                    && standby
+                        .row
+                        .as_ref()
+                        .is_none_or(|kept| kept.generation != row.generation)
+                {
+                    state.lost = Some((row.request, state.request_of[&row.generation]));
+                }
+                (state.row, state.answered, state.charges) =
+                    (standby.row, standby.answered, standby.charges);
+                state.standby = state.replica();
+            }
         }
         Some(state)
     }
@@ -328,15 +480,16 @@ impl Model for PhasedModel {
                 state
                     .charges
                     .iter()
-                    .all(|generation| seen.insert(*generation))
+                    .all(|generation| seen.insert(state.request_of[generation]))
             }),
             Property::<Self>::always("one downstream key per request", |_, state| {
                 // Every request sends one key, and no key is sent by two requests.
                 let mut keys_of: BTreeMap<u8, BTreeSet<u8>> = BTreeMap::new();
                 let mut requests_of: BTreeMap<u8, BTreeSet<u8>> = BTreeMap::new();
                 for &(generation, key) in &state.calls {
-                    keys_of.entry(generation).or_default().insert(key);
-                    requests_of.entry(key).or_default().insert(generation);
+                    let request = state.request_of[&generation];
+                    keys_of.entry(request).or_default().insert(key);
+                    requests_of.entry(key).or_default().insert(request);
                 }
                 keys_of.values().all(|keys| keys.len() == 1)
                     && requests_of.values().all(|requests| requests.len() == 1)
@@ -353,7 +506,11 @@ impl Model for PhasedModel {
 }
 
 fn check(rules: Rules) -> impl Checker<PhasedModel> {
-    PhasedModel { rules }.checker().spawn_bfs().join()
+    check_within(rules, Bounds::NO_FAILOVER)
+}
+
+fn check_within(rules: Rules, bounds: Bounds) -> impl Checker<PhasedModel> {
+    PhasedModel { rules, bounds }.checker().spawn_bfs().join()
 }
 
 /// The steps of `path` up to the first state where `property` fails, and that state.
@@ -402,8 +559,8 @@ fn the_former_rules_fail_and_the_checker_says_how() {
     }
     // Each fault alone breaks its own property.
     let tokens_only = check(Rules {
-        keys_from_nonce: true,
-        ..Rules::BEFORE
+        fresh_tokens: false,
+        ..Rules::CURRENT
     });
     assert!(
         tokens_only
@@ -416,8 +573,8 @@ fn the_former_rules_fail_and_the_checker_says_how() {
             .is_none()
     );
     let keys_only = check(Rules {
-        fresh_tokens: true,
-        ..Rules::BEFORE
+        keys_from_nonce: false,
+        ..Rules::CURRENT
     });
     assert!(
         keys_only
@@ -429,4 +586,30 @@ fn the_former_rules_fail_and_the_checker_says_how() {
             .discovery("no write by a holder fenced out")
             .is_none()
     );
+}
+
+#[test]
+fn through_a_failover_the_protocol_keeps_its_properties() {
+    let checker = check_within(Rules::CURRENT, Bounds::FAILOVER);
+    checker.assert_properties();
+    println!("{} states checked", checker.unique_state_count());
+    assert!(checker.unique_state_count() > 1_000, "the model hardly ran");
+}
+
+#[test]
+fn without_standby_confirmation_a_failover_charges_twice() {
+    let checker = check_within(Rules::UNCONFIRMED, Bounds::FAILOVER);
+    let property = "one downstream key per request";
+    let path = checker
+        .discovery(property)
+        .expect("no counterexample without standby confirmation");
+    let trace = trace(checker.model(), path, property);
+    println!("counterexample to '{property}':\n  {trace}\n");
+    assert!(trace.contains("Failover"), "{trace}");
+    for kept in [
+        "no write by a holder fenced out",
+        "one business effect per request",
+    ] {
+        assert!(checker.discovery(kept).is_none(), "{kept}");
+    }
 }
