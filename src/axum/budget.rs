@@ -14,9 +14,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 ///
 /// Every layer without a budget of its own shares [`BodyBudget::process`]: 64 MiB, which
 /// is 64 bodies at the default 1 MiB limit, or tens of thousands of the few-kilobyte
-/// bodies an API's writes usually carry. It bounds what a flood of large bodies can make
-/// the process hold, whatever the number of connections; raise it with the memory the
-/// service may spend on bodies in flight.
+/// bodies an API's writes usually carry. It bounds the bodies a flood of large requests
+/// can make the layers hold, whatever the number of connections; raise it with the memory
+/// the service may spend on bodies in flight. What the process keeps besides is the
+/// allocator's: glibc's arenas keep freed 1 MiB buffers unless its mmap threshold is
+/// fixed (docs/OPERATIONS.md, "Overload: an exhausted pool").
 ///
 /// ```
 /// use pg_idempotency::axum::BodyBudget;
