@@ -10,6 +10,7 @@
 //! | `pg_idempotency_policy_rollbacks_total` | counter | responses the store policy did not keep (rolled back, key freed) |
 //! | `pg_idempotency_commit_resolutions_total` | counter | commits whose connection broke, by what the store found out (`outcome`: `stored`, `not_stored`, `unknown`) |
 //! | `pg_idempotency_swept_rows_total` | counter | expired rows deleted by sweeps |
+//! | `pg_idempotency_standby_confirmations_total` | counter | phased holders' waits for their standbys before an external call, by how they ended (`outcome`: `confirmed`, `behind`, `hidden`, `lease_lost`) |
 //! | `pg_idempotency_claim_seconds` | histogram | latency of `begin` (claim, replay or refusal) |
 //! | `pg_idempotency_complete_seconds` | histogram | latency of `complete` (store + commit) |
 //! | `pg_idempotency_response_bytes` | histogram | body size of stored responses |
@@ -30,6 +31,8 @@ pub const POLICY_ROLLBACKS: &str = "pg_idempotency_policy_rollbacks_total";
 pub const COMMIT_RESOLUTIONS: &str = "pg_idempotency_commit_resolutions_total";
 /// Expired rows deleted by sweeps.
 pub const SWEPT_ROWS: &str = "pg_idempotency_swept_rows_total";
+/// Phased holders' waits for their standbys; label `outcome`.
+pub const STANDBY_CONFIRMATIONS: &str = "pg_idempotency_standby_confirmations_total";
 /// Latency of `begin`, in seconds.
 pub const CLAIM_SECONDS: &str = "pg_idempotency_claim_seconds";
 /// Latency of `complete`, in seconds.

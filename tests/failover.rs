@@ -23,6 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use pg_idempotency::metrics::STANDBY_CONFIRMATIONS;
 use pg_idempotency::phased::{Finished, Operation, Steps};
 use pg_idempotency::testing::{LocalCluster, LocalClusterOptions};
 use pg_idempotency::{
@@ -33,7 +35,7 @@ use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 mod support;
-use support::Relay;
+use support::{Relay, with_recorder};
 
 /// Concurrent clients paying, and charging.
 const PAYERS: usize = 8;
@@ -443,8 +445,33 @@ async fn asynchronous_replication_without_confirmation_charges_twice() -> Result
 
 /// Standby confirmation makes no call while the standby lags, and says what to do when
 /// the role cannot see the standbys.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn standby_confirmation_makes_no_call_without_the_standby() -> Result<()> {
+#[test]
+fn standby_confirmation_makes_no_call_without_the_standby() -> Result<()> {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    with_recorder(&recorder, standby_confirmation_checks())?;
+    let outcomes: BTreeMap<String, u64> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == STANDBY_CONFIRMATIONS)
+        .filter_map(|(key, _, _, value)| {
+            let outcome = key.key().labels().next()?.value().to_owned();
+            match value {
+                DebugValue::Counter(n) => Some((outcome, n)),
+                _ => None,
+            }
+        })
+        .collect();
+    // One of each (a retry after the stall may find the standby behind once more).
+    ensure!(
+        outcomes.keys().eq(["behind", "confirmed", "hidden"]) && outcomes["hidden"] == 1,
+        "{STANDBY_CONFIRMATIONS}: {outcomes:?}"
+    );
+    Ok(())
+}
+
+async fn standby_confirmation_checks() -> Result<()> {
     let config = Config::default().with_standby_confirmation(1, Duration::from_millis(300));
     let rig = Rig::start(
         Replication::Asynchronous { confirmed: true },

@@ -14,7 +14,7 @@ use pg_idempotency::{
 };
 
 mod support;
-use support::{check_sweep_contract, expire, expire_all};
+use support::{check_sweep_contract, expire, expire_all, with_recorder};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -483,17 +483,6 @@ async fn distribute_refuses_a_database_without_citus() -> Result<()> {
     assert_eq!(usage.status.code(), Some(2), "TABLE:COLUMN is required");
     database.close().await?;
     Ok(())
-}
-
-/// Runs `body` on a current-thread runtime with `recorder` installed for this thread.
-fn with_recorder<T>(recorder: &DebuggingRecorder, body: impl std::future::Future<Output = T>) -> T {
-    metrics::with_local_recorder(recorder, || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(body)
-    })
 }
 
 #[test]

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use super::lease::Lease;
 use crate::db::in_transaction;
 use crate::error::Error;
+use crate::metrics;
 
 /// The first pause between two looks at the standbys; it doubles up to [`MAX_PAUSE`].
 /// Replication usually lags by milliseconds.
@@ -77,12 +78,32 @@ async fn look(lease: &Lease, target: Option<&str>) -> Result<Look, Error> {
 /// [`Error::StandbysHidden`] when the role cannot see the standbys' positions,
 /// [`Error::Database`].
 pub(super) async fn confirm(lease: &Lease) -> Result<(), Error> {
-    let config = lease.engine().config();
-    let wanted = config.confirming_standbys();
+    let wanted = lease.engine().config().confirming_standbys();
     if wanted == 0 {
         return Ok(());
     }
     let started = Instant::now();
+    let confirmed = wait(lease, wanted, started).await;
+    let outcome = match &confirmed {
+        Ok(()) => Some("confirmed"),
+        Err(Error::StandbysBehind { .. }) => Some("behind"),
+        Err(Error::StandbysHidden { .. }) => Some("hidden"),
+        Err(Error::LeaseLost { .. }) => Some("lease_lost"),
+        Err(_) => None, // the database failed: the caller's error, not a confirmation's
+    };
+    if let Some(outcome) = outcome {
+        metrics::count_labeled(metrics::STANDBY_CONFIRMATIONS, "outcome", outcome);
+    }
+    match &confirmed {
+        Ok(()) => tracing::debug!(waited = ?started.elapsed(), "standbys have the request's row"),
+        Err(error) => tracing::warn!(%error, "no external call: standby confirmation failed"),
+    }
+    confirmed
+}
+
+/// [`confirm`]'s looks, from `started`, until `wanted` standbys confirm or the wait ends.
+async fn wait(lease: &Lease, wanted: u32, started: Instant) -> Result<(), Error> {
+    let config = lease.engine().config();
     let deadline = started + config.standby_wait();
     let mut seen = look(lease, None).await?;
     let mut pause = FIRST_PAUSE;

@@ -1,5 +1,6 @@
 //! Store and fault helpers: cancellation at a chosen await point, no transaction left
-//! idle, keys moved past their expiry, a seeded random generator.
+//! idle, keys moved past their expiry, a seeded random generator, a metrics recorder for
+//! one test.
 
 use std::future::Future;
 use std::pin::pin;
@@ -186,4 +187,18 @@ pub async fn check_sweep_contract(pool: &PgPool, shards: i64) -> Result<()> {
     );
     ensure!(count("true").await? == 1, "the live row stays");
     Ok(())
+}
+
+/// Runs `body` on a current-thread runtime with `recorder` installed for this thread.
+pub fn with_recorder<T>(
+    recorder: &metrics_util::debugging::DebuggingRecorder,
+    body: impl Future<Output = T>,
+) -> T {
+    metrics::with_local_recorder(recorder, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(body)
+    })
 }
