@@ -70,6 +70,9 @@ impl Demo {
             request = request.header("Idempotency-Key", key);
         }
         if let Some(account) = account {
+            // As bytes: http's string conversions take ASCII only, and accounts may be
+            // any UTF-8.
+            let account = reqwest::header::HeaderValue::from_bytes(account.as_bytes())?;
             request = request.header("X-Account-Id", account);
         }
         Answer::of(request.send().await?).await
