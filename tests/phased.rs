@@ -603,3 +603,72 @@ async fn abandoned_requests_expire_and_are_swept() -> Result<()> {
     ensure!(requests_in_progress(&pool).await? == 0);
     Ok(())
 }
+
+/// An operation whose local step holds its transaction until told to go on.
+#[derive(Default)]
+struct HeldStep {
+    entered: tokio::sync::Notify,
+    go: tokio::sync::Notify,
+}
+
+impl Operation for HeldStep {
+    const NAME: &'static str = "phased.held_step";
+    type Input = ();
+    type Error = Error;
+
+    async fn run(&self, _input: &(), steps: &mut Steps) -> Result<Finished, Error> {
+        steps
+            .local("held", async |_tx| {
+                self.entered.notify_one();
+                self.go.notified().await;
+                Ok::<_, Error>(())
+            })
+            .await?;
+        steps
+            .finish(async |_tx| Ok::<_, Error>(StoredResponse::new(201, "done")))
+            .await
+    }
+}
+
+/// Issue 24: a phased step's transaction takes its scope's place among the pool's
+/// connections, as a claim does. With a scope's one place held by a step, another
+/// request of that scope gets `NoConnection` at the end of the connection wait, and
+/// another scope's request is served meanwhile.
+#[tokio::test]
+async fn phased_steps_hold_their_scopes_places() -> Result<()> {
+    let pool = setup().await?;
+    let config = Config::default()
+        .with_scope_share(0.01) // one place per scope
+        .with_connection_wait(Duration::from_millis(200));
+    let store = IdempotencyStore::with_config(pool, config);
+    let step = Arc::new(HeldStep::default());
+    let running = {
+        let (store, step) = (store.clone(), Arc::clone(&step));
+        tokio::spawn(async move {
+            store
+                .run_phased(&scope(), &new_key(), &request(b""), &*step, ())
+                .await
+        })
+    };
+    step.entered.notified().await;
+    match store.begin(&scope(), &new_key(), &request(b"x")).await {
+        Err(Error::NoConnection { .. }) => {}
+        Err(error) => bail!("expected NoConnection, got {error}"),
+        Ok(_) => bail!("a claim got the place that the held step has"),
+    }
+    let Begin::Claimed(other) = store
+        .begin(&Scope::new("acct_2")?, &new_key(), &request(b"x"))
+        .await?
+    else {
+        bail!("another scope's fresh key")
+    };
+    other.complete(&StoredResponse::new(201, "")).await?;
+    step.go.notify_one();
+    let outcome = running.await??;
+    ensure!(outcome.response().status == 201, "{outcome:?}");
+    let Begin::Claimed(again) = store.begin(&scope(), &new_key(), &request(b"x")).await? else {
+        bail!("the scope's place is free again")
+    };
+    drop(again);
+    Ok(())
+}

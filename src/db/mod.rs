@@ -22,7 +22,9 @@ pub use hot_path::prepare_connection;
 pub(crate) use hot_path::{ExpiredRow, Found, KeyRow, StoredRow, Window, key_taken};
 pub(crate) use tx::{TxConn, executor_over_tx};
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::Postgres;
+use sqlx::{Acquire as _, PgConnection, PgPool};
 
 use crate::error::Error;
 
@@ -38,7 +40,15 @@ pub(crate) async fn in_transaction<T>(
     pool: &PgPool,
     f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, Error>,
 ) -> Result<T, Error> {
-    let mut tx = pool.begin().await?;
+    in_transaction_on(pool.acquire().await?, f).await
+}
+
+/// [`in_transaction`] on a connection already taken from the pool.
+pub(crate) async fn in_transaction_on<T>(
+    mut conn: PoolConnection<Postgres>,
+    f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let mut tx = conn.begin().await?;
     let value = f(&mut tx).await?;
     tx.commit().await?;
     Ok(value)

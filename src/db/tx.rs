@@ -104,7 +104,12 @@ impl TxConn {
 
     /// Takes a connection from `pool` and opens a transaction on it.
     pub(crate) async fn begin(pool: &PgPool) -> Result<Self, sqlx::Error> {
-        let mut tx = Self::new(pool.acquire().await?);
+        Self::begin_on(pool.acquire().await?).await
+    }
+
+    /// Opens a transaction on `conn`.
+    pub(crate) async fn begin_on(conn: PoolConnection<Postgres>) -> Result<Self, sqlx::Error> {
+        let mut tx = Self::new(conn);
         tx.run(Statement::new("BEGIN", 0)).await?;
         Ok(tx)
     }

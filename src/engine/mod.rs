@@ -20,11 +20,12 @@ mod waiters;
 use std::sync::Arc;
 use std::time::Instant;
 
-use sqlx::PgPool;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::Postgres;
+use sqlx::{PgConnection, PgPool};
 
 use crate::config::Config;
+use crate::db::in_transaction_on;
 use crate::error::Error;
 use crate::key::IdempotencyKey;
 use crate::scope::Scope;
@@ -94,6 +95,48 @@ impl Engine {
             .enter(scope, deadline)
             .await
             .ok_or_else(|| self.no_connection(scope, started))
+    }
+
+    /// A place for a request of `scope` and a pooled connection, for a statement outside
+    /// its claim (a phased request's steps and lease), both waited for within the
+    /// [connection wait](Config::connection_wait) from now. Keep the place as long as the
+    /// connection.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoConnection`] when either did not come in time; [`Error::Database`] when
+    /// connecting failed.
+    pub(crate) async fn placed_connection(
+        &self,
+        scope: &Scope,
+    ) -> Result<(Place, PoolConnection<Postgres>), Error> {
+        let deadline = Instant::now() + self.config.connection_wait();
+        let place = self.place(scope, deadline).await?;
+        Ok((place, self.connection(scope, deadline).await?))
+    }
+
+    /// Runs `f` in a transaction of its own on a connection for a request of `scope`,
+    /// waited for within the [connection wait](Config::connection_wait): with a
+    /// [place](Self::placed_connection), or, when `placed` is false, without one, for a
+    /// short statement that may run while the caller holds its scope's last place (a
+    /// phased request's release after its final step).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoConnection`] when the connection (or the place) did not come in time;
+    /// the errors of `f`; [`Error::Database`] from `BEGIN` or `COMMIT`.
+    pub(crate) async fn in_transaction<T>(
+        &self,
+        scope: &Scope,
+        placed: bool,
+        f: impl AsyncFnOnce(&mut PgConnection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        if placed {
+            let (_place, conn) = self.placed_connection(scope).await?;
+            return in_transaction_on(conn, f).await;
+        }
+        let deadline = Instant::now() + self.config.connection_wait();
+        in_transaction_on(self.connection(scope, deadline).await?, f).await
     }
 
     /// A pooled connection for a request of `scope` that holds its [`Place`], waited for

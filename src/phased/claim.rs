@@ -339,7 +339,9 @@ impl PhasedClaim {
     /// [`Error::CommitInterrupted`] as [`Claim::complete`](crate::Claim::complete)
     /// returns it when the connection broke around `COMMIT`.
     pub async fn finish(mut self, response: &StoredResponse) -> Result<Completion, Error> {
-        let tx = TxConn::begin(self.lease.engine().pool()).await?;
+        let engine = self.lease.engine();
+        let (_place, conn) = engine.placed_connection(self.lease.scope()).await?;
+        let tx = TxConn::begin_on(conn).await?;
         self.lease.store_final(tx, response).await
     }
 

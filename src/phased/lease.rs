@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use crate::db::{ExpiredRow, KeyRow, TxConn, Window, connection_broke, in_transaction};
+use crate::db::{ExpiredRow, KeyRow, TxConn, Window, connection_broke};
 use crate::engine::{Engine, Holding};
 use crate::error::Error;
 use crate::fingerprint::Fingerprint;
@@ -276,10 +276,11 @@ impl Lease {
             step: None,
             start: Some((operation, input)),
         };
-        in_transaction(self.engine.pool(), async |conn| {
-            self.extend(conn, record).await
-        })
-        .await?;
+        self.engine
+            .in_transaction(self.scope(), true, async |conn| {
+                self.extend(conn, record).await
+            })
+            .await?;
         self.renewed_at = sent;
         Ok(())
     }
@@ -289,10 +290,11 @@ impl Lease {
     pub(super) async fn renew(&mut self, step: Option<(&str, &Value)>) -> Result<(), Error> {
         let sent = Instant::now();
         let record = Record { step, start: None };
-        in_transaction(self.engine.pool(), async |conn| {
-            self.extend(conn, record).await
-        })
-        .await?;
+        self.engine
+            .in_transaction(self.scope(), true, async |conn| {
+                self.extend(conn, record).await
+            })
+            .await?;
         self.renewed_at = sent;
         Ok(())
     }
@@ -430,25 +432,28 @@ impl Lease {
 
     /// Ends the lease now, so that a retry or the completer can take the request at once;
     /// forgets the request if no operation started it.
+    ///
+    /// Without a place of its own: the final step may still hold its scope's last one.
     pub(super) async fn release(&self) -> Result<(), Error> {
-        in_transaction(self.engine.pool(), async |conn| {
-            sqlx::query!(
-                r#"WITH unstarted AS (
+        self.engine
+            .in_transaction(self.scope(), false, async |conn| {
+                sqlx::query!(
+                    r#"WITH unstarted AS (
                    DELETE FROM idempotency_requests
                    WHERE scope = $1 AND key = $2 AND lease_token = $3 AND operation IS NULL
                    RETURNING 1)
                UPDATE idempotency_requests SET leased_until = now()
                WHERE scope = $1 AND key = $2 AND lease_token = $3
                  AND operation IS NOT NULL"#,
-                self.scope().as_str(),
-                self.key().as_str(),
-                self.token,
-            )
-            .execute(&mut *conn)
-            .await?;
-            Ok(())
-        })
-        .await
+                    self.scope().as_str(),
+                    self.key().as_str(),
+                    self.token,
+                )
+                .execute(&mut *conn)
+                .await?;
+                Ok(())
+            })
+            .await
     }
 
     /// After the operation failed: [`release`](Self::release)s the request, best effort

@@ -12,7 +12,6 @@
 use std::time::{Duration, Instant};
 
 use super::lease::Lease;
-use crate::db::in_transaction;
 use crate::error::Error;
 use crate::metrics;
 
@@ -40,7 +39,7 @@ struct Look {
 async fn look(lease: &Lease, target: Option<&str>) -> Result<Look, Error> {
     // In a transaction of its own, so that a pooler in transaction mode keeps the
     // statement's two exchanges on one server connection.
-    let row = in_transaction(lease.engine().pool(), async |conn| {
+    let row = lease.engine().in_transaction(lease.scope(), true, async |conn| {
         Ok(sqlx::query!(
             r#"WITH target AS (SELECT coalesce($4::text::pg_lsn, pg_current_wal_insert_lsn()) AS lsn)
                SELECT t.lsn::text AS "target!",

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::lease::{Lease, Taken, boundary, rollback};
 use super::standbys;
 use crate::db::{TxConn, executor_over_tx};
+use crate::engine::Place;
 use crate::error::Error;
 use crate::key::IdempotencyKey;
 use crate::outcome::{CommitOutcome, Completion};
@@ -70,6 +71,9 @@ pub struct Steps {
 /// (`query.execute(&mut *tx)`); the step commits it together with its output.
 pub struct StepTx {
     tx: TxConn,
+    /// The request's place among the connections its scope may hold, kept until the
+    /// step ends.
+    _place: Place,
 }
 
 executor_over_tx!(StepTx, tx);
@@ -163,7 +167,9 @@ impl Steps {
     ///
     /// # Errors
     ///
-    /// The step's error; [`Error::LeaseLost`] (its writes rolled back),
+    /// The step's error; [`Error::NoConnection`] (no place or connection for the request's
+    /// scope within the [connection wait](crate::Config::with_connection_wait): nothing
+    /// ran); [`Error::LeaseLost`] (its writes rolled back),
     /// [`Error::PhaseData`], [`Error::PhaseMisuse`], [`Error::Database`] (converted).
     /// After a database error around `COMMIT` the step may or may not be recorded; a
     /// retry finds out and either skips or runs it.
@@ -217,8 +223,8 @@ impl Steps {
     /// # Errors
     ///
     /// The call's error (nothing recorded: the next run calls again);
-    /// [`Error::LeaseLost`] (before the call: no call is made),
-    /// [`Error::StandbysBehind`] and [`Error::StandbysHidden`] (no call is made; see
+    /// [`Error::LeaseLost`] and [`Error::NoConnection`] (before the call: no call is
+    /// made), [`Error::StandbysBehind`] and [`Error::StandbysHidden`] (no call is made; see
     /// [`Config::with_standby_confirmation`](crate::Config::with_standby_confirmation)),
     /// [`Error::PhaseData`],
     /// [`Error::PhaseMisuse`], [`Error::Database`] (converted).
@@ -272,7 +278,8 @@ impl Steps {
     ///
     /// # Errors
     ///
-    /// The step's error (its writes rolled back); [`Error::InvalidStatus`],
+    /// The step's error (its writes rolled back); [`Error::NoConnection`] (nothing ran);
+    /// [`Error::InvalidStatus`],
     /// [`Error::LeaseLost`], [`Error::Database`] (converted). After a database error
     /// around `COMMIT` the response may or may not be stored; a retry replays it or runs
     /// the final step again.
@@ -328,8 +335,11 @@ impl Steps {
 impl StepTx {
     /// A transaction of its own for a step of the request `lease` holds.
     async fn begin(lease: &Lease) -> Result<Self, Error> {
-        let tx = TxConn::begin(lease.engine().pool()).await?;
-        Ok(Self { tx })
+        let (place, conn) = lease.engine().placed_connection(lease.scope()).await?;
+        Ok(Self {
+            tx: TxConn::begin_on(conn).await?,
+            _place: place,
+        })
     }
 }
 
