@@ -132,16 +132,17 @@ impl Config {
     /// How long a duplicate waits for the request holding its key to finish before it
     /// gets [`Error::InFlight`](crate::Error::InFlight) (default 2 s; zero answers at
     /// once). A waiting duplicate holds no pooled connection: it is woken when a claim of
-    /// this process holding its key ends, or looks again now and then (10 ms, doubling
-    /// up to 200 ms) when another process holds it, one short round trip each time.
+    /// this process holding its key ends; when another process holds it, one duplicate
+    /// of this process looks again now and then (10 ms, doubling up to 200 ms), one
+    /// short round trip each time, and wakes the others with the row it finds.
     #[must_use]
     pub fn with_in_flight_wait(mut self, wait: Duration) -> Self {
         self.in_flight_wait = wait;
         self
     }
 
-    /// How many duplicates of one key may wait in this process for the claim that holds
-    /// it (default 1024); the next one gets [`Error::InFlight`](crate::Error::InFlight)
+    /// How many duplicates of one key may wait in this process for the request that
+    /// holds it (default 1024); the next one gets [`Error::InFlight`](crate::Error::InFlight)
     /// at once. Waiting costs no connection, only a little memory.
     #[must_use]
     pub fn with_in_flight_waiters(mut self, waiters: usize) -> Self {

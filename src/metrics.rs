@@ -7,6 +7,7 @@
 //! | `pg_idempotency_replays_total` | counter | stored responses replayed |
 //! | `pg_idempotency_conflicts_total` | counter | keys reused with another request (409) |
 //! | `pg_idempotency_in_flight_total` | counter | duplicates that gave up waiting (409 + Retry-After) |
+//! | `pg_idempotency_polls_total` | counter | duplicates' looks again at a key that another request held at their first look, a transaction each; one duplicate per key and process looks for the others |
 //! | `pg_idempotency_policy_rollbacks_total` | counter | responses the store policy did not keep (rolled back, key freed) |
 //! | `pg_idempotency_commit_resolutions_total` | counter | commits whose connection broke, by what the store found out (`outcome`: `stored`, `not_stored`, `unknown`) |
 //! | `pg_idempotency_swept_rows_total` | counter | expired rows deleted by sweeps |
@@ -25,6 +26,8 @@ pub const REPLAYS: &str = "pg_idempotency_replays_total";
 pub const CONFLICTS: &str = "pg_idempotency_conflicts_total";
 /// Duplicates that gave up waiting for the request holding their key.
 pub const IN_FLIGHT: &str = "pg_idempotency_in_flight_total";
+/// Duplicates' looks again at a held key.
+pub const POLLS: &str = "pg_idempotency_polls_total";
 /// Responses the store policy did not keep.
 pub const POLICY_ROLLBACKS: &str = "pg_idempotency_policy_rollbacks_total";
 /// Commits whose connection broke, resolved on another connection; label `outcome`.

@@ -12,7 +12,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, PgPool};
 
 mod support;
-use support::{assert_no_idle_transactions, cancel_after, expire, expire_all};
+use support::{assert_no_idle_transactions, cancel_after, expire, expire_all, with_recorder};
 
 async fn setup() -> Result<PgPool> {
     let pool = pg_idempotency::testing::fresh_pool().await?;
@@ -1232,6 +1232,65 @@ async fn duplicates_in_another_process_hold_no_connection_while_they_wait() -> R
     let other = small_pool(&pool, 1).await?;
     let duplicates = patient(other.clone(), Config::default());
     duplicates_leave_the_pool_alone(&pool, &holder, &duplicates, other, 20).await
+}
+
+/// Issue 24: duplicates in another process look at the key once per poll step between
+/// them, not once each: one of them looks for the others and hands them the row.
+#[test]
+fn duplicates_in_another_process_look_once_per_poll_step() -> Result<()> {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    const DUPLICATES: usize = 40;
+    let held_for = with_recorder(&recorder, async {
+        let pool = setup().await?;
+        let holder = IdempotencyStore::new(pool.clone());
+        let duplicates = patient(small_pool(&pool, 4).await?, Config::default());
+        let (scope, key) = (scope("acct_1"), new_key());
+        let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
+        let Begin::Claimed(claim) = holder.begin(&scope, &key, &request).await? else {
+            bail!("claim")
+        };
+        let started = std::time::Instant::now();
+        let mut waiting = tokio::task::JoinSet::new();
+        for _ in 0..DUPLICATES {
+            let (store, scope, key) = (duplicates.clone(), scope.clone(), key.clone());
+            waiting.spawn(async move {
+                let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
+                store.begin(&scope, &key, &request).await
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        claim.complete(&StoredResponse::new(201, "paid")).await?;
+        while let Some(waited) = waiting.join_next().await {
+            match waited? {
+                Ok(Begin::Replay(replay)) => assert_eq!(replay.response.body, &b"paid"[..]),
+                other => bail!("expected a replay, got {other:?}"),
+            }
+        }
+        Ok(started.elapsed())
+    })?;
+    let polls = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find(|(key, ..)| key.key().name() == pg_idempotency::metrics::POLLS)
+        .map_or(0, |(.., value)| match value {
+            metrics_util::debugging::DebugValue::Counter(n) => n,
+            _ => 0,
+        });
+    // The looks one duplicate makes in that time, its pause doubling from 10 ms to 200 ms.
+    let (mut steps, mut slept, mut pause) = (0, Duration::ZERO, Duration::from_millis(10));
+    while slept <= held_for {
+        steps += 1;
+        slept += pause;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    assert!(polls >= 1, "the duplicates never looked again");
+    assert!(
+        polls <= steps,
+        "{polls} looks by {DUPLICATES} duplicates in {held_for:?}: more than one per poll step ({steps})"
+    );
+    Ok(())
 }
 
 /// Issue 12: beyond `in_flight_waiters` duplicates of one key, the in-flight answer comes

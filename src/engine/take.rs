@@ -96,9 +96,14 @@ impl Engine {
         let limit = self.config.in_flight_waiters();
         // No pause before the first look; then it doubles.
         let mut pause = None;
+        // Set while this request looks at the key for this process's other duplicates.
+        let mut looking = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.waiters.wait(scope, key, pause, left, limit).await {
+            let waited = (self.waiters)
+                .wait(scope, key, pause, left, limit, &mut looking)
+                .await;
+            match waited {
                 Waited::Refused | Waited::StillHeld => return Err(self.in_flight(scope, key)),
                 Waited::Answered(row) => {
                     return answer(row, scope, key, request).map(Begin::Replay);
@@ -111,22 +116,29 @@ impl Engine {
                 None => self.look(scope, key, connection_deadline).await?,
                 // Looking again at a key another process holds: no longer than the wait
                 // leaves; a connection that comes too late would only say "in flight".
-                Some(_) => match self
-                    .look(scope, key, connection_deadline.min(deadline))
-                    .await
-                {
-                    Err(Error::NoConnection { .. }) if Instant::now() >= deadline => {
-                        return Err(self.in_flight(scope, key));
+                Some(_) => {
+                    metrics::count(metrics::POLLS, 1);
+                    match self
+                        .look(scope, key, connection_deadline.min(deadline))
+                        .await
+                    {
+                        Err(Error::NoConnection { .. }) if Instant::now() >= deadline => {
+                            return Err(self.in_flight(scope, key));
+                        }
+                        looked => looked?,
                     }
-                    looked => looked?,
-                },
+                }
             };
             match found.row {
                 // A live row answers, whoever holds the lock: it cannot change until it
                 // expires.
                 Some(row) if row.live => {
                     tx.rollback().await?;
-                    return answer(row.decode()?, scope, key, request).map(Begin::Replay);
+                    let row = row.decode()?;
+                    if let Some(looking) = &looking {
+                        looking.answer(|| row.clone());
+                    }
+                    return answer(row, scope, key, request).map(Begin::Replay);
                 }
                 row if found.locked => {
                     let held = KeyHold {

@@ -1,17 +1,23 @@
 //! Where duplicates of a held key wait, without holding a pooled connection.
 //!
 //! A duplicate that finds its key held by another request gives its connection back and
-//! waits here before it looks at the key again:
+//! waits here before it looks at the key again. Whoever holds the key, this process
+//! looks at it at most once at a time:
 //!
 //! - when a claim of this process (of a store sharing this registry) holds the key, the
 //!   duplicate sleeps until that claim ends, woken with every other duplicate of the key
 //!   at once; a duplicate that arrives while such a claim runs waits for it before it
 //!   looks at all. When the claim stored a response, the woken duplicates get its row
-//!   without a round trip. At most [`Config::in_flight_waiters`] wait per key; the next
-//!   one gets the in-flight answer at once;
-//! - when another process holds the key, the duplicate polls: it sleeps, then looks
-//!   again in one round trip, with a pause that doubles from [`FIRST_POLL`] to
-//!   [`MAX_POLL`].
+//!   without a round trip;
+//! - when another process holds the key, one duplicate of this process looks for all of
+//!   them: it sleeps, then looks again in one round trip, with a pause that doubles from
+//!   [`FIRST_POLL`] to [`MAX_POLL`], and hands the others the row it finds. The others
+//!   (and a duplicate that arrives meanwhile) wait for its looks as for a claim of this
+//!   process; when it stops looking (its own wait ran out, its client went away, it took
+//!   the key), the next one takes over.
+//!
+//! At most [`Config::in_flight_waiters`] wait per key; the next one gets the in-flight
+//! answer at once.
 //!
 //! [`Config::in_flight_waiters`]: crate::Config::in_flight_waiters
 
@@ -33,20 +39,21 @@ pub(crate) const FIRST_POLL: Duration = Duration::from_millis(10);
 /// The longest pause between two looks at a key another process holds.
 pub(crate) const MAX_POLL: Duration = Duration::from_millis(200);
 
-/// The keys that claims of this process hold, each with the duplicates waiting for it.
+/// The keys that claims of this process hold, or that one of its duplicates looks at
+/// while another process holds them, each with the duplicates waiting for it.
 #[derive(Debug, Default)]
 pub(crate) struct Waiters {
     held: Mutex<HashMap<(Scope, IdempotencyKey), Arc<Held>>>,
 }
 
-/// One held key.
+/// One held key: held by a claim of this process, or looked at for this process.
 #[derive(Debug, Default)]
 struct Held {
-    /// Cancelled when the claim ends.
+    /// Cancelled when the claim ends, or the duplicate looking for the others stops.
     ended: CancellationToken,
     /// Duplicates waiting for it.
     waiting: Mutex<usize>,
-    /// The row the claim committed, for the duplicates it wakes.
+    /// The row the claim committed, or the look found, for the duplicates it wakes.
     answer: OnceLock<StoredRow>,
     /// The holder is a phased request's lease, which another may take over once it runs
     /// out: only a look can tell, so a wait that runs out looks.
@@ -64,9 +71,15 @@ pub(crate) enum Waited {
     /// Too many duplicates already wait for this key: answer "in flight" now.
     Refused,
     /// The transactional claim of this process still holds the key when the wait ran
-    /// out: it is in flight, and a look would only say so after waiting for a connection.
+    /// out, or another process held it at this process's last look: it is in flight,
+    /// and a look would only say so after waiting for a connection.
     StillHeld,
 }
+
+/// The duplicate of this process that looks at a key another process holds, for itself
+/// and for the others waiting: registered until dropped (or until a claim of this
+/// process takes the key), waking the others then.
+pub(crate) type Looking = Holding;
 
 /// Registration of a key a claim holds; dropping it (when the claim ends, after its
 /// commit or rollback) wakes the duplicates waiting for the key.
@@ -88,48 +101,107 @@ impl Waiters {
     pub(crate) fn hold(self: &Arc<Self>, scope: &Scope, key: &IdempotencyKey) -> Holding {
         let name = (scope.clone(), key.clone());
         let held = Arc::new(Held::default());
-        // A claim that ended without dropping its holding yet (its rollback is under way)
-        // may still be registered: the new holder takes its place and wakes its waiters.
+        // A claim that ended without dropping its holding yet (its rollback is under way),
+        // or a duplicate looking at the key, may still be registered: the new holder takes
+        // its place and wakes its waiters.
         if let Some(previous) = self.held().insert(name.clone(), Arc::clone(&held)) {
             previous.ended.cancel();
         }
+        self.holding(name, held)
+    }
+
+    /// The registration of the claim or look that `name` waits for in this process; when
+    /// there is none and `look` is set, registers `looking` as the duplicate that looks.
+    fn follow(
+        self: &Arc<Self>,
+        name: &(Scope, IdempotencyKey),
+        look: bool,
+        looking: &mut Option<Looking>,
+    ) -> Option<Arc<Held>> {
+        match self.held().entry(name.clone()) {
+            Entry::Occupied(entry) => Some(Arc::clone(entry.get())),
+            Entry::Vacant(entry) => {
+                if look {
+                    let held = Arc::clone(entry.insert(Arc::default()));
+                    *looking = Some(self.holding(name.clone(), held));
+                }
+                None
+            }
+        }
+    }
+
+    fn holding(self: &Arc<Self>, key: (Scope, IdempotencyKey), held: Arc<Held>) -> Holding {
         Holding {
             waiters: Arc::clone(self),
-            key: name,
+            key,
             held,
         }
     }
 
-    /// Waits, without a connection, before looking at `(scope, key)`: until the claim of
-    /// this process that holds it ends (at most `left`), or, when none does, for `pause`
-    /// (at most `left`; no wait at all without a pause, before the first look).
-    /// [`Waited::Refused`] when `limit` duplicates already wait for the key in this
-    /// process.
+    /// Waits, without a connection, before looking at `(scope, key)`, at most `left`:
+    ///
+    /// - while a claim of this process holds it, or another duplicate of this process
+    ///   looks at it, until that one ends; [`Waited::Refused`] when `limit` duplicates
+    ///   already wait for the key in this process;
+    /// - when `looking` is this duplicate's own registration, still current, for
+    ///   `pause`;
+    /// - else, before the first look (no `pause`), not at all; after it, for `pause`,
+    ///   having registered in `looking` as the duplicate that looks for the others (at
+    ///   once, if a claim or a look it waited for just ended without a row: the key may
+    ///   be free).
+    ///
+    /// [`Waited::StillHeld`] when a look would come after `left`.
     pub(crate) async fn wait(
-        &self,
+        self: &Arc<Self>,
         scope: &Scope,
         key: &IdempotencyKey,
         pause: Option<Duration>,
         left: Duration,
         limit: usize,
+        looking: &mut Option<Looking>,
     ) -> Waited {
-        let held = self.held().get(&(scope.clone(), key.clone())).cloned();
-        let Some(held) = held else {
-            if let Some(pause) = pause {
-                tokio::time::sleep(pause.min(left)).await;
+        let name = (scope.clone(), key.clone());
+        let deadline = tokio::time::Instant::now() + left;
+        let mut woken = false;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if looking
+                .as_ref()
+                .is_some_and(|own| own.held.ended.is_cancelled())
+            {
+                // A claim of this process took the key: wait for it as the others do.
+                *looking = None;
             }
-            return Waited::LookAgain;
-        };
-        let Some(_waiting) = Waiting::enter(&held, limit) else {
-            return Waited::Refused;
-        };
-        let ended = tokio::time::timeout(left, held.ended.cancelled())
-            .await
-            .is_ok();
-        match held.answer.get() {
-            Some(row) => Waited::Answered(row.clone()),
-            None if ended || held.leased.load(Ordering::Relaxed) => Waited::LookAgain,
-            None => Waited::StillHeld,
+            let followed = match looking {
+                Some(_) => None,
+                None => self.follow(&name, pause.is_some() && !left.is_zero(), looking),
+            };
+            let Some(held) = followed else {
+                let Some(pause) = pause else {
+                    return Waited::LookAgain;
+                };
+                if looking.is_none() {
+                    return Waited::StillHeld;
+                }
+                if !woken {
+                    tokio::time::sleep(pause.min(left)).await;
+                }
+                return Waited::LookAgain;
+            };
+            let Some(_waiting) = Waiting::enter(&held, limit) else {
+                return Waited::Refused;
+            };
+            let ended = tokio::time::timeout(left, held.ended.cancelled())
+                .await
+                .is_ok();
+            match held.answer.get() {
+                Some(row) => return Waited::Answered(row.clone()),
+                // The claim or the look ended without a row: wait for the next one, or
+                // look.
+                None if ended => woken = true,
+                None if held.leased.load(Ordering::Relaxed) => return Waited::LookAgain,
+                None => return Waited::StillHeld,
+            }
         }
     }
 }
@@ -216,19 +288,54 @@ mod tests {
         )
     }
 
+    const LONG: Duration = Duration::from_secs(3600);
+
+    /// A wait of the key [`name`]s, for a duplicate that does not look for the others.
+    async fn wait(waiters: &Arc<Waiters>, pause: Option<Duration>, left: Duration) -> Waited {
+        wait_bounded(waiters, pause, left, 8).await
+    }
+
+    async fn wait_bounded(
+        waiters: &Arc<Waiters>,
+        pause: Option<Duration>,
+        left: Duration,
+        limit: usize,
+    ) -> Waited {
+        let (scope, key) = name();
+        let mut looking = None;
+        let waited = waiters
+            .wait(&scope, &key, pause, left, limit, &mut looking)
+            .await;
+        assert!(looking.is_none(), "registered a look: {waited:?}");
+        waited
+    }
+
+    fn row(body: &'static str) -> StoredRow {
+        StoredRow {
+            fingerprint: crate::Fingerprint::from_parts(2, [7; 32]),
+            replay: crate::Replay {
+                response: crate::StoredResponse::new(201, body),
+                first_used_at: chrono::DateTime::UNIX_EPOCH,
+                first_request: crate::Provenance::default(),
+            },
+        }
+    }
+
     #[tokio::test]
     async fn waiters_wake_when_the_holder_ends_and_are_bounded() {
         let waiters = Arc::new(Waiters::default());
         let (scope, key) = name();
         let holding = waiters.hold(&scope, &key);
-        let long = Duration::from_secs(3600);
-        let wait = || waiters.wait(&scope, &key, None, long, 2);
-        let (first, second) = (wait(), wait());
+        let (first, second) = (
+            wait_bounded(&waiters, None, LONG, 2),
+            wait_bounded(&waiters, None, LONG, 2),
+        );
         tokio::pin!(first, second);
         // Both wait (the holder has not ended); a third is refused at once.
         assert!(first.as_mut().now_or_never().is_none());
         assert!(second.as_mut().now_or_never().is_none());
-        assert!(matches!(wait().await, Waited::Refused));
+        let third = wait_bounded(&waiters, None, LONG, 2).await;
+        assert!(matches!(third, Waited::Refused), "{third:?}");
         drop(holding);
         assert!(matches!(first.await, Waited::LookAgain));
         assert!(matches!(second.await, Waited::LookAgain));
@@ -240,14 +347,13 @@ mod tests {
         let waiters = Arc::new(Waiters::default());
         let (scope, key) = name();
         let _holding = waiters.hold(&scope, &key);
-        let long = Duration::from_secs(3600);
         for _ in 0..3 {
             // The only place, taken and given up (the client went away).
-            let mut waiting = Box::pin(waiters.wait(&scope, &key, None, long, 1));
+            let mut waiting = Box::pin(wait_bounded(&waiters, None, LONG, 1));
             assert!(waiting.as_mut().now_or_never().is_none());
             drop(waiting);
         }
-        let mut waiting = Box::pin(waiters.wait(&scope, &key, None, long, 1));
+        let mut waiting = Box::pin(wait_bounded(&waiters, None, LONG, 1));
         assert!(
             waiting.as_mut().now_or_never().is_none(),
             "refused: a place leaked"
@@ -259,52 +365,129 @@ mod tests {
         let waiters = Arc::new(Waiters::default());
         let (scope, key) = name();
         let holding = waiters.hold(&scope, &key);
-        let wait = || waiters.wait(&scope, &key, None, Duration::from_millis(10), 8);
-        let waited = wait().await;
+        let short = Duration::from_millis(10);
+        let waited = wait(&waiters, None, short).await;
         assert!(matches!(waited, Waited::StillHeld), "{waited:?}");
         // A lease may have run out and be taken over: only a look can tell.
         let _leased = holding.leased();
-        let waited = wait().await;
+        let waited = wait(&waiters, None, short).await;
         assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
     }
 
     #[tokio::test]
-    async fn without_a_local_holder_a_duplicate_sleeps_one_pause_after_a_look() {
-        let waiters = Waiters::default();
+    async fn without_a_holder_of_this_process_one_duplicate_looks_after_a_pause() {
+        let waiters = Arc::new(Waiters::default());
         let (scope, key) = name();
-        let started = std::time::Instant::now();
-        let second = Duration::from_secs(1);
-        let waited = waiters
-            .wait(&scope, &key, Some(FIRST_POLL), second, 0)
-            .await;
-        assert!(matches!(waited, Waited::LookAgain));
-        assert!(started.elapsed() >= FIRST_POLL);
         // Before the first look, there is nothing to wait for.
-        let waited = waiters.wait(&scope, &key, None, second, 0).now_or_never();
-        assert!(matches!(waited, Some(Waited::LookAgain)));
+        let waited = wait(&waiters, None, LONG).now_or_never();
+        assert!(matches!(waited, Some(Waited::LookAgain)), "{waited:?}");
+        // After it, the duplicate registers as the one that looks, and sleeps its pause.
+        let started = std::time::Instant::now();
+        let mut looking = None;
+        let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut looking)).await;
+        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        assert!(started.elapsed() >= FIRST_POLL);
+        assert!(looking.is_some());
+        // Its next wait is a pause again, as long as it stays registered.
+        let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut looking)).await;
+        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        assert!(looking.is_some());
+        // A wait with nothing left after the first look says "in flight" without a look.
+        let waited = wait(&Arc::default(), Some(FIRST_POLL), Duration::ZERO).now_or_never();
+        assert!(matches!(waited, Some(Waited::StillHeld)), "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn the_others_wait_for_the_look_and_get_the_row_it_found() {
+        let waiters = Arc::new(Waiters::default());
+        let (scope, key) = name();
+        let mut looking = None;
+        let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut looking)).await;
+        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        // Another duplicate after its first look, and one that has not looked yet.
+        let polling = wait(&waiters, Some(FIRST_POLL), LONG);
+        let arriving = wait(&waiters, None, LONG);
+        tokio::pin!(polling, arriving);
+        assert!(polling.as_mut().now_or_never().is_none());
+        assert!(arriving.as_mut().now_or_never().is_none());
+        let looking = looking.expect("registered");
+        looking.answer(|| row("paid"));
+        drop(looking);
+        for waited in [polling.await, arriving.await] {
+            let Waited::Answered(row) = waited else {
+                panic!("expected the row: {waited:?}");
+            };
+            assert_eq!(row.replay.response.body, &b"paid"[..]);
+        }
+        assert!(waiters.held().is_empty());
+    }
+
+    #[tokio::test]
+    async fn when_the_look_stops_without_a_row_the_next_duplicate_looks_at_once() {
+        let waiters = Arc::new(Waiters::default());
+        let (scope, key) = name();
+        let mut first = None;
+        let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut first)).await;
+        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        let mut second = None;
+        let mut third = None;
+        {
+            let a = waiters.wait(&scope, &key, Some(LONG), LONG, 8, &mut second);
+            let b = waiters.wait(&scope, &key, Some(LONG), LONG, 8, &mut third);
+            tokio::pin!(a, b);
+            assert!(a.as_mut().now_or_never().is_none());
+            assert!(b.as_mut().now_or_never().is_none());
+            // The first one's client went away.
+            drop(first);
+            // The second takes over and looks without its (long) pause: the key may
+            // be free; the third waits for its look.
+            let waited = a.as_mut().now_or_never();
+            assert!(matches!(waited, Some(Waited::LookAgain)), "{waited:?}");
+            assert!(b.as_mut().now_or_never().is_none());
+        }
+        assert!(second.is_some());
+        assert!(third.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_claim_of_this_process_takes_over_from_a_look() {
+        let waiters = Arc::new(Waiters::default());
+        let (scope, key) = name();
+        let mut looking = None;
+        let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut looking)).await;
+        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        let other = wait(&waiters, Some(FIRST_POLL), LONG);
+        tokio::pin!(other);
+        assert!(other.as_mut().now_or_never().is_none());
+        // The look found the key free and took it.
+        let holding = waiters.hold(&scope, &key);
+        // Both the other duplicate and the one that looked now wait for the claim.
+        assert!(other.as_mut().now_or_never().is_none());
+        {
+            let own = waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut looking);
+            tokio::pin!(own);
+            assert!(own.as_mut().now_or_never().is_none());
+        }
+        assert!(looking.is_none(), "the look's registration was given up");
+        holding.answer(|| row("paid"));
+        drop(holding);
+        assert!(matches!(other.await, Waited::Answered(_)));
+        assert!(waiters.held().is_empty());
     }
 
     #[tokio::test]
     async fn woken_waiters_get_the_committed_row_unmade_without_waiters() {
         let waiters = Arc::new(Waiters::default());
         let (scope, key) = name();
-        let row = StoredRow {
-            fingerprint: crate::Fingerprint::from_parts(2, [7; 32]),
-            replay: crate::Replay {
-                response: crate::StoredResponse::new(201, "paid"),
-                first_used_at: chrono::DateTime::UNIX_EPOCH,
-                first_request: crate::Provenance::default(),
-            },
-        };
+        let row = row("paid");
         // Nobody waits: the row is not even made.
         let alone = waiters.hold(&scope, &key);
         alone.answer(|| unreachable!("no duplicate waits"));
         drop(alone);
 
         let holding = waiters.hold(&scope, &key);
-        let long = Duration::from_secs(3600);
-        let first = waiters.wait(&scope, &key, None, long, 8);
-        let second = waiters.wait(&scope, &key, None, long, 8);
+        let first = wait(&waiters, None, LONG);
+        let second = wait(&waiters, None, LONG);
         tokio::pin!(first, second);
         assert!(first.as_mut().now_or_never().is_none());
         assert!(second.as_mut().now_or_never().is_none());
