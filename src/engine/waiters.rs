@@ -9,12 +9,13 @@
 //!   at once; a duplicate that arrives while such a claim runs waits for it before it
 //!   looks at all. When the claim stored a response, the woken duplicates get its row
 //!   without a round trip;
-//! - when another process holds the key, one duplicate of this process looks for all of
-//!   them: it sleeps, then looks again in one round trip, with a pause that doubles from
-//!   [`FIRST_POLL`] to [`MAX_POLL`], and hands the others the row it finds. The others
-//!   (and a duplicate that arrives meanwhile) wait for its looks as for a claim of this
-//!   process; when it stops looking (its own wait ran out, its client went away, it took
-//!   the key), the next one takes over.
+//! - otherwise one request of this process looks at the key for all of them: a first
+//!   look as the request arrives, then, while another process holds the key, again
+//!   after a pause that doubles from [`FIRST_POLL`] to [`MAX_POLL`], one round trip each;
+//!   it hands the others the row it finds. The others (and a request that arrives
+//!   meanwhile) wait for its looks as for a claim of this process; when it stops looking
+//!   (its own wait ran out, its client went away, it took the key), the next one takes
+//!   over.
 //!
 //! At most [`Config::in_flight_waiters`] wait per key; the next one gets the in-flight
 //! answer at once.
@@ -140,17 +141,16 @@ impl Waiters {
 
     /// Waits, without a connection, before looking at `(scope, key)`, at most `left`:
     ///
-    /// - while a claim of this process holds it, or another duplicate of this process
+    /// - while a claim of this process holds it, or another request of this process
     ///   looks at it, until that one ends; [`Waited::Refused`] when `limit` duplicates
     ///   already wait for the key in this process;
-    /// - when `looking` is this duplicate's own registration, still current, for
-    ///   `pause`;
-    /// - else, before the first look (no `pause`), not at all; after it, for `pause`,
-    ///   having registered in `looking` as the duplicate that looks for the others (at
-    ///   once, if a claim or a look it waited for just ended without a row: the key may
-    ///   be free).
+    /// - when `looking` is this request's own registration, still current, for `pause`;
+    /// - else, having registered in `looking` as the request that looks for the others:
+    ///   before the first look (no `pause`) not at all, after it for `pause` (not at all
+    ///   if a claim or a look it waited for just ended without a row: the key may be
+    ///   free).
     ///
-    /// [`Waited::StillHeld`] when a look would come after `left`.
+    /// [`Waited::StillHeld`] when a look after the first would come after `left`.
     pub(crate) async fn wait(
         self: &Arc<Self>,
         scope: &Scope,
@@ -174,16 +174,15 @@ impl Waiters {
             }
             let followed = match looking {
                 Some(_) => None,
-                None => self.follow(&name, pause.is_some() && !left.is_zero(), looking),
+                None => self.follow(&name, pause.is_none() || !left.is_zero(), looking),
             };
             let Some(held) = followed else {
-                let Some(pause) = pause else {
-                    return Waited::LookAgain;
-                };
                 if looking.is_none() {
                     return Waited::StillHeld;
                 }
-                if !woken {
+                if let Some(pause) = pause
+                    && !woken
+                {
                     tokio::time::sleep(pause.min(left)).await;
                 }
                 return Waited::LookAgain;
@@ -290,7 +289,8 @@ mod tests {
 
     const LONG: Duration = Duration::from_secs(3600);
 
-    /// A wait of the key [`name`]s, for a duplicate that does not look for the others.
+    /// A wait of the key [`name`]s; a registration to look for the others, if it made
+    /// one, ends with it.
     async fn wait(waiters: &Arc<Waiters>, pause: Option<Duration>, left: Duration) -> Waited {
         wait_bounded(waiters, pause, left, 8).await
     }
@@ -302,12 +302,9 @@ mod tests {
         limit: usize,
     ) -> Waited {
         let (scope, key) = name();
-        let mut looking = None;
-        let waited = waiters
-            .wait(&scope, &key, pause, left, limit, &mut looking)
-            .await;
-        assert!(looking.is_none(), "registered a look: {waited:?}");
-        waited
+        waiters
+            .wait(&scope, &key, pause, left, limit, &mut None)
+            .await
     }
 
     fn row(body: &'static str) -> StoredRow {
@@ -378,12 +375,15 @@ mod tests {
     async fn without_a_holder_of_this_process_one_duplicate_looks_after_a_pause() {
         let waiters = Arc::new(Waiters::default());
         let (scope, key) = name();
-        // Before the first look, there is nothing to wait for.
-        let waited = wait(&waiters, None, LONG).now_or_never();
-        assert!(matches!(waited, Some(Waited::LookAgain)), "{waited:?}");
-        // After it, the duplicate registers as the one that looks, and sleeps its pause.
-        let started = std::time::Instant::now();
+        // Before the first look, there is nothing to wait for: the request registers as
+        // the one that looks, and looks.
         let mut looking = None;
+        let waited =
+            (waiters.wait(&scope, &key, None, Duration::ZERO, 8, &mut looking)).now_or_never();
+        assert!(matches!(waited, Some(Waited::LookAgain)), "{waited:?}");
+        assert!(looking.is_some());
+        // After it, it sleeps its pause before each look.
+        let started = std::time::Instant::now();
         let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut looking)).await;
         assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
         assert!(started.elapsed() >= FIRST_POLL);
