@@ -33,8 +33,8 @@
 //!   control run and the holder's own) and how late each duplicate answers after the
 //!   holder's answer.
 //! - `review`: the first review's scenarios: 2,000 distinct slow keys (`delay_ms`
-//!   10,000) from one tenant with another tenant's requests meanwhile, and 30 keys × 500
-//!   duplicates (`delay_ms` 1,000).
+//!   10,000) from one tenant with other tenants' requests meanwhile, and 30 keys × 500
+//!   duplicates (`delay_ms` 1,000) with another tenant's requests before and meanwhile.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -1260,20 +1260,7 @@ async fn review(client: &reqwest::Client, demo: &Demo) -> Result<Value> {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut others = Vec::new();
-    for i in 0..20 {
-        let sent = Instant::now();
-        let (status, _) = post(
-            client,
-            &demo.url,
-            &tenant_name(i),
-            Uuid::new_v4(),
-            body(0, 0),
-        )
-        .await;
-        others.push((status, sent.elapsed().as_secs_f64() * 1000.0));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let others = bystanders(client, &demo.url, tenant_name).await;
     let mut flood: BTreeMap<u16, Vec<f64>> = BTreeMap::new();
     for task in tasks {
         let (status, ms) = task.await?;
@@ -1295,15 +1282,14 @@ async fn review(client: &reqwest::Client, demo: &Demo) -> Result<Value> {
             .into()
     };
     let flood_summary = describe(&mut flood);
-    let mut other_by: BTreeMap<u16, Vec<f64>> = BTreeMap::new();
-    for (status, ms) in others {
-        other_by.entry(status).or_default().push(ms);
-    }
-    let others_summary = describe(&mut other_by);
+    let others_summary = describe(&mut by_status(others));
     println!("2,000 slow keys (delay_ms 10,000) from one tenant: {flood_summary}");
     println!("  20 other tenants' requests meanwhile (one each, 100 ms apart): {others_summary}");
 
-    // 30 keys × 500 duplicates, sent at once.
+    // 30 keys × 500 duplicates, sent at once; a tenant of its own meanwhile, and before.
+    let unloaded = describe(&mut by_status(
+        bystanders(client, &demo.url, |_| "bystander".to_owned()).await,
+    ));
     let keys: Vec<Uuid> = (0..30).map(|_| Uuid::new_v4()).collect();
     let held = body(1_000, 0);
     let start = Instant::now();
@@ -1319,6 +1305,10 @@ async fn review(client: &reqwest::Client, demo: &Demo) -> Result<Value> {
             }));
         }
     }
+    let during = {
+        let (client, base) = (client.clone(), demo.url.clone());
+        tokio::spawn(async move { bystanders(&client, &base, |_| "bystander".to_owned()).await })
+    };
     let mut storm: BTreeMap<u16, Vec<f64>> = BTreeMap::new();
     let mut replayed_count = 0;
     for task in tasks {
@@ -1327,14 +1317,45 @@ async fn review(client: &reqwest::Client, demo: &Demo) -> Result<Value> {
         storm.entry(status).or_default().push(ms);
     }
     let storm_summary = describe(&mut storm);
+    let during = describe(&mut by_status(during.await?));
     println!(
         "30 keys × 500 duplicates (delay_ms 1,000) in {:.1} s: {storm_summary}, {replayed_count} replayed",
         start.elapsed().as_secs_f64()
+    );
+    println!(
+        "  another tenant's requests (20, 100 ms apart) before: {unloaded}; meanwhile: {during}"
     );
     Ok(json!({
         "slow_keys": flood_summary,
         "other_tenants_during_slow_keys": others_summary,
         "duplicate_storm": storm_summary,
         "duplicate_storm_replayed": replayed_count,
+        "bystander_before_duplicate_storm": unloaded,
+        "bystander_during_duplicate_storm": during,
     }))
+}
+
+/// Twenty requests, 100 ms apart, the `i`th from tenant `tenant(i)`: status and latency
+/// of each.
+async fn bystanders(
+    client: &reqwest::Client,
+    base: &str,
+    tenant: impl Fn(usize) -> String,
+) -> Vec<(u16, f64)> {
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let sent = Instant::now();
+        let (status, _) = post(client, base, &tenant(i), Uuid::new_v4(), body(0, 0)).await;
+        answers.push((status, sent.elapsed().as_secs_f64() * 1000.0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    answers
+}
+
+fn by_status(answers: Vec<(u16, f64)>) -> BTreeMap<u16, Vec<f64>> {
+    let mut by: BTreeMap<u16, Vec<f64>> = BTreeMap::new();
+    for (status, ms) in answers {
+        by.entry(status).or_default().push(ms);
+    }
+    by
 }
