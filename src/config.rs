@@ -96,12 +96,7 @@ impl Config {
     ///
     /// The transactional mode holds a connection for as long as its handler runs: slow
     /// handlers exhaust a pool. This wait turns that into fast, clear answers instead of
-    /// requests that hang for the pool's own timeout (sqlx's default: 30 s). Once the
-    /// queue for connections (or for a scope's [share](Self::with_scope_share)) has
-    /// made a request wait more than a quarter of its wait, or let one give up, a request
-    /// that finds no connection free and another already waiting gets the error at once,
-    /// until the queue serves one quickly again: under overload the connections go to
-    /// requests that will be answered in time, and the others are told on arrival.
+    /// requests that hang for the pool's own timeout (sqlx's default: 30 s).
     #[must_use]
     pub fn with_connection_wait(mut self, wait: Duration) -> Self {
         self.connection_wait = wait;

@@ -122,13 +122,12 @@ pub enum Error {
         source: serde_json::Error,
     },
     /// No pooled connection was free for the request within
-    /// [`Config::connection_wait`](crate::Config::connection_wait), or the queue for
-    /// one had become too slow to serve it in time (it was refused at once): the pool is
+    /// [`Config::connection_wait`](crate::Config::connection_wait): the pool is
     /// exhausted. Nothing was done; the client may retry after `retry_after`.
     #[error(
-        "no database connection was free for a request in scope '{scope}' (it waited \
-         {waited:?}): the pool is exhausted (answer 503 with Retry-After; give the pool \
-         more connections or make the handlers that hold them faster)"
+        "no database connection was free for a request in scope '{scope}' within {waited:?}: \
+         the pool is exhausted (answer 503 with Retry-After; give the pool more connections \
+         or make the handlers that hold them faster)"
     )]
     NoConnection {
         /// The scope of the request.

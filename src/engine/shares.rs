@@ -6,15 +6,8 @@
 //! wait runs out, and only then ask the pool: a request that gave up in the pool's own
 //! queue could cancel the pool halfway through checking a connection, which closes it,
 //! and under overload the pool would spend its time opening connections again.
-//!
-//! A queue that has become slow refuses at once: once a request it served waited more
-//! than [a quarter](SLOW) of its wait, or one gave up, a request that finds no place free
-//! and another already waiting is turned away on arrival instead of after its wait, until
-//! the queue serves one quickly again. Under overload the places then go to requests that
-//! will still be answered in time, and the others are told at once, at no cost.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -26,7 +19,7 @@ use crate::scope::Scope;
 #[derive(Debug)]
 pub(crate) struct Shares {
     /// One per connection of the pool.
-    pool: Queue,
+    pool: Arc<Semaphore>,
     /// Connections one scope may hold at once; `None` when a scope may hold them all.
     limit: Option<usize>,
     scopes: Mutex<Scopes>,
@@ -34,7 +27,7 @@ pub(crate) struct Shares {
 
 #[derive(Debug, Default)]
 struct Scopes {
-    places: HashMap<Scope, Arc<Queue>>,
+    places: HashMap<Scope, Arc<Semaphore>>,
     /// The map is pruned of idle scopes when it grows to this size.
     prune_at: usize,
 }
@@ -50,82 +43,6 @@ pub(crate) struct Place {
 /// Fewer scopes than this are never pruned.
 const PRUNE_AT: usize = 1024;
 
-/// A queue is slow once a request it served waited more than `1 / SLOW` of its wait.
-const SLOW: u32 = 4;
-
-/// Places, the requests waiting for them, and whether the queue has become slow.
-#[derive(Debug)]
-struct Queue {
-    places: Arc<Semaphore>,
-    waiting: AtomicUsize,
-    /// Set when a request served from the queue waited more than `1 / SLOW` of its wait,
-    /// or one gave up; cleared when one is served quicker, or finds a place free.
-    slow: AtomicBool,
-}
-
-impl Queue {
-    fn new(places: usize) -> Self {
-        Self {
-            places: Arc::new(Semaphore::new(places)),
-            waiting: AtomicUsize::new(0),
-            slow: AtomicBool::new(false),
-        }
-    }
-
-    /// A place, waited for until `deadline`; `None` when none came free in time, or at
-    /// once when the queue is slow and another request already waits.
-    async fn enter(&self, deadline: Instant) -> Option<OwnedSemaphorePermit> {
-        if let Ok(place) = Arc::clone(&self.places).try_acquire_owned() {
-            self.slow.store(false, Ordering::Relaxed);
-            return Some(place);
-        }
-        let waiting = Waiting::enter(&self.waiting);
-        if waiting.ahead > 0 && self.slow.load(Ordering::Relaxed) {
-            return None;
-        }
-        let arrived = Instant::now();
-        let wait = deadline.saturating_duration_since(arrived);
-        let acquire = Arc::clone(&self.places).acquire_owned();
-        match tokio::time::timeout_at(deadline.into(), acquire).await {
-            // The semaphores are never closed.
-            Ok(Ok(place)) => {
-                let slow = arrived.elapsed() > wait / SLOW;
-                self.slow.store(slow, Ordering::Relaxed);
-                Some(place)
-            }
-            _ => {
-                self.slow.store(true, Ordering::Relaxed);
-                None
-            }
-        }
-    }
-
-    /// Whether no request holds or waits for a place, and no other handle exists.
-    fn idle(self: &Arc<Self>) -> bool {
-        Arc::strong_count(self) == 1 && Arc::strong_count(&self.places) == 1
-    }
-}
-
-/// A request counted among a queue's waiting ones until dropped, however its wait ends.
-struct Waiting<'a> {
-    count: &'a AtomicUsize,
-    /// How many waited when it came.
-    ahead: usize,
-}
-
-impl<'a> Waiting<'a> {
-    fn enter(count: &'a AtomicUsize) -> Self {
-        let ahead = count.fetch_add(1, Ordering::AcqRel);
-        Self { count, ahead }
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 impl Shares {
     /// Shares of a pool of `pool_size` connections: a scope may hold `share` of them
     /// (rounded up, at least one).
@@ -140,7 +57,7 @@ impl Shares {
         )]
         let limit = ((pool_size as f64 * share).ceil() as usize).clamp(1, pool_size.max(1));
         Self {
-            pool: Queue::new(pool_size.max(1)),
+            pool: Arc::new(Semaphore::new(pool_size.max(1))),
             limit: (limit < pool_size).then_some(limit),
             scopes: Mutex::new(Scopes {
                 places: HashMap::new(),
@@ -156,32 +73,41 @@ impl Shares {
     }
 
     /// A place for a request of `scope`, waited for until `deadline` (first among its
-    /// scope's places, then in the pool); `None` when none came free in time, or a queue
-    /// was slow.
+    /// scope's places, then in the pool); `None` when none came free in time.
     pub(crate) async fn enter(&self, scope: &Scope, deadline: Instant) -> Option<Place> {
+        let wait = |places: Arc<Semaphore>| async move {
+            match tokio::time::timeout_at(deadline.into(), places.acquire_owned()).await {
+                // The semaphores are never closed.
+                Ok(Ok(permit)) => Some(permit),
+                _ => None,
+            }
+        };
         let scope = match self.limit {
-            Some(limit) => Some(self.places(scope, limit).enter(deadline).await?),
+            Some(limit) => Some(wait(self.places(scope, limit)).await?),
             None => None,
         };
-        let pool = self.pool.enter(deadline).await?;
+        let pool = wait(Arc::clone(&self.pool)).await?;
         Some(Place {
             _scope: scope,
             _pool: pool,
         })
     }
 
-    /// The queue of `scope`'s places, made on first use; idle scopes are forgotten when
-    /// the map grows.
-    fn places(&self, scope: &Scope, limit: usize) -> Arc<Queue> {
+    /// The semaphore of `scope`'s places, made on first use; idle scopes are forgotten
+    /// when the map grows.
+    fn places(&self, scope: &Scope, limit: usize) -> Arc<Semaphore> {
         let mut scopes = self.scopes.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(places) = scopes.places.get(scope) {
             return Arc::clone(places);
         }
         if scopes.places.len() >= scopes.prune_at {
-            scopes.places.retain(|_, places| !places.idle());
+            // Held only by the map: no request of the scope holds or waits for a place.
+            scopes
+                .places
+                .retain(|_, places| Arc::strong_count(places) > 1);
             scopes.prune_at = (scopes.places.len() * 2).max(PRUNE_AT);
         }
-        let places = Arc::new(Queue::new(limit));
+        let places = Arc::new(Semaphore::new(limit));
         scopes.places.insert(scope.clone(), Arc::clone(&places));
         places
     }
@@ -245,41 +171,6 @@ mod tests {
         );
         drop(first);
         assert!(shares.enter(&a, soon()).await.is_some());
-    }
-
-    #[tokio::test]
-    async fn a_slow_queue_refuses_at_once_until_it_serves_one_quickly() {
-        use futures_util::FutureExt;
-
-        let shares = Shares::new(1, 1.0);
-        let a = Scope::new("a").unwrap();
-        let long = || Instant::now() + Duration::from_secs(3600);
-        let held = shares.enter(&a, long()).await.unwrap();
-        // Not slow yet: a second request queues behind the first.
-        let mut queued = Box::pin(shares.enter(&a, long()));
-        assert!(queued.as_mut().now_or_never().is_none());
-        drop(queued);
-        // One gives up after its whole wait: the queue is slow.
-        assert!(shares.enter(&a, soon()).await.is_none());
-        // Alone, a request still queues (it is served as soon as a place comes free)...
-        let mut first = Box::pin(shares.enter(&a, long()));
-        assert!(first.as_mut().now_or_never().is_none());
-        // ... but one that would queue behind it is refused on arrival.
-        let refused = shares.enter(&a, long()).now_or_never();
-        assert!(matches!(refused, Some(None)), "queued behind a slow queue");
-        // Served well within its wait, the first makes the queue quick again.
-        drop(held);
-        let held = first.await.unwrap();
-        let mut second = Box::pin(shares.enter(&a, long()));
-        assert!(second.as_mut().now_or_never().is_none());
-        let mut third = Box::pin(shares.enter(&a, long()));
-        assert!(
-            third.as_mut().now_or_never().is_none(),
-            "refused by a queue that is quick again"
-        );
-        drop(held);
-        drop(second.await.unwrap());
-        assert!(third.await.is_some());
     }
 
     #[tokio::test]
