@@ -307,6 +307,16 @@ mod tests {
             .await
     }
 
+    /// A request registered as the one that looks at the key [`name`]s, after its pause.
+    async fn registered(waiters: &Arc<Waiters>) -> Option<Looking> {
+        let (scope, key) = name();
+        let mut looking = None;
+        let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut looking)).await;
+        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        assert!(looking.is_some());
+        looking
+    }
+
     fn row(body: &'static str) -> StoredRow {
         StoredRow {
             fingerprint: crate::Fingerprint::from_parts(2, [7; 32]),
@@ -400,10 +410,7 @@ mod tests {
     #[tokio::test]
     async fn the_others_wait_for_the_look_and_get_the_row_it_found() {
         let waiters = Arc::new(Waiters::default());
-        let (scope, key) = name();
-        let mut looking = None;
-        let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut looking)).await;
-        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        let looking = registered(&waiters).await;
         // Another duplicate after its first look, and one that has not looked yet.
         let polling = wait(&waiters, Some(FIRST_POLL), LONG);
         let arriving = wait(&waiters, None, LONG);
@@ -426,9 +433,7 @@ mod tests {
     async fn when_the_look_stops_without_a_row_the_next_duplicate_looks_at_once() {
         let waiters = Arc::new(Waiters::default());
         let (scope, key) = name();
-        let mut first = None;
-        let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut first)).await;
-        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        let first = registered(&waiters).await;
         let mut second = None;
         let mut third = None;
         {
@@ -453,9 +458,7 @@ mod tests {
     async fn a_claim_of_this_process_takes_over_from_a_look() {
         let waiters = Arc::new(Waiters::default());
         let (scope, key) = name();
-        let mut looking = None;
-        let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut looking)).await;
-        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        let mut looking = registered(&waiters).await;
         let other = wait(&waiters, Some(FIRST_POLL), LONG);
         tokio::pin!(other);
         assert!(other.as_mut().now_or_never().is_none());
