@@ -23,7 +23,8 @@
 //!   tenant 10% slow keys (`delay_ms` 500 to 2,000) and 8% fast requests. Reported per
 //!   phase over its measured window (after a 1 s warm-up): goodput (answers other than
 //!   503 per second), answers by status, p50/p99 of the answers given, the quiet tenants'
-//!   fresh requests' p99, each tenant's share of the goodput, the demo's RSS.
+//!   fresh requests' p99, each tenant's share of the goodput, the demo's RSS, and the
+//!   states of the demo's connections (`pg_stat_activity`, sampled every 100 ms).
 //! - `memory`: 1,500 concurrent requests with bodies at the demo's 1 MiB limit, on a
 //!   fresh demo: peak and after-load RSS.
 //! - `duplicates`: two demo processes on one database; a request with `delay_ms` 600
@@ -60,6 +61,8 @@ const BODY_LIMIT: usize = 1024 * 1024;
 const QUIET_TENANTS: usize = 20;
 /// Times a duplicated key is sent.
 const DUPLICATES: u32 = 4;
+/// The demo's connections' `application_name`.
+const DEMO_APPLICATION: &str = "payments-demo";
 
 /// Overload, goodput and memory of the payments demo under a mixed flood.
 #[derive(Debug, Parser)]
@@ -228,8 +231,11 @@ struct Demo {
 
 impl Demo {
     async fn start(binary: &std::path::Path, database_url: &str) -> Result<Self> {
+        // Named, so that `pg_stat_activity` tells the demo's connections from the bench's.
+        let separator = if database_url.contains('?') { '&' } else { '?' };
+        let database_url = format!("{database_url}{separator}application_name={DEMO_APPLICATION}");
         let mut child = Command::new(binary)
-            .args(["--port", "0", "--database-url", database_url])
+            .args(["--port", "0", "--database-url", &database_url])
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -624,6 +630,7 @@ async fn goodput(
     let mut mix = Mix::new();
     for multiple in [0.1, 1.0, 2.0, 4.0] {
         let sessions_before = sessions().await?;
+        let (stop_sampling, connections) = sample_connections(db.pool().clone());
         let phase = open_loop(
             client,
             demo,
@@ -635,6 +642,8 @@ async fn goodput(
         )
         .await;
         let mut summary = phase.summary(multiple, quiet_unloaded_p99);
+        stop_sampling.store(true, Ordering::Relaxed);
+        summary["demo_connections"] = connections.await??;
         // Connections the demo opened (PostgreSQL sessions begun) during the phase.
         summary["sessions_opened"] = json!(sessions().await? - sessions_before);
         if multiple == 0.1 {
@@ -659,6 +668,40 @@ async fn goodput(
         "phases": phases,
         "goodput_2x_over_1x": ratio,
     }))
+}
+
+/// Samples the states of the demo's connections every 100 ms until `stop` is set: their
+/// means (running; in a transaction waiting for the demo; in none).
+fn sample_connections(pool: PgPool) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Result<Value>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::clone(&stop);
+    let sampler = tokio::spawn(async move {
+        let (mut sums, mut samples) = ([0i64; 3], 0u32);
+        while !stopped.load(Ordering::Relaxed) {
+            let (active, waiting, idle): (i64, i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE state = 'active'),
+                        count(*) FILTER (WHERE state = 'idle in transaction'),
+                        count(*) FILTER (WHERE state = 'idle')
+                 FROM pg_stat_activity WHERE application_name = $1",
+            )
+            .bind(DEMO_APPLICATION)
+            .fetch_one(&pool)
+            .await?;
+            for (sum, n) in sums.iter_mut().zip([active, waiting, idle]) {
+                *sum += n;
+            }
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mean = |sum: i64| round1(Some(sum as f64 / f64::from(samples.max(1))));
+        Ok(json!({
+            "samples": samples,
+            "running": mean(sums[0]),
+            "waiting_for_the_demo": mean(sums[1]),
+            "in_no_transaction": mean(sums[2]),
+        }))
+    });
+    (stop, sampler)
 }
 
 /// Closed loop: 64 clients, fresh keys, small bodies, over the quiet tenants; answers
@@ -959,6 +1002,16 @@ fn print_phases(phases: &[Value]) {
             c["postgres"],
             c["machine"],
             p["sessions_opened"]
+        );
+    }
+    println!(
+        "the demo's connections, means of samples every 100 ms over the phase (running / in a transaction waiting for the demo / in none):"
+    );
+    for p in phases {
+        let c = &p["demo_connections"];
+        println!(
+            "  {:>4}×: {} / {} / {}",
+            p["multiple"], c["running"], c["waiting_for_the_demo"], c["in_no_transaction"]
         );
     }
     println!("503s by kind of request:");
