@@ -235,9 +235,13 @@ impl Config {
     /// idle connection without sqlx's ping ([`PgPool::try_acquire`]) and, should the
     /// server have closed it meanwhile, closes it and claims again on one that
     /// [`PgPool::acquire`] checked. That saves the ping's round trip on every request
-    /// (docs/BENCHMARKS.md, "The pool's ping"). A pool's
-    /// [`before_acquire`](sqlx::pool::PoolOptions::before_acquire) hook does not run for
-    /// such a connection: if yours does something a claim needs, set this to `true`.
+    /// (docs/BENCHMARKS.md, "The pool's ping"). Likewise, when requests wait for a place
+    /// in the pool, a request whose transaction ended passes its connection straight to
+    /// the next one instead of giving it back to the pool, which would ping it first
+    /// (for at most a second at a time; then it goes back to the pool and its checks).
+    /// A pool's [`before_acquire`](sqlx::pool::PoolOptions::before_acquire) and
+    /// [`after_release`](sqlx::pool::PoolOptions::after_release) hooks do not run for
+    /// such a connection: if yours do something a claim needs, set this to `true`.
     ///
     /// [`PgPool::try_acquire`]: sqlx::PgPool::try_acquire
     /// [`PgPool::acquire`]: sqlx::PgPool::acquire

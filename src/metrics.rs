@@ -8,6 +8,7 @@
 //! | `pg_idempotency_conflicts_total` | counter | keys reused with another request (409) |
 //! | `pg_idempotency_in_flight_total` | counter | duplicates that gave up waiting (409 + Retry-After) |
 //! | `pg_idempotency_polls_total` | counter | duplicates' looks again at a key that another request held at their first look, a transaction each; one duplicate per key and process looks for the others |
+//! | `pg_idempotency_connections_passed_total` | counter | connections passed with a place straight from a request that ended its transaction to one waiting for a place, without going back to the pool (under load) |
 //! | `pg_idempotency_policy_rollbacks_total` | counter | responses the store policy did not keep (rolled back, key freed) |
 //! | `pg_idempotency_commit_resolutions_total` | counter | commits whose connection broke, by what the store found out (`outcome`: `stored`, `not_stored`, `unknown`) |
 //! | `pg_idempotency_swept_rows_total` | counter | expired rows deleted by sweeps |
@@ -28,6 +29,8 @@ pub const CONFLICTS: &str = "pg_idempotency_conflicts_total";
 pub const IN_FLIGHT: &str = "pg_idempotency_in_flight_total";
 /// Duplicates' looks again at a held key.
 pub const POLLS: &str = "pg_idempotency_polls_total";
+/// Connections passed from one request to the next without going back to the pool.
+pub const CONNECTIONS_PASSED: &str = "pg_idempotency_connections_passed_total";
 /// Responses the store policy did not keep.
 pub const POLICY_ROLLBACKS: &str = "pg_idempotency_policy_rollbacks_total";
 /// Commits whose connection broke, resolved on another connection; label `outcome`.

@@ -1269,15 +1269,7 @@ fn duplicates_in_another_process_look_once_per_poll_step() -> Result<()> {
         }
         Ok(started.elapsed())
     })?;
-    let polls = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .find(|(key, ..)| key.key().name() == pg_idempotency::metrics::POLLS)
-        .map_or(0, |(.., value)| match value {
-            metrics_util::debugging::DebugValue::Counter(n) => n,
-            _ => 0,
-        });
+    let polls = counted(&snapshotter, pg_idempotency::metrics::POLLS);
     // The looks one duplicate makes in that time, its pause doubling from 10 ms to 200 ms.
     let (mut steps, mut slept, mut pause) = (0, Duration::ZERO, Duration::from_millis(10));
     while slept <= held_for {
@@ -1290,6 +1282,82 @@ fn duplicates_in_another_process_look_once_per_poll_step() -> Result<()> {
         polls <= steps,
         "{polls} looks by {DUPLICATES} duplicates in {held_for:?}: more than one per poll step ({steps})"
     );
+    Ok(())
+}
+
+/// The counter `name` as `snapshotter` sees it (0 if it was never counted).
+fn counted(snapshotter: &metrics_util::debugging::Snapshotter, name: &str) -> u64 {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find(|(key, ..)| key.key().name() == name)
+        .map_or(0, |(.., value)| match value {
+            metrics_util::debugging::DebugValue::Counter(n) => n,
+            _ => 0,
+        })
+}
+
+/// Issue 24: a request that ended its transaction (committed, or rolled back after its
+/// claim was dropped) passes its connection with its place to the next request waiting
+/// for one, which claims on it; with the pool's checks asked for, the connection goes
+/// back to the pool instead. Either way every request is served and no transaction is
+/// left open.
+#[test]
+fn a_connection_passes_from_a_finished_claim_to_the_request_waiting_for_a_place() -> Result<()> {
+    for (checks, passes) in [(false, 2), (true, 0)] {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        with_recorder(&recorder, async {
+            let pool = setup().await?;
+            let store = IdempotencyStore::with_config(
+                small_pool(&pool, 1).await?,
+                Config::default().with_pool_checks(checks),
+            );
+            let scope = scope("acct_1");
+            let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
+            let Begin::Claimed(first) = store.begin(&scope, &new_key(), &request).await? else {
+                bail!("claim")
+            };
+            // Two requests wait for the pool's only place: the second drops its claim
+            // (rolled back), the third completes.
+            let (dropped, completed) = (new_key(), new_key());
+            let mut waiting = tokio::task::JoinSet::new();
+            for (key, complete) in [(dropped.clone(), false), (completed.clone(), true)] {
+                let (store, scope) = (store.clone(), scope.clone());
+                waiting.spawn(async move {
+                    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
+                    let Begin::Claimed(claim) = store.begin(&scope, &key, &request).await? else {
+                        bail!("claim")
+                    };
+                    if complete {
+                        claim.complete(&StoredResponse::new(201, "paid")).await?;
+                    }
+                    Ok(())
+                });
+                // On this thread's runtime the request runs until it waits for the place.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            first.complete(&StoredResponse::new(201, "paid")).await?;
+            while let Some(done) = waiting.join_next().await {
+                done??;
+            }
+            let Begin::Claimed(again) = store.begin(&scope, &dropped, &request).await? else {
+                bail!("the dropped claim's key is free again")
+            };
+            again.abort().await?;
+            let Begin::Replay(replay) = store.begin(&scope, &completed, &request).await? else {
+                bail!("the completed request replays")
+            };
+            assert_eq!(replay.response.body, &b"paid"[..]);
+            assert_no_idle_transactions(&pool).await
+        })?;
+        assert_eq!(
+            counted(&snapshotter, pg_idempotency::metrics::CONNECTIONS_PASSED),
+            passes,
+            "connections passed with the pool's checks {checks}"
+        );
+    }
     Ok(())
 }
 

@@ -8,18 +8,22 @@
 //!   request), the server-side prepared statements behind them, the decoding of their
 //!   rows, and [`prepare_connection`];
 //! - [`tx`]: [`TxConn`], the pooled connection inside a transaction this crate opened,
-//!   which runs only `Statement`s and never goes back to the pool inside a transaction.
+//!   which runs only `Statement`s and never goes back to the pool inside a transaction;
+//! - [`shares`]: the pool's places, each scope's share of them, and how a connection
+//!   passes with its place from a request done with it to the next one waiting.
 //!
 //! Statements off the hot path (operator queries, the sweeper, connection preparation)
 //! are `sqlx::query!` macros beside the code that runs them, checked against the
 //! committed `.sqlx/` at build time.
 
 mod hot_path;
+mod shares;
 mod statement;
 mod tx;
 
 pub use hot_path::prepare_connection;
 pub(crate) use hot_path::{ExpiredRow, Found, KeyRow, StoredRow, Window, key_taken};
+pub(crate) use shares::{Place, Shares};
 pub(crate) use tx::{TxConn, executor_over_tx};
 
 use sqlx::pool::PoolConnection;

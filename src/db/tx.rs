@@ -7,6 +7,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Postgres};
 use tracing::Instrument;
 
+use super::shares::Place;
 use super::statement::Statement;
 
 /// How long a rollback started from `Drop` may take before the connection is closed.
@@ -26,19 +27,25 @@ const DROP_ROLLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 ///   error, the connection's state is unknown and it is closed instead, which makes the
 ///   server roll back. The pool opens a new one when needed.
 ///
+/// A connection taken with a [`Place`] keeps it until the transaction has ended, and then
+/// leaves the connection in it ([`Place::leave`]): the next request waiting for a place
+/// may get both.
+///
 /// It runs only [`Statement`]s, which the `db` module alone can make.
 pub(crate) struct TxConn {
     conn: Option<PoolConnection<Postgres>>,
     busy: bool,
+    place: Option<Place>,
 }
 
 impl TxConn {
-    /// Wraps a connection that is about to send `BEGIN`; until an operation completes it
-    /// counts as busy.
-    pub(crate) fn new(conn: PoolConnection<Postgres>) -> Self {
+    /// Wraps a connection that is about to send `BEGIN`, and the place it was taken with,
+    /// if any; until an operation completes it counts as busy.
+    pub(crate) fn new(conn: PoolConnection<Postgres>, place: Option<Place>) -> Self {
         Self {
             conn: Some(conn),
             busy: true,
+            place,
         }
     }
 
@@ -81,35 +88,40 @@ impl TxConn {
         result
     }
 
-    /// Runs `statement`, which ends the transaction, and returns the connection to the
-    /// pool.
+    /// Runs `statement`, which ends the transaction, and gives the connection back,
+    /// outside any transaction: to its place, else to the pool.
     pub(super) async fn finish(&mut self, statement: Statement) -> Result<(), sqlx::Error> {
         self.busy = true;
         let done = sqlx::raw_sql(statement.into_sql())
             .execute(self.conn())
             .await;
         self.settle(done)?;
-        // Back to the pool, outside any transaction.
-        self.conn = None;
+        if let Some(conn) = self.conn.take() {
+            give_back(conn, self.place.take());
+        }
         Ok(())
     }
 
-    /// Closes the connection instead of returning it to the pool: it is known to be
-    /// broken.
-    pub(crate) fn discard(mut self) {
+    /// Closes the connection instead of returning it to the pool (it is known to be
+    /// broken) and hands back the place it was taken with.
+    pub(crate) fn discard(mut self) -> Option<Place> {
         if let Some(mut conn) = self.conn.take() {
             conn.close_on_drop();
         }
+        self.place.take()
     }
 
     /// Takes a connection from `pool` and opens a transaction on it.
     pub(crate) async fn begin(pool: &PgPool) -> Result<Self, sqlx::Error> {
-        Self::begin_on(pool.acquire().await?).await
+        Self::begin_on(pool.acquire().await?, None).await
     }
 
-    /// Opens a transaction on `conn`.
-    pub(crate) async fn begin_on(conn: PoolConnection<Postgres>) -> Result<Self, sqlx::Error> {
-        let mut tx = Self::new(conn);
+    /// Opens a transaction on `conn`, taken with `place`, if any.
+    pub(crate) async fn begin_on(
+        conn: PoolConnection<Postgres>,
+        place: Option<Place>,
+    ) -> Result<Self, sqlx::Error> {
+        let mut tx = Self::new(conn, place);
         tx.run(Statement::new("BEGIN", 0)).await?;
         Ok(tx)
     }
@@ -130,14 +142,16 @@ impl Drop for TxConn {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
+        let place = self.place.take();
         let runtime = tokio::runtime::Handle::try_current();
         match runtime {
+            // The place is kept until the rollback has ended.
             Ok(runtime) if !self.busy => {
                 runtime.spawn(
                     async move {
                         let rollback = sqlx::raw_sql("ROLLBACK").execute(&mut *conn);
                         match tokio::time::timeout(DROP_ROLLBACK_TIMEOUT, rollback).await {
-                            Ok(Ok(_)) => {}
+                            Ok(Ok(_)) => give_back(conn, place),
                             Ok(Err(error)) => {
                                 tracing::warn!(%error, "rollback of a dropped claim failed; closing its connection");
                                 conn.close_on_drop();
@@ -153,6 +167,14 @@ impl Drop for TxConn {
             }
             _ => conn.close_on_drop(),
         }
+    }
+}
+
+/// Gives back `conn`, idle outside any transaction: left in `place`, else to the pool.
+fn give_back(conn: PoolConnection<Postgres>, place: Option<Place>) {
+    match place {
+        Some(place) => place.leave(conn),
+        None => drop(conn),
     }
 }
 

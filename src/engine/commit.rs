@@ -144,7 +144,7 @@ impl Engine {
     /// reads the key's row.
     async fn look_after(&self, row: &KeyRow<'_>, wait: Duration) -> Result<CommitOutcome, Error> {
         let started = Instant::now();
-        let mut tx = TxConn::new(self.pool.acquire().await?);
+        let mut tx = TxConn::new(self.pool.acquire().await?, None);
         let remaining = wait.saturating_sub(started.elapsed());
         let wait_ms = i32::try_from(remaining.as_millis()).unwrap_or(i32::MAX);
         let found = tx.begin_resolution(wait_ms, row.scope, row.key).await?;

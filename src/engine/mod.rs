@@ -13,7 +13,6 @@
 //! second takes the key to record a request row and lets it go.
 
 mod commit;
-mod shares;
 mod take;
 mod waiters;
 
@@ -25,13 +24,11 @@ use sqlx::postgres::Postgres;
 use sqlx::{PgConnection, PgPool};
 
 use crate::config::Config;
-use crate::db::in_transaction_on;
+use crate::db::{Place, Shares, in_transaction_on};
 use crate::error::Error;
 use crate::key::IdempotencyKey;
 use crate::scope::Scope;
 
-pub(crate) use shares::Place;
-use shares::Shares;
 pub(crate) use take::{KeyHold, conflict, same_request};
 pub(crate) use waiters::Holding;
 use waiters::Waiters;
@@ -92,7 +89,7 @@ impl Engine {
     pub(crate) async fn place(&self, scope: &Scope, deadline: Instant) -> Result<Place, Error> {
         let started = Instant::now();
         self.shares
-            .enter(scope, deadline)
+            .enter(scope, deadline, !self.config.pool_checks())
             .await
             .ok_or_else(|| self.no_connection(scope, started))
     }
@@ -111,8 +108,12 @@ impl Engine {
         scope: &Scope,
     ) -> Result<(Place, PoolConnection<Postgres>), Error> {
         let deadline = Instant::now() + self.config.connection_wait();
-        let place = self.place(scope, deadline).await?;
-        Ok((place, self.connection(scope, deadline).await?))
+        let mut place = self.place(scope, deadline).await?;
+        let conn = match place.take_connection() {
+            Some(conn) => conn,
+            None => self.connection(scope, deadline).await?,
+        };
+        Ok((place, conn))
     }
 
     /// Runs `f` in a transaction of its own on a connection for a request of `scope`,

@@ -7,7 +7,6 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 
 use super::Engine;
-use super::shares::Place;
 use super::waiters::{FIRST_POLL, Holding, MAX_POLL, Waited};
 use crate::db::{ExpiredRow, Found, StoredRow, TxConn, connection_broke};
 use crate::error::Error;
@@ -23,14 +22,13 @@ use crate::scope::Scope;
 /// Fields drop in order: the transaction ends (or its rollback starts) before the
 /// holding wakes this process's duplicates of the key.
 pub(crate) struct KeyHold {
+    /// With the scope's place among the connections it may hold, given back after the
+    /// transaction.
     pub tx: TxConn,
     /// When the transaction began (before its first round trip was sent).
     pub began: Instant,
     /// Whether the key has an expired row, which the new row replaces.
     pub expired: ExpiredRow,
-    /// The scope's place among the connections it may hold, given back after the
-    /// transaction.
-    pub _place: Place,
     /// Wakes this process's duplicates of the key when dropped, handing them the row
     /// stored under this hold, if [`Holding::answer`] was given one.
     pub holding: Holding,
@@ -112,7 +110,7 @@ impl Engine {
             }
             let began = Instant::now();
             let connection_deadline = began + self.config.connection_wait();
-            let (mut tx, place, found) = match pause {
+            let (mut tx, found) = match pause {
                 None => self.look(scope, key, connection_deadline).await?,
                 // Looking again at a key another process holds: no longer than the wait
                 // leaves; a connection that comes too late would only say "in flight".
@@ -143,7 +141,6 @@ impl Engine {
                 row if found.locked => {
                     let held = KeyHold {
                         tx,
-                        _place: place,
                         began,
                         expired: if row.is_some() {
                             ExpiredRow::Present
@@ -174,34 +171,36 @@ impl Engine {
     /// That round trip checks the connection too, so unless the configuration asks for
     /// the pool's checks ([`Config::with_pool_checks`](crate::Config::with_pool_checks)),
     /// an idle connection is taken as it is ([`PgPool::try_acquire`](sqlx::PgPool::try_acquire):
-    /// no ping, no `before_acquire` hook). If the server closed it while it sat in the
-    /// pool (a restart, a proxy's idle timeout), nothing has run: it is closed, and the
-    /// look runs on a connection taken with the pool's checks.
+    /// no ping, no `before_acquire` hook), or the one the place's previous holder left in
+    /// it. If the server closed it meanwhile (a restart, a proxy's idle timeout), nothing
+    /// has run: it is closed, and the look runs on a connection taken with the pool's
+    /// checks. The transaction keeps the place.
     async fn look(
         &self,
         scope: &Scope,
         key: &IdempotencyKey,
         deadline: Instant,
-    ) -> Result<(TxConn, Place, Found), Error> {
-        let place = self.place(scope, deadline).await?;
-        let idle = if self.config.pool_checks() {
-            None
-        } else {
-            self.pool.try_acquire()
+    ) -> Result<(TxConn, Found), Error> {
+        let mut place = self.place(scope, deadline).await?;
+        let idle = match place.take_connection() {
+            Some(left) => Some(left),
+            None if self.config.pool_checks() => None,
+            None => self.pool.try_acquire(),
         };
+        let mut place = Some(place);
         if let Some(conn) = idle {
-            let mut tx = TxConn::new(conn);
+            let mut tx = TxConn::new(conn, place.take());
             match tx.begin_claim(scope, key).await {
                 Err(Error::Database(error)) if connection_broke(&error) => {
                     tracing::debug!(%error, "an idle connection was closed; claiming on another");
-                    tx.discard();
+                    place = tx.discard();
                 }
-                found => return found.map(|found| (tx, place, found)),
+                found => return found.map(|found| (tx, found)),
             }
         }
-        let mut tx = TxConn::new(self.connection(scope, deadline).await?);
+        let mut tx = TxConn::new(self.connection(scope, deadline).await?, place);
         let found = tx.begin_claim(scope, key).await?;
-        Ok((tx, place, found))
+        Ok((tx, found))
     }
 }
 

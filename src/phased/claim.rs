@@ -340,8 +340,8 @@ impl PhasedClaim {
     /// returns it when the connection broke around `COMMIT`.
     pub async fn finish(mut self, response: &StoredResponse) -> Result<Completion, Error> {
         let engine = self.lease.engine();
-        let (_place, conn) = engine.placed_connection(self.lease.scope()).await?;
-        let tx = TxConn::begin_on(conn).await?;
+        let (place, conn) = engine.placed_connection(self.lease.scope()).await?;
+        let tx = TxConn::begin_on(conn, Some(place)).await?;
         self.lease.store_final(tx, response).await
     }
 

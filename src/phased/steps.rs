@@ -13,7 +13,6 @@ use uuid::Uuid;
 use super::lease::{Lease, Taken, boundary, rollback};
 use super::standbys;
 use crate::db::{TxConn, executor_over_tx};
-use crate::engine::Place;
 use crate::error::Error;
 use crate::key::IdempotencyKey;
 use crate::outcome::{CommitOutcome, Completion};
@@ -70,10 +69,9 @@ pub struct Steps {
 /// The final step's transaction, or a local step's: run the step's writes through it
 /// (`query.execute(&mut *tx)`); the step commits it together with its output.
 pub struct StepTx {
-    tx: TxConn,
-    /// The request's place among the connections its scope may hold, kept until the
+    /// With the request's place among the connections its scope may hold, kept until the
     /// step ends.
-    _place: Place,
+    tx: TxConn,
 }
 
 executor_over_tx!(StepTx, tx);
@@ -337,8 +335,7 @@ impl StepTx {
     async fn begin(lease: &Lease) -> Result<Self, Error> {
         let (place, conn) = lease.engine().placed_connection(lease.scope()).await?;
         Ok(Self {
-            tx: TxConn::begin_on(conn).await?,
-            _place: place,
+            tx: TxConn::begin_on(conn, Some(place)).await?,
         })
     }
 }
