@@ -294,8 +294,11 @@ impl Place {
 mod tests {
     use super::*;
 
-    fn soon() -> Instant {
-        Instant::now() + Duration::from_millis(20)
+    /// A place for `scope`, waited for 20 ms.
+    async fn enter(shares: &Shares, scope: &Scope) -> Option<Place> {
+        shares
+            .enter(scope, Instant::now() + Duration::from_millis(20), true)
+            .await
     }
 
     #[test]
@@ -311,44 +314,35 @@ mod tests {
     async fn one_scope_holds_its_share_and_leaves_the_rest_to_others() {
         let shares = Shares::new(4, 0.5);
         let (a, b) = (Scope::new("a").unwrap(), Scope::new("b").unwrap());
-        let first = shares.enter(&a, soon(), true).await.unwrap();
-        let _second = shares.enter(&a, soon(), true).await.unwrap();
-        assert!(
-            shares.enter(&a, soon(), true).await.is_none(),
-            "a third place for a"
-        );
-        assert!(
-            shares.enter(&b, soon(), true).await.is_some(),
-            "b is served"
-        );
+        let first = enter(&shares, &a).await.unwrap();
+        let _second = enter(&shares, &a).await.unwrap();
+        assert!(enter(&shares, &a).await.is_none(), "a third place for a");
+        assert!(enter(&shares, &b).await.is_some(), "b is served");
         drop(first);
-        assert!(
-            shares.enter(&a, soon(), true).await.is_some(),
-            "a's place came back"
-        );
+        assert!(enter(&shares, &a).await.is_some(), "a's place came back");
     }
 
     #[tokio::test]
     async fn the_pool_has_as_many_places_as_connections() {
         let shares = Shares::new(2, 1.0);
         let (a, b) = (Scope::new("a").unwrap(), Scope::new("b").unwrap());
-        let first = shares.enter(&a, soon(), true).await.unwrap();
-        let _second = shares.enter(&b, soon(), true).await.unwrap();
+        let first = enter(&shares, &a).await.unwrap();
+        let _second = enter(&shares, &b).await.unwrap();
         assert!(
-            shares.enter(&b, soon(), true).await.is_none(),
+            enter(&shares, &b).await.is_none(),
             "a third place in a pool of 2"
         );
         drop(first);
-        assert!(shares.enter(&a, soon(), true).await.is_some());
+        assert!(enter(&shares, &a).await.is_some());
     }
 
     #[tokio::test]
     async fn a_place_given_up_on_passes_to_the_next_request_and_then_is_free() {
         let shares = Arc::new(Shares::new(1, 1.0));
         let a = Scope::new("a").unwrap();
-        let held = shares.enter(&a, soon(), true).await.unwrap();
+        let held = enter(&shares, &a).await.unwrap();
         // One request gives up, one waits longer: the place skips the first.
-        assert!(shares.enter(&a, soon(), true).await.is_none());
+        assert!(enter(&shares, &a).await.is_none());
         let waiting = tokio::spawn({
             let shares = Arc::clone(&shares);
             let a = a.clone();
@@ -369,17 +363,17 @@ mod tests {
         drop(held);
         assert!(waiting.await.unwrap(), "the waiting request got the place");
         // Given back by that request (dropped in its task): free again.
-        assert!(shares.enter(&a, soon(), true).await.is_some());
+        assert!(enter(&shares, &a).await.is_some());
     }
 
     #[tokio::test]
     async fn idle_scopes_are_forgotten_as_the_map_grows() {
         let shares = Shares::new(4, 0.5);
         let busy = Scope::new("busy").unwrap();
-        let _held = shares.enter(&busy, soon(), true).await.unwrap();
+        let _held = enter(&shares, &busy).await.unwrap();
         for n in 0..PRUNE_AT * 3 {
             let scope = Scope::new(format!("s{n}")).unwrap();
-            drop(shares.enter(&scope, soon(), true).await.unwrap());
+            drop(enter(&shares, &scope).await.unwrap());
         }
         assert!(
             shares.known_scopes() <= PRUNE_AT,
@@ -387,7 +381,7 @@ mod tests {
             shares.known_scopes()
         );
         // The busy scope is remembered: its place is still held.
-        let _second = shares.enter(&busy, soon(), true).await.unwrap();
-        assert!(shares.enter(&busy, soon(), true).await.is_none());
+        let _second = enter(&shares, &busy).await.unwrap();
+        assert!(enter(&shares, &busy).await.is_none());
     }
 }
