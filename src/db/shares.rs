@@ -367,6 +367,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_place_passed_to_a_request_cancelled_before_it_looked_comes_back() {
+        let shares = Shares::new(1, 1.0);
+        let a = Scope::new("a").unwrap();
+        let held = enter(&shares, &a).await.unwrap();
+        let mut waiting =
+            Box::pin(shares.enter(&a, Instant::now() + Duration::from_secs(10), true));
+        // Polled once: it waits in the queue.
+        assert!(futures_util::poll!(waiting.as_mut()).is_pending());
+        // The place is sent to it, and it is dropped before it takes it.
+        drop(held);
+        drop(waiting);
+        assert!(enter(&shares, &a).await.is_some(), "the place was lost");
+    }
+
+    #[tokio::test]
     async fn idle_scopes_are_forgotten_as_the_map_grows() {
         let shares = Shares::new(4, 0.5);
         let busy = Scope::new("busy").unwrap();
