@@ -24,7 +24,7 @@ use sqlx::postgres::Postgres;
 use sqlx::{PgConnection, PgPool};
 
 use crate::config::Config;
-use crate::db::{Place, Shares, in_transaction_on};
+use crate::db::{Place, Shares, TxConn, in_transaction_on};
 use crate::error::Error;
 use crate::key::IdempotencyKey;
 use crate::scope::Scope;
@@ -114,6 +114,18 @@ impl Engine {
             None => self.connection(scope, deadline).await?,
         };
         Ok((place, conn))
+    }
+
+    /// A transaction on a [placed connection](Self::placed_connection), which keeps the
+    /// place until it ends (a phased request's step or final step).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`placed_connection`](Self::placed_connection); [`Error::Database`] from
+    /// `BEGIN`.
+    pub(crate) async fn begin_placed(&self, scope: &Scope) -> Result<TxConn, Error> {
+        let (place, conn) = self.placed_connection(scope).await?;
+        Ok(TxConn::begin_on(conn, Some(place)).await?)
     }
 
     /// Runs `f` in a transaction of its own on a connection for a request of `scope`,

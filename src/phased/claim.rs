@@ -339,9 +339,7 @@ impl PhasedClaim {
     /// [`Error::CommitInterrupted`] as [`Claim::complete`](crate::Claim::complete)
     /// returns it when the connection broke around `COMMIT`.
     pub async fn finish(mut self, response: &StoredResponse) -> Result<Completion, Error> {
-        let engine = self.lease.engine();
-        let (place, conn) = engine.placed_connection(self.lease.scope()).await?;
-        let tx = TxConn::begin_on(conn, Some(place)).await?;
+        let tx = self.lease.engine().begin_placed(self.lease.scope()).await?;
         self.lease.store_final(tx, response).await
     }
 

@@ -333,9 +333,8 @@ impl Steps {
 impl StepTx {
     /// A transaction of its own for a step of the request `lease` holds.
     async fn begin(lease: &Lease) -> Result<Self, Error> {
-        let (place, conn) = lease.engine().placed_connection(lease.scope()).await?;
         Ok(Self {
-            tx: TxConn::begin_on(conn, Some(place)).await?,
+            tx: lease.engine().begin_placed(lease.scope()).await?,
         })
     }
 }
