@@ -6,8 +6,8 @@ use std::path::Path as FsPath;
 
 use anyhow::Result;
 
-use crate::paths::{Cell, Path};
-use crate::report::{Growth, Row};
+use crate::paths::{Cell, Path, Row};
+use crate::report::Growth;
 use crate::server::{Server, cores};
 use crate::soak::Sample;
 use crate::table::{Settings, mb};

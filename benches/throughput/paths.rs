@@ -18,7 +18,6 @@ use sqlx::PgPool;
 use sqlx::types::Json;
 
 use crate::meters::{Meter, Tally};
-use crate::report::Row;
 use crate::table::{SCOPES, Table};
 
 /// The paths of the grid, in the order of the table.
@@ -534,6 +533,25 @@ async fn slice(ctx: &Arc<Ctx>, cell: Cell, clients: usize, duration: Duration) -
         ctx.add_keys(stored);
     }
     Ok(tally)
+}
+
+/// One row of the table: a cell measured at one number of clients.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// The table it ran on.
+    pub table: Table,
+    pub cell: Cell,
+    pub clients: usize,
+    pub tps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub ratio_to_bare: f64,
+    /// TPS over the floor's, if the floor ran.
+    pub ratio_to_floor: Option<f64>,
+    pub ops: u64,
+    pub client_us_per_op: f64,
+    pub server_us_per_op: Option<f64>,
+    pub wal_bytes_per_op: Option<f64>,
 }
 
 /// Every cell at every client count, interleaved.

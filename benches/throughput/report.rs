@@ -9,7 +9,7 @@ use anyhow::Result;
 use serde_json::{Value, json};
 
 use crate::meters::{Meter, Tally};
-use crate::paths::{Cell, InFlight, Path, SWEEP_WRITERS, SweepResult};
+use crate::paths::{Cell, InFlight, Path, Row, SWEEP_WRITERS, SweepResult};
 use crate::server::{Server, cores};
 use crate::soak::Sample;
 use crate::table::{Settings, Table, mb};
@@ -438,25 +438,6 @@ fn write_targets(out: &mut String, targets: &[Target]) -> Result<()> {
         )?;
     }
     Ok(())
-}
-
-/// One row of the table.
-#[derive(Debug, Clone)]
-pub struct Row {
-    /// The table it ran on.
-    pub table: Table,
-    pub cell: Cell,
-    pub clients: usize,
-    pub tps: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub ratio_to_bare: f64,
-    /// TPS over the floor's, if the floor ran.
-    pub ratio_to_floor: Option<f64>,
-    pub ops: u64,
-    pub client_us_per_op: f64,
-    pub server_us_per_op: Option<f64>,
-    pub wal_bytes_per_op: Option<f64>,
 }
 
 impl Row {
