@@ -15,6 +15,7 @@
 //! | `pg_idempotency_standby_confirmations_total` | counter | phased holders' waits for their standbys before an external call, by how they ended (`outcome`: `confirmed`, `behind`, `hidden`, `lease_lost`) |
 //! | `pg_idempotency_claim_seconds` | histogram | latency of `begin` (claim, replay or refusal) |
 //! | `pg_idempotency_complete_seconds` | histogram | latency of `complete` (store + commit) |
+//! | `pg_idempotency_place_wait_seconds` | histogram | how long a request waited for its place among the pool's connections (its scope's share, then the pool), whether it got one or gave up: long waits say the pool or the scope share is too small for the load; short ones while answers are slow say the time goes elsewhere (the server, the CPU) |
 //! | `pg_idempotency_response_bytes` | histogram | body size of stored responses |
 
 use std::time::Duration;
@@ -43,6 +44,8 @@ pub const STANDBY_CONFIRMATIONS: &str = "pg_idempotency_standby_confirmations_to
 pub const CLAIM_SECONDS: &str = "pg_idempotency_claim_seconds";
 /// Latency of `complete`, in seconds.
 pub const COMPLETE_SECONDS: &str = "pg_idempotency_complete_seconds";
+/// How long a request waited for its place among the pool's connections, in seconds.
+pub const PLACE_WAIT_SECONDS: &str = "pg_idempotency_place_wait_seconds";
 /// Body size of stored responses, in bytes.
 pub const RESPONSE_BYTES: &str = "pg_idempotency_response_bytes";
 

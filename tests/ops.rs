@@ -551,6 +551,11 @@ fn counters_and_histograms_move() -> Result<()> {
     assert_eq!(counter(CLAIM_SECONDS), 5, "one latency per begin");
     assert_eq!(counter(COMPLETE_SECONDS), 2, "one latency per complete");
     assert_eq!(counter(RESPONSE_BYTES), 1, "one size per stored response");
+    assert_eq!(
+        counter(PLACE_WAIT_SECONDS),
+        5,
+        "one wait per look at the database (the second store has its own registry of held keys)"
+    );
     Ok(())
 }
 

@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::db::{Place, Shares, TxConn, in_transaction_on};
 use crate::error::Error;
 use crate::key::IdempotencyKey;
+use crate::metrics;
 use crate::scope::Scope;
 
 pub(crate) use take::{KeyHold, conflict, same_request};
@@ -81,17 +82,19 @@ impl Engine {
         self.waiters.hold(scope, key)
     }
 
-    /// A place among the connections `scope` may hold, waited for until `deadline`.
+    /// A place among the connections `scope` may hold, waited for until `deadline`; the
+    /// wait is recorded, whether a place came or not.
     ///
     /// # Errors
     ///
     /// [`Error::NoConnection`] when the scope's places stayed taken.
     pub(crate) async fn place(&self, scope: &Scope, deadline: Instant) -> Result<Place, Error> {
         let started = Instant::now();
-        self.shares
+        let place = (self.shares)
             .enter(scope, deadline, !self.config.pool_checks())
-            .await
-            .ok_or_else(|| self.no_connection(scope, started))
+            .await;
+        metrics::time(metrics::PLACE_WAIT_SECONDS, started.elapsed());
+        place.ok_or_else(|| self.no_connection(scope, started))
     }
 
     /// A place for a request of `scope` and a pooled connection, for a statement outside
