@@ -649,18 +649,14 @@ async fn cancelling_at_every_await_point_leaves_nothing_behind() -> Result<()> {
     let scope = scope("acct_1");
     let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
     let insert = "INSERT INTO payments (account, amount) VALUES ('acct_1', 1)";
-    // On a busy machine a reply can be in the socket before the first read, and a run of
-    // a phase then passes fewer await points (or none): each phase runs again until it
-    // was cancelled at one at least.
-    const ATTEMPTS: usize = 20;
 
     // Cancel begin at its 1st, 2nd, ... await point until it completes on its own.
-    let mut begin_cancelled = 0;
-    for _ in 0..ATTEMPTS {
+    let begin_cancelled = until_cancelled_once(async || {
+        let mut cancelled = 0;
         for polls in 1.. {
             let key = new_key();
             match cancel_after(store.begin(&scope, &key, &request), polls).await {
-                None => begin_cancelled += 1,
+                None => cancelled += 1,
                 Some(begun) => {
                     let Begin::Claimed(claim) = begun? else {
                         bail!("fresh key")
@@ -677,14 +673,13 @@ async fn cancelling_at_every_await_point_leaves_nothing_behind() -> Result<()> {
                 .complete(&StoredResponse::new(201, "after cancel"))
                 .await?;
         }
-        if begin_cancelled > 0 {
-            break;
-        }
-    }
+        Ok(cancelled)
+    })
+    .await?;
 
     // Cancel complete at every await point: the write either committed with its key or not at all.
-    let mut complete_cancelled = 0;
-    for _ in 0..ATTEMPTS {
+    let complete_cancelled = until_cancelled_once(async || {
+        let mut cancelled = 0;
         for polls in 1.. {
             let key = new_key();
             let Begin::Claimed(mut claim) = store.begin(&scope, &key, &request).await? else {
@@ -715,17 +710,16 @@ async fn cancelling_at_every_await_point_leaves_nothing_behind() -> Result<()> {
             if finished {
                 break;
             }
-            complete_cancelled += 1;
+            cancelled += 1;
         }
-        if complete_cancelled > 0 {
-            break;
-        }
-    }
+        Ok(cancelled)
+    })
+    .await?;
 
     // Cancel the sweeper's one-shot sweep at every await point.
-    let mut sweep_cancelled = 0;
-    for _ in 0..ATTEMPTS {
+    let sweep_cancelled = until_cancelled_once(async || {
         expire_all(&pool).await?;
+        let mut cancelled = 0;
         for polls in 1.. {
             let options = SweepOptions::default()
                 .with_batch_size(2)
@@ -736,13 +730,12 @@ async fn cancelling_at_every_await_point_leaves_nothing_behind() -> Result<()> {
             {
                 break;
             }
-            sweep_cancelled += 1;
+            cancelled += 1;
             assert_no_idle_transactions(&pool).await?;
         }
-        if sweep_cancelled > 0 {
-            break;
-        }
-    }
+        Ok(cancelled)
+    })
+    .await?;
     assert!(
         begin_cancelled > 0 && complete_cancelled > 0 && sweep_cancelled > 0,
         "await points exercised: begin {begin_cancelled}, complete {complete_cancelled}, sweep {sweep_cancelled}"
@@ -754,6 +747,21 @@ async fn cancelling_at_every_await_point_leaves_nothing_behind() -> Result<()> {
     // The pool still serves requests.
     assert!(!pay(&store, &scope, &new_key(), b"{}").await?.is_replay());
     assert_no_idle_transactions(&pool).await
+}
+
+/// Runs `phase` (which cancels an operation at its 1st, 2nd, ... await point and returns
+/// how many times it did) again, up to 20 times, until it was cancelled once at least: on
+/// a busy machine a reply can be in the socket before the first read, and a run then
+/// passes fewer await points, or none. The cancellations of the last run.
+async fn until_cancelled_once(mut phase: impl AsyncFnMut() -> Result<usize>) -> Result<usize> {
+    let mut cancelled = 0;
+    for _ in 0..20 {
+        cancelled = phase().await?;
+        if cancelled > 0 {
+            break;
+        }
+    }
+    Ok(cancelled)
 }
 
 #[tokio::test]
