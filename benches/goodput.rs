@@ -1362,24 +1362,14 @@ async fn review(client: &reqwest::Client, demo: &Demo) -> Result<Value> {
         seconds.push(format!("{:.1}", storm.seconds));
         during.extend(storm.bystander);
     }
-    let arriving: Vec<(u16, f64)> = during
-        .iter()
-        .filter(|answer| answer.sent_after < STORM_ARRIVAL)
-        .map(|answer| (answer.status, answer.ms))
-        .collect();
-    let whole: Vec<(u16, f64)> = during
-        .iter()
-        .map(|answer| (answer.status, answer.ms))
-        .collect();
     let storm_summary = describe(&mut answers);
-    let unloaded = describe(&mut by_status(
-        unloaded
-            .into_iter()
-            .map(|answer| (answer.status, answer.ms))
-            .collect(),
+    let unloaded = describe(&mut latencies(&unloaded));
+    let arriving = describe(&mut latencies(
+        during
+            .iter()
+            .filter(|answer| answer.sent_after < STORM_ARRIVAL),
     ));
-    let during = describe(&mut by_status(whole));
-    let arriving = describe(&mut by_status(arriving));
+    let during = describe(&mut latencies(&during));
     println!(
         "{STORMS} storms of 30 keys × 500 duplicates (delay_ms 1,000) in {} s: {storm_summary}, \
          {replayed} replayed",
@@ -1465,6 +1455,18 @@ struct BystanderAnswer {
     ms: f64,
     /// When it was sent, after the bystander started counting.
     sent_after: Duration,
+}
+
+/// The latencies of `answers`, by status.
+fn latencies<'a>(
+    answers: impl IntoIterator<Item = &'a BystanderAnswer>,
+) -> BTreeMap<u16, Vec<f64>> {
+    by_status(
+        answers
+            .into_iter()
+            .map(|answer| (answer.status, answer.ms))
+            .collect(),
+    )
 }
 
 impl Bystander {
