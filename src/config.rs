@@ -90,8 +90,11 @@ impl Config {
 
     /// Lets a request wait at most `wait` (default 2 s) for a pooled connection to take
     /// its key with; then it gets [`Error::NoConnection`](crate::Error::NoConnection),
-    /// which the axum layer answers with a 503 and `Retry-After`. A duplicate that looks
-    /// again at a key held by another process waits for its connection no longer than its
+    /// which the axum layer answers with a 503 and `Retry-After`. The wait counts from the
+    /// request's [start](crate::IdempotentRequest::with_waits_from), which the axum layer
+    /// sets before the request waits for its share of the body budget: both waits end
+    /// together. A duplicate that looks again at its key after waiting for the request
+    /// holding it waits for its connection no longer than its
     /// [in-flight wait](Self::with_in_flight_wait) leaves it.
     ///
     /// The transactional mode holds a connection for as long as its handler runs: slow
@@ -131,7 +134,9 @@ impl Config {
 
     /// How long a duplicate waits for the request holding its key to finish before it
     /// gets [`Error::InFlight`](crate::Error::InFlight) (default 2 s; zero answers at
-    /// once). A waiting duplicate holds no pooled connection: it is woken when a claim of
+    /// once), counted from the request's
+    /// [start](crate::IdempotentRequest::with_waits_from), as the connection wait is. A
+    /// waiting duplicate holds no pooled connection: it is woken when a claim of
     /// this process holding its key ends; when another process holds it, one duplicate
     /// of this process looks again now and then (10 ms, doubling up to 200 ms), one
     /// short round trip each time, and wakes the others with the row it finds.

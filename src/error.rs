@@ -122,8 +122,9 @@ pub enum Error {
         source: serde_json::Error,
     },
     /// No pooled connection was free for the request within
-    /// [`Config::connection_wait`](crate::Config::connection_wait): the pool is
-    /// exhausted. Nothing was done; the client may retry after `retry_after`.
+    /// [`Config::connection_wait`](crate::Config::connection_wait) of its start (see
+    /// [`IdempotentRequest::with_waits_from`](crate::IdempotentRequest::with_waits_from)):
+    /// the pool is exhausted. Nothing was done; the client may retry after `retry_after`.
     #[error(
         "no database connection was free for a request in scope '{scope}' within {waited:?}: \
          the pool is exhausted (answer 503 with Retry-After; give the pool more connections \
@@ -132,7 +133,7 @@ pub enum Error {
     NoConnection {
         /// The scope of the request.
         scope: Scope,
-        /// How long it waited.
+        /// How long it waited, from its start when it was taking its key.
         waited: std::time::Duration,
         /// How long the client should wait before retrying.
         retry_after: std::time::Duration,

@@ -102,6 +102,7 @@
 mod canonical;
 
 use std::fmt;
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
@@ -120,7 +121,8 @@ const DOMAIN_V2: &[u8] = b"pg-idempotency/fingerprint/v2\0";
 /// of the path and query, and rows stored under it are still compared at version 1.
 ///
 /// Made with [`IdempotentRequest::new`] (and, in an HTTP layer that routes on templates,
-/// [`IdempotentRequest::with_route_template`]).
+/// [`IdempotentRequest::with_route_template`]). Besides, not fingerprinted, it carries the
+/// moment the request's waits count from ([`IdempotentRequest::with_waits_from`]).
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
 pub struct IdempotentRequest<'a> {
@@ -135,6 +137,9 @@ pub struct IdempotentRequest<'a> {
     /// The request body bytes, as received (after any transfer and content
     /// decoding the server applies before handling the request).
     pub body: &'a [u8],
+    /// When the request's waits count from, if not from the call that begins it; see
+    /// [`Self::with_waits_from`].
+    waits_from: Option<Instant>,
 }
 
 impl<'a> IdempotentRequest<'a> {
@@ -147,7 +152,29 @@ impl<'a> IdempotentRequest<'a> {
             target,
             route: target,
             body,
+            waits_from: None,
         }
+    }
+
+    /// The same request, whose waits count from `start` rather than from the call that
+    /// begins it (builder style): the store's [connection wait](crate::Config::with_connection_wait)
+    /// and [in-flight wait](crate::Config::with_in_flight_wait) both run from `start`. A
+    /// caller that made the request wait already (for a share of a body budget, behind a
+    /// rate limiter) passes when that wait began, so that the request has one deadline
+    /// whatever it waited for, and its answer is not later than the configuration says.
+    #[must_use]
+    pub fn with_waits_from(self, start: Instant) -> Self {
+        Self {
+            waits_from: Some(start),
+            ..self
+        }
+    }
+
+    /// When the request's waits count from, as [`with_waits_from`](Self::with_waits_from)
+    /// set it; `None`: from the call that begins it.
+    #[must_use]
+    pub fn waits_from(&self) -> Option<Instant> {
+        self.waits_from
     }
 
     /// The same request, whose route matched the template `route` (such as

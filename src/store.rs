@@ -92,7 +92,8 @@ impl IdempotencyStore {
     /// first claim, which prepares the hot path's statements). A stored, unexpired
     /// response answers at once; if another request holds the key without one, this waits
     /// up to [`Config::in_flight_wait`] for it to finish, without holding a connection
-    /// (see [`Config::with_in_flight_wait`]).
+    /// (see [`Config::with_in_flight_wait`]). Both that wait and the wait for a connection
+    /// count from the request's [start](IdempotentRequest::with_waits_from).
     ///
     /// # Errors
     ///

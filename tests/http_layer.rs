@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Json, State};
@@ -836,17 +836,7 @@ async fn the_body_budget_bounds_what_is_buffered_at_once() -> Result<()> {
         let (url, big) = (url.clone(), body('a', 60));
         tokio::spawn(async move { post_to(url, new_key(), &[("x-sleep-ms", "5000")], &big).await })
     };
-    for _ in 0..500 {
-        if budget.available() == 40 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    ensure!(
-        budget.available() == 40,
-        "the slow request holds {} bytes",
-        100 - budget.available()
-    );
+    until_available(&budget, 40).await?;
     // Over what is left: refused before its body is read, the handler never runs.
     let refused = post_to(url.clone(), new_key(), &[], &body('b', 60)).await?;
     refused.problem(503, "service_unavailable")?;
@@ -862,6 +852,62 @@ async fn the_body_budget_bounds_what_is_buffered_at_once() -> Result<()> {
         "{} bytes still held",
         100 - budget.available()
     );
+    server.stop().await?;
+    db.close().await?;
+    Ok(())
+}
+
+/// Waits until `bytes` of `budget` are available, as requests take and give back their
+/// shares.
+async fn until_available(budget: &BodyBudget, bytes: usize) -> Result<()> {
+    for _ in 0..500 {
+        if budget.available() == bytes {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("{} bytes available, not {bytes}", budget.available())
+}
+
+/// Issue 24: a request's wait for the body budget counts against its deadline. A
+/// duplicate that waited for the budget longer than its in-flight wait is answered "in
+/// flight" as soon as it has its share, not after another in-flight wait (which would
+/// have seen its holder finish and replayed).
+#[tokio::test]
+async fn the_wait_for_the_body_budget_counts_against_the_in_flight_wait() -> Result<()> {
+    let budget = BodyBudget::new(100);
+    let (db, runs, server) = layered_app(
+        pg_idempotency::Config::default()
+            .with_in_flight_wait(Duration::from_secs(1))
+            .with_connection_wait(Duration::from_secs(10)),
+        Router::new().route("/items", post(widget)),
+        |store| {
+            IdempotencyLayer::new(store, default_scope)
+                .with_body_limit(64)
+                .with_body_budget(budget.clone())
+        },
+    )
+    .await?;
+    let url = server.url("/items");
+    let send = |key: String, sleep_ms: &'static str, body: String| {
+        let url = url.clone();
+        tokio::spawn(async move { post_to(url, key, &[("x-sleep-ms", sleep_ms)], &body).await })
+    };
+    // The holder of the key (30 bytes, for 3 s), and a request that holds 60 bytes for
+    // 2.5 s: 10 are left.
+    let key = new_key();
+    let holder = send(key.clone(), "3000", "h".repeat(30));
+    until_available(&budget, 70).await?;
+    let hog = send(new_key(), "2500", "a".repeat(60));
+    until_available(&budget, 10).await?;
+    // The duplicate waits for its 30 bytes until the hog is answered, 1.5 s after its
+    // in-flight wait ran out, and 0.5 s before the holder finishes.
+    let duplicate = post_to(url.clone(), key, &[], &"h".repeat(30)).await?;
+    duplicate.problem(409, "idempotency_key_in_use")?;
+    ensure!(duplicate.header("retry-after").is_some());
+    ensure!(hog.await??.status == 201);
+    ensure!(holder.await??.status == 201);
+    ensure!(runs.load(Ordering::SeqCst) == 2);
     server.stop().await?;
     db.close().await?;
     Ok(())

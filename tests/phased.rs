@@ -672,3 +672,44 @@ async fn phased_steps_hold_their_scopes_places() -> Result<()> {
     drop(again);
     Ok(())
 }
+
+/// Issue 24: a duplicate answers within its in-flight wait whatever the load. One whose
+/// wait for a lease of this process ran out looks at the key (the lease may have run out),
+/// but waits for a connection no longer than its in-flight wait left it, not a whole
+/// connection wait afresh.
+#[tokio::test]
+async fn a_duplicate_looks_within_its_in_flight_wait() -> Result<()> {
+    let pool = setup().await?;
+    let config = Config::default()
+        .with_scope_share(0.01) // one place per scope, which the held step takes
+        .with_in_flight_wait(Duration::from_millis(100))
+        // Three times as long as this test waits for the duplicate's answer.
+        .with_connection_wait(Duration::from_secs(60));
+    let store = IdempotencyStore::with_config(pool, config);
+    let step = Arc::new(HeldStep::default());
+    let key = new_key();
+    let running = {
+        let (store, step, key) = (store.clone(), Arc::clone(&step), key.clone());
+        tokio::spawn(async move {
+            store
+                .run_phased(&scope(), &key, &request(b""), &*step, ())
+                .await
+        })
+    };
+    step.entered.notified().await;
+    let duplicate = tokio::time::timeout(
+        Duration::from_secs(20),
+        store.begin(&scope(), &key, &request(b"")),
+    )
+    .await
+    .context("the duplicate waited for a connection after its in-flight wait")?;
+    match duplicate {
+        Err(Error::NoConnection { .. }) => {}
+        Err(error) => bail!("expected NoConnection, got {error}"),
+        Ok(_) => bail!("the duplicate took the key of a running request"),
+    }
+    step.go.notify_one();
+    let outcome = running.await??;
+    ensure!(outcome.response().status == 201, "{outcome:?}");
+    Ok(())
+}

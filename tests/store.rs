@@ -425,6 +425,58 @@ async fn a_request_without_a_free_connection_is_told_so_within_its_wait() -> Res
     Ok(())
 }
 
+/// Issue 24: a request's waits share one deadline, counted from its start. A request
+/// that already waited as long as the store's waits last (for a share of a body budget,
+/// say) is told at once that no connection is free, or that its key is in flight, instead
+/// of waiting for either afresh.
+#[tokio::test]
+async fn a_request_s_waits_count_from_its_start() -> Result<()> {
+    let pool = setup().await?;
+    // One connection, which a claim holds.
+    let single = small_pool(&pool, 1).await?;
+    // Waits three times as long as this test waits for an answer: an answer in time
+    // means that the request's start set its deadline.
+    let minute = Duration::from_secs(60);
+    let store = IdempotencyStore::with_config(
+        single,
+        Config::default()
+            .with_connection_wait(minute)
+            .with_in_flight_wait(minute),
+    );
+    let (scope, key) = (scope("acct_1"), new_key());
+    let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
+    let a_minute_ago = std::time::Instant::now()
+        .checked_sub(minute)
+        .context("this machine has been up for less than a minute")?;
+    let late = request.with_waits_from(a_minute_ago);
+    assert_eq!(
+        late.fingerprint(),
+        request.fingerprint(),
+        "not fingerprinted"
+    );
+    let Begin::Claimed(holder) = store.begin(&scope, &key, &request).await? else {
+        bail!("claim")
+    };
+    let soon = Duration::from_secs(20);
+    let other = tokio::time::timeout(soon, store.begin(&scope, &new_key(), &late))
+        .await
+        .context("the request waited a connection wait afresh")?;
+    // It says how long the request waited, from its start.
+    let Err(Error::NoConnection { waited, .. }) = other else {
+        bail!("expected NoConnection, got {other:?}");
+    };
+    assert!(waited >= minute, "{waited:?}");
+    let duplicate = tokio::time::timeout(soon, store.begin(&scope, &key, &late))
+        .await
+        .context("the duplicate waited an in-flight wait afresh")?;
+    assert!(
+        matches!(duplicate, Err(Error::InFlight { .. })),
+        "{duplicate:?}"
+    );
+    holder.abort().await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn one_scope_cannot_take_every_connection() -> Result<()> {
     let pool = setup().await?;

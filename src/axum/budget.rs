@@ -10,7 +10,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// read (its declared `Content-Length`, or the body limit when it declares none) and gives
 /// it back when it has been answered. A request that finds the budget spent waits for it
 /// within the store's [connection wait](crate::Config::with_connection_wait), and is
-/// then answered 503 `service_unavailable` with `Retry-After`, its body unread.
+/// then answered 503 `service_unavailable` with `Retry-After`, its body unread. The wait
+/// counts against the same deadline as the request's wait for a connection: both run from
+/// its arrival.
 ///
 /// Every layer without a budget of its own shares [`BodyBudget::process`]: 64 MiB, which
 /// is 64 bodies at the default 1 MiB limit, or tens of thousands of the few-kilobyte

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request};
@@ -556,9 +556,14 @@ impl Flow<'_> {
         let (parts, body) = request.into_parts();
         let scope = self.scope(&parts)?;
         record("scope", scope.as_str());
+        // The request's waits (for the body budget, a connection, its key's holder)
+        // share one deadline, counted from here; reading its body does not count.
+        let arrived = Instant::now();
         // Held until the request is answered: the body lives as long.
-        let _budget = self.budget(body.size_hint().exact()).await?;
+        let _budget = self.budget(body.size_hint().exact(), arrived).await?;
+        let reading = Instant::now();
         let body = self.body(body).await?;
+        let waits_from = arrived + reading.elapsed();
         // The concrete path and query string; the route template only for rows stored
         // under fingerprint version 1.
         let target = parts
@@ -566,7 +571,8 @@ impl Flow<'_> {
             .path_and_query()
             .map_or("/", |target| target.as_str());
         let fingerprinted = IdempotentRequest::new(parts.method.as_str(), target, &body)
-            .with_route_template(self.route);
+            .with_route_template(self.route)
+            .with_waits_from(waits_from);
         let store = &self.settings.store;
         if self.settings.phased {
             let begun = store.begin_phased(&scope, &key, &fingerprinted).await;
@@ -621,13 +627,17 @@ impl Flow<'_> {
     }
 
     /// The request body's share of the body budget: its `declared` length, or the body
-    /// limit; a 503 when the budget stays spent for the connection wait.
-    async fn budget(&self, declared: Option<u64>) -> Result<OwnedSemaphorePermit, Early> {
+    /// limit; a 503 when the budget stays spent for the connection wait from `arrived`.
+    async fn budget(
+        &self,
+        declared: Option<u64>,
+        arrived: Instant,
+    ) -> Result<OwnedSemaphorePermit, Early> {
         let settings = self.settings;
         let limit = settings.body_limit as u64;
         let bytes = declared.unwrap_or(limit).min(limit);
         let config = settings.store.config();
-        let deadline = std::time::Instant::now() + config.connection_wait();
+        let deadline = arrived + config.connection_wait();
         match settings.body_budget.reserve(bytes, deadline).await {
             Some(reserved) => Ok(reserved),
             None => {

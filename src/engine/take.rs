@@ -43,7 +43,11 @@ impl Engine {
     /// gets the transaction: it makes the key the caller's (`Some`), or ends the
     /// transaction and says that another holder has the request (`None`). While the key
     /// is held, this waits without a connection (see [`super::waiters`]) and looks
-    /// again, for at most [`Config::in_flight_wait`](crate::Config::in_flight_wait).
+    /// again, until [`Config::in_flight_wait`](crate::Config::in_flight_wait) has passed
+    /// since the request's [start](IdempotentRequest::waits_from). The first look waits
+    /// for its connection until the [connection wait](crate::Config::connection_wait) has
+    /// passed since then; a look after waiting for a holder, no later than the in-flight
+    /// wait ends, so that a duplicate answers within it whatever the load.
     ///
     /// Records the outcome in the current span's `outcome` field (`claimed` names a
     /// claim) and in the matching counter.
@@ -52,7 +56,7 @@ impl Engine {
     ///
     /// [`Error::InFlight`] if the key stayed held, or too many duplicates of the key
     /// already wait in this process; [`Error::Conflict`]; [`Error::NoConnection`] when no
-    /// connection was free within [`Config::connection_wait`](crate::Config::connection_wait);
+    /// connection was free in time;
     /// the errors of `hold`; the store's server-side errors.
     pub(crate) async fn take<T, F>(
         &self,
@@ -90,7 +94,11 @@ impl Engine {
     where
         F: Future<Output = Result<Option<T>, Error>>,
     {
-        let deadline = Instant::now() + self.config.in_flight_wait();
+        // Both waits count from the request's start, and what a duplicate waits for a
+        // connection counts against its in-flight wait.
+        let waits_from = request.waits_from().unwrap_or_else(Instant::now);
+        let deadline = waits_from + self.config.in_flight_wait();
+        let first_look_by = waits_from + self.config.connection_wait();
         let limit = self.config.in_flight_waiters();
         // No pause before the first look; then it doubles.
         let mut pause = None;
@@ -101,31 +109,41 @@ impl Engine {
             let waited = (self.waiters)
                 .wait(scope, key, pause, left, limit, &mut looking)
                 .await;
-            match waited {
+            let waited_for_holder = match waited {
                 Waited::Refused | Waited::StillHeld => return Err(self.in_flight(scope, key)),
                 Waited::Answered(row) => {
                     return answer(row, scope, key, request).map(Begin::Replay);
                 }
-                Waited::LookAgain => {}
-            }
+                Waited::LookAgain { waited } => waited,
+            };
             let began = Instant::now();
-            let connection_deadline = began + self.config.connection_wait();
-            let (mut tx, found) = match pause {
-                None => self.look(scope, key, connection_deadline).await?,
-                // Looking again at a key another process holds: no longer than the wait
-                // leaves; a connection that comes too late would only say "in flight".
-                Some(_) => {
-                    metrics::count(metrics::POLLS, 1);
-                    match self
-                        .look(scope, key, connection_deadline.min(deadline))
-                        .await
-                    {
-                        Err(Error::NoConnection { .. }) if Instant::now() >= deadline => {
-                            return Err(self.in_flight(scope, key));
-                        }
-                        looked => looked?,
-                    }
+            // A duplicate's look waits for its connection no longer than its in-flight
+            // wait leaves; a first look, the connection wait from the request's start.
+            let connection_deadline = if pause.is_some() || waited_for_holder {
+                (began + self.config.connection_wait()).min(deadline)
+            } else {
+                first_look_by
+            };
+            if pause.is_some() {
+                metrics::count(metrics::POLLS, 1);
+            }
+            let (mut tx, found) = match self.look(scope, key, connection_deadline).await {
+                // Looking again at a key another process holds: a connection that comes
+                // too late would only say "in flight".
+                Err(Error::NoConnection { .. })
+                    if pause.is_some() && Instant::now() >= deadline =>
+                {
+                    return Err(self.in_flight(scope, key));
                 }
+                // The request waited since its start, not only for this look.
+                Err(Error::NoConnection { retry_after, .. }) => {
+                    return Err(Error::NoConnection {
+                        scope: scope.clone(),
+                        waited: waits_from.elapsed(),
+                        retry_after,
+                    });
+                }
+                looked => looked?,
             };
             match found.row {
                 // A live row answers, whoever holds the lock: it cannot change until it

@@ -64,8 +64,11 @@ struct Held {
 /// How a wait ended.
 #[derive(Debug)]
 pub(crate) enum Waited {
-    /// The holder ended, or the pause passed: look at the key again.
-    LookAgain,
+    /// The holder ended, or the pause passed: look at the key again. `waited` says
+    /// whether this wait followed a holder of this process (one that ended without a
+    /// row, or a lease that may have run out): the look is then a duplicate's, whose
+    /// every wait counts against its in-flight wait.
+    LookAgain { waited: bool },
     /// The holder of this process committed this row for the key: it answers, as a look
     /// would (a live row does not change).
     Answered(StoredRow),
@@ -185,7 +188,7 @@ impl Waiters {
                 {
                     tokio::time::sleep(pause.min(left)).await;
                 }
-                return Waited::LookAgain;
+                return Waited::LookAgain { waited: woken };
             };
             let Some(_waiting) = Waiting::enter(&held, limit) else {
                 return Waited::Refused;
@@ -198,7 +201,9 @@ impl Waiters {
                 // The claim or the look ended without a row: wait for the next one, or
                 // look.
                 None if ended => woken = true,
-                None if held.leased.load(Ordering::Relaxed) => return Waited::LookAgain,
+                None if held.leased.load(Ordering::Relaxed) => {
+                    return Waited::LookAgain { waited: true };
+                }
                 None => return Waited::StillHeld,
             }
         }
@@ -312,7 +317,7 @@ mod tests {
         let (scope, key) = name();
         let mut looking = None;
         let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut looking)).await;
-        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        assert!(matches!(waited, Waited::LookAgain { .. }), "{waited:?}");
         assert!(looking.is_some());
         looking
     }
@@ -344,8 +349,9 @@ mod tests {
         let third = wait_bounded(&waiters, None, LONG, 2).await;
         assert!(matches!(third, Waited::Refused), "{third:?}");
         drop(holding);
-        assert!(matches!(first.await, Waited::LookAgain));
-        assert!(matches!(second.await, Waited::LookAgain));
+        // They waited for the holder: what they look for now is a duplicate's look.
+        assert!(matches!(first.await, Waited::LookAgain { waited: true }));
+        assert!(matches!(second.await, Waited::LookAgain { waited: true }));
         assert!(waiters.held().is_empty());
     }
 
@@ -378,7 +384,10 @@ mod tests {
         // A lease may have run out and be taken over: only a look can tell.
         let _leased = holding.leased();
         let waited = wait(&waiters, None, short).await;
-        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        assert!(
+            matches!(waited, Waited::LookAgain { waited: true }),
+            "{waited:?}"
+        );
     }
 
     #[tokio::test]
@@ -390,17 +399,20 @@ mod tests {
         let mut looking = None;
         let waited =
             (waiters.wait(&scope, &key, None, Duration::ZERO, 8, &mut looking)).now_or_never();
-        assert!(matches!(waited, Some(Waited::LookAgain)), "{waited:?}");
+        assert!(
+            matches!(waited, Some(Waited::LookAgain { waited: false })),
+            "{waited:?}"
+        );
         assert!(looking.is_some());
         // After it, it sleeps its pause before each look.
         let started = std::time::Instant::now();
         let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut looking)).await;
-        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        assert!(matches!(waited, Waited::LookAgain { .. }), "{waited:?}");
         assert!(started.elapsed() >= FIRST_POLL);
         assert!(looking.is_some());
         // Its next wait is a pause again, as long as it stays registered.
         let waited = (waiters.wait(&scope, &key, Some(FIRST_POLL), LONG, 8, &mut looking)).await;
-        assert!(matches!(waited, Waited::LookAgain), "{waited:?}");
+        assert!(matches!(waited, Waited::LookAgain { .. }), "{waited:?}");
         assert!(looking.is_some());
         // A wait with nothing left after the first look says "in flight" without a look.
         let waited = wait(&Arc::default(), Some(FIRST_POLL), Duration::ZERO).now_or_never();
@@ -447,7 +459,10 @@ mod tests {
             // The second takes over and looks without its (long) pause: the key may
             // be free; the third waits for its look.
             let waited = a.as_mut().now_or_never();
-            assert!(matches!(waited, Some(Waited::LookAgain)), "{waited:?}");
+            assert!(
+                matches!(waited, Some(Waited::LookAgain { .. })),
+                "{waited:?}"
+            );
             assert!(b.as_mut().now_or_never().is_none());
         }
         assert!(second.is_some());
