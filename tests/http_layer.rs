@@ -1095,19 +1095,14 @@ async fn post_to(url: String, key: String, headers: &[(&str, &str)], body: &str)
     Answer::of(request.send().await?).await
 }
 
-/// The 99th percentile of `latencies`.
-fn p99(latencies: &mut [Duration]) -> Duration {
-    latencies.sort();
-    latencies[(latencies.len() * 99).div_ceil(100) - 1]
-}
-
-/// Issue 12's storm: `duplicates` concurrent duplicates of a request that takes 2 s, on a
-/// service whose pool has 16 connections and gives up acquiring one after 1 s, while a
-/// bystander sends new requests one after another. Checks what must always hold: the
-/// bystander is never refused (no 503), the slow request ran once, every duplicate got its
-/// replay or the in-flight answer. Returns the bystander's latencies, unloaded (before the
-/// storm) and during it.
-async fn duplicate_storm(duplicates: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
+/// Issue 12: 300 concurrent duplicates of a request that takes 2 s, on a service whose
+/// pool has 16 connections and gives up acquiring one after 1 s, while a bystander sends
+/// new requests one after another: the bystander is never refused (no 503), the slow
+/// request ran once, every duplicate got its replay or the in-flight answer. How long the
+/// bystander waits meanwhile is measured by the goodput benchmark (`--sections review`),
+/// not here.
+#[tokio::test]
+async fn a_duplicate_storm_never_refuses_a_bystander() -> Result<()> {
     let app = App::start_on(|db| {
         Ok(sqlx::postgres::PgPoolOptions::new()
             .max_connections(16)
@@ -1115,8 +1110,7 @@ async fn duplicate_storm(duplicates: usize) -> Result<(Vec<Duration>, Vec<Durati
             .connect_lazy(db.url())?)
     })
     .await?;
-    let bystander = async |i: usize| -> Result<Duration> {
-        let started = Instant::now();
+    let bystander = async |i: usize| -> Result<()> {
         let answer = app
             .post(
                 &format!("/widgets/b{i}"),
@@ -1126,15 +1120,11 @@ async fn duplicate_storm(duplicates: usize) -> Result<(Vec<Duration>, Vec<Durati
             )
             .await?;
         ensure!(answer.status == 201, "the bystander got {answer:?}");
-        Ok(started.elapsed())
+        Ok(())
     };
-    // Warm up (connections opened, statements prepared), then measure unloaded.
+    // Connections opened, statements prepared.
     for i in 0..50 {
         bystander(i).await?;
-    }
-    let mut unloaded = Vec::new();
-    for i in 50..250 {
-        unloaded.push(bystander(i).await?);
     }
     let ran_before = app.runs();
 
@@ -1149,13 +1139,15 @@ async fn duplicate_storm(duplicates: usize) -> Result<(Vec<Duration>, Vec<Durati
     while app.runs() == ran_before {
         tokio::task::yield_now().await;
     }
-    let storm: Vec<_> = (0..duplicates)
+    let storm: Vec<_> = (0..300)
         .map(|_| tokio::spawn(post_to(url.clone(), key.clone(), &[], "slow")))
         .collect();
-    let mut loaded = Vec::new();
+    let mut loaded = 0;
     while !slow.is_finished() {
-        loaded.push(bystander(1000 + loaded.len()).await?);
+        bystander(1000 + loaded).await?;
+        loaded += 1;
     }
+    ensure!(loaded > 0, "the bystander sent nothing during the storm");
     let first = slow.await??;
     ensure!(first.status == 201, "{first:?}");
     let mut replayed = 0;
@@ -1172,40 +1164,11 @@ async fn duplicate_storm(duplicates: usize) -> Result<(Vec<Duration>, Vec<Durati
     }
     ensure!(replayed > 0, "no duplicate was coalesced");
     ensure!(
-        app.runs() == ran_before + 1 + loaded.len(),
+        app.runs() == ran_before + 1 + loaded,
         "the slow request ran {} times",
-        app.runs() - ran_before - loaded.len()
+        app.runs() - ran_before - loaded
     );
-    app.stop().await?;
-    Ok((unloaded, loaded))
-}
-
-/// Issue 12: 300 duplicates of a slow request never starve a bystander of connections.
-/// Timing is not asserted here (see `duplicate_storm_leaves_the_bystander_p99_alone`).
-#[tokio::test]
-async fn a_duplicate_storm_never_refuses_a_bystander() -> Result<()> {
-    let (_, loaded) = duplicate_storm(300).await?;
-    ensure!(!loaded.is_empty());
-    Ok(())
-}
-
-/// Issue 12's timing target, measured rather than run with the suite (timing depends on
-/// the machine): the bystander's p99 during the storm stays below 2 x its unloaded p99.
-/// `cargo test --release --all-features --test http_layer -- --ignored --nocapture
-/// duplicate_storm_leaves`
-#[tokio::test]
-#[ignore = "a timing measurement; run it on a quiet machine"]
-async fn duplicate_storm_leaves_the_bystander_p99_alone() -> Result<()> {
-    let (mut unloaded, mut loaded) = duplicate_storm(300).await?;
-    let (before, during) = (p99(&mut unloaded), p99(&mut loaded));
-    println!(
-        "bystander p99: unloaded {before:?} ({} requests), during 300 duplicates {during:?} \
-         ({} requests)",
-        unloaded.len(),
-        loaded.len()
-    );
-    ensure!(during < 2 * before, "p99 {during:?} >= 2 x {before:?}");
-    Ok(())
+    app.stop().await
 }
 
 /// Issue 12: a row an older version stored with framing headers (a `content-length` that
