@@ -1442,6 +1442,60 @@ fn a_connection_passes_from_a_finished_claim_to_the_request_waiting_for_a_place(
     Ok(())
 }
 
+/// Issue 24: a connection passes from place to place for a second at most, then goes
+/// back to the pool (where sqlx checks it, and closes it past the pool's `max_lifetime`),
+/// even while requests keep waiting for places. Two requests take turns on a pool of one
+/// connection for 3.5 s, each waiting for the place while the other holds it: the
+/// connection goes back to the pool about once a second, not only when they stop.
+#[tokio::test]
+async fn a_connection_passes_for_a_second_at_most_then_goes_back_to_the_pool() -> Result<()> {
+    let pool = setup().await?;
+    let returned = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&returned);
+    let single = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .after_release(move |_, _| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok(true) })
+        })
+        .connect_with((*pool.connect_options()).clone())
+        .await?;
+    let store = IdempotencyStore::with_config(single, Config::default());
+    let until = std::time::Instant::now() + Duration::from_millis(3500);
+    let mut turns = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let store = store.clone();
+        turns.spawn(async move {
+            let mut claims = 0;
+            while std::time::Instant::now() < until {
+                let request = IdempotentRequest::new("POST", "/v1/payments", b"{}");
+                let Begin::Claimed(claim) =
+                    store.begin(&scope("acct_1"), &new_key(), &request).await?
+                else {
+                    bail!("claim")
+                };
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                claim.complete(&StoredResponse::new(201, "paid")).await?;
+                claims += 1;
+            }
+            Ok::<_, anyhow::Error>(claims)
+        });
+    }
+    let mut claims = 0;
+    while let Some(done) = turns.join_next().await {
+        claims += done??;
+    }
+    let returned = returned.load(std::sync::atomic::Ordering::SeqCst);
+    // Once a second while they took turns, and once when the last one stopped; passed
+    // on every other time.
+    assert!(returned >= 3, "returned to the pool {returned} times");
+    assert!(
+        returned < claims / 2,
+        "{returned} of {claims} claims gave it back"
+    );
+    Ok(())
+}
+
 /// Issue 12: beyond `in_flight_waiters` duplicates of one key, the in-flight answer comes
 /// at once.
 #[tokio::test]
