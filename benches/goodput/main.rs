@@ -38,7 +38,9 @@
 //!   duplicates (`delay_ms` 1,000), three times, with another tenant's requests (every
 //!   20 ms, from a thread and runtime of their own, on a connection opened before) 100
 //!   before the storms and for as long as each runs: their p99 over the storms and over
-//!   the first 2 s of each, in which its requests arrive.
+//!   the first 2 s of each, in which its requests arrive. Then the same storms on the
+//!   [yardstick], a service without the crate that this binary serves in a process of
+//!   its own: what the storm costs another tenant where no idempotency layer runs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -56,6 +58,10 @@ use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use uuid::Uuid;
+
+#[path = "../../examples/common/serve.rs"]
+mod serve;
+mod yardstick;
 
 /// The demo's body limit (`examples/payments/app.rs`, `BODY_LIMIT`).
 const BODY_LIMIT: usize = 1024 * 1024;
@@ -104,6 +110,10 @@ struct Args {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
+    /// Serve the duplicate storm's yardstick on `--database-url` instead (the review
+    /// starts this binary so, as a process of its own beside the demo's).
+    #[arg(long, hide = true)]
+    yardstick: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -117,6 +127,13 @@ enum Section {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.yardstick {
+        let url = args
+            .database_url
+            .as_deref()
+            .context("--yardstick needs --database-url")?;
+        return yardstick::serve(url).await;
+    }
     let binary = match &args.payments {
         Some(path) => path.clone(),
         None => build_demo()?,
@@ -184,7 +201,13 @@ async fn run(args: &Args, binary: &std::path::Path, db: &TestDatabase) -> Result
         let demo = Demo::start(binary, db.url()).await?;
         let value = review(&client, &demo).await;
         demo.stop().await?;
-        report.insert("review".into(), value?);
+        let mut value = value?;
+        // The same storms on a service without the crate, once the demo has stopped.
+        let yardstick = Demo::yardstick(db.url()).await?;
+        let storms = storms(&client, &yardstick, "the yardstick (no crate)").await;
+        yardstick.stop().await?;
+        value["yardstick"] = Value::Object(storms?);
+        report.insert("review".into(), value);
     }
     report.insert("load_average_after".into(), json!(load_average()));
     Ok(Value::Object(report))
@@ -225,6 +248,7 @@ fn build_demo() -> Result<PathBuf> {
     bail!("cargo build named no payments executable")
 }
 
+/// A server process the benchmark drives: the payments demo, or the storm's yardstick.
 struct Demo {
     child: Child,
     pid: u32,
@@ -236,24 +260,38 @@ impl Demo {
         // Named, so that `pg_stat_activity` tells the demo's connections from the bench's.
         let separator = if database_url.contains('?') { '&' } else { '?' };
         let database_url = format!("{database_url}{separator}application_name={DEMO_APPLICATION}");
-        let mut child = Command::new(binary)
-            .args(["--port", "0", "--database-url", &database_url])
+        let mut command = Command::new(binary);
+        command.args(["--port", "0", "--database-url", &database_url]);
+        Self::spawn(command).await
+    }
+
+    /// The duplicate storm's [yardstick](yardstick), served by this binary in a process
+    /// of its own, as the demo is.
+    async fn yardstick(database_url: &str) -> Result<Self> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(["--yardstick", "--database-url", database_url]);
+        Self::spawn(command).await
+    }
+
+    /// Starts `command`, a server that prints `listening on URL` first.
+    async fn spawn(mut command: Command) -> Result<Self> {
+        let mut child = command
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let pid = child.id().context("the demo's pid")?;
-        let stdout = child.stdout.take().context("the demo's stdout")?;
+            .with_context(|| format!("starting {:?}", command.as_std().get_program()))?;
+        let pid = child.id().context("the server's pid")?;
+        let stdout = child.stdout.take().context("the server's stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
             .await
-            .context("the demo did not start within 60 s")??
-            .context("the demo exited before listening")?;
+            .context("the server did not start within 60 s")??
+            .context("the server exited before listening")?;
         let url = line
             .strip_prefix("listening on ")
-            .with_context(|| format!("unexpected first line from the demo: {line}"))?
+            .with_context(|| format!("unexpected first line from the server: {line}"))?
             .to_owned();
         // Keep reading its stdout so that it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -1322,39 +1360,55 @@ async fn review(client: &reqwest::Client, demo: &Demo) -> Result<Value> {
         let (status, ms) = task.await?;
         flood.entry(status).or_default().push(ms);
     }
-    let describe = |by: &mut BTreeMap<u16, Vec<f64>>| -> Value {
-        by.iter_mut()
-            .map(|(status, ms)| {
-                (
-                    status.to_string(),
-                    json!({
-                        "count": ms.len(),
-                        "p50_ms": round1(quantile(ms, 0.5)),
-                        "p99_ms": round1(quantile(ms, 0.99)),
-                        "max_ms": round1(quantile(ms, 1.0)),
-                    }),
-                )
-            })
-            .collect::<serde_json::Map<_, _>>()
-            .into()
-    };
     let flood_summary = describe(&mut flood);
     let others_summary = describe(&mut by_status(others));
     println!("2,000 slow keys (delay_ms 10,000) from one tenant: {flood_summary}");
     println!(
         "  other tenants' requests meanwhile (100, 20 ms apart, 20 tenants): {others_summary}"
     );
+    let mut report = json!({
+        "slow_keys": flood_summary,
+        "other_tenants_during_slow_keys": others_summary,
+    });
+    for (name, value) in storms(client, demo, "the demo").await? {
+        report[name] = value;
+    }
+    Ok(report)
+}
 
-    // 30 keys × 500 duplicates sent at once, three storms one after the other; another
-    // tenant's requests before them and for as long as each runs.
-    let unloaded = Bystander::start(&demo.url, Some(100))
-        .await?
-        .answers()
-        .await?;
+/// Count, p50, p99 and max of each status's latencies.
+fn describe(by: &mut BTreeMap<u16, Vec<f64>>) -> Value {
+    by.iter_mut()
+        .map(|(status, ms)| {
+            (
+                status.to_string(),
+                json!({
+                    "count": ms.len(),
+                    "p50_ms": round1(quantile(ms, 0.5)),
+                    "p99_ms": round1(quantile(ms, 0.99)),
+                    "max_ms": round1(quantile(ms, 1.0)),
+                }),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// 30 keys × 500 duplicates sent at once to `server` (`service` names it), [`STORMS`]
+/// times one after the other; another tenant's requests before them and for as long as
+/// each runs; the CPU the server spent on the storms.
+async fn storms(
+    client: &reqwest::Client,
+    server: &Demo,
+    service: &str,
+) -> Result<serde_json::Map<String, Value>> {
+    let base = &server.url;
+    let unloaded = Bystander::start(base, Some(100)).await?.answers().await?;
+    let cpu_before = cpu_of(&server.pid.to_string());
     let mut answers: BTreeMap<u16, Vec<f64>> = BTreeMap::new();
     let (mut replayed, mut seconds, mut during) = (0, Vec::new(), Vec::new());
     for _ in 0..STORMS {
-        let storm = storm(client, &demo.url).await?;
+        let storm = storm(client, base).await?;
         for (status, mut ms) in storm.answers {
             answers.entry(status).or_default().append(&mut ms);
         }
@@ -1362,6 +1416,7 @@ async fn review(client: &reqwest::Client, demo: &Demo) -> Result<Value> {
         seconds.push(format!("{:.1}", storm.seconds));
         during.extend(storm.bystander);
     }
+    let cpu_seconds = cpu_of(&server.pid.to_string()) - cpu_before;
     let storm_summary = describe(&mut answers);
     let unloaded = describe(&mut latencies(&unloaded));
     let arriving = describe(&mut latencies(
@@ -1371,24 +1426,26 @@ async fn review(client: &reqwest::Client, demo: &Demo) -> Result<Value> {
     ));
     let during = describe(&mut latencies(&during));
     println!(
-        "{STORMS} storms of 30 keys × 500 duplicates (delay_ms 1,000) in {} s: {storm_summary}, \
-         {replayed} replayed",
+        "{service}: {STORMS} storms of 30 keys × 500 duplicates (delay_ms 1,000) in {} s: \
+         {storm_summary}, {replayed} replayed; {cpu_seconds:.2} CPU seconds",
         seconds.join(" / ")
     );
     println!(
         "  another tenant's requests (every 20 ms) before: {unloaded}; while the storms ran: \
          {during}; in their first 2 s: {arriving}"
     );
-    Ok(json!({
-        "slow_keys": flood_summary,
-        "other_tenants_during_slow_keys": others_summary,
+    let Value::Object(report) = json!({
         "duplicate_storms": STORMS,
         "duplicate_storm": storm_summary,
         "duplicate_storm_replayed": replayed,
+        "duplicate_storm_server_cpu_seconds": (cpu_seconds * 100.0).round() / 100.0,
         "bystander_before_duplicate_storm": unloaded,
         "bystander_during_duplicate_storm": during,
         "bystander_during_duplicate_storm_first_2s": arriving,
-    }))
+    }) else {
+        unreachable!("an object")
+    };
+    Ok(report)
 }
 
 /// Duplicate storms in the review, one after the other, so that the other tenant's p99
