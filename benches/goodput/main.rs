@@ -1396,7 +1396,7 @@ fn describe(by: &mut BTreeMap<u16, Vec<f64>>) -> Value {
 
 /// 30 keys × 500 duplicates sent at once to `server` (`service` names it), [`STORMS`]
 /// times one after the other; another tenant's requests before them and for as long as
-/// each runs; the CPU the server spent on the storms.
+/// each runs; the CPU the server spent on the storms, and its peak resident memory.
 async fn storms(
     client: &reqwest::Client,
     server: &Demo,
@@ -1405,6 +1405,7 @@ async fn storms(
     let base = &server.url;
     let unloaded = Bystander::start(base, Some(100)).await?.answers().await?;
     let cpu_before = cpu_of(&server.pid.to_string());
+    server.reset_peak();
     let mut answers: BTreeMap<u16, Vec<f64>> = BTreeMap::new();
     let (mut replayed, mut seconds, mut during) = (0, Vec::new(), Vec::new());
     for _ in 0..STORMS {
@@ -1417,6 +1418,7 @@ async fn storms(
         during.extend(storm.bystander);
     }
     let cpu_seconds = cpu_of(&server.pid.to_string()) - cpu_before;
+    let peak_mib = mib(server.memory().hwm_kib);
     let storm_summary = describe(&mut answers);
     let unloaded = describe(&mut latencies(&unloaded));
     let arriving = describe(&mut latencies(
@@ -1427,7 +1429,8 @@ async fn storms(
     let during = describe(&mut latencies(&during));
     println!(
         "{service}: {STORMS} storms of 30 keys × 500 duplicates (delay_ms 1,000) in {} s: \
-         {storm_summary}, {replayed} replayed; {cpu_seconds:.2} CPU seconds",
+         {storm_summary}, {replayed} replayed; {cpu_seconds:.2} CPU seconds, peak RSS \
+         {peak_mib:.0} MiB",
         seconds.join(" / ")
     );
     println!(
@@ -1439,6 +1442,7 @@ async fn storms(
         "duplicate_storm": storm_summary,
         "duplicate_storm_replayed": replayed,
         "duplicate_storm_server_cpu_seconds": (cpu_seconds * 100.0).round() / 100.0,
+        "duplicate_storm_server_peak_rss_mib": peak_mib.round(),
         "bystander_before_duplicate_storm": unloaded,
         "bystander_during_duplicate_storm": during,
         "bystander_during_duplicate_storm_first_2s": arriving,
