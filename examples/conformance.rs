@@ -194,7 +194,7 @@ async fn main() -> Result<()> {
         pool: pool.clone(),
     };
 
-    let listener = serve::listen(args.port)?;
+    let listener = serve::listen(args.port).await?;
     let served = axum::serve(listener, router(store, dialect, fixture))
         .with_graceful_shutdown(serve::shutdown_signal())
         .await;

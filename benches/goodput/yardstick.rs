@@ -60,7 +60,7 @@ pub async fn serve(database_url: &str) -> Result<()> {
             pool: pool.clone(),
             answers: Arc::default(),
         });
-    let listener = serve::listen(0)?;
+    let listener = serve::listen(0).await?;
     axum::serve(listener, app)
         .with_graceful_shutdown(serve::shutdown_signal())
         .await?;

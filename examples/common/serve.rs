@@ -5,25 +5,14 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::{Context, Result};
-use tokio::net::{TcpListener, TcpSocket};
-
-/// Connections the kernel may hold for the server before it accepts them (capped by
-/// `net.core.somaxconn`, 4096 by default since Linux 5.4). With `TcpListener::bind`'s
-/// 1,024, a burst of clients connecting at once (a storm of retries) overflows the
-/// queue: their SYNs are dropped and sent again a second later, and their requests
-/// arrive a second late.
-const BACKLOG: u32 = 4096;
+use tokio::net::TcpListener;
 
 /// Listens on 127.0.0.1:`port` (0: any free port) and prints `listening on
 /// http://127.0.0.1:PORT`, the one line on stdout: from then on connections are accepted.
-pub fn listen(port: u16) -> Result<TcpListener> {
-    let bind = || {
-        let socket = TcpSocket::new_v4()?;
-        socket.set_reuseaddr(true)?;
-        socket.bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))?;
-        socket.listen(BACKLOG)
-    };
-    let listener = bind().with_context(|| format!("binding 127.0.0.1:{port}"))?;
+pub async fn listen(port: u16) -> Result<TcpListener> {
+    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        .await
+        .with_context(|| format!("binding 127.0.0.1:{port}"))?;
     println!("listening on http://{}", listener.local_addr()?);
     std::io::stdout().flush()?;
     Ok(listener)

@@ -139,7 +139,7 @@ async fn main() -> Result<()> {
         .with_options(CompleterOptions::default().with_interval(Duration::from_secs(1)))
         .spawn();
 
-    let listener = serve::listen(args.port)?;
+    let listener = serve::listen(args.port).await?;
 
     let served = axum::serve(listener, app::router(store, charges))
         .with_graceful_shutdown(serve::shutdown_signal())

@@ -36,7 +36,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let listener = serve::listen(args.port)?;
+    let listener = serve::listen(args.port).await?;
     axum::serve(listener, fake::router(Duration::from_millis(args.delay_ms)))
         .with_graceful_shutdown(serve::shutdown_signal())
         .await
