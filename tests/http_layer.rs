@@ -816,17 +816,30 @@ async fn an_exhausted_pool_is_a_503_problem_at_the_connection_wait() -> Result<(
     Ok(())
 }
 
-#[tokio::test]
-async fn the_body_budget_bounds_what_is_buffered_at_once() -> Result<()> {
-    let budget = BodyBudget::new(100);
-    let (db, runs, server) = layered_app(
-        pg_idempotency::Config::default().with_connection_wait(Duration::from_millis(200)),
+/// The widget app at `/items`, its layer buffering bodies of at most 64 bytes under
+/// `budget`.
+async fn budgeted_app(
+    budget: &BodyBudget,
+    config: pg_idempotency::Config,
+) -> Result<(TestDatabase, Arc<AtomicUsize>, Server)> {
+    layered_app(
+        config,
         Router::new().route("/items", post(widget)),
         |store| {
             IdempotencyLayer::new(store, default_scope)
                 .with_body_limit(64)
                 .with_body_budget(budget.clone())
         },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_body_budget_bounds_what_is_buffered_at_once() -> Result<()> {
+    let budget = BodyBudget::new(100);
+    let (db, runs, server) = budgeted_app(
+        &budget,
+        pg_idempotency::Config::default().with_connection_wait(Duration::from_millis(200)),
     )
     .await?;
     let url = server.url("/items");
@@ -876,16 +889,11 @@ async fn until_available(budget: &BodyBudget, bytes: usize) -> Result<()> {
 #[tokio::test]
 async fn the_wait_for_the_body_budget_counts_against_the_in_flight_wait() -> Result<()> {
     let budget = BodyBudget::new(100);
-    let (db, runs, server) = layered_app(
+    let (db, runs, server) = budgeted_app(
+        &budget,
         pg_idempotency::Config::default()
             .with_in_flight_wait(Duration::from_secs(1))
             .with_connection_wait(Duration::from_secs(10)),
-        Router::new().route("/items", post(widget)),
-        |store| {
-            IdempotencyLayer::new(store, default_scope)
-                .with_body_limit(64)
-                .with_body_budget(budget.clone())
-        },
     )
     .await?;
     let url = server.url("/items");
