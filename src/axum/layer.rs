@@ -1011,3 +1011,30 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod future_size {
+    use super::*;
+
+    /// A request's future until it claims, which a waiting duplicate holds for as long as
+    /// it waits: the claim's handling and the phased begin are boxed out of it (with both
+    /// inline it was 10.6 KB under rustc 1.95, now 3.0 KB).
+    #[tokio::test]
+    async fn a_waiting_request_carries_no_handler_state() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1/none")
+            .expect("a lazy pool");
+        let store = IdempotencyStore::new(pool);
+        let layer = IdempotencyLayer::new(store, |_: &Parts| Scope::new("s"));
+        let service =
+            layer.layer(axum::Router::new().route("/", axum::routing::post(|| async { "" })));
+        let request = handle(
+            &service.settings,
+            service.inner.clone(),
+            Request::new(Body::empty()),
+        );
+        let bytes = std::mem::size_of_val(&request);
+        println!("a request's future until it claims: {bytes} bytes");
+        assert!(bytes <= 4096, "{bytes} bytes");
+    }
+}

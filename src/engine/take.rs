@@ -136,12 +136,8 @@ impl Engine {
                     return Err(self.in_flight(scope, key));
                 }
                 // The request waited since its start, not only for this look.
-                Err(Error::NoConnection { retry_after, .. }) => {
-                    return Err(Error::NoConnection {
-                        scope: scope.clone(),
-                        waited: waits_from.elapsed(),
-                        retry_after,
-                    });
+                Err(Error::NoConnection { .. }) => {
+                    return Err(self.no_connection(scope, waits_from));
                 }
                 looked => looked?,
             };
