@@ -676,7 +676,7 @@ async fn phased_steps_hold_their_scopes_places() -> Result<()> {
 /// Issue 24: a duplicate answers within its in-flight wait whatever the load. One whose
 /// wait for a lease of this process ran out looks at the key (the lease may have run out),
 /// but waits for a connection no longer than its in-flight wait left it, not a whole
-/// connection wait afresh.
+/// connection wait afresh, and then answers "in flight".
 #[tokio::test]
 async fn a_duplicate_looks_within_its_in_flight_wait() -> Result<()> {
     let pool = setup().await?;
@@ -704,8 +704,8 @@ async fn a_duplicate_looks_within_its_in_flight_wait() -> Result<()> {
     .await
     .context("the duplicate waited for a connection after its in-flight wait")?;
     match duplicate {
-        Err(Error::NoConnection { .. }) => {}
-        Err(error) => bail!("expected NoConnection, got {error}"),
+        Err(Error::InFlight { .. }) => {}
+        Err(error) => bail!("expected InFlight, got {error}"),
         Ok(_) => bail!("the duplicate took the key of a running request"),
     }
     step.go.notify_one();

@@ -119,7 +119,8 @@ impl Engine {
             let began = Instant::now();
             // A duplicate's look waits for its connection no longer than its in-flight
             // wait leaves; a first look, the connection wait from the request's start.
-            let connection_deadline = if pause.is_some() || waited_for_holder {
+            let duplicate = pause.is_some() || waited_for_holder;
+            let connection_deadline = if duplicate {
                 (began + self.config.connection_wait()).min(deadline)
             } else {
                 first_look_by
@@ -128,11 +129,10 @@ impl Engine {
                 metrics::count(metrics::POLLS, 1);
             }
             let (mut tx, found) = match self.look(scope, key, connection_deadline).await {
-                // Looking again at a key another process holds: a connection that comes
-                // too late would only say "in flight".
-                Err(Error::NoConnection { .. })
-                    if pause.is_some() && Instant::now() >= deadline =>
-                {
+                // A duplicate whose wait ran out before a connection came: the key was
+                // held for all of it (by another process, or by a request of this one
+                // that stopped without a row, a look included), so "in flight".
+                Err(Error::NoConnection { .. }) if duplicate && Instant::now() >= deadline => {
                     return Err(self.in_flight(scope, key));
                 }
                 // The request waited since its start, not only for this look.
